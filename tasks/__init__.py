@@ -1,0 +1,1 @@
+"""Pipeline stages: one module per stage, run as `python -m tasks.<stage>`."""
