@@ -50,3 +50,19 @@ def make_tiny_llama(
 @pytest.fixture
 def tiny_llama():
     return make_tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def embedded_model_dir(tmp_path_factory):
+    """The embedded SmolLM2-135M converted once per test session (safetensors + tokenizer)."""
+    from quant.model_io import resolve_model
+
+    out = tmp_path_factory.mktemp("embedded") / "model"
+    return resolve_model("embedded:smollm2-135m", out)
+
+
+@pytest.fixture(scope="session")
+def embedded_tokenizer(embedded_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(embedded_model_dir)
