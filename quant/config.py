@@ -202,6 +202,9 @@ class WeightSpec(Config):
     format: NumberFormat = field(default_factory=lambda: IntFormat(4))
     group_size: int = 64  # -1 = one group per output channel
     symmetric: bool = False
+    # LLM-QAT: recompute the min-max step size (and zero point) from the current
+    # weight at every forward pass instead of using the stored, learnable ones.
+    dynamic_minmax: bool = False
 
     def __post_init__(self) -> None:
         if self.group_size != -1 and self.group_size <= 0:

@@ -112,6 +112,8 @@ class QuantLinear(nn.Module):
         """(q int32 [out, in], scale fp32 [out, groups], zero point fp32 [out, groups] or None)."""
         if self.frozen:
             return self.qweight.to(torch.int32), self.scale.detach().float(), self.zero_point
+        if self.spec.dynamic_minmax:  # the stored qparams are the ones the forward pass derives
+            self.init_qparams()
         zp = self._zero_point_int()
         q = P.quantize(self.weight.float(), self.scale.float(), zp, self.spec.format, self.spec.group_size)
         return q, self.scale.detach().float(), zp
@@ -144,6 +146,9 @@ class QuantLinear(nn.Module):
             return P.dequantize(self.qweight, self.scale, self.zero_point, g, self.scale.dtype).to(
                 self.compute_dtype
             )
+        if self.spec.dynamic_minmax:  # LLM-QAT: qparams follow the weight, no gradient to them
+            w = P.fake_quantize_dynamic(self.weight.float(), fmt, g, self.spec.symmetric)
+            return w.to(self.weight.dtype)
         w = P.fake_quantize(self.weight.float(), self.scale, self.zero_point, fmt, g)
         return w.to(self.weight.dtype)
 
