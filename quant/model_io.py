@@ -32,6 +32,7 @@ from quant import primitives as P
 from quant.arch import get_module, iter_block_linears, mapping_for, set_module
 from quant.config import ConfigError, QuantScheme
 from quant.linear import QuantLinear
+from quant.runtime import apply_runtime_quantizers
 
 EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_MODELS = {
@@ -169,6 +170,9 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     tokenizer = AutoTokenizer.from_pretrained(path)
     if path is not None and (Path(path) / SCHEME_FILE).exists():
         _restore_quant_linears(model, Path(path))
+        scheme = read_scheme(path)
+        if scheme.activation is not None or scheme.kv_cache is not None:
+            apply_runtime_quantizers(model, scheme)  # activations / KV cache: not in the weights
     return model, tokenizer
 
 
@@ -222,6 +226,8 @@ def _restore_quant_linears(model: nn.Module, path: Path) -> None:
     points (exact, whatever dtype the dequantized checkpoint was stored in)."""
     meta = json.loads((path / SCHEME_FILE).read_text())
     scheme = QuantScheme.from_dict(meta["scheme"], "scheme")
+    if scheme.weight is None:  # W16: nothing to rebuild (activation/KV-only schemes)
+        return
     qparams = load_file(str(path / QPARAMS_FILE))
     g = scheme.weight.group_size
     for name in meta["layers"]:

@@ -15,6 +15,7 @@ from quant.config import Config, ConfigError
 from quant.data import sample_windows, tokenize_text
 from quant.methods import CALIBRATE
 from quant.model_io import load_model, quantizable_linears, save_quantized
+from quant.runtime import apply_runtime_quantizers
 from tasks.common import Params, log_artifact, main, setup_torch, stage_dir, write_json
 
 
@@ -45,6 +46,7 @@ def run(params: Params) -> dict[str, Any]:
     quantizable_linears(model, params.scheme)  # validate group sizes before any work
     calib = calibration_ids(tokenizer, params, cfg.samples, cfg.seq_len)
     metrics = entry.fn(model, params.scheme, calib, options) or {}
+    metrics.update(apply_runtime_quantizers(model, params.scheme))  # activation / KV quantizers
     save_quantized(model, tokenizer, params.scheme, stage_dir("calibrate") / "model",
                    extra={"method": cfg.method})
     metrics = {"method": cfg.method, "scheme": params.scheme.name, **metrics}
