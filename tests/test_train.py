@@ -1,0 +1,100 @@
+"""The shared end-to-end trainer and the E2E-QP method on a tiny Llama (CPU)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from quant.config import ConfigError, QuantScheme
+from quant.linear import QuantLinear
+from quant.methods.rtn import quantize_linears
+from quant.train import E2EContext, TrainConfig, Trainer, e2e_methods, split_samples
+
+SCHEME = QuantScheme.from_name("W2A16KV16", group_size=32)
+
+
+def _quantized(tiny_llama):
+    quantize_linears(tiny_llama, SCHEME)
+    return tiny_llama
+
+
+def _data(n=12, length=32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 256, (n, length), generator=g)
+
+
+def _setup(model):
+    entry = e2e_methods().get("e2e-qp")
+    ctx = E2EContext(SCHEME, torch.device("cpu"), torch.float32)
+    return entry.fn(model, entry.options.from_dict({"lr": 1e-2}), ctx)
+
+
+def _cfg(**kw):
+    base = {"epochs": 2, "batch_size": 2, "grad_accum": 2, "save_every": 1, "log_every": 1,
+            "grad_checkpointing": True, "warmup_ratio": 0.25}
+    return TrainConfig.from_dict({**base, **kw}, "e2e.train")
+
+
+def _int_state(model):
+    return {n: (m.integer_weight()[0].clone(), None if m.zero_point is None else m.zero_point.clone(),
+                m.scale.detach().clone())
+            for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def test_e2e_qp_trains_only_step_sizes(tiny_llama, tmp_path):
+    model = _quantized(tiny_llama)
+    before = _int_state(model)
+    objective = _setup(model)
+    assert all(m.frozen for m in model.modules() if isinstance(m, QuantLinear))
+    after_freeze = _int_state(model)
+    train, val = split_samples(_data(), 8, 4, seed=0)
+    result = Trainer(model, objective, _cfg(), tmp_path, seed=0).fit({"input_ids": train}, {"input_ids": val})
+    after = _int_state(model)
+    for n, (q, zp, s) in before.items():
+        assert torch.equal(after_freeze[n][0], q) and torch.equal(after_freeze[n][1], zp)
+        assert torch.equal(after[n][0], q), f"{n}: integer weights changed"
+        assert torch.equal(after[n][1], zp), f"{n}: zero points changed"
+        assert not torch.equal(after[n][2], s), f"{n}: step sizes did not train"
+    assert result.steps == 4
+    assert result.val_loss_after < result.val_loss_before
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_trainer_resume_is_bitwise(tiny_llama, tmp_path):
+    base = _quantized(tiny_llama)
+    train = {"input_ids": _data(n=8)}
+
+    ref = copy.deepcopy(base)
+    Trainer(ref, _setup(ref), _cfg(), tmp_path / "a", seed=3, fingerprint="x").fit(train)
+
+    def stop_at_3(step, _):
+        if step == 3:
+            raise _Stop
+
+    killed = copy.deepcopy(base)
+    with pytest.raises(_Stop):
+        Trainer(killed, _setup(killed), _cfg(), tmp_path / "b", seed=3, fingerprint="x",
+                log_fn=stop_at_3).fit(train)
+    resumed = copy.deepcopy(base)
+    trainer = Trainer(resumed, _setup(resumed), _cfg(), tmp_path / "b", seed=3, fingerprint="x")
+    result = trainer.fit(train)
+    assert result.resumed_from == 2 and result.steps == 4
+    for (n, a), (_, b) in zip(ref.named_parameters(), resumed.named_parameters(), strict=True):
+        assert torch.equal(a, b), n
+
+
+def test_bad_train_params_fail_early():
+    with pytest.raises(ConfigError, match="e2e.train.batch_size"):
+        TrainConfig.from_dict({"batch_size": 0}, "e2e.train")
+    entry = e2e_methods().get("e2e-qp")
+    with pytest.raises(ConfigError, match="e2e.options.lr"):
+        entry.options.from_dict({"lr": 0.0}, "e2e.options")
+    with pytest.raises(ConfigError, match="val_samples"):
+        split_samples(_data(n=4), 3, 2, seed=0)
+    with pytest.raises(ConfigError, match="e2e.method"):
+        e2e_methods().get("nope", "e2e.method")
