@@ -1,0 +1,78 @@
+"""Config validation: every bad value gets an error that names the field."""
+
+from __future__ import annotations
+
+import pytest
+
+from quant.config import (
+    ActivationSpec,
+    ConfigError,
+    IntFormat,
+    KVCacheSpec,
+    QuantScheme,
+    WeightSpec,
+    parse_format,
+)
+from quant.methods import CALIBRATE
+from tasks.calibrate import CalibrateConfig
+
+
+@pytest.mark.parametrize("bits", [1, 9])
+def test_bits_out_of_range(bits):
+    with pytest.raises(ConfigError, match=rf"scheme\.weight\.format='int{bits}'.*accept 2\.\.8 bits"):
+        QuantScheme.from_dict({"weight": {"format": f"int{bits}"}}, "scheme")
+    with pytest.raises(ConfigError, match=f"bits={bits} is not supported"):
+        IntFormat(bits)
+
+
+def test_unknown_format_and_keys():
+    with pytest.raises(ConfigError, match=r"scheme\.weight\.format='fp5'.*not a known number format"):
+        QuantScheme.from_dict({"weight": {"format": "fp5"}}, "scheme")
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['scheme\.weight\.group'\]"):
+        QuantScheme.from_dict({"weight": {"group": 64}}, "scheme")
+    with pytest.raises(ConfigError, match=r"scheme\.weight\.symmetric must be true or false"):
+        QuantScheme.from_dict({"weight": {"symmetric": "yes"}}, "scheme")
+
+
+def test_group_size_validation():
+    with pytest.raises(ConfigError, match=r"scheme\.weight\.group_size=0 is not accepted"):
+        QuantScheme.from_dict({"weight": {"group_size": 0}}, "scheme")
+    spec = WeightSpec(IntFormat(4), 128)
+    with pytest.raises(
+        ConfigError, match=r"scheme\.weight\.group_size=128 does not divide in_features=576 of layers\.0\.q"
+    ):
+        spec.check_layer("layers.0.q", 576)
+    spec.check_layer("ok", 1536)  # 1536 = 12 x 128
+
+
+def test_unknown_method():
+    with pytest.raises(ConfigError, match=r"calibrate\.method='gptqq' is not a known method; known: \['rtn'"):
+        CalibrateConfig.from_dict({"method": "gptqq"}, "calibrate")
+    assert "rtn" in CALIBRATE.names()
+
+
+def test_activation_and_kv_specs():
+    s = QuantScheme.from_dict(
+        {
+            "weight": {"format": "int4", "group_size": -1, "symmetric": True},
+            "activation": {"format": "int8", "granularity": "per_token"},
+            "kv_cache": {"format": "int4", "granularity": "per_head", "symmetric": False},
+        },
+        "scheme",
+    )
+    assert s.activation == ActivationSpec(IntFormat(8), "per_token", False)
+    assert s.kv_cache == KVCacheSpec(IntFormat(4), "per_head", False)
+    assert s.name == "W4A8KV4"
+    with pytest.raises(ConfigError, match=r"scheme\.activation\.granularity='per_row' is not accepted"):
+        QuantScheme.from_dict({"activation": {"granularity": "per_row"}}, "scheme")
+
+
+def test_scheme_names_and_dict_round_trip():
+    s = QuantScheme.from_name("W4A8KV16", group_size=64)
+    assert s.kv_cache is None and s.activation.format == IntFormat(8)
+    assert s.name == "W4A8KV16g64"
+    assert QuantScheme.from_dict(s.to_dict(), "scheme") == s
+    assert QuantScheme.from_name("W16A16KV16").weight is None
+    with pytest.raises(ConfigError, match="W<w>A<a>KV<kv>"):
+        QuantScheme.from_name("W4-A8")
+    assert parse_format(3) == IntFormat(3)

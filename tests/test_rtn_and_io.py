@@ -1,0 +1,95 @@
+"""Architecture mapping, RTN over a model, quantized checkpoint save/load, perplexity."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from conftest import make_tiny_llama
+from quant.arch import iter_block_linears, mapping_for
+from quant.config import ConfigError, IntFormat, QuantScheme, WeightSpec
+from quant.linear import QuantLinear
+from quant.methods import CALIBRATE
+from quant.methods.rtn import RTNOptions
+from quant.model_io import load_model, read_scheme, save_quantized
+from quant.ppl import perplexity
+
+
+def test_mapping_finds_every_decoder_linear(tiny_llama):
+    m = mapping_for(tiny_llama)
+    names = [n for n, *_ in iter_block_linears(tiny_llama, m)]
+    assert len(names) == 2 * 7
+    assert names[0] == "model.layers.0.self_attn.q_proj"
+    assert all(isinstance(mod, nn.Linear) for *_, mod in iter_block_linears(tiny_llama, m))
+
+
+def test_mapping_unknown_family():
+    model = nn.Module()
+    model.config = type("C", (), {"model_type": "gpt2"})()
+    with pytest.raises(ValueError, match=r"model_type='gpt2' has no architecture mapping; known: \["):
+        mapping_for(model)
+
+
+def test_rtn_quantizes_decoder_linears_only(tiny_llama):
+    scheme = QuantScheme(weight=WeightSpec(IntFormat(4), 32))
+    CALIBRATE.get("rtn").fn(tiny_llama, scheme, None, RTNOptions())
+    qls = [n for n, mod in tiny_llama.named_modules() if isinstance(mod, QuantLinear)]
+    assert len(qls) == 14
+    assert isinstance(tiny_llama.lm_head, nn.Linear) and not isinstance(tiny_llama.lm_head, QuantLinear)
+    scheme = QuantScheme(weight=WeightSpec(IntFormat(4), 32), quantize_lm_head=True)
+    model = make_tiny_llama()
+    CALIBRATE.get("rtn").fn(model, scheme, None, RTNOptions())
+    assert isinstance(model.lm_head, QuantLinear)
+
+
+def test_rtn_rejects_bad_group_before_touching_the_model(tiny_llama):
+    scheme = QuantScheme(weight=WeightSpec(IntFormat(4), 48))  # 48 does not divide 64
+    with pytest.raises(ConfigError, match=r"group_size=48 does not divide in_features=64"):
+        CALIBRATE.get("rtn").fn(tiny_llama, scheme, None, RTNOptions())
+    assert not any(isinstance(m, QuantLinear) for m in tiny_llama.modules())
+
+
+def test_save_and_load_quantized_is_exact(tiny_llama, tmp_path, embedded_tokenizer):
+    scheme = QuantScheme(weight=WeightSpec(IntFormat(3), 32))
+    CALIBRATE.get("rtn").fn(tiny_llama, scheme, None, RTNOptions())
+    x = torch.randint(0, 256, (2, 16))
+    ref = tiny_llama(input_ids=x).logits
+    save_quantized(tiny_llama, embedded_tokenizer, scheme, tmp_path / "q")
+    assert read_scheme(tmp_path / "q") == scheme
+    loaded, _ = load_model(tmp_path / "q")
+    assert sum(isinstance(m, QuantLinear) for m in loaded.modules()) == 14
+    assert torch.equal(loaded(input_ids=x).logits, ref)
+    for (n1, a), (n2, b) in zip(
+        ((n, m) for n, m in tiny_llama.named_modules() if isinstance(m, QuantLinear)),
+        ((n, m) for n, m in loaded.named_modules() if isinstance(m, QuantLinear)),
+        strict=True,
+    ):
+        assert n1 == n2
+        qa, sa, za = a.integer_weight()
+        qb, sb, zb = b.integer_weight()
+        assert torch.equal(qa, qb) and torch.equal(sa, sb) and torch.equal(za, zb)
+
+
+def test_perplexity_equals_exp_mean_nll(tiny_llama):
+    torch.manual_seed(0)
+    ids = torch.randint(0, 256, (3 * 32 + 7,))  # a trailing partial window is dropped
+    r = perplexity(tiny_llama, ids, seq_len=32, batch_size=2)
+    nlls = []
+    with torch.no_grad():
+        for w in range(3):
+            x = ids[w * 32 : (w + 1) * 32].unsqueeze(0)
+            logits = tiny_llama(input_ids=x).logits[0]
+            nlls.append(F.cross_entropy(logits[:-1], x[0, 1:], reduction="none"))
+    mean = torch.cat(nlls).mean().item()
+    assert r.tokens == 3 * 31 and r.windows == 3
+    assert math.isclose(r.nll, mean, rel_tol=1e-5)
+    assert math.isclose(r.ppl, math.exp(mean), rel_tol=1e-5)
+    # batching does not change the answer
+    r1 = perplexity(tiny_llama, ids, seq_len=32, batch_size=1)
+    assert math.isclose(r1.ppl, r.ppl, rel_tol=1e-5)
+    with pytest.raises(ValueError, match="shorter than one window"):
+        perplexity(tiny_llama, ids[:10], seq_len=32)
