@@ -1,0 +1,259 @@
+"""LLM-QAT knowledge distillation: the loss, what trains, and multi-process equality."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from quant.config import ActivationSpec, IntFormat, KVCacheSpec, QuantScheme, WeightSpec
+from quant.kd import KDOptions, kd_cross_entropy, kd_cross_entropy_topk, setup, teacher_topk
+from quant.linear import QuantLinear
+from quant.methods.rtn import quantize_linears
+from quant.train import E2EContext, TrainConfig, Trainer, e2e_methods
+from tests.conftest import make_tiny_llama
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def llm_qat_scheme(dynamic: bool = True) -> QuantScheme:
+    return QuantScheme(
+        weight=WeightSpec(IntFormat(4), -1, True, dynamic),
+        activation=ActivationSpec(IntFormat(8), "per_token", True),
+        kv_cache=KVCacheSpec(IntFormat(4), "per_token", True),
+    )
+
+
+def save_teacher(model, out: Path) -> Path:
+    """The full-precision tiny model + a word-level tokenizer, as load_model expects."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(model.config.vocab_size)}
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t1")))
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def _logits(seed, shape=(2, 5, 11)):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+# ---------------------------------------------------------------------------
+# Loss
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_kd_loss_equals_direct_computation(temperature):
+    s, t = _logits(0), _logits(1)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    ce, kl = kd_cross_entropy(s, t, temperature, mask)
+    # direct: -sum_v p_teacher(v) log p_student(v), averaged over the 8 unmasked tokens
+    p = torch.exp(t / temperature) / torch.exp(t / temperature).sum(-1, keepdim=True)
+    log_q = torch.log(torch.exp(s / temperature) / torch.exp(s / temperature).sum(-1, keepdim=True))
+    per_token = -(p * log_q).sum(-1)
+    direct = per_token[mask.bool()].mean() * temperature**2
+    torch.testing.assert_close(ce, direct)
+    kl_ref = F.kl_div(log_q[mask.bool()], p[mask.bool()], reduction="batchmean") * temperature**2
+    torch.testing.assert_close(kl, kl_ref)
+    assert kd_cross_entropy(t, t)[1].abs() < 1e-5  # student == teacher: KL 0
+
+
+def test_kd_gradient_is_softmax_difference():
+    s, t = _logits(0).requires_grad_(True), _logits(1)
+    ce, _ = kd_cross_entropy(s, t)
+    ce.backward()
+    expected = (F.softmax(s.detach(), -1) - F.softmax(t, -1)) / (s.shape[0] * s.shape[1])
+    torch.testing.assert_close(s.grad, expected)
+
+
+def test_topk_loss_full_k_equals_full_loss_and_renormalises():
+    s, t = _logits(2), _logits(3)
+    v = t.shape[-1]
+    vals, ids = t.topk(v, dim=-1)
+    torch.testing.assert_close(kd_cross_entropy_topk(s, vals, ids), kd_cross_entropy(s, t)[0])
+    vals, ids = t.topk(3, dim=-1)
+    p = F.softmax(vals, -1)
+    direct = -(p * F.log_softmax(s, -1).gather(-1, ids)).sum(-1).mean()
+    torch.testing.assert_close(kd_cross_entropy_topk(s, vals, ids), direct)
+
+
+def test_teacher_topk_cache_matches_teacher(tiny_llama):
+    ids = torch.randint(3, 256, (3, 6))
+    cache = teacher_topk(tiny_llama, ids, k=5, batch_size=2, device="cpu")
+    ref_v, ref_i = tiny_llama(ids).logits.topk(5, dim=-1)
+    assert torch.equal(cache["teacher_topk_ids"], ref_i.to(torch.int32))
+    torch.testing.assert_close(cache["teacher_topk_logits"].float(), ref_v, rtol=1e-2, atol=1e-2)
+
+
+# ---------------------------------------------------------------------------
+# What trains
+
+
+def _student_and_objective(tmp_path, dynamic: bool, **options):
+    teacher_dir = save_teacher(make_tiny_llama(), tmp_path / "teacher")
+    scheme = llm_qat_scheme(dynamic)
+    student = make_tiny_llama()
+    quantize_linears(student, scheme)
+    ctx = E2EContext(scheme, torch.device("cpu"), torch.float32, teacher_dir=teacher_dir)
+    objective = setup(student, KDOptions.from_dict(options), ctx)
+    return student, objective
+
+
+def test_kd_registered():
+    assert "kd" in e2e_methods().names()
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_gradients_reach_weights_and_step_sizes(tmp_path, dynamic):
+    student, objective = _student_and_objective(tmp_path, dynamic)
+    loss, logs = objective.loss(student, {"input_ids": torch.randint(3, 256, (2, 12))})
+    assert set(logs) == {"kd", "kl"} and loss > 0
+    loss.backward()
+    layers = [m for m in student.modules() if isinstance(m, QuantLinear)]
+    assert len(layers) == 14
+    assert all(m.input_quantizer is not None for m in layers)
+    for m in layers:
+        assert m.weight.grad is not None and m.weight.grad.abs().sum() > 0
+        if dynamic:  # LLM-QAT: min-max step sizes are recomputed, not learned
+            assert not m.scale.requires_grad and m.scale.grad is None
+        else:
+            assert m.scale.grad is not None and m.scale.grad.abs().sum() > 0
+    # the full-precision parts train too (trainable: all), the teacher never
+    assert student.model.norm.weight.grad is not None
+    teacher = objective.frozen_modules["teacher"]
+    assert all(p.grad is None for p in teacher.parameters())
+    names = {g["name"] for g in objective.param_groups}
+    assert names == ({"weight"} if dynamic else {"weight", "qparams"})
+
+
+def test_frozen_grid_trains_only_step_sizes(tmp_path):
+    teacher_dir = save_teacher(make_tiny_llama(), tmp_path / "teacher")
+    scheme = llm_qat_scheme(dynamic=False)
+    student = make_tiny_llama()
+    quantize_linears(student, scheme)
+    for m in student.modules():
+        if isinstance(m, QuantLinear):
+            m.freeze()
+    ctx = E2EContext(scheme, torch.device("cpu"), torch.float32, teacher_dir=teacher_dir)
+    objective = setup(student, KDOptions(trainable="linears"), ctx)
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    assert trainable and all(any(p is m.scale for m in student.modules() if isinstance(m, QuantLinear))
+                             for p in trainable)
+    assert [g["name"] for g in objective.param_groups] == ["qparams"]
+
+
+def _peaky_tiny_llama():
+    """A tiny Llama with confident predictions, so quantization error shows in the KL."""
+    model = make_tiny_llama()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)
+    return model
+
+
+def test_kd_training_lowers_the_distillation_loss(tmp_path):
+    teacher_dir = save_teacher(_peaky_tiny_llama(), tmp_path / "teacher")
+    scheme = llm_qat_scheme()
+    student = _peaky_tiny_llama()
+    quantize_linears(student, scheme)
+    ctx = E2EContext(scheme, torch.device("cpu"), torch.float32, teacher_dir=teacher_dir)
+    objective = setup(student, KDOptions(lr=1e-4), ctx)
+    teacher = objective.frozen_modules["teacher"]
+    data = {"input_ids": torch.randint(3, 256, (8, 16), generator=torch.Generator().manual_seed(0))}
+
+    def kl():
+        with torch.no_grad():
+            return kd_cross_entropy(student(data["input_ids"]).logits, teacher(data["input_ids"]).logits)[1]
+
+    kl_before = kl()
+    cfg = TrainConfig(epochs=6, batch_size=4, warmup_ratio=0.0, save_every=0, log_every=1,
+                      grad_checkpointing=True)
+    result = Trainer(student, objective, cfg, tmp_path / "run", seed=0).fit(data, data)
+    student.eval()
+    assert result.val_loss_after < result.val_loss_before
+    assert kl() < 0.75 * kl_before
+
+
+def test_scheme_mismatch_is_refused(tmp_path):
+    teacher_dir = save_teacher(make_tiny_llama(), tmp_path / "teacher")
+    student = make_tiny_llama()
+    quantize_linears(student, QuantScheme.from_name("W4A16KV16", group_size=32))
+    ctx = E2EContext(llm_qat_scheme(), torch.device("cpu"), torch.float32, teacher_dir=teacher_dir)
+    with pytest.raises(ValueError, match="differ from scheme.weight"):
+        setup(student, KDOptions(), ctx)
+
+
+# ---------------------------------------------------------------------------
+# Two processes (gloo, accelerate launch) == one process on the same global batch
+
+WORKER = '''
+import json, sys
+import torch
+from quant.kd import KDOptions, setup
+from quant.methods.rtn import quantize_linears
+from quant.train import E2EContext, TrainConfig, Trainer, make_accelerator
+from tests.conftest import make_tiny_llama
+from tests.test_kd import llm_qat_scheme
+
+teacher_dir, work, out, global_batch = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+acc = make_accelerator("cpu")
+torch.set_num_threads(1)
+scheme = llm_qat_scheme()
+student = make_tiny_llama()
+quantize_linears(student, scheme)
+ctx = E2EContext(scheme, acc.device, torch.float32, teacher_dir=teacher_dir)
+objective = setup(student, KDOptions(lr=1e-3), ctx)
+data = {"input_ids": torch.randint(3, 256, (8, 16), generator=torch.Generator().manual_seed(0))}
+cfg = TrainConfig(epochs=1, batch_size=global_batch // acc.num_processes, warmup_ratio=0.0,
+                  save_every=0, log_every=1, grad_checkpointing=False)
+result = Trainer(student, objective, cfg, work, accelerator=acc, seed=0).fit(data)
+losses = torch.tensor([h["loss"] for h in result.history if "loss" in h])
+losses = acc.reduce(losses, "mean")  # each rank logs the mean over its half of the batch
+if acc.is_main_process:
+    params = {n: p.detach() for n, p in student.named_parameters() if p.requires_grad}
+    json.dump({"world": acc.num_processes, "backend": acc.state.backend, "losses": losses.tolist(),
+               "norm_weight": params["model.norm.weight"].tolist(),
+               "q_proj_row0": params["model.layers.0.self_attn.q_proj.weight"][0].tolist()},
+              open(out, "w"))
+'''
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(tmp_path, teacher_dir, procs: int) -> dict:
+    script = tmp_path / "kd_worker.py"
+    script.write_text(WORKER)
+    out = tmp_path / f"result-{procs}.json"
+    # several processes: torchrun through accelerate's multi-process launcher; on a machine
+    # without CUDA the Accelerator picks MULTI_CPU with the gloo backend
+    mode = ["--multi_gpu", "--main_process_port", str(_free_port())] if procs > 1 else ["--cpu"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *mode, "--num_processes", str(procs),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(script), str(teacher_dir), str(tmp_path / f"work-{procs}"), str(out), "4"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_two_process_gloo_equals_one_process(tmp_path):
+    teacher_dir = save_teacher(make_tiny_llama(), tmp_path / "teacher")
+    one = _launch(tmp_path, teacher_dir, 1)
+    two = _launch(tmp_path, teacher_dir, 2)
+    assert (one["world"], two["world"], two["backend"]) == (1, 2, "gloo")
+    assert len(one["losses"]) == 2  # 8 samples / global batch 4: two optimizer steps
+    torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), rtol=1e-5, atol=1e-6)
+    for key in ("norm_weight", "q_proj_row0"):
+        torch.testing.assert_close(torch.tensor(two[key]), torch.tensor(one[key]), rtol=1e-4, atol=1e-6)
