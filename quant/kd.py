@@ -223,4 +223,11 @@ def setup(model: nn.Module, options: KDOptions, ctx: E2EContext) -> Objective:
             logs["ce"] = ce.detach()
         return total, logs
 
-    return Objective(groups, loss, {"teacher": teacher})
+    prepare = None
+    if options.teacher == "topk":
+        def prepare(data: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            # the trainer has moved the teacher to its device by now; every rank scores all rows
+            device = next(teacher.parameters()).device
+            return {**data, **teacher_topk(teacher, data["input_ids"], options.topk, 4, device)}
+
+    return Objective(groups, loss, {"teacher": teacher}, prepare)

@@ -103,6 +103,9 @@ class Objective:
     param_groups: list[dict[str, Any]]
     loss: LossFn
     frozen_modules: dict[str, nn.Module] = field(default_factory=dict)
+    # Adds per-sample tensors to the training data before the loop (e.g. a teacher's
+    # top-k logits, kd `teacher: topk`); they reach `loss` as keys of the batch.
+    prepare_data: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -425,6 +428,8 @@ class Trainer:
 
     def fit(self, train: dict[str, torch.Tensor], val: dict[str, torch.Tensor] | None = None) -> TrainResult:
         cfg = self.cfg
+        if self.objective.prepare_data is not None:
+            train = self.objective.prepare_data(train)
         per_rank = len(train["input_ids"]) // self.acc.num_processes
         steps_per_epoch = per_rank // (cfg.batch_size * cfg.grad_accum)
         if steps_per_epoch < 1:

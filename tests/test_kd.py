@@ -182,6 +182,19 @@ def test_kd_training_lowers_the_distillation_loss(tmp_path):
     assert kl() < 0.75 * kl_before
 
 
+def test_topk_teacher_cache_trains_through_the_trainer(tmp_path):
+    student, objective = _student_and_objective(tmp_path, dynamic=True, teacher="topk", topk=8, lr=1e-4)
+    data = {"input_ids": torch.randint(3, 256, (4, 16), generator=torch.Generator().manual_seed(0))}
+    prepared = objective.prepare_data(data)
+    assert prepared["teacher_topk_ids"].shape == (4, 16, 8)
+    loss, logs = objective.loss(student, {k: v[:2] for k, v in prepared.items()})
+    assert "kl" not in logs and loss > 0  # the teacher was not run for this batch
+    cfg = TrainConfig(epochs=1, batch_size=2, warmup_ratio=0.0, save_every=0, log_every=1,
+                      grad_checkpointing=False)
+    result = Trainer(student, objective, cfg, tmp_path / "run", seed=0).fit(data)
+    assert result.steps == 2
+
+
 def test_scheme_mismatch_is_refused(tmp_path):
     teacher_dir = save_teacher(make_tiny_llama(), tmp_path / "teacher")
     student = make_tiny_llama()
