@@ -1,0 +1,242 @@
+"""quant-pipeline: the Prefect flow that runs every DVC stage, in dependency order.
+
+Why DVC runs the stages and Prefect only sequences them: DVC decides what is stale
+(hashes of params, deps and outs in dvc.lock), so a flow run after a params change
+reruns exactly what `dvc repro` would, and a repeated run redoes nothing. Each stage
+is one `dvc repro --single-item <stage>` (flows/dvc_stages.py); Prefect adds what DVC
+lacks: the items of a `foreach` stage (the synthesis shards) run as concurrent
+processes, each pinned to its own GPU when there are GPUs; failed stages are retried
+(not when the stage rejected its params: that fails the same way every time); logs,
+states and a results table land in the Prefect UI.
+
+The stage list is never written here: the graph comes from DVC after the params
+overrides are applied (a `foreach` over `synthesize.shards` grows with that param),
+so a stage added to dvc.yaml runs without touching this file.
+
+MLflow: the flow opens one parent run (flattened params.yaml, overrides, git commit,
+dvc.lock hash, all DVC metrics, the metrics files, tables, plots and every stage's
+log) and hands its id to the stage processes ($QUANT_PARENT_RUN_ID), which nest their
+own runs under it. After the stages, the registered model is put up for promotion
+(`python -m tasks.register promote`): the gates in params.yaml decide.
+
+Params overrides (`overrides=["scheme.weight.format=int3"]`) go through DVC's own `-S`
+machinery (see flows/dvc_stages.py): like `dvc exp run -S`, they leave params.yaml
+changed in the workspace, so `dvc params diff` / `dvc metrics diff` show the effect.
+
+No math here. Run it through the deployment (prefect.yaml, `make deploy` then
+`make flow-run`) or directly: `python -m flows.pipeline -S scheme.weight.format=int3`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import wait
+from prefect.runtime import flow_run
+
+from flows import dvc_stages
+from flows.tracking import (
+    DEFAULT_EXPERIMENT,
+    EXPERIMENT_ENV,
+    PARENT_RUN_ENV,
+    ParentRun,
+    file_md5,
+    flatten,
+    git_state,
+)
+
+FLOW_NAME = "quant-pipeline"
+REGISTER_STAGE = "register"
+TELEMETRY_OFF = {"DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1",
+                 "HF_HUB_DISABLE_TELEMETRY": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+
+
+def _retry_unless_bad_params(task, task_run, state) -> bool:
+    """Retry a failed stage unless it rejected its params (exit 2): that never heals."""
+    try:
+        state.result()
+    except dvc_stages.StageFailed as exc:
+        return not exc.config_error
+    except Exception:
+        return True
+    return False
+
+
+@task(task_run_name="{stage}", cache_policy=NO_CACHE, retry_condition_fn=_retry_unless_bad_params)
+def run_stage(stage: str, root: str, extra_env: dict[str, str], log_dir: str, force: bool) -> dict[str, Any]:
+    """One `dvc repro --single-item <stage>`; its output streams into the task's log."""
+    logger = get_run_logger()
+    env = dvc_stages.stage_env(dict(os.environ), **extra_env)
+    r = dvc_stages.repro(stage, Path(root), env, Path(log_dir) / f"{stage.replace('@', '-')}.log", force,
+                         echo=logger.info)
+    status = "ran" if r.ran else "up to date"
+    logger.info("stage %s: %s in %.1fs", stage, status, r.seconds)
+    return {"stage": stage, "status": status, "seconds": r.seconds,
+            "gpu": extra_env.get("CUDA_VISIBLE_DEVICES", "")}
+
+
+@task(cache_policy=NO_CACHE)
+def promote_model(root: str, extra_env: dict[str, str]) -> dict[str, Any]:
+    """`python -m tasks.register promote --json`: the gates decide; a refusal is not a failure."""
+    env = dvc_stages.stage_env(dict(os.environ), **extra_env)
+    proc = subprocess.run([sys.executable, "-m", "tasks.register", "promote", "--json"], cwd=root, env=env,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"promotion failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    decision = json.loads(proc.stdout.strip().splitlines()[-1])
+    get_run_logger().info("promotion: %s", decision["message"])
+    return decision
+
+
+def _run_wave(wave: list[str], root: Path, env: dict[str, str], gpus: list[str], log_dir: Path,
+              force: bool, max_parallel: int | None, rows: list[dict[str, Any]], stage_task) -> None:
+    """A single stage runs alone (with every GPU); a wave of foreach items runs concurrently,
+    item i pinned to GPU i mod n, at most `max_parallel` (default: the number of GPUs, or all
+    items without GPUs) at a time."""
+    if len(wave) == 1:
+        try:
+            rows.append(stage_task(wave[0], str(root), env, str(log_dir), force))
+        except Exception:
+            rows.append({"stage": wave[0], "status": "failed", "seconds": None, "gpu": ""})
+            raise
+        return
+    limit = max_parallel or len(gpus) or len(wave)
+    for start in range(0, len(wave), limit):
+        chunk = wave[start : start + limit]
+        futures = []
+        for i, stage in enumerate(chunk):
+            pin = {"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]} if gpus else {}
+            futures.append(stage_task.submit(stage, str(root), {**env, **pin}, str(log_dir), force))
+        wait(futures)
+        failed = []
+        for stage, fut in zip(chunk, futures, strict=True):
+            if fut.state.is_completed():
+                rows.append(fut.result())
+            else:
+                rows.append({"stage": stage, "status": "failed", "seconds": None, "gpu": ""})
+                failed.append(fut)
+        if failed:
+            failed[0].result()  # re-raise the first failure (all items finished first)
+
+
+@flow(name=FLOW_NAME, log_prints=True)
+def pipeline(
+    overrides: list[str] | None = None,
+    promote: bool = True,
+    force: bool = False,
+    retries: int = 2,
+    retry_delay_seconds: float = 10.0,
+    max_parallel: int | None = None,
+    experiment: str | None = None,
+) -> dict[str, Any]:
+    """Run every DVC stage (what is stale) in order; overrides use DVC's -S syntax (key=value)."""
+    if retries < 0:
+        raise ValueError(f"retries={retries} must be >= 0")
+    if max_parallel is not None and max_parallel < 1:
+        raise ValueError(f"max_parallel={max_parallel} must be >= 1 or null (one per GPU / all shards)")
+    root = Path.cwd()
+    if not (root / "dvc.yaml").is_file():
+        raise ValueError(f"no dvc.yaml in {root}: the flow runs in the repository root "
+                         f"(the deployment's working directory)")
+    logger = get_run_logger()
+    applied = dvc_stages.apply_overrides(root, list(overrides or []))
+    plan = dvc_stages.waves(dvc_stages.read_graph(root))
+    logger.info("stages: %s", " -> ".join("{" + ", ".join(w) + "}" if len(w) > 1 else w[0] for w in plan))
+    experiment = experiment or os.environ.get(EXPERIMENT_ENV) or DEFAULT_EXPERIMENT
+    run_id = str(flow_run.get_id() or "local")
+    parent = ParentRun(root, experiment, run_name=flow_run.get_name() or FLOW_NAME,
+                       tags={"prefect.flow_run_id": run_id, "overrides": " ".join(applied)})
+    logger.info("MLflow parent run %s (experiment %r, %s)", parent.run_id, experiment, parent.uri)
+    log_dir = root / ".state" / "logs" / "flow-runs" / run_id
+    env = {**TELEMETRY_OFF, PARENT_RUN_ENV: parent.run_id, EXPERIMENT_ENV: experiment,
+           "MLFLOW_TRACKING_URI": parent.uri}
+    rows: list[dict[str, Any]] = []
+    decision: dict[str, Any] | None = None
+    ok = False
+    try:
+        params = yaml.safe_load((root / dvc_stages.PARAMS_FILE).read_text()) or {}
+        parent.log_params({**flatten(params), **git_state(root), "overrides": " ".join(applied) or "none"})
+        gpus = dvc_stages.gpu_slots()
+        stage_task = run_stage.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
+        for wave in plan:
+            _run_wave(wave, root, env, gpus, log_dir, force, max_parallel, rows, stage_task)
+        if promote and any(REGISTER_STAGE in w for w in plan):
+            decision = promote_model(str(root), env)
+        ok = True
+    finally:
+        summary = _report(parent, root, rows, decision, log_dir, ok, logger)
+        parent.end(ok)
+    return summary
+
+
+def _report(parent: ParentRun, root: Path, rows: list[dict[str, Any]], decision: dict[str, Any] | None,
+            log_dir: Path, ok: bool, logger) -> dict[str, Any]:
+    """Metrics, files and logs to the parent run; table + markdown artifacts to Prefect."""
+    summary: dict[str, Any] = {"mlflow_parent_run_id": parent.run_id, "stages": rows, "promotion": decision}
+    try:
+        metrics = {}
+        for path, data in dvc_stages.metrics(root).items():
+            metrics.update(flatten(data, Path(path).stem, sep="/"))
+        logged = parent.log_metrics(metrics)
+        parent.log_params({"dvc_lock_md5": file_md5(root / "dvc.lock")})
+        for f in (root / "params.yaml", root / "dvc.lock"):
+            parent.log_artifact(f, "pipeline")
+        for f in dvc_stages.report_files(root):
+            parent.log_artifact(f, str(f.parent.relative_to(root)))
+        parent.log_artifact(log_dir, "logs")
+        tags = {"status_detail": "ok" if ok else "failed"}
+        if decision is not None:
+            tags["promotion"] = decision["message"]
+        parent.set_tags(tags)
+        summary["metrics"] = logged
+        _prefect_artifacts(root, rows, metrics, decision, parent)
+    except Exception as exc:  # reporting must not hide the stage failure that brought us here
+        if ok:
+            raise
+        logger.warning("report after failure incomplete: %s", exc)
+    return summary
+
+
+def _prefect_artifacts(root: Path, rows: list[dict[str, Any]], metrics: dict[str, Any],
+                       decision: dict[str, Any] | None, parent: ParentRun) -> None:
+    table = [{"metric": k, "value": round(v, 4) if isinstance(v, float) else v} for k, v in sorted(metrics.items())]
+    if decision is not None:
+        table.append({"metric": "promotion", "value": decision["message"]})
+    create_table_artifact(table=table or [{"metric": "-", "value": "-"}], key="quant-results",
+                          description=f"DVC metrics of this run (MLflow parent run {parent.run_id})")
+    create_table_artifact(table=rows or [{"stage": "-", "status": "-"}], key="quant-stages",
+                          description="each stage: ran (stale) or up to date (DVC cache), seconds")
+    tables = [f for f in dvc_stages.report_files(root) if f.suffix == ".md"]
+    md = [f"# quant-pipeline results\n\nMLflow parent run `{parent.run_id}` at {parent.uri}\n"]
+    for f in tables:
+        md.append(f"## {f.relative_to(root)}\n\n{f.read_text()}")
+    if decision is not None:
+        md.append(f"## Promotion\n\n{decision['message']}\n")
+    create_markdown_artifact(markdown="\n".join(md), key="quant-report", description="results tables")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Run the pipeline flow in this process (repo root).")
+    ap.add_argument("-S", "--set-param", dest="overrides", action="append", default=[],
+                    help="params override, DVC syntax: key=value (repeatable)")
+    ap.add_argument("--no-promote", dest="promote", action="store_false")
+    ap.add_argument("--force", action="store_true", help="rerun every stage (dvc repro --force)")
+    ap.add_argument("--retries", type=int, default=2)
+    ap.add_argument("--max-parallel", type=int, default=None)
+    args = ap.parse_args(argv)
+    pipeline(overrides=args.overrides, promote=args.promote, force=args.force, retries=args.retries,
+             max_parallel=args.max_parallel)
+
+
+if __name__ == "__main__":
+    main()
