@@ -294,14 +294,16 @@ class TaskRun:
 
 def run_tasks(model, tokenizer, run: TaskRun, work_dir: str | Path) -> dict[str, Any]:
     """Evaluate an in-memory model with lm-eval's `simple_evaluate`; returns its raw result dict."""
+    if run.source == "embedded":
+        # the generated tasks read local files only; never let `datasets` reach for the hub
+        # (set before lm-eval imports `datasets`, which reads these once)
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ["HF_DATASETS_OFFLINE"] = "1"
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     if run.source == "embedded":
-        # the generated tasks read local files only; never let `datasets` reach for the hub
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        os.environ["HF_DATASETS_OFFLINE"] = "1"
         path = write_tasks(run.names, work_dir, run.limit)
         manager = TaskManager(include_path=str(path), include_defaults=False)
     else:

@@ -139,6 +139,8 @@ def test_dvc_pipeline_end_to_end(tmp_path):
             "evaluate.model": "calibrate",
             "evaluate.seq_len": 128,
             "evaluate.max_windows": 2,
+            "evaluate.tasks": ["piqa", "winogrande"],  # two zero-shot tasks, 2 documents each
+            "evaluate.limit": 2,
             "base.threads": 2,
         },
     )
@@ -154,6 +156,7 @@ def test_dvc_pipeline_end_to_end(tmp_path):
     for text in ("embedded-wiki", "lee"):
         base, quant = metrics["base_ppl"][text], metrics["ppl"][text]
         assert 1 < base < quant < 10 * base  # RTN W4 g64 is worse than fp, but not broken
+    assert metrics["piqa"]["n"] == metrics["base"]["winogrande"]["n"] == 2 and "acc_avg" in metrics
     assert (repo / "artifacts" / "calibrate" / "model" / "qparams.safetensors").exists()
     shown = subprocess.run(
         [str(BIN / "dvc"), "metrics", "show", "--json"], cwd=repo, env=env,
