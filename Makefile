@@ -13,13 +13,15 @@ SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -ec
 
 export PATH := $(abspath $(VENV))/bin:$(PATH)
-export DO_NOT_TRACK := 1
-export MLFLOW_ENABLE_TELEMETRY := false
+# telemetry off for every tool (MLflow reads DO_NOT_TRACK only as "true")
+export DO_NOT_TRACK := true
+export MLFLOW_DISABLE_TELEMETRY := true
+export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run test lint clean
+.PHONY: setup run test lint clean servers-up servers-down servers-status deploy flow-run promote lock
 
 setup: $(STAMP)
 
@@ -38,9 +40,44 @@ run: setup
 
 lint: setup
 	ruff check .
+	hadolint Dockerfile
 
 test: setup lint
 	pytest -q
 
 clean:
 	rm -rf artifacts metrics/*.json mlflow/mlflow.db mlflow/mlartifacts
+
+# --- Orchestration (issue 7): local servers on 127.0.0.1, state in .state/ -------------
+SERVERS := $(PY) scripts/servers.py
+SERVER_ENV = eval "$$($(SERVERS) env)"
+
+# Prefect server + process worker + MLflow server (idempotent; waits until healthy)
+servers-up: setup
+	$(SERVERS) up
+
+servers-down:
+	$(SERVERS) down
+
+servers-status:
+	$(SERVERS) status
+
+# register the deployment of prefect.yaml; it runs the flow in this checkout
+deploy: setup
+	$(SERVER_ENV) && prefect --no-prompt deploy --all
+
+# run the deployment and wait; S="key=value ..." are params overrides (DVC -S syntax)
+flow-run: setup
+	$(SERVER_ENV) && prefect deployment run 'quant-pipeline/embedded-default' --watch \
+	  --params "$$($(PY) -c 'import json, sys; print(json.dumps({"overrides": sys.argv[1:]}))' $(S))"
+
+# alias `champion` on the last registered version if the gates in params.yaml pass.
+# Uses $$MLFLOW_TRACKING_URI (e.g. after `eval "$$(.venv/bin/python scripts/servers.py env)"`),
+# else the repo's sqlite store that `make run` writes to. VERSION=n picks another version.
+promote: setup
+	$(PY) -m tasks.register promote $(if $(VERSION),--version $(VERSION))
+
+# the Docker dependency layer: exactly the tested environment
+lock: setup
+	{ echo "# pip freeze of the tested .venv (make lock); Dockerfile installs it with --no-deps"; \
+	  $(PY) -m pip freeze --exclude-editable; } > requirements.lock

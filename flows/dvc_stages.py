@@ -99,14 +99,20 @@ def read_graph(root: Path) -> StageGraph:
     with Repo(str(root)) as repo:
         index = repo.index
         stages = [s for s in index.stages if not s.is_data_source]  # skip `dvc add`ed files
-        order = [s.addressing for s in stages]
+        order = [_address(s) for s in stages]
         upstream = {name: set() for name in order}
         for a, b in index.graph.edges:  # (stage, stage it depends on)
-            if a.addressing in upstream and b.addressing in upstream:
-                upstream[a.addressing].add(b.addressing)
+            if _address(a) in upstream and _address(b) in upstream:
+                upstream[_address(a)].add(_address(b))
     if not order:
         raise ValueError(f"{root}/dvc.yaml defines no stages")
     return StageGraph(order, upstream)
+
+
+def _address(stage) -> str:
+    """What `dvc repro` run in the repository root accepts: `name`, or `sub/dvc.yaml:name`."""
+    path = stage.path_in_repo.replace(os.sep, "/")
+    return stage.name if path == "dvc.yaml" else f"{path}:{stage.name}"
 
 
 def family(stage: str) -> str:

@@ -298,7 +298,7 @@ def _champion(client, cfg: RegisterConfig) -> Candidate | None:
         mv = client.get_model_version_by_alias(cfg.name, cfg.alias)
     except MlflowException:
         return None
-    return Candidate.from_tags(mv.version, mv.tags)
+    return Candidate.from_tags(str(mv.version), mv.tags)
 
 
 def preview(client, cfg: RegisterConfig, cand: Candidate) -> dict[str, Any]:
