@@ -1,0 +1,198 @@
+"""synthesize@k: shard k of the LLM-QAT data-free training text (quant.synth).
+
+`python -m tasks.synthesize <k>` (what `dvc repro synthesize@k` runs) generates
+the sequences of shard k: its start ids (round-robin over the selected
+vocabulary ids) x `synthesize.prefix_lengths`, each `synthesize.seq_len` tokens
+at most, in batches of `synthesize.batch_size`.
+
+Reads artifacts/prepare/model. Writes artifacts/synthesize/shard-<k>/
+(sequences.jsonl + manifest.json, format in quant.synth_store) and
+metrics/synthesize/shard-<k>.json.
+
+Resume: work in progress lives in artifacts/.work/synthesize/shard-<k>/, not
+in the stage's out, because DVC deletes outs before it runs a stage. A killed
+shard started again (by hand, by `dvc repro`, by a Prefect retry) continues
+after its last complete record, regenerating the interrupted batch with the
+same composition, and ends with the same files as an uninterrupted run. When
+the shard is complete the work directory is renamed onto the out.
+
+GPUs: each shard is its own process; pin it with CUDA_VISIBLE_DEVICES=<gpu>
+and leave `base.device: auto`, which then takes the one visible GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quant import synth
+from quant.config import ConfigError
+from quant.model_io import load_model
+from quant.synth import (
+    SynthesisConfig,
+    batches,
+    check_model,
+    generate,
+    select_start_ids,
+    shard_items,
+)
+from quant.synth_store import ShardWriter, file_sha256, is_complete, model_sha256, read_manifest
+from tasks.common import ARTIFACTS, Params, main, setup_torch, stage_dir, write_json
+
+WORK = ARTIFACTS / ".work" / "synthesize"
+USAGE = "usage: python -m tasks.synthesize <shard index> (one of synthesize.shards)"
+
+
+def shard_from_argv(argv: list[str]) -> int:
+    if len(argv) != 1 or not argv[0].lstrip("-").isdigit():
+        raise ConfigError(f"{USAGE}; got arguments {argv}")
+    return int(argv[0])
+
+
+def eos_ids(model_dir: Path, model_config: Any, tokenizer: Any) -> list[int]:
+    """The ids that end a sequence: generation_config.json's, else the config's, else the tokenizer's."""
+    ids: Any = None
+    gen = model_dir / "generation_config.json"
+    if gen.exists():
+        ids = json.loads(gen.read_text()).get("eos_token_id")
+    if ids is None:
+        ids = getattr(model_config, "eos_token_id", None)
+    if ids is None:
+        ids = tokenizer.eos_token_id
+    if ids is None:
+        return []
+    return sorted({ids} if isinstance(ids, int) else set(ids))
+
+
+def generator_sha256() -> str:
+    """Hash of the generator code: a resumed shard must be produced by the same code."""
+    d = Path(synth.__file__).parent
+    return file_sha256([d / "synth.py", d / "synth_decode.py"])
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"cpu x{torch.get_num_threads()} threads"
+
+
+def run_shard(
+    cfg: SynthesisConfig,
+    shard: int,
+    model_dir: str | Path,
+    out_dir: str | Path,
+    work_dir: str | Path,
+    seed: int,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, Any]:
+    """Generate (or finish) one shard; returns its metrics. Validates before generating."""
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
+
+    model_dir = Path(model_dir)
+    model_config = AutoConfig.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    check_model(cfg, model_config)
+    vocab = min(model_config.vocab_size, len(tokenizer))
+    start_ids = select_start_ids(cfg, vocab, tokenizer.all_special_ids)
+    items = shard_items(cfg, shard, start_ids)
+    eos = eos_ids(model_dir, model_config, tokenizer)
+    run = {
+        "params": cfg.to_dict(), "shard": shard, "seed": seed, "eos_ids": eos, "vocab_size": vocab,
+        "model_sha256": model_sha256(model_dir), "generator_sha256": generator_sha256(),
+        "device": device_name(device), "dtype": str(dtype).removeprefix("torch."),
+        "torch": torch.__version__, "transformers": transformers.__version__,
+    }
+    if is_complete(out_dir, run):
+        return {**_summary_metrics(read_manifest(out_dir)), "generated_tokens": 0, "resumed_from": len(items)}
+    writer = ShardWriter(work_dir, run)
+    resumed_from = writer.done
+    model, _ = load_model(model_dir, dtype, device)
+    t0 = time.perf_counter()
+    new_tokens = _generate_pending(writer, model, tokenizer, items, cfg, seed, eos)
+    seconds = time.perf_counter() - t0
+    summary = _summarize(writer, shard, cfg.num_shards, start_ids[shard :: cfg.num_shards])
+    writer.publish(out_dir, summary)
+    return {
+        **_summary_metrics(summary), "generated_tokens": new_tokens, "resumed_from": resumed_from,
+        "generate_seconds": round(seconds, 2), "tokens_per_second": round(new_tokens / max(seconds, 1e-9), 1),
+    }
+
+
+def _generate_pending(writer: ShardWriter, model, tokenizer, items, cfg, seed, eos) -> int:
+    """Generate every batch not yet fully on disk; returns the new tokens written."""
+    new_tokens = 0
+    for batch in batches(items, cfg.batch_size):
+        if batch[-1].index < writer.done:
+            continue
+        gen = generate(model, batch, cfg, seed, eos)
+        texts = tokenizer.batch_decode([g.ids for g in gen])
+        records = [_record(g, text) for g, text in zip(gen, texts, strict=True)]
+        _check_regenerated(writer, records)
+        fresh = [r for r in records if r["index"] >= writer.done]
+        writer.append(fresh)
+        new_tokens += sum(len(r["ids"]) - 1 for r in fresh)
+    return new_tokens
+
+
+def _record(g: synth.Generated, text: str) -> dict[str, Any]:
+    it = g.item
+    return {"index": it.index, "start_id": it.start_id, "prefix_len": it.prefix_len,
+            "finish": g.finish, "logprob": g.logprob, "ids": g.ids, "text": text}
+
+
+def _check_regenerated(writer: ShardWriter, records: list[dict[str, Any]]) -> None:
+    """A resumed batch regenerates records already on disk: they must come out identical."""
+    first = records[0]["index"]
+    if first >= writer.done:
+        return
+    stored = {r["index"]: r for r in writer.records() if r["index"] >= first}
+    for r in records:
+        if r["index"] in stored and stored[r["index"]]["ids"] != r["ids"]:
+            raise RuntimeError(
+                f"resumed shard regenerated record {r['index']} differently; the shard's run key "
+                f"does not capture everything that determines the tokens. Delete {writer.dir}"
+            )
+
+
+def _summarize(writer: ShardWriter, shard: int, num_shards: int, start_ids: list[int]) -> dict[str, Any]:
+    n = tokens = eos = 0
+    for r in writer.records():
+        n, tokens, eos = n + 1, tokens + len(r["ids"]), eos + (r["finish"] == "eos")
+    return {"shard": shard, "num_shards": num_shards, "sequences": n, "tokens": tokens,
+            "eos_stops": eos, "start_ids": start_ids}
+
+
+def _summary_metrics(summary: dict[str, Any]) -> dict[str, Any]:
+    return {k: summary[k] for k in ("shard", "sequences", "tokens", "eos_stops")}
+
+
+def run(params: Params) -> dict[str, Any]:
+    shard = shard_from_argv(sys.argv[1:])
+    cfg = params.section("synthesize", SynthesisConfig)
+    if shard not in cfg.shards:
+        raise ConfigError(f"shard {shard} is not in synthesize.shards={list(cfg.shards)}")
+    _tag("shard", shard)
+    device, dtype = setup_torch(params.base)
+    metrics = run_shard(
+        cfg, shard, stage_dir("prepare") / "model", stage_dir("synthesize") / f"shard-{shard}",
+        WORK / f"shard-{shard}", params.base.seed, device, dtype,
+    )
+    write_json(f"metrics/synthesize/shard-{shard}.json", metrics)
+    return metrics
+
+
+def _tag(key: str, value: Any) -> None:
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is not None and mlflow.active_run() is not None:
+        mlflow.set_tag(key, str(value))
+
+
+if __name__ == "__main__":
+    main("synthesize", run)
