@@ -1,0 +1,233 @@
+"""Synthesis speed: this generator vs the one-sequence-at-a-time reference, in one run.
+
+Both run on the same model, device and dtype, with the same work per sequence:
+start token, greedy up to the prefix length (3, 4, 5 in turn), then plain
+sampling (temperature 1, no top-k/top-p) up to `--seq-len` tokens, EOS ignored
+(`on_eos: continue` here, EOS disabled for `generate`), so every sequence has
+the same length in both.
+
+- generator: `quant.synth.generate` on `--sequences` sequences in batches of
+  `--batch` (KV cache preallocated, all rows decode together);
+- reference (LLM-QAT's approach): per sequence, `model.generate(greedy,
+  max_length=p)` then `model.generate(do_sample=True, max_length=seq_len)`.
+  At 2048 tokens one sequence takes minutes, so each reference sequence runs
+  under `max_time=--ref-seconds` (HF's own time limit) and tokens/s counts the
+  tokens it produced; since the reference's per-token cost grows with length,
+  timing only its first tokens flatters it (the ratio is conservative).
+- GPU roofline: bytes a decode step must read (every weight once, plus the
+  whole KV cache written so far) summed over the steps, over the HBM bandwidth
+  measured with a large device-to-device copy (bytes read + written), divided
+  by the measured generation time.
+- a correctness check first: the decoder's logits vs the model's own forward.
+
+Usage:
+  python benches/bench_synth.py --model llama2-7b --seq-len 2048 --batch 48 --sequences 48   # GPU
+  python benches/bench_synth.py --model embedded --seq-len 128 --batch 24 --sequences 24     # CPU
+Imports only quant.*, torch and transformers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from quant.synth import Item, SynthesisConfig, batches, generate  # noqa: E402
+from quant.synth_decode import KVDecoder  # noqa: E402
+
+LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5)
+SMALL = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+             num_key_value_heads=16, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build_model(name: str, device: torch.device, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    if name in ("llama2-7b", "small"):
+        cfg = LlamaConfig(**(LLAMA2_7B if name == "llama2-7b" else SMALL), bos_token_id=1, eos_token_id=2,
+                          pad_token_id=0, tie_word_embeddings=False)
+        torch.manual_seed(0)
+        with device:  # initialise on the device: a 7B init on the host takes minutes
+            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+        return model.eval()
+    path = Path(name if name != "embedded" else "artifacts/prepare/model")
+    if not path.exists():
+        raise SystemExit(f"{path} not found: run `dvc repro prepare` first or pass a model directory")
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+
+
+def hbm_bandwidth(device: torch.device) -> float:
+    """Bytes/s of a 4 GiB device-to-device copy, counting bytes read and written."""
+    x = torch.empty(1 << 30, dtype=torch.float32, device=device).normal_()
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    sync(device)
+    t, reps = time.perf_counter(), 20
+    for _ in range(reps):
+        y.copy_(x)
+    sync(device)
+    bw = 2 * x.numel() * 4 * reps / (time.perf_counter() - t)
+    del x, y
+    torch.cuda.empty_cache()
+    return bw
+
+
+def decode_error(model, device) -> float:
+    """max |decoder logits - forward logits| / max |forward logits| on 2 x 16 random tokens."""
+    ids = torch.randint(3, model.config.vocab_size, (2, 16), device=device)
+    with torch.inference_mode():
+        ref = model(ids).logits.float()
+        dec = KVDecoder(model, 2, 16)
+        got = torch.stack([dec.step(ids[:, t]) for t in range(16)], 1)
+    return float((got - ref).abs().max() / ref.abs().max())
+
+
+def items_for(n: int, vocab: int) -> list[Item]:
+    starts = [100 + (i // 3) * ((vocab - 200) // max(1, n // 3)) for i in range(n)]
+    return [Item(i, s, 3 + i % 3) for i, s in enumerate(starts)]
+
+
+def run_generator(model, items, seq_len, batch, device) -> dict:
+    cfg = SynthesisConfig(shards=(0,), seq_len=seq_len, batch_size=batch, on_eos="continue")
+    generate(model, items[: min(batch, 4)], SynthesisConfig(shards=(0,), seq_len=16, on_eos="continue"), 0)
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t = time.perf_counter()
+    tokens = 0
+    for chunk in batches(items, batch):
+        tokens += sum(len(g.ids) - 1 for g in generate(model, chunk, cfg, 0))
+    sync(device)
+    seconds = time.perf_counter() - t
+    out = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+    if device.type == "cuda":
+        out["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return out
+
+
+def run_reference(model, items, seq_len, seconds_each, device) -> dict:
+    """LLM-QAT's loop: greedy generate to the prefix length, sampling generate to seq_len."""
+    model.generation_config.eos_token_id = None  # same length as the generator's sequences
+    model.generation_config.pad_token_id = 0
+    tokens, total = 0, 0.0
+    for it in items:
+        ids = torch.tensor([[it.start_id]], device=device)
+        sync(device)
+        t = time.perf_counter()
+        with torch.inference_mode():
+            prefix = model.generate(ids, do_sample=False, max_length=it.prefix_len)
+            out = model.generate(prefix, do_sample=True, max_length=seq_len, top_k=0, top_p=1.0,
+                                 temperature=1.0, max_time=seconds_each)
+        sync(device)
+        total += time.perf_counter() - t
+        tokens += out.shape[1] - 1
+    return {"tokens": tokens, "seconds": total, "tokens_per_s": tokens / total, "sequences": len(items)}
+
+
+def decode_bytes(model, seq_len: int, batch_sizes: list[int]) -> float:
+    """Bytes the decode steps must read: every weight once per step + the KV cache so far."""
+    cfg = model.config
+    es = next(model.parameters()).element_size()
+    weights = sum(p.numel() for p in model.parameters()) * es
+    if not cfg.tie_word_embeddings:  # the embedding table is gathered (B rows), not read
+        weights -= model.get_input_embeddings().weight.numel() * es
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    kv_per_token = cfg.num_hidden_layers * 2 * kv_heads * head_dim * es
+    steps = seq_len - 1
+    total = 0.0
+    for b in batch_sizes:  # step t attends t + 1 positions
+        total += steps * weights + b * kv_per_token * steps * (steps + 1) / 2
+    return total
+
+
+def profile_steps(model, batch: int, position: int, device) -> str:
+    """Top device kernels of 8 decode steps at `position` (cache contents are arbitrary)."""
+    dec = KVDecoder(model, batch, position + 16)
+    dec.position = position
+    x = torch.randint(3, model.config.vocab_size, (batch,), device=device)
+    with torch.inference_mode():
+        for _ in range(2):
+            dec.step(x)
+        sync(device)
+        acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=acts) as prof:
+            t = time.perf_counter()
+            for _ in range(8):
+                dec.step(x)
+            sync(device)
+            ms = (time.perf_counter() - t) / 8 * 1e3
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12)
+    return f"{ms:.2f} ms/step (profiled) at position {position}, batch {batch}\n{table}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="embedded", help="llama2-7b | small | embedded | <model dir>")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16")
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=24)
+    ap.add_argument("--sequences", type=int, default=24)
+    ap.add_argument("--ref-sequences", type=int, default=2)
+    ap.add_argument("--ref-seconds", type=float, default=60.0, help="time limit per reference sequence")
+    ap.add_argument("--json", default=None, help="write the results here too")
+    ap.add_argument("--profile", type=int, default=None, help="GPU: profile decode steps at this position")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
+             "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    res: dict = {"args": vars(args), "torch": torch.__version__,
+                 "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                 "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        res["hbm_bytes_per_s"] = hbm_bandwidth(device)
+    t = time.perf_counter()
+    model = build_model(args.model, device, dtype)
+    res["model_build_s"] = time.perf_counter() - t
+    res["params"] = sum(p.numel() for p in model.parameters())
+    res["decode_rel_error"] = decode_error(model, device)
+    items = items_for(args.sequences, model.config.vocab_size)
+    res["generator"] = run_generator(model, items, args.seq_len, args.batch, device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    res["reference"] = run_reference(model, items[: args.ref_sequences], args.seq_len, args.ref_seconds, device)
+    res["ratio"] = res["generator"]["tokens_per_s"] / res["reference"]["tokens_per_s"]
+    if args.profile is not None and device.type == "cuda":
+        print(profile_steps(model, args.batch, args.profile, device))
+    if device.type == "cuda":
+        sizes = [len(c) for c in batches(items, args.batch)]
+        need = decode_bytes(model, args.seq_len, sizes) / res["hbm_bytes_per_s"]
+        res["roofline_seconds"] = need
+        res["roofline_fraction"] = need / res["generator"]["seconds"]
+    if not args.json:
+        print(json.dumps(res, indent=2))
+    g, r = res["generator"], res["reference"]
+    print(f"\n| {res['device_name']} | {args.model} | seq_len {args.seq_len} | batch {args.batch} |")
+    print(f"| generator | {g['tokens_per_s']:.1f} tok/s ({g['tokens']} tokens, {g['seconds']:.1f} s) |")
+    print(f"| reference | {r['tokens_per_s']:.2f} tok/s ({r['tokens']} tokens, {r['seconds']:.1f} s) |")
+    print(f"| ratio | {res['ratio']:.1f}x |")
+    print(f"| decode vs forward | rel. error {res['decode_rel_error']:.2e} |")
+    if "roofline_fraction" in res:
+        print(f"| roofline | {100 * res['roofline_fraction']:.1f}% of {res['hbm_bytes_per_s'] / 1e12:.2f} TB/s "
+              f"({res['roofline_seconds']:.1f} s of bytes) |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
