@@ -124,3 +124,16 @@ def test_unknown_task_names_are_rejected():
     with pytest.raises(ConfigError, match="num_fewshot=5: the embedded task data has only validation"):
         lm_tasks.TaskRun(names=("piqa",), num_fewshot=5)
     lm_tasks.TaskRun(names=("piqa",), num_fewshot=5, source="lm-eval")  # built-in tasks have train splits
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("QUANT_FIDELITY_ALL"),
+                    reason="every document of the eight tasks (~35 s); set QUANT_FIDELITY_ALL=1")
+@pytest.mark.parametrize("name", lm_tasks.TASK_NAMES)
+def test_generated_requests_equal_builtin_all_documents(name, tmp_path):
+    rows = lm_tasks.hf_rows(name)
+    lm_tasks.write_task(name, rows, tmp_path)
+    mine = TaskManager(include_path=str(tmp_path), include_defaults=False).load([name])["tasks"][name]
+    ref = _builtin(name, rows)
+    assert _requests(mine) == _requests(ref)
+    assert _golds(mine) == _golds(ref)
