@@ -430,8 +430,8 @@ class BlockAP:
         if state is None:
             return 0
         for i in range(state["done"]):
+            self._advance_fp(i)  # the full-precision chain uses the weights from before training
             self.layers[i].load_state_dict(load_file(str(self._block_file(i))))
-            self._advance_fp(i)
             self._load_workspace(i)
             self._advance_q()
         self.next_block = state["done"]
