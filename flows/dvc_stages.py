@@ -229,8 +229,8 @@ def metrics(root: Path) -> dict[str, Any]:
 
 
 def report_files(root: Path, max_bytes: int = 5 << 20) -> list[Path]:
-    """Small files among the stages' outputs that people read: metrics, plots and
-    uncached outputs (tables such as artifacts/evaluate/results.md)."""
+    """Small outputs that people read: metrics, plots and uncached outputs (tables such as
+    artifacts/evaluate/results.md, plot directories); files or directories of <= max_bytes."""
     from dvc.repo import Repo
 
     out = []
@@ -238,6 +238,12 @@ def report_files(root: Path, max_bytes: int = 5 << 20) -> list[Path]:
         for stage in repo.index.stages:
             for o in stage.outs:
                 path = Path(o.fs_path)
-                if (o.metric or o.plot or not o.use_cache) and path.is_file() and path.stat().st_size <= max_bytes:
+                if (o.metric or o.plot or not o.use_cache) and path.exists() and _size(path) <= max_bytes:
                     out.append(path)
     return sorted(set(out))
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())

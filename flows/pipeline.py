@@ -192,7 +192,7 @@ def _report(parent: ParentRun, root: Path, rows: list[dict[str, Any]], decision:
         for f in (root / "params.yaml", root / "dvc.lock"):
             parent.log_artifact(f, "pipeline")
         for f in dvc_stages.report_files(root):
-            parent.log_artifact(f, str(f.parent.relative_to(root)))
+            parent.log_artifact(f, str((f if f.is_dir() else f.parent).relative_to(root)))
         parent.log_artifact(log_dir, "logs")
         tags = {"status_detail": "ok" if ok else "failed"}
         if decision is not None:
@@ -216,7 +216,7 @@ def _prefect_artifacts(root: Path, rows: list[dict[str, Any]], metrics: dict[str
                           description=f"DVC metrics of this run (MLflow parent run {parent.run_id})")
     create_table_artifact(table=rows or [{"stage": "-", "status": "-"}], key="quant-stages",
                           description="each stage: ran (stale) or up to date (DVC cache), seconds")
-    tables = [f for f in dvc_stages.report_files(root) if f.suffix == ".md"]
+    tables = [f for f in dvc_stages.report_files(root) if f.is_file() and f.suffix == ".md"]
     md = [f"# quant-pipeline results\n\nMLflow parent run `{parent.run_id}` at {parent.uri}\n"]
     for f in tables:
         md.append(f"## {f.relative_to(root)}\n\n{f.read_text()}")

@@ -24,6 +24,7 @@ Standard library only, so it runs before anything is imported from the venv.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -237,16 +238,50 @@ def stop(s: Settings, svc: Service, grace: float = 30.0) -> None:
         _pidfile(s, svc.name).unlink(missing_ok=True)
         print(f"{svc.name}: not running")
         return
-    # start_new_session made the service its own process-group leader: signal the group
-    # (uvicorn/gunicorn workers, flow-run subprocesses), nothing else.
-    os.killpg(pid, signal.SIGTERM)
+    # start_new_session made the service its own process-group leader: signal that group
+    # (uvicorn workers, ...) and the groups of its descendants that left it (the process
+    # worker starts each flow run in a session of its own), nothing else.
+    members = [pid, *_descendants(pid)]
+    groups = sorted({g for g in map(_pgid, members) if g is not None})
+    _signal_groups(groups, signal.SIGTERM)
     t0 = time.time()
     while time.time() - t0 < grace and _alive(pid):
         time.sleep(0.2)
-    if _alive(pid):
-        os.killpg(pid, signal.SIGKILL)
+    # SIGKILL only groups that still hold one of the processes we signalled
+    _signal_groups(sorted({g for g in map(_pgid, members) if g in groups}), signal.SIGKILL)
     _pidfile(s, svc.name).unlink(missing_ok=True)
     print(f"{svc.name}: stopped (pid {pid})")
+
+
+def _stat(pid: int) -> list[str] | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _pgid(pid: int) -> int | None:
+    st = _stat(pid)
+    return int(st[2]) if st else None
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and (st := _stat(int(d.name))):
+            children.setdefault(int(st[1]), []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _signal_groups(groups: list[int], sig: int) -> None:
+    for g in groups:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(g, sig)
 
 
 def _alive(pid: int) -> bool:
