@@ -1,0 +1,99 @@
+"""The block_ap and e2e stages through their run() functions on a tiny Llama with the
+embedded tokenizer: outputs, metrics, E2E-QP leaving the integer grid untouched, and
+bad params failing before any model is loaded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import make_tiny_llama
+from quant.config import ConfigError, QuantScheme
+from quant.methods.rtn import quantize_linears
+from quant.model_io import save_quantized
+from tasks.common import BaseParams, ModelParams, Params
+
+SCHEME = QuantScheme.from_name("W3A16KV16", group_size=32)
+TEXT = " ".join(f"Sentence {i} tells of rivers, hills and the towns between them." for i in range(400))
+
+
+def _params(**sections) -> Params:
+    base = {
+        "block_ap": {"data": {"source": "calib", "train_samples": 8, "val_samples": 2, "seq_len": 32},
+                     "options": {"epochs": 4, "batch_size": 2, "weight_lr": 1e-3, "qparam_lr": 1e-3}},
+        "e2e": {"data": {"source": "calib", "train_samples": 8, "val_samples": 2, "seq_len": 32},
+                "train": {"epochs": 1, "batch_size": 4, "log_every": 1, "save_every": 1},
+                "options": {"lr": 1e-3}},
+    }
+    for k, v in sections.items():
+        base[k] = {**base[k], **v}
+    return Params(BaseParams(device="cpu"), ModelParams(), SCHEME, base)
+
+
+@pytest.fixture
+def stage_dir(tmp_path, monkeypatch, embedded_tokenizer):
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "artifacts" / "prepare" / "data"
+    data.mkdir(parents=True)
+    (data / "calib.txt").write_text(TEXT)
+    model = make_tiny_llama(vocab=len(embedded_tokenizer), layers=2)
+    quantize_linears(model, SCHEME)
+    save_quantized(model, embedded_tokenizer, SCHEME, tmp_path / "artifacts" / "calibrate" / "model")
+    return tmp_path
+
+
+def _qstate(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "qparams.safetensors"))
+
+
+def test_block_ap_then_e2e_qp_stages(stage_dir):
+    from tasks import block_ap, e2e
+
+    params = _params()
+    m1 = block_ap.run(params)
+    out1 = stage_dir / "artifacts" / "block_ap" / "model"
+    meta = json.loads((out1 / "quantization.json").read_text())
+    assert meta["frozen"] == meta["layers"] and not (out1 / "float_weights.safetensors").exists()
+    assert m1["blocks"] == 2 and m1["blocks_improved"] == 2 and m1["val_mse_mean"] < m1["val_mse_init_mean"]
+    assert (stage_dir / "artifacts" / "block_ap" / "block_loss.png").stat().st_size > 0
+    assert not (stage_dir / ".state" / "block_ap").exists()  # cleaned once the output exists
+
+    m2 = e2e.run(params)
+    out2 = stage_dir / "artifacts" / "e2e" / "model"
+    before, after = _qstate(out1), _qstate(out2)
+    for k in before:
+        if k.endswith((".qweight", ".zero_point")):
+            assert torch.equal(before[k], after[k]), k
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith(".scale"))
+    assert m2["steps"] == 2 and m2["val_loss"] < m2["val_loss_before"]
+    assert json.loads((stage_dir / "metrics" / "e2e.json").read_text())["method"] == "e2e-qp"
+
+
+@pytest.mark.parametrize(("section", "override", "match"), [
+    ("block_ap", {"data": {"source": "calib", "train_samples": 8, "val_samples": 500, "seq_len": 32}},
+     r"block_ap\.data.*val_samples"),
+    ("block_ap", {"options": {"weight_lr": -1.0}}, r"block_ap\.options\.weight_lr"),
+    ("e2e", {"options": {"lr": 0.0}}, r"e2e\.options\.lr"),
+    ("e2e", {"train": {"max_grad_norm": -1.0}}, r"e2e\.train.*max_grad_norm"),
+    ("e2e", {"data": {"source": "synthetic"}}, r"e2e\.data\.source='synthetic'"),
+])
+def test_bad_params_fail_before_training(stage_dir, monkeypatch, section, override, match):
+    from tasks import block_ap, e2e
+
+    def no_model(*_a, **_k):
+        raise AssertionError("the model was loaded before the params were checked")
+
+    monkeypatch.setattr(block_ap, "load_model", no_model)
+    monkeypatch.setattr(e2e, "load_model", no_model)
+    if section == "e2e":  # its input model must exist for the checks after the params
+        (stage_dir / "artifacts" / "block_ap").mkdir(parents=True)
+        (stage_dir / "artifacts" / "calibrate" / "model").rename(stage_dir / "artifacts" / "block_ap" / "model")
+    stage = block_ap if section == "block_ap" else e2e
+    with pytest.raises(ConfigError, match=match):
+        stage.run(_params(**{section: override}))
+    assert not (stage_dir / "artifacts" / ("block_ap" if section == "block_ap" else "e2e") / "model").exists()
+    assert not (stage_dir / "metrics").exists()
