@@ -195,6 +195,40 @@ def test_topk_teacher_cache_trains_through_the_trainer(tmp_path):
     assert result.steps == 2
 
 
+class _Killed(Exception):
+    pass
+
+
+def test_kd_resume_equals_uninterrupted(tmp_path):
+    """A killed KD run restarts from its last saved step and ends bitwise equal (CPU)."""
+    teacher_dir = save_teacher(make_tiny_llama(), tmp_path / "teacher")
+    scheme = llm_qat_scheme()
+    data = {"input_ids": torch.randint(3, 256, (8, 16), generator=torch.Generator().manual_seed(0))}
+    cfg = TrainConfig(epochs=2, batch_size=4, warmup_ratio=0.0, save_every=1, log_every=1,
+                      grad_checkpointing=False)
+
+    def trained(work, log_fn=None):
+        student = make_tiny_llama()
+        quantize_linears(student, scheme)
+        ctx = E2EContext(scheme, torch.device("cpu"), torch.float32, teacher_dir=teacher_dir)
+        trainer = Trainer(student, setup(student, KDOptions(lr=1e-3), ctx), cfg, work, seed=0,
+                          fingerprint="kd", log_fn=log_fn)
+        return student, trainer.fit(data)
+
+    ref, _ = trained(tmp_path / "a")
+
+    def kill_at_3(step, _):
+        if step == 3:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        trained(tmp_path / "b", kill_at_3)
+    resumed, result = trained(tmp_path / "b")
+    assert result.resumed_from == 2 and result.steps == 4
+    for (n, a), (_, b) in zip(ref.named_parameters(), resumed.named_parameters(), strict=True):
+        assert torch.equal(a, b), n
+
+
 def test_scheme_mismatch_is_refused(tmp_path):
     teacher_dir = save_teacher(make_tiny_llama(), tmp_path / "teacher")
     student = make_tiny_llama()
