@@ -34,6 +34,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -137,6 +138,34 @@ def run_reference(model, items, seq_len, seconds_each, device) -> dict:
     return {"tokens": tokens, "seconds": total, "tokens_per_s": tokens / total, "sequences": len(items)}
 
 
+def reference_profile(model, seq_len: int, points: int, new: int, device) -> dict:
+    """Per-token seconds of the reference's sampling `generate` at `points` positions
+    spread over the sequence (decode of `new` tokens after a prefix of that length, the
+    prefill subtracted), integrated piecewise-linearly into the time of one whole
+    sequence: the reference's per-token cost grows with the position (its cache is
+    concatenated each step), so timing only its first tokens would flatter it."""
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    new = max(2, min(new, (seq_len - 1) // 2))
+    starts = [1 + round(i * (seq_len - 1 - new) / max(points - 1, 1)) for i in range(points)]
+    per_token = []
+    for p0 in starts:
+        ids = torch.randint(3, model.config.vocab_size, (1, p0), device=device)
+        times = []
+        for n in (1, new):
+            sync(device)
+            t = time.perf_counter()
+            with torch.inference_mode():
+                model.generate(ids, do_sample=True, max_new_tokens=n, min_new_tokens=n, top_k=0, top_p=1.0)
+            sync(device)
+            times.append(time.perf_counter() - t)
+        per_token.append((times[1] - times[0]) / (new - 1))
+    xs = [p + new / 2 for p in starts]
+    seconds = float(np.interp(np.arange(1, seq_len), xs, per_token).sum())
+    return {"positions": starts, "seconds_per_token": per_token, "sequence_seconds": seconds,
+            "tokens_per_s": (seq_len - 1) / seconds, "method": f"{points} points x {new} tokens, interpolated"}
+
+
 def decode_bytes(model, seq_len: int, batch_sizes: list[int]) -> float:
     """Bytes the decode steps must read: every weight once per step + the KV cache so far."""
     cfg = model.config
@@ -185,6 +214,8 @@ def main() -> None:
     ap.add_argument("--sequences", type=int, default=24)
     ap.add_argument("--ref-sequences", type=int, default=2)
     ap.add_argument("--ref-seconds", type=float, default=60.0, help="time limit per reference sequence")
+    ap.add_argument("--ref-points", type=int, default=0,
+                    help="also estimate a whole reference sequence from this many positions (0 = off)")
     ap.add_argument("--json", default=None, help="write the results here too")
     ap.add_argument("--profile", type=int, default=None, help="GPU: profile decode steps at this position")
     args = ap.parse_args()
@@ -203,10 +234,15 @@ def main() -> None:
     res["decode_rel_error"] = decode_error(model, device)
     items = items_for(args.sequences, model.config.vocab_size)
     res["generator"] = run_generator(model, items, args.seq_len, args.batch, device)
+    print("generator:", json.dumps(res["generator"]), "decode_rel_error:", res["decode_rel_error"], flush=True)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     res["reference"] = run_reference(model, items[: args.ref_sequences], args.seq_len, args.ref_seconds, device)
     res["ratio"] = res["generator"]["tokens_per_s"] / res["reference"]["tokens_per_s"]
+    print("reference:", json.dumps(res["reference"]), flush=True)
+    if args.ref_points:
+        res["reference_whole"] = reference_profile(model, args.seq_len, args.ref_points, 64, device)
+        res["ratio_whole"] = res["generator"]["tokens_per_s"] / res["reference_whole"]["tokens_per_s"]
     if args.profile is not None and device.type == "cuda":
         print(profile_steps(model, args.batch, args.profile, device))
     if device.type == "cuda":
@@ -221,6 +257,11 @@ def main() -> None:
     print(f"| generator | {g['tokens_per_s']:.1f} tok/s ({g['tokens']} tokens, {g['seconds']:.1f} s) |")
     print(f"| reference | {r['tokens_per_s']:.2f} tok/s ({r['tokens']} tokens, {r['seconds']:.1f} s) |")
     print(f"| ratio | {res['ratio']:.1f}x |")
+    if "reference_whole" in res:
+        w = res["reference_whole"]
+        print(f"| reference, whole sequence (estimated) | {w['tokens_per_s']:.2f} tok/s "
+              f"({w['sequence_seconds']:.0f} s per sequence; {w['method']}) |")
+        print(f"| ratio, whole sequence | {res['ratio_whole']:.1f}x |")
     print(f"| decode vs forward | rel. error {res['decode_rel_error']:.2e} |")
     if "roofline_fraction" in res:
         print(f"| roofline | {100 * res['roofline_fraction']:.1f}% of {res['hbm_bytes_per_s'] / 1e12:.2f} TB/s "
