@@ -169,6 +169,7 @@ def tracking_uri() -> str:
 
 def _mlflow():
     os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # the switch MLflow 3 reads (issue 7)
     os.environ.setdefault("DO_NOT_TRACK", "true")
     import mlflow
 

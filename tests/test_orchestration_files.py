@@ -1,0 +1,71 @@
+"""The orchestration files agree with the code: prefect.yaml with the flow, requirements.lock
+with pyproject.toml, the DVC default remote, the servers script's input checks."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_prefect_yaml_deployment_matches_the_flow():
+    from flows.pipeline import FLOW_NAME, pipeline
+
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    (dep,) = spec["deployments"]
+    path, name = dep["entrypoint"].split(":")
+    assert (ROOT / path).is_file() and name == pipeline.fn.__name__ and pipeline.name == FLOW_NAME
+    assert set(dep["parameters"]) <= set(inspect.signature(pipeline.fn).parameters)
+    assert dep["work_pool"]["name"] == "quant-process"
+    assert "pull" not in spec and "pull" not in dep  # the deployment runs where `prefect deploy` ran
+
+
+def _lock() -> dict[str, Version]:
+    pins = {}
+    for line in (ROOT / "requirements.lock").read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version, f"requirements.lock line {line!r} is not pinned with =="
+            pins[canonicalize_name(name)] = Version(version)
+    return pins
+
+
+def test_lock_pins_every_dependency_within_its_specifier():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assets = re.search(r"^ASSETS := (.*)$", (ROOT / "Makefile").read_text(), re.M).group(1).split()
+    pins = _lock()
+    for text in [*project["dependencies"], *assets]:
+        req = Requirement(text)
+        name = canonicalize_name(req.name)
+        assert name in pins, f"{req.name} is missing from requirements.lock: run `make lock`"
+        assert req.specifier.contains(pins[name], prereleases=True), (
+            f"requirements.lock pins {req.name}=={pins[name]}, outside {req.specifier}: run `make lock`")
+
+
+def test_dvc_default_remote_is_local_and_git_ignored():
+    out = subprocess.run([sys.executable, "-m", "dvc", "remote", "list"], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout
+    name, url, *rest = out.split()
+    assert name == "local" and "(default)" in rest and Path(url) == ROOT / ".state" / "dvc-remote"
+    ignored = subprocess.run(["git", "check-ignore", "-q", ".state/dvc-remote"], cwd=ROOT)
+    assert ignored.returncode == 0
+
+
+def test_servers_script_rejects_a_bad_port_naming_the_variable(tmp_path):
+    env = {**os.environ, "QUANT_STATE_DIR": str(tmp_path), "QUANT_MLFLOW_PORT": "50x0"}
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "servers.py"), "up"], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "$QUANT_MLFLOW_PORT='50x0' must be a TCP port" in r.stderr
+    assert not (tmp_path / "pids").exists()  # nothing was started
