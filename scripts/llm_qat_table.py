@@ -200,12 +200,19 @@ def run(args) -> None:
     fp, tokenizer = load_fp(model_dir, args.device, with_tokenizer=True)
     results["fp"] = ppl(fp, evals, args)
     t0 = time.time()
-    gen_model = fp.to(torch.bfloat16) if args.device.startswith("cuda") else fp
-    syn, how = synthetic(gen_model, args.train_seqs + args.val_seqs, args.seq_len, args.seed, args.synth_batch,
-                         tokenizer.all_special_ids)
+    if args.synthetic:  # the sequences an earlier run wrote (same settings, same model)
+        syn, how = load_file(args.synthetic)["input_ids"].long(), f"loaded from {args.synthetic}"
+    else:
+        gen_model = fp.to(torch.bfloat16) if args.device.startswith("cuda") else fp
+        syn, how = synthetic(gen_model, args.train_seqs + args.val_seqs, args.seq_len, args.seed,
+                             args.synth_batch, tokenizer.all_special_ids)
+        del gen_model
+    from safetensors.torch import save_file
+
+    save_file({"input_ids": syn.to(torch.int32).contiguous()}, str(out / "synthetic.safetensors"))
     results["synthetic"] = {"sequences": len(syn), "seq_len": args.seq_len, "generator": how,
                             "seconds": round(time.time() - t0, 1)}
-    del fp, gen_model
+    del fp
     syn_train, syn_val = syn[: args.train_seqs], syn[args.train_seqs :]
     data = {"synthetic": syn_train,
             "real": real_windows(tokens["calib"], args.train_seqs, args.seq_len, args.seed)}
@@ -329,6 +336,7 @@ def main() -> None:
     r.add_argument("--train-seqs", type=int, default=2048)
     r.add_argument("--val-seqs", type=int, default=64)
     r.add_argument("--synth-batch", type=int, default=512)
+    r.add_argument("--synthetic", default=None, help="synthetic.safetensors of an earlier run (skip generation)")
     r.add_argument("--batch", type=int, default=32)
     r.add_argument("--steps", type=int, default=64)
     r.add_argument("--lr-grid", default="2e-5,1e-4,5e-4")
