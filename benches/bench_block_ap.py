@@ -55,7 +55,7 @@ DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 def sync() -> None:
     if DEV.type == "cuda":
-        sync()
+        torch.cuda.synchronize()
 
 
 def cuda_time(fn, warmup: int = 3, iters: int = 10) -> float:

@@ -90,7 +90,7 @@ def run(params: Params) -> dict[str, Any]:
                        val_ppl_before=math.exp(result.val_loss_before), val_ppl=math.exp(result.val_loss_after))
     if acc.is_main_process:
         out = stage_dir("e2e")
-        student = acc.unwrap_model(trainer.model)
+        student = acc.unwrap_model(trainer.model, keep_fp32_wrapper=False)
         save_quantized(student, tokenizer, scheme, out / "model", extra={"method": cfg.method})
         write_json("metrics/e2e.json", metrics)
         log_artifact("metrics/e2e.json")
