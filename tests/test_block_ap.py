@@ -75,8 +75,9 @@ def test_block_ap_beats_rtn_on_every_block_held_out(tiny_llama, tmp_path):
 def test_frozen_result_equals_its_integer_representation(tiny_llama, tmp_path):
     quantize_linears(tiny_llama, SCHEME)
     train, val = split_samples(_ids(12), 8, 4, seed=0)
-    runner = _block_ap(tiny_llama, tmp_path, train, val, epochs=1)
+    runner = _block_ap(tiny_llama, tmp_path, train, val, epochs=1, cache="disk")  # memory-mapped cache
     runner.capture()
+    assert (tmp_path / "work" / "cache" / "q_train.bin").stat().st_size == 8 * 32 * 64 * 4
     with pytest.raises(RuntimeError, match="train_block"):
         runner.train_block(1)  # out of order: block 0 is next
     for i in range(2):
