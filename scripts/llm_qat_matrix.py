@@ -103,11 +103,14 @@ def _ppl(exp: dict) -> dict | None:
 
 
 def collect(args) -> None:
-    shown = json.loads(subprocess.run([*DVC, "exp", "show", "--json"], cwd=ROOT, check=True, env=ENV,
+    # -A: experiments of every baseline commit (HEAD moves while a matrix runs)
+    shown = json.loads(subprocess.run([*DVC, "exp", "show", "--json", "-A"], cwd=ROOT, check=True, env=ENV,
                                       capture_output=True, text=True).stdout)
     found: dict[str, dict] = {}
-    for commit in shown:
+    for commit in sorted(shown, key=lambda c: (c.get("data") or {}).get("timestamp") or ""):
         for exp in commit.get("experiments") or []:
+            if (exp.get("executor") or {}).get("state") in ("running", "queued", "failed"):
+                continue  # a running experiment shows the workspace's metrics, not its own
             for rev in exp.get("revs") or []:
                 name = rev.get("name")
                 if name and (name.startswith("rtn-") or name.startswith("qat-")):
