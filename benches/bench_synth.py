@@ -87,13 +87,22 @@ def hbm_bandwidth(device: torch.device) -> float:
 
 
 def decode_error(model, device) -> float:
-    """max |decoder logits - forward logits| / max |forward logits| on 2 x 16 random tokens."""
-    ids = torch.randint(3, model.config.vocab_size, (2, 16), device=device)
+    """max |decoder logits - forward logits| / max |forward logits| on 2 x 16 random tokens
+    (teacher-forced through the decoder, eagerly)."""
+    ids = torch.randint(3, model.config.vocab_size, (2, 17), device=device)
+    seen = []
+
+    def head(logits, pos):
+        seen.append(logits.clone())
+        return ids.index_select(1, pos + 1).squeeze(1)
+
     with torch.inference_mode():
-        ref = model(ids).logits.float()
-        dec = KVDecoder(model, 2, 16)
-        got = torch.stack([dec.step(ids[:, t]) for t in range(16)], 1)
-    return float((got - ref).abs().max() / ref.abs().max())
+        ref = model(ids[:, :16]).logits.float()
+        dec = KVDecoder(model, 2, 16, head)
+        dec.inp.copy_(ids[:, 0])
+        for _ in range(16):
+            dec.step()
+    return float((torch.stack(seen, 1) - ref).abs().max() / ref.abs().max())
 
 
 def items_for(n: int, vocab: int) -> list[Item]:
@@ -101,22 +110,26 @@ def items_for(n: int, vocab: int) -> list[Item]:
     return [Item(i, s, 3 + i % 3) for i, s in enumerate(starts)]
 
 
-def run_generator(model, items, seq_len, batch, device) -> dict:
-    cfg = SynthesisConfig(shards=(0,), seq_len=seq_len, batch_size=batch, on_eos="continue")
-    generate(model, items[: min(batch, 4)], SynthesisConfig(shards=(0,), seq_len=16, on_eos="continue"), 0)
+def run_generator(model, items, seq_len, batch, device, graphs: bool = True) -> dict:
+    cfg = SynthesisConfig(shards=(0,), seq_len=seq_len, batch_size=batch, on_eos="continue", cuda_graphs=graphs)
+    warm = SynthesisConfig(shards=(0,), seq_len=16, on_eos="continue", cuda_graphs=graphs)
+    generate(model, items[: min(batch, 4)], warm, 0)
     sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t = time.perf_counter()
-    tokens = 0
+    tokens, seqs = 0, []
     for chunk in batches(items, batch):
-        tokens += sum(len(g.ids) - 1 for g in generate(model, chunk, cfg, 0))
+        out = generate(model, chunk, cfg, 0)
+        tokens += sum(len(g.ids) - 1 for g in out)
+        seqs += [g.ids for g in out]
     sync(device)
     seconds = time.perf_counter() - t
-    out = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+    res = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "cuda_graphs": graphs,
+           "batch": batch, "seq_len": seq_len}
     if device.type == "cuda":
-        out["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    return out
+        res["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return res | {"_ids": seqs}
 
 
 def run_reference(model, items, seq_len, seconds_each, device) -> dict:
@@ -184,24 +197,25 @@ def decode_bytes(model, seq_len: int, batch_sizes: list[int]) -> float:
     return total
 
 
-def profile_steps(model, batch: int, position: int, device) -> str:
+def profile_steps(model, batch: int, position: int, graphs: bool, device) -> str:
     """Top device kernels of 8 decode steps at `position` (cache contents are arbitrary)."""
-    dec = KVDecoder(model, batch, position + 16)
+    vocab = model.config.vocab_size
+    dec = KVDecoder(model, batch, position + 16, lambda logits, pos: logits.argmax(-1) % vocab, graphs)
     dec.position = position
-    x = torch.randint(3, model.config.vocab_size, (batch,), device=device)
+    dec.pos.fill_(position)
     with torch.inference_mode():
-        for _ in range(2):
-            dec.step(x)
+        for _ in range(3):  # warm-up (and graph capture)
+            dec.step()
         sync(device)
         acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
         with torch.profiler.profile(activities=acts) as prof:
             t = time.perf_counter()
             for _ in range(8):
-                dec.step(x)
+                dec.step()
             sync(device)
             ms = (time.perf_counter() - t) / 8 * 1e3
-    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12)
-    return f"{ms:.2f} ms/step (profiled) at position {position}, batch {batch}\n{table}"
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=10)
+    return f"{ms:.2f} ms/step (profiled, graphs={graphs}) at position {position}, batch {batch}\n{table}"
 
 
 def main() -> None:
@@ -218,6 +232,9 @@ def main() -> None:
                     help="also estimate a whole reference sequence from this many positions (0 = off)")
     ap.add_argument("--json", default=None, help="write the results here too")
     ap.add_argument("--profile", type=int, default=None, help="GPU: profile decode steps at this position")
+    ap.add_argument("--graphs", default="on", choices=["on", "off"], help="CUDA graphs for the main run")
+    ap.add_argument("--compare-seq-len", type=int, default=0,
+                    help="GPU: also time graphs on vs off at this length and compare their tokens")
     args = ap.parse_args()
     device = torch.device(args.device)
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
@@ -233,7 +250,15 @@ def main() -> None:
     res["params"] = sum(p.numel() for p in model.parameters())
     res["decode_rel_error"] = decode_error(model, device)
     items = items_for(args.sequences, model.config.vocab_size)
-    res["generator"] = run_generator(model, items, args.seq_len, args.batch, device)
+    if args.compare_seq_len and device.type == "cuda":
+        runs = [run_generator(model, items[: args.batch], args.compare_seq_len, args.batch, device, g)
+                for g in (False, True)]
+        same = sum(a == b for a, b in zip(runs[0].pop("_ids"), runs[1].pop("_ids"), strict=True))
+        res["graphs_vs_eager"] = {"eager": runs[0], "graphs": runs[1], "identical_sequences": same,
+                                  "sequences": len(items[: args.batch])}
+        print("graphs_vs_eager:", json.dumps(res["graphs_vs_eager"]), flush=True)
+    res["generator"] = run_generator(model, items, args.seq_len, args.batch, device, args.graphs == "on")
+    res["generator"].pop("_ids")
     print("generator:", json.dumps(res["generator"]), "decode_rel_error:", res["decode_rel_error"], flush=True)
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -244,7 +269,7 @@ def main() -> None:
         res["reference_whole"] = reference_profile(model, args.seq_len, args.ref_points, 64, device)
         res["ratio_whole"] = res["generator"]["tokens_per_s"] / res["reference_whole"]["tokens_per_s"]
     if args.profile is not None and device.type == "cuda":
-        print(profile_steps(model, args.batch, args.profile, device))
+        print(profile_steps(model, args.batch, args.profile, args.graphs == "on", device))
     if device.type == "cuda":
         sizes = [len(c) for c in batches(items, args.batch)]
         need = decode_bytes(model, args.seq_len, sizes) / res["hbm_bytes_per_s"]
@@ -253,7 +278,7 @@ def main() -> None:
     if not args.json:
         print(json.dumps(res, indent=2))
     g, r = res["generator"], res["reference"]
-    print(f"\n| {res['device_name']} | {args.model} | seq_len {args.seq_len} | batch {args.batch} |")
+    print(f"\n| {res['device_name']} | {args.model} | seq_len {args.seq_len} | batch {args.batch} | graphs {args.graphs} |")
     print(f"| generator | {g['tokens_per_s']:.1f} tok/s ({g['tokens']} tokens, {g['seconds']:.1f} s) |")
     print(f"| reference | {r['tokens_per_s']:.2f} tok/s ({r['tokens']} tokens, {r['seconds']:.1f} s) |")
     print(f"| ratio | {res['ratio']:.1f}x |")
@@ -263,6 +288,10 @@ def main() -> None:
               f"({w['sequence_seconds']:.0f} s per sequence; {w['method']}) |")
         print(f"| ratio, whole sequence | {res['ratio_whole']:.1f}x |")
     print(f"| decode vs forward | rel. error {res['decode_rel_error']:.2e} |")
+    if "graphs_vs_eager" in res:
+        c = res["graphs_vs_eager"]
+        print(f"| seq_len {args.compare_seq_len}: eager {c['eager']['tokens_per_s']:.0f} tok/s, CUDA graphs "
+              f"{c['graphs']['tokens_per_s']:.0f} tok/s; identical sequences {c['identical_sequences']}/{c['sequences']} |")
     if "roofline_fraction" in res:
         print(f"| roofline | {100 * res['roofline_fraction']:.1f}% of {res['hbm_bytes_per_s'] / 1e12:.2f} TB/s "
               f"({res['roofline_seconds']:.1f} s of bytes) |")

@@ -67,6 +67,7 @@ class SynthesisConfig(Config):
     top_p: float = 1.0  # 1.0 = off
     on_eos: Literal["stop", "continue"] = "stop"
     batch_size: int = 64  # sequences decoded together (bounded by KV-cache memory)
+    cuda_graphs: bool = True  # GPU: run the decode step as CUDA graphs (no effect on CPU)
 
     def __post_init__(self) -> None:
         n = len(self.shards)
@@ -248,6 +249,53 @@ def sample_next(
 # Generation
 
 
+class _BatchState:
+    """Device state of one batch's rows. Called as the decoder's head at the end of
+    every step (inside the CUDA graph on GPU): picks each row's next token - argmax
+    inside its prefix, inverse-CDF draw after - and records it with its log-prob."""
+
+    def __init__(self, items: Sequence[Item], cfg: SynthesisConfig, seed: int, device: torch.device) -> None:
+        b, n = len(items), cfg.seq_len
+        self.cfg = cfg
+        keys = [sequence_key(seed, it.start_id, it.prefix_len) for it in items]
+        self.u = torch.from_numpy(uniforms(keys, n - 1)).to(device)  # u: [R, n-1]
+        prefix = torch.tensor([it.prefix_len for it in items], device=device)
+        self.greedy = torch.arange(1, n, device=device)[None, :] < prefix[:, None]  # [R, n-1]: token t+1 greedy?
+        self.tokens = torch.full((b, n), -1, dtype=torch.long, device=device)
+        self.tokens[:, 0] = torch.tensor([it.start_id for it in items], device=device)
+        self.logp = torch.zeros((b, n - 1), dtype=torch.float32, device=device)
+        self.rows = torch.arange(b, device=device)  # original row of each current row
+        self.out_tokens = torch.full((b, n), -1, dtype=torch.long)  # finished rows, on the host
+        self.out_logp = torch.zeros((b, n - 1), dtype=torch.float32)
+
+    def __call__(self, logits: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        u = self.u.index_select(1, pos).squeeze(1)
+        greedy = self.greedy.index_select(1, pos).squeeze(1)
+        nxt = torch.where(greedy, logits.argmax(-1), sample_next(logits, u, cfg.temperature, cfg.top_k, cfg.top_p))
+        self.tokens.index_copy_(1, pos + 1, nxt[:, None])
+        self.logp.index_copy_(1, pos, logits.log_softmax(-1).gather(-1, nxt[:, None]))
+        return nxt
+
+    def finished(self, upto: int, eos: torch.Tensor) -> torch.Tensor:
+        """[R] bool: the row generated an EOS at positions 1..upto."""
+        return torch.isin(self.tokens[:, 1 : upto + 1], eos).any(-1)
+
+    def keep(self, keep: torch.Tensor, drop: torch.Tensor) -> None:
+        self._park(drop)
+        for name in ("u", "greedy", "tokens", "logp", "rows"):
+            setattr(self, name, getattr(self, name)[keep])
+
+    def _park(self, rows: torch.Tensor) -> None:
+        orig = self.rows[rows].cpu()
+        self.out_tokens[orig] = self.tokens[rows].cpu()
+        self.out_logp[orig] = self.logp[rows].cpu()
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self._park(torch.arange(self.rows.numel(), device=self.rows.device))
+        return self.out_tokens, self.out_logp
+
+
 @torch.inference_mode()
 def generate(
     model: torch.nn.Module,
@@ -258,36 +306,25 @@ def generate(
 ) -> list[Generated]:
     """Generate one batch: every item decodes together, from its start token to seq_len."""
     device = next(model.parameters()).device
-    b, n = len(items), cfg.seq_len
-    u = torch.from_numpy(
-        uniforms([sequence_key(seed, it.start_id, it.prefix_len) for it in items], n - 1)
-    ).to(device)  # u: [B, n-1]
-    prefix = torch.tensor([it.prefix_len for it in items], device=device)
-    greedy = torch.arange(1, n, device=device)[None, :] < prefix[:, None]  # [B, n-1]: token t+1 greedy?
-    tokens = torch.full((b, n), -1, dtype=torch.long, device=device)
-    tokens[:, 0] = torch.tensor([it.start_id for it in items], device=device)
-    logp = torch.zeros((b, n - 1), dtype=torch.float32, device=device)
+    n = cfg.seq_len
+    state = _BatchState(items, cfg, seed, device)
+    decoder = KVDecoder(model, len(items), n - 1, head=state, graphs=cfg.cuda_graphs)
+    decoder.inp.copy_(state.tokens[:, 0])
     stop = cfg.on_eos == "stop" and len(eos_ids) > 0
     eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
-    decoder = KVDecoder(model, b, n - 1)
-    rows = torch.arange(b, device=device)  # original row of each cache row
-    cur = tokens[:, 0]
     for t in range(n - 1):
-        logits = decoder.step(cur)  # [R, V]
-        sampled = sample_next(logits, u[rows, t], cfg.temperature, cfg.top_k, cfg.top_p)
-        cur = torch.where(greedy[rows, t], logits.argmax(-1), sampled)
-        tokens[rows, t + 1] = cur
-        logp[rows, t] = logits.log_softmax(-1).gather(-1, cur[:, None]).squeeze(-1)
+        decoder.step()  # writes token t + 1 of every row
         if stop and (t + 1) % EOS_CHECK_EVERY == 0 and t + 2 < n:
-            done = torch.isin(tokens[rows, 1 : t + 2], eos).any(-1)
+            done = state.finished(t + 1, eos)
             n_done = int(done.sum())
-            if n_done and n_done >= rows.numel() // 8:
+            if n_done and n_done >= done.numel() // 8:
                 keep = (~done).nonzero().squeeze(-1)
+                state.keep(keep, done.nonzero().squeeze(-1))
                 if keep.numel() == 0:
                     break
                 decoder.keep(keep)
-                rows, cur = rows[keep], cur[keep]
-    return _collect(items, tokens.cpu(), logp.cpu(), eos_ids if stop else ())
+    tokens, logp = state.result()
+    return _collect(items, tokens, logp, eos_ids if stop else ())
 
 
 def _collect(items: Sequence[Item], tokens: torch.Tensor, logp: torch.Tensor, eos_ids: Sequence[int]) -> list[Generated]:

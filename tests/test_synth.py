@@ -106,14 +106,25 @@ def test_sampler_draws_from_the_filtered_softmax(temperature, top_k, top_p):
 def test_decoder_matches_model_forward_and_keeps_rows():
     model = make_tiny_llama()  # GQA: 4 heads, 2 KV heads
     ids = torch.randint(3, VOCAB, (4, 12), generator=torch.Generator().manual_seed(0))
+    forced, seen = {"ids": ids}, []
+
+    def head(logits, pos):  # teacher forcing: the next input is the next column of `ids`
+        seen.append(logits.clone())
+        nxt = (pos + 1).clamp(max=ids.shape[1] - 1)
+        return forced["ids"].index_select(1, nxt).squeeze(1)
+
     with torch.no_grad():
         ref = model(ids).logits
-        dec = KVDecoder(model, 4, 12)
-        got = [dec.step(ids[:, t]) for t in range(6)]
+        dec = KVDecoder(model, 4, 12, head)
+        dec.inp.copy_(ids[:, 0])
+        for _ in range(6):
+            dec.step()
         dec.keep(torch.tensor([3, 1]))  # drop rows 0 and 2, reorder
-        got_kept = [dec.step(ids[[3, 1], t]) for t in range(6, 12)]
-    assert (torch.stack(got, 1) - ref[:, :6]).abs().max() < 1e-4
-    assert (torch.stack(got_kept, 1) - ref[[3, 1], 6:]).abs().max() < 1e-4
+        forced["ids"] = ids[[3, 1]]
+        for _ in range(6):
+            dec.step()
+    assert (torch.stack(seen[:6], 1) - ref[:, :6]).abs().max() < 1e-4
+    assert (torch.stack(seen[6:], 1) - ref[[3, 1], 6:]).abs().max() < 1e-4
 
 
 def test_prefix_is_greedy_and_the_rest_is_sampled():
