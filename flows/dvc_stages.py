@@ -109,6 +109,23 @@ def read_graph(root: Path) -> StageGraph:
     return StageGraph(order, upstream)
 
 
+def restrict(graph: StageGraph, targets: list[str]) -> StageGraph:
+    """`targets` and everything they depend on (as `dvc repro <targets>` would run); a
+    foreach stage's name (`synthesize`) stands for all its items."""
+    families = {family(s) for s in graph.order}
+    unknown = [t for t in targets if t not in graph.upstream and t not in families]
+    if unknown:
+        raise ValueError(f"targets {unknown} are not stages of dvc.yaml; known: {sorted(families)}")
+    keep: set[str] = set()
+    todo = [s for s in graph.order if s in targets or family(s) in targets]
+    while todo:
+        s = todo.pop()
+        if s not in keep:
+            keep.add(s)
+            todo.extend(graph.upstream[s])
+    return StageGraph([s for s in graph.order if s in keep], {s: graph.upstream[s] & keep for s in keep})
+
+
 def _address(stage) -> str:
     """What `dvc repro` run in the repository root accepts: `name`, or `sub/dvc.yaml:name`."""
     path = stage.path_in_repo.replace(os.sep, "/")

@@ -34,6 +34,7 @@ import json
 import os
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -77,11 +78,12 @@ def run_stage(stage: str, root: str, extra_env: dict[str, str], log_dir: str, fo
     """One `dvc repro --single-item <stage>`; its output streams into the task's log."""
     logger = get_run_logger()
     env = dvc_stages.stage_env(dict(os.environ), **extra_env)
+    started = datetime.now().isoformat(timespec="seconds")
     r = dvc_stages.repro(stage, Path(root), env, Path(log_dir) / f"{stage.replace('@', '-')}.log", force,
                          echo=logger.info)
     status = "ran" if r.ran else "up to date"
     logger.info("stage %s: %s in %.1fs", stage, status, r.seconds)
-    return {"stage": stage, "status": status, "seconds": r.seconds,
+    return {"stage": stage, "status": status, "started": started, "seconds": r.seconds,
             "gpu": extra_env.get("CUDA_VISIBLE_DEVICES", "")}
 
 
@@ -107,7 +109,7 @@ def _run_wave(wave: list[str], root: Path, env: dict[str, str], gpus: list[str],
         try:
             rows.append(stage_task(wave[0], str(root), env, str(log_dir), force))
         except Exception:
-            rows.append({"stage": wave[0], "status": "failed", "seconds": None, "gpu": ""})
+            rows.append({"stage": wave[0], "status": "failed", "started": "", "seconds": None, "gpu": ""})
             raise
         return
     limit = max_parallel or len(gpus) or len(wave)
@@ -123,7 +125,7 @@ def _run_wave(wave: list[str], root: Path, env: dict[str, str], gpus: list[str],
             if fut.state.is_completed():
                 rows.append(fut.result())
             else:
-                rows.append({"stage": stage, "status": "failed", "seconds": None, "gpu": ""})
+                rows.append({"stage": stage, "status": "failed", "started": "", "seconds": None, "gpu": ""})
                 failed.append(fut)
         if failed:
             failed[0].result()  # re-raise the first failure (all items finished first)
@@ -132,6 +134,7 @@ def _run_wave(wave: list[str], root: Path, env: dict[str, str], gpus: list[str],
 @flow(name=FLOW_NAME, log_prints=True)
 def pipeline(
     overrides: list[str] | None = None,
+    targets: list[str] | None = None,
     promote: bool = True,
     force: bool = False,
     retries: int = 2,
@@ -139,7 +142,8 @@ def pipeline(
     max_parallel: int | None = None,
     experiment: str | None = None,
 ) -> dict[str, Any]:
-    """Run every DVC stage (what is stale) in order; overrides use DVC's -S syntax (key=value)."""
+    """Run every DVC stage (what is stale) in order, or only `targets` and what they depend
+    on; overrides use DVC's -S syntax (key=value)."""
     if retries < 0:
         raise ValueError(f"retries={retries} must be >= 0")
     if max_parallel is not None and max_parallel < 1:
@@ -150,7 +154,8 @@ def pipeline(
                          f"(the deployment's working directory)")
     logger = get_run_logger()
     applied = dvc_stages.apply_overrides(root, list(overrides or []))
-    plan = dvc_stages.waves(dvc_stages.read_graph(root))
+    graph = dvc_stages.read_graph(root)
+    plan = dvc_stages.waves(dvc_stages.restrict(graph, list(targets)) if targets else graph)
     logger.info("stages: %s", " -> ".join("{" + ", ".join(w) + "}" if len(w) > 1 else w[0] for w in plan))
     experiment = experiment or os.environ.get(EXPERIMENT_ENV) or DEFAULT_EXPERIMENT
     run_id = str(flow_run.get_id() or "local")
@@ -229,13 +234,15 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Run the pipeline flow in this process (repo root).")
     ap.add_argument("-S", "--set-param", dest="overrides", action="append", default=[],
                     help="params override, DVC syntax: key=value (repeatable)")
+    ap.add_argument("--target", dest="targets", action="append", default=None,
+                    help="run only this stage and what it depends on (repeatable)")
     ap.add_argument("--no-promote", dest="promote", action="store_false")
     ap.add_argument("--force", action="store_true", help="rerun every stage (dvc repro --force)")
     ap.add_argument("--retries", type=int, default=2)
     ap.add_argument("--max-parallel", type=int, default=None)
     args = ap.parse_args(argv)
-    pipeline(overrides=args.overrides, promote=args.promote, force=args.force, retries=args.retries,
-             max_parallel=args.max_parallel)
+    pipeline(overrides=args.overrides, targets=args.targets, promote=args.promote, force=args.force,
+             retries=args.retries, max_parallel=args.max_parallel)
 
 
 if __name__ == "__main__":

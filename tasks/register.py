@@ -267,7 +267,9 @@ def run(params: Params) -> dict[str, Any]:
     client = MlflowClient()
     if not _registered_model_exists(client, cfg.name):
         client.create_registered_model(cfg.name, description="Quantized models of the quant-pipeline")
-    mv = client.create_model_version(cfg.name, info.model_uri, run_id=run_.info.run_id, tags=tags)
+    # register_model (not client.create_model_version): a `models:/m-...` source needs the
+    # logged model's id, which only register_model passes on to a tracking server
+    mv = mlflow.register_model(info.model_uri, cfg.name, tags=tags)
     mlflow.set_tags({"registered_model": cfg.name, "registered_version": mv.version})
 
     decision = preview(client, cfg, Candidate.from_tags(mv.version, tags))
@@ -275,8 +277,8 @@ def run(params: Params) -> dict[str, Any]:
            "scheme": tags["scheme"], "methods": tags["methods"], cfg.primary_metric: cand.primary_value,
            "ppl_ratio": cand.ppl_ratio, "gates_pass": decision["pass"], "gates": decision["gates"]}
     write_json(REGISTER_METRICS, out)
-    print(f"registered {cfg.name} v{mv.version} ({tags['scheme']}, {tags['methods']}); "
-          f"gates {'pass' if decision['pass'] else 'fail'}: " + "; ".join(decision["gates"].values()))
+    print(f"registered {cfg.name} v{mv.version} ({tags['scheme']}, {tags['methods']}); gates "
+          + "; ".join(f"{g} {v}: {decision['details'][g]}" for g, v in decision["gates"].items()))
     return {"version": int(mv.version), "primary_value": cand.primary_value, "ppl_ratio": cand.ppl_ratio,
             "acc_drop": cand.acc_drop, "gates_pass": int(decision["pass"])}
 
@@ -302,10 +304,11 @@ def _champion(client, cfg: RegisterConfig) -> Candidate | None:
 
 
 def preview(client, cfg: RegisterConfig, cand: Candidate) -> dict[str, Any]:
+    """The gates as they stand at registration (promotion re-checks them)."""
     results = check_gates(cand, _champion(client, cfg), cfg)
-    return {"pass": all(r.passed is not False for r in results),
-            "gates": {r.gate: f"{'pass' if r.passed else 'skipped' if r.passed is None else 'FAIL'}: {r.detail}"
-                      for r in results}}
+    verdict = {r.gate: "pass" if r.passed else "skipped" if r.passed is None else "FAIL" for r in results}
+    return {"pass": all(r.passed is not False for r in results), "gates": verdict,
+            "details": {r.gate: r.detail for r in results}}
 
 
 # ---------------------------------------------------------------------------

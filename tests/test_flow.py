@@ -87,6 +87,11 @@ def test_waves_group_only_foreach_items_and_respect_dependencies():
     # an item that waits for another item of its family lands in a later wave
     g2 = StageGraph(order=["x@0", "x@1"], upstream={"x@0": set(), "x@1": {"x@0"}})
     assert dvc_stages.waves(g2) == [["x@0"], ["x@1"]]
+    # targets: the stage and its upstream, a foreach family by its name
+    assert dvc_stages.waves(dvc_stages.restrict(g, ["syn"])) == [["a"], ["syn@0", "syn@1", "syn@2"]]
+    assert dvc_stages.restrict(g, ["b"]).order == ["b"]
+    with pytest.raises(ValueError, match=r"targets \['d'\] are not stages of dvc.yaml; known: \['a', 'b', 'c', 'syn'\]"):
+        dvc_stages.restrict(g, ["d"])
     cyclic = StageGraph(order=["a", "b"], upstream={"a": {"b"}, "b": {"a"}})
     with pytest.raises(ValueError, match="cycle"):
         dvc_stages.waves(cyclic)

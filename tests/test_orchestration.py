@@ -1,0 +1,444 @@
+"""Orchestration against REAL servers on 127.0.0.1: a Prefect server, a Prefect process
+worker and an MLflow tracking/registry server, started by scripts/servers.py (the same
+script `make servers-up` runs) on free ports with their state in a temporary directory.
+
+- A toy DVC project run by the flow in this process against the real Prefect API: the
+  foreach items run concurrently, each pinned to its own GPU id, a flaky stage is retried,
+  a stage that rejects its params is not, and the stage processes get the parent run id.
+- The deployment of prefect.yaml, deployed from a temporary copy of this repository and
+  run with `prefect deployment run` on tiny settings (the embedded model, two evaluation
+  windows, few documents) for the chain that ends in `register` (prepare -> calibrate ->
+  evaluate -> register with the default `evaluate.model`): the flow run completes; MLflow
+  holds the parent run and one nested run per stage with params, metrics and artifacts; a
+  model version is registered and promoted; a second run with a stricter gate reruns only
+  `register` and is refused with the failed gates named; `models:/quant-pipeline@champion`
+  loads and generates; `dvc push` / `dvc pull` restore the outputs.
+- (slow) The same deployment over the whole graph (synthesis shards, merge, block_ap,
+  e2e, ...): completes, shards overlap in time, finished stages stay up to date.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+BIN = Path(PY).parent
+DEPLOYMENT = "quant-pipeline/embedded-default"
+MODEL = "quant-pipeline"
+
+# Tiny settings per params section, applied (as deployment parameters, DVC -S syntax) only
+# where params.yaml has the key, so stages added later run with their own defaults.
+TINY = {
+    "synthesize.shards": "[0,1]",
+    "synthesize.num_start_ids": "2",
+    "synthesize.prefix_lengths": "[3]",
+    "synthesize.seq_len": "16",
+    "synthesize.batch_size": "2",
+    "calibrate.samples": "4",
+    "calibrate.seq_len": "64",
+    # the few synthetic rows above are too few to train on: block_ap/e2e read calibration text
+    "block_ap.data.source": "calib",
+    "block_ap.data.train_samples": "4",
+    "block_ap.data.val_samples": "2",
+    "block_ap.data.seq_len": "32",
+    "block_ap.options.batch_size": "2",
+    "e2e.data.source": "calib",
+    "e2e.data.train_samples": "4",
+    "e2e.data.val_samples": "2",
+    "e2e.data.seq_len": "32",
+    "e2e.train.batch_size": "2",
+    "e2e.train.max_steps": "2",
+    "evaluate.seq_len": "128",
+    "evaluate.max_windows": "2",
+    "evaluate.tasks": "[piqa]",
+    "evaluate.limit": "4",
+    "evaluate.report": "false",
+    # four documents make accuracy noise: the tiny run opens that gate (its arithmetic is
+    # tested in test_register.py); the PPL-ratio and champion gates stay as in params.yaml
+    "register.gates.max_acc_drop": "1.0",
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    state = tmp_path_factory.mktemp("servers")
+    env = {**os.environ, "QUANT_STATE_DIR": str(state), "QUANT_PREFECT_PORT": str(_free_port()),
+           "QUANT_MLFLOW_PORT": str(_free_port()), "PREFECT_WORKER_QUERY_SECONDS": "2"}
+    for var in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "QUANT_PARENT_RUN_ID"):
+        env.pop(var, None)
+    script = [PY, str(ROOT / "scripts" / "servers.py")]
+    up = subprocess.run([*script, "up"], env=env, capture_output=True, text=True, timeout=600)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        out = subprocess.run([*script, "env"], env=env, capture_output=True, text=True, check=True).stdout
+        client = dict(line.removeprefix("export ").split("=", 1) for line in out.splitlines())
+        yield SimpleNamespace(state=state, env=env, client={**env, **client},
+                              api=client["PREFECT_API_URL"], mlflow=client["MLFLOW_TRACKING_URI"])
+    finally:
+        subprocess.run([*script, "down"], env=env, capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def mlflow_client(servers):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(servers.mlflow)
+
+
+def prefect_api(servers):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    return temporary_settings(updates={PREFECT_API_URL: servers.api})
+
+
+def flow_artifacts(servers, flow_run_id: str) -> dict:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with prefect_api(servers), get_client(sync_client=True) as client:
+        run = client.read_flow_run(flow_run_id)
+        arts = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+    return {"state": run.state, "artifacts": {a.key: a for a in arts}}
+
+
+def table(artifact) -> list[dict]:
+    data = artifact.data
+    return json.loads(data) if isinstance(data, str) else data
+
+
+# ---------------------------------------------------------------------------
+# The servers
+
+
+def _listening(port: int) -> set[str]:
+    """Local addresses listening on `port` (from /proc/net/tcp{,6})."""
+    addrs = set()
+    for name in ("tcp", "tcp6"):
+        f = Path(f"/proc/net/{name}")
+        if not f.exists():
+            continue
+        for line in f.read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            host, hexport = local.split(":")
+            if state == "0A" and int(hexport, 16) == port:
+                addrs.add(host)
+    return addrs
+
+
+def test_servers_bind_loopback_only_and_run_without_telemetry(servers):
+    for port in (int(servers.env["QUANT_PREFECT_PORT"]), int(servers.env["QUANT_MLFLOW_PORT"])):
+        assert _listening(port) == {"0100007F"}, f"port {port} must listen on 127.0.0.1 only"
+    for pidfile in sorted((servers.state / "pids").glob("*.pid")):
+        pid = json.loads(pidfile.read_text())["pid"]
+        env = dict(kv.split("=", 1) for kv in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in kv)
+        assert env["DO_NOT_TRACK"] == "true" and env["MLFLOW_DISABLE_TELEMETRY"] == "true", pidfile.name
+        assert env["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false" and env["DVC_NO_ANALYTICS"] == "1"
+        assert env["PREFECT_HOME"].startswith(str(servers.state)), pidfile.name
+    status = subprocess.run([PY, str(ROOT / "scripts" / "servers.py"), "status"], env=servers.env,
+                            capture_output=True, text=True)
+    assert status.returncode == 0 and status.stdout.count(": up") == 3, status.stdout
+
+
+# ---------------------------------------------------------------------------
+# The flow on a toy DVC project: concurrency, GPU pinning, retries
+
+
+TOY_DVC = """\
+    stages:
+      prep:
+        cmd: python rec.py prep
+        outs: [out/prep.json]
+      shard:
+        foreach: ${shards}
+        do:
+          cmd: python rec.py shard-${item}
+          deps: [out/prep.json]
+          outs: ["out/shard-${item}.json"]
+      flaky:
+        cmd: python flaky.py
+        deps: [out/shard-0.json, out/shard-1.json]
+        params: [mode]
+        outs: [out/flaky.json]
+"""
+TOY_FILES = {
+    "params.yaml": "shards: [0]\nmode: ok\n",
+    "rec.py": """\
+        import json, os, sys, time
+        t0 = time.time()
+        time.sleep(3)
+        os.makedirs("out", exist_ok=True)
+        json.dump({"start": t0, "end": time.time(), "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                   "parent": os.environ.get("QUANT_PARENT_RUN_ID")}, open(f"out/{sys.argv[1]}.json", "w"))
+        """,
+    "flaky.py": """\
+        import sys, yaml
+        n = int(open("attempts.txt").read()) + 1 if __import__("os").path.exists("attempts.txt") else 1
+        open("attempts.txt", "w").write(str(n))
+        if yaml.safe_load(open("params.yaml"))["mode"] == "bad":
+            print("error: mode='bad' is not accepted"); sys.exit(2)
+        if n == 1:
+            sys.exit("transient failure")
+        open("out/flaky.json", "w").write("{}")
+        """,
+}
+
+
+def test_flow_maps_shards_concurrently_pins_gpus_and_retries(servers, mlflow_client, tmp_path, monkeypatch):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.pipeline import pipeline
+
+    proj = tmp_path / "toy"
+    proj.mkdir()
+    subprocess.run([PY, "-m", "dvc", "init", "--no-scm", "-q"], cwd=proj, check=True)
+    (proj / "dvc.yaml").write_text(textwrap.dedent(TOY_DVC))
+    for name, text in TOY_FILES.items():
+        (proj / name).write_text(textwrap.dedent(text))
+    monkeypatch.chdir(proj)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", servers.mlflow)
+    monkeypatch.setenv("QUANT_EXPERIMENT", "toy")
+    with temporary_settings(updates={PREFECT_API_URL: servers.api}):
+        state = pipeline(overrides=["shards=[0,1]"], retries=1, retry_delay_seconds=0, promote=False,
+                         return_state=True)
+        assert state.is_completed(), state.message
+        summary = state.result()
+        rec = {n: json.loads((proj / "out" / f"{n}.json").read_text()) for n in ("prep", "shard-0", "shard-1")}
+        # both shards ran at once (their 3 s sleeps overlap), each on its own GPU; prep saw all GPUs
+        assert max(rec["shard-0"]["start"], rec["shard-1"]["start"]) < min(rec["shard-0"]["end"], rec["shard-1"]["end"])
+        assert (rec["shard-0"]["cuda"], rec["shard-1"]["cuda"], rec["prep"]["cuda"]) == ("3", "5", "3,5")
+        assert {r["parent"] for r in rec.values()} == {summary["mlflow_parent_run_id"]}
+        assert (proj / "attempts.txt").read_text() == "2"  # failed once, retried, passed
+        assert [(r["stage"], r["status"], r["gpu"]) for r in summary["stages"]] == [
+            ("prep", "ran", ""), ("shard@0", "ran", "3"), ("shard@1", "ran", "5"), ("flaky", "ran", "")]
+        parent = mlflow_client.get_run(summary["mlflow_parent_run_id"])
+        assert parent.info.status == "FINISHED" and parent.data.params["shards"] == "[0, 1]"
+        logs = {a.path for a in mlflow_client.list_artifacts(parent.info.run_id, "logs")}
+        assert logs == {"logs/prep.log", "logs/shard-0.log", "logs/shard-1.log", "logs/flaky.log"}
+
+        # a stage that rejects its params (exit 2) fails the flow at once: no retry
+        state = pipeline(overrides=["mode=bad"], retries=3, retry_delay_seconds=0, promote=False,
+                         return_state=True)
+        assert state.is_failed()
+        assert (proj / "attempts.txt").read_text() == "3"
+        failed = mlflow_client.search_runs([parent.info.experiment_id], "tags.stage = 'pipeline'",
+                                           order_by=["attributes.start_time DESC"], max_results=1)[0]
+        assert failed.info.status == "FAILED" and failed.data.tags["status_detail"] == "failed"
+
+
+# ---------------------------------------------------------------------------
+# The deployment on tiny settings, through the real worker
+
+
+def _copy_repo(dest: Path) -> Path:
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
+                           capture_output=True, text=True).stdout.split("\0")
+    for rel in filter(None, files):
+        src = ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
+    subprocess.run([*git, "commit", "-qm", "copy"], cwd=dest, check=True)
+    return dest
+
+
+def _has_key(params: dict, dotted: str) -> bool:
+    node = params
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _tiny_overrides(repo: Path, model_dir: Path) -> list[str]:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    out = [f"model.name_or_path={model_dir}"]
+    return out + [f"{k}={v}" for k, v in TINY.items() if _has_key(params, k)]
+
+
+@pytest.fixture(scope="module")
+def deployed(servers, tmp_path_factory, embedded_model_dir):
+    repo = _copy_repo(tmp_path_factory.mktemp("repo"))
+    r = subprocess.run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"], cwd=repo, env=servers.client,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and DEPLOYMENT in r.stdout, r.stdout + r.stderr
+    return SimpleNamespace(repo=repo, overrides=_tiny_overrides(repo, embedded_model_dir))
+
+
+@pytest.fixture(scope="module")
+def first_run(servers, deployed):
+    """`prefect deployment run` with the tiny overrides, watched to the end."""
+    params = {"overrides": deployed.overrides, "targets": ["register"]}
+    r = subprocess.run([str(BIN / "prefect"), "deployment", "run", DEPLOYMENT, "--watch", "--watch-timeout", "1500",
+                        "--params", json.dumps(params)],
+                       cwd=deployed.repo, env=servers.client, capture_output=True, text=True, timeout=1600)
+    m = re.search(r"UUID:\s*([0-9a-f-]{36})", r.stdout)
+    assert m, r.stdout + r.stderr
+    return SimpleNamespace(id=m.group(1), cli=r, **flow_artifacts(servers, m.group(1)))
+
+
+@pytest.fixture(scope="module")
+def second_run(servers, deployed, first_run):
+    """A stricter PPL-ratio gate through run_deployment: DVC reruns only `register`."""
+    from prefect.deployments import run_deployment
+
+    with prefect_api(servers):
+        fr = run_deployment(DEPLOYMENT, timeout=1500, parameters={
+            "overrides": ["register.gates.max_ppl_ratio=1.01"], "targets": ["register"]})
+    return SimpleNamespace(id=str(fr.id), **flow_artifacts(servers, str(fr.id)))
+
+
+def _parent(mlflow_client, flow_run_id: str):
+    exp = mlflow_client.get_experiment_by_name("quant-pipeline")
+    runs = mlflow_client.search_runs([exp.experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+    assert len(runs) == 1
+    return runs[0]
+
+
+def test_deployment_run_completes_with_parent_and_nested_runs(first_run, deployed, mlflow_client):
+    from flows import dvc_stages
+
+    assert first_run.state.is_completed(), first_run.cli.stdout[-3000:]
+    stages = table(first_run.artifacts["quant-stages"])
+    assert stages and all(r["status"] == "ran" for r in stages), stages
+    names = [r["stage"] for r in stages]
+    assert names == dvc_stages.restrict(dvc_stages.read_graph(deployed.repo), ["register"]).order
+    assert names[0] == "prepare" and names[-1] == "register" and {"calibrate", "evaluate"} <= set(names)
+    results = {r["metric"]: r["value"] for r in table(first_run.artifacts["quant-results"])}
+    assert results["eval/ppl/embedded-wiki"] > 1 and "promoted" in results["promotion"]
+    assert "| full precision |" in first_run.artifacts["quant-report"].data
+
+    parent = _parent(mlflow_client, first_run.id)
+    p = parent.data.params
+    assert parent.info.status == "FINISHED"
+    assert re.fullmatch(r"[0-9a-f]{40}", p["git_commit"]) and re.fullmatch(r"[0-9a-f]{32}", p["dvc_lock_md5"])
+    assert p["scheme.weight.format"] == "int4" and p["calibrate.samples"] == "4"
+    assert "calibrate.samples=4" in p["overrides"]
+    assert parent.data.metrics["eval/ppl/embedded-wiki"] == pytest.approx(results["eval/ppl/embedded-wiki"], rel=1e-3)
+    arts = {a.path for a in mlflow_client.list_artifacts(parent.info.run_id)}
+    assert {"logs", "metrics", "pipeline"} <= arts
+    logs = {a.path for a in mlflow_client.list_artifacts(parent.info.run_id, "logs")}
+    assert {f"logs/{n.replace('@', '-')}.log" for n in names} == logs
+
+    nested = mlflow_client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(nested) == len(names)  # one MLflow run per stage process
+    for run in nested:
+        assert run.info.status == "FINISHED", run.info.run_name
+        assert run.data.params and "wall_seconds" in run.data.metrics, run.info.run_name
+    by_name = {r.info.run_name: r for r in nested}
+    assert {a.path for a in mlflow_client.list_artifacts(by_name["evaluate"].info.run_id)} >= {"eval.json"}
+
+
+def test_model_version_registered_with_tags_and_promoted(first_run, mlflow_client):
+    parent = _parent(mlflow_client, first_run.id)
+    versions = mlflow_client.search_model_versions(f"name = '{MODEL}'")
+    v1 = next(v for v in versions if str(v.version) == "1")
+    assert v1.tags["scheme"] == "W4A16KV16g64" and "calibrate=rtn" in v1.tags["methods"]
+    assert float(v1.tags["primary_value"]) > 1 and 1.0 < float(v1.tags["ppl_ratio"]) < 1.5
+    assert v1.tags["promotion"] == "promoted"
+    assert str(mlflow_client.get_model_version_by_alias(MODEL, "champion").version) == "1"
+    assert "promoted to @champion" in parent.data.tags["promotion"]
+
+
+def test_stricter_gate_reruns_only_register_and_is_refused(second_run, mlflow_client, deployed):
+    assert second_run.state.is_completed()
+    status = {r["stage"]: r["status"] for r in table(second_run.artifacts["quant-stages"])}
+    assert status.pop("register") == "ran" and set(status.values()) == {"up to date"}, status
+    parent = _parent(mlflow_client, second_run.id)
+    msg = parent.data.tags["promotion"]
+    assert "v2 not promoted; @champion stays v1" in msg
+    assert "gate 'ppl_ratio' failed" in msg and "> 1.01" in msg and "gate 'champion' failed" in msg
+    assert mlflow_client.get_model_version(MODEL, "2").tags["promotion"] == "refused: ppl_ratio; champion"
+    assert str(mlflow_client.get_model_version_by_alias(MODEL, "champion").version) == "1"
+    # the override went through DVC's -S machinery: params.yaml changed, DVC shows it
+    diff = subprocess.run([PY, "-m", "dvc", "params", "diff", "--json"], cwd=deployed.repo, capture_output=True,
+                          text=True, check=True).stdout
+    change = json.loads(diff)["params.yaml"]["register.gates.max_ppl_ratio"]
+    assert (change["old"], change["new"]) == (1.5, 1.01)
+    diff = subprocess.run([PY, "-m", "dvc", "metrics", "diff", "--json"], cwd=deployed.repo, capture_output=True,
+                          text=True, check=True).stdout
+    assert "ppl.embedded-wiki" in json.loads(diff)["metrics/eval.json"]  # tiny run vs the committed one
+
+
+def test_champion_loads_and_generates(second_run, servers):
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(servers.mlflow)
+    try:
+        model = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
+        prompt = "The capital of France is"
+        out = model.predict([prompt])
+    finally:
+        mlflow.set_tracking_uri(previous)
+    text = out[0] if isinstance(out, list) else str(out)
+    assert text.startswith(prompt) and len(text) > len(prompt) + 5, text
+
+
+def test_dvc_push_then_pull_restores_outputs(second_run, deployed):
+    repo = deployed.repo
+
+    def dvc(*args):
+        return subprocess.run([PY, "-m", "dvc", *args], cwd=repo, capture_output=True, text=True, check=True).stdout
+
+    from dvc.repo import Repo
+
+    with Repo(str(repo)) as r:
+        cached = sorted(Path(o.fs_path) for o in r.index.outs if o.use_cache)
+    assert cached and all(p.exists() for p in cached)
+    dvc("push")
+    assert any((repo / ".state" / "dvc-remote").rglob("*"))
+    for p in cached:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    shutil.rmtree(repo / ".dvc" / "cache")
+    dvc("pull")
+    assert all(p.exists() for p in cached), [p for p in cached if not p.exists()]
+    assert "up to date" in dvc("status")
+
+
+@pytest.mark.slow
+def test_full_graph_deployment_run(servers, deployed, second_run):
+    """Every stage of dvc.yaml through the worker, on the tiny settings of the first run."""
+    from prefect.deployments import run_deployment
+
+    from flows import dvc_stages
+
+    with prefect_api(servers):
+        fr = run_deployment(DEPLOYMENT, timeout=3000, parameters={"overrides": []})
+    res = flow_artifacts(servers, str(fr.id))
+    assert res["state"].is_completed(), res["state"].message
+    rows = table(res["artifacts"]["quant-stages"])
+    plan = dvc_stages.waves(dvc_stages.read_graph(deployed.repo))
+    assert [r["stage"] for r in rows] == [s for wave in plan for s in wave]
+    assert {r["stage"]: r["status"] for r in rows}["prepare"] == "up to date"
+    assert {r["status"] for r in rows} <= {"ran", "up to date"}
+    shards = [r for r in rows if r["stage"].startswith("synthesize@") and r["status"] == "ran"]
+    if len(shards) >= 2:  # mapped concurrently: every shard started before the first one ended
+        from datetime import datetime, timedelta
+
+        start = [datetime.fromisoformat(r["started"]) for r in shards]
+        ends = [t + timedelta(seconds=r["seconds"]) for t, r in zip(start, shards, strict=True)]
+        assert max(start) < min(ends), shards
