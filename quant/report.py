@@ -15,6 +15,7 @@ overhead shows, with the full-precision model as a dashed reference line.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ class Row:
     size_gb: float | None = None
     acc: Mapping[str, float] = field(default_factory=dict)  # task -> accuracy in [0, 1]
     avg: float | None = None  # the papers' average of `acc`
+    avg_stderr: float | None = None  # its standard error, from the tasks' (independent) ones
     ppl: Mapping[str, float] = field(default_factory=dict)  # text -> perplexity
     run_id: str = ""
     order: float = 0.0  # e.g. the run's start time: the latest row of a (method, scheme) wins
@@ -66,11 +68,14 @@ def _row(metrics: Mapping[str, Any], ppl: Any, avg: Any, tasks: Sequence[str], m
          scheme: str, default_bpw: float | None, run_id: str, order: float) -> Row | None:
     acc = {t: float(metrics[t]["acc"]) for t in tasks
            if isinstance(metrics.get(t), Mapping) and "acc" in metrics[t]}
+    se = [metrics[t].get("acc_stderr") for t in acc]
+    avg_se = math.sqrt(sum(x * x for x in se)) / len(se) if se and None not in se else None
     bpw = metrics.get("bits_per_weight", default_bpw)
     if bpw is None or (not acc and not ppl):
         return None
     return Row(method=method, scheme=scheme, bits_per_weight=float(bpw),
                size_gb=metrics.get("size_gb"), acc=acc, avg=None if avg is None else float(avg),
+               avg_stderr=avg_se if avg is not None else None,
                ppl=dict(ppl or {}), run_id=run_id, order=order)
 
 
@@ -105,7 +110,8 @@ def latest(rows: Iterable[Row]) -> list[Row]:
 
 
 def comparison_table(rows: Iterable[Row], task_labels: Mapping[str, str]) -> pd.DataFrame:
-    """Rows = (Method, Bits), columns = tasks (acc %), Avg., PPL per text, Size (GB), Bits/weight.
+    """Rows = (Method, Bits), columns = tasks (acc %), Avg. and its standard error, PPL per
+    text, Size (GB), Bits/weight.
 
     `task_labels` maps task name -> column title and fixes the column order."""
     rows = sorted(latest(rows), key=lambda r: (not r.is_base, r.method, -r.bits_per_weight, r.scheme))
@@ -117,12 +123,13 @@ def comparison_table(rows: Iterable[Row], task_labels: Mapping[str, str]) -> pd.
         for t in tasks:
             rec[task_labels[t]] = 100 * r.acc[t] if t in r.acc else float("nan")
         rec["Avg."] = 100 * r.avg if r.avg is not None else float("nan")
+        rec["Avg. s.e."] = 100 * r.avg_stderr if r.avg_stderr is not None else float("nan")
         for s in texts:
             rec[f"PPL {s}"] = r.ppl.get(s, float("nan"))
         rec["Size (GB)"] = r.size_gb if r.size_gb is not None else float("nan")
         rec["Bits/weight"] = r.bits_per_weight
         records.append(rec)
-    columns = ["Method", "Bits", *(task_labels[t] for t in tasks), "Avg.",
+    columns = ["Method", "Bits", *(task_labels[t] for t in tasks), "Avg.", "Avg. s.e.",
                *(f"PPL {s}" for s in texts), "Size (GB)", "Bits/weight"]
     return pd.DataFrame.from_records(records, columns=columns).set_index(["Method", "Bits"])
 
@@ -156,16 +163,20 @@ def short_scheme(scheme: str) -> str:
     return re.sub(r"(A16|KV16)(?=\D|$)", "", scheme) or scheme
 
 
-def _plot_vs_bits(ax, df: pd.DataFrame, column: str, ylabel: str) -> None:
+def _plot_vs_bits(ax, df: pd.DataFrame, column: str, ylabel: str, err: str | None = None) -> None:
     flat = df.reset_index()
     base = flat[flat["Method"] == BASE_METHOD]
     quant = flat[(flat["Method"] != BASE_METHOD) & flat[column].notna()]
     for method, group in quant.groupby("Method", sort=True):
         group = group.sort_values("Bits/weight")
-        ax.plot(group["Bits/weight"], group[column], marker="o", label=method)
+        yerr = group[err] if err is not None and group[err].notna().all() else None
+        ax.errorbar(group["Bits/weight"], group[column], yerr=yerr, marker="o", capsize=3, label=method)
     if not base.empty and base[column].notna().any():
         value = float(base[column].iloc[0])
         ax.axhline(value, color="black", linestyle="--", linewidth=1, label=f"{BASE_METHOD} ({value:.2f})")
+        if err is not None and base[err].notna().any():
+            e = float(base[err].iloc[0])
+            ax.axhspan(value - e, value + e, color="black", alpha=0.08, linewidth=0)
     # one tick per bit setting, named once even when several methods share it
     ticks = quant.groupby(quant["Bits/weight"].round(2))["Bits"].agg(
         lambda s: "\n".join(sorted({short_scheme(b) for b in s})))
@@ -211,11 +222,11 @@ def plot_accuracy(df: pd.DataFrame, path: str | Path, chance: float | None = Non
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    _plot_vs_bits(ax, df, "Avg.", "average accuracy (%)")
+    _plot_vs_bits(ax, df, "Avg.", "average accuracy (%)", err="Avg. s.e.")
     if chance is not None:
         ax.axhline(100 * chance, color="grey", linestyle=":", linewidth=1,
                    label=f"chance ({100 * chance:.1f})")
-    ax.set_title("Average zero-shot accuracy (higher is better)")
+    ax.set_title("Average zero-shot accuracy (higher is better; bars: ±1 s.e.)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, path)
@@ -241,7 +252,7 @@ def write_report(rows: Iterable[Row], out_dir: str | Path, task_labels: Mapping[
     df = comparison_table(rows, task_labels)
     files = {}
     md = out / "comparison.md"
-    md.write_text(f"## {title}\n\nAccuracy in % (lm-eval `acc`); Avg. = mean over the tasks; "
+    md.write_text(f"## {title}\n\nAccuracy in % (lm-eval `acc`); Avg. = mean over the tasks, s.e. its standard error; "
                   "size in GB (1e9 bytes) as deployed.\n\n" + to_markdown(df))
     files["markdown"] = md
     df.to_csv(out / "comparison.csv")

@@ -24,7 +24,8 @@ LABELS = {"piqa": "PIQA", "winogrande": "WinoGrande", "hellaswag": "HellaSwag"}
 def eval_json(acc_piqa: float, ppl: float, bpw: float = 4.3125, base: bool = True) -> dict:
     m = {
         "ppl": {"embedded-wiki": ppl, "lee": 2 * ppl}, "tokens": {"lee": 10},
-        "piqa": {"acc": acc_piqa, "acc_norm": 0.1, "n": 10}, "winogrande": {"acc": 0.5, "n": 10},
+        "piqa": {"acc": acc_piqa, "acc_norm": 0.1, "acc_stderr": 0.1, "n": 10},
+        "winogrande": {"acc": 0.5, "acc_stderr": 0.2, "n": 10},
         "acc_avg": (acc_piqa + 0.5) / 2, "size_gb": 0.114, "bits_per_weight": bpw,
     }
     if base:
@@ -58,7 +59,7 @@ def test_table_shape_order_and_latest_run_wins():
     # rows = method x bits (the base once), columns = tasks + Avg. + PPL per text + size + bits
     assert list(df.index) == [(BASE_METHOD, "W16A16KV16"), ("awq", "W4A16KV16g64"),
                               ("rtn", "W4A16KV16g64"), ("rtn", "W3A16KV16g64")]
-    assert list(df.columns) == ["PIQA", "WinoGrande", "Avg.", "PPL embedded-wiki", "PPL lee",
+    assert list(df.columns) == ["PIQA", "WinoGrande", "Avg.", "Avg. s.e.", "PPL embedded-wiki", "PPL lee",
                                 "Size (GB)", "Bits/weight"]  # no HellaSwag: no run has it
     assert df.loc[("rtn", "W4A16KV16g64"), "PIQA"] == pytest.approx(70.0)  # order 2 beat order 1
     assert df.loc[("rtn", "W4A16KV16g64"), "Avg."] == pytest.approx(60.0)
@@ -66,10 +67,12 @@ def test_table_shape_order_and_latest_run_wins():
 
     md = to_markdown(df)
     lines = md.strip().splitlines()
-    assert lines[0] == ("| Method | Bits | PIQA | WinoGrande | Avg. | PPL embedded-wiki | PPL lee | "
+    assert lines[0] == ("| Method | Bits | PIQA | WinoGrande | Avg. | Avg. s.e. | PPL embedded-wiki | PPL lee | "
                         "Size (GB) | Bits/weight |")
     assert len(lines) == 2 + 4
-    assert "| rtn | W3A16KV16g64 | 50.00 | 50.00 | 50.00 | 60.00 | 120.00 | 0.114 | 3.31 |" in lines
+    # s.e. of the mean of two tasks with stderr 0.1 and 0.2: sqrt(0.01 + 0.04) / 2
+    assert "| rtn | W3A16KV16g64 | 50.00 | 50.00 | 50.00 | 11.18 | 60.00 | 120.00 | 0.114 | 3.31 |" in lines
+    assert math.isnan(df.loc[(BASE_METHOD, "W16A16KV16"), "Avg. s.e."])  # base rows carry no stderr
 
 
 def test_missing_values_show_as_dash():
@@ -77,7 +80,7 @@ def test_missing_values_show_as_dash():
             Row("gptq", "W4", 4.5, acc={}, avg=None, ppl={"lee": 30.0})]
     df = comparison_table(rows, LABELS)
     assert math.isnan(df.loc[("gptq", "W4"), "PIQA"])
-    assert "| gptq | W4 | – | – | 30.00 | – | 4.50 |" in to_markdown(df)
+    assert "| gptq | W4 | – | – | – | 30.00 | – | 4.50 |" in to_markdown(df)
 
 
 def test_short_scheme():
