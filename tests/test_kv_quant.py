@@ -116,3 +116,26 @@ def test_kv_bits_change_the_cache(tiny_llama):
     fp = tiny_llama(ids, use_cache=True).past_key_values.layers[0].values
     err4, err8 = ((caches[b] - fp).abs().mean() for b in (4, 8))
     assert err8 < err4 / 8  # ~16x finer grid
+
+
+@pytest.mark.parametrize("weights", [True, False])
+def test_loaded_checkpoint_gets_the_runtime_quantizers_back(tiny_llama, tmp_path, weights):
+    """evaluate / generate load checkpoints with load_model: the A/KV quantizers must come back."""
+    from quant.config import ActivationSpec
+    from quant.model_io import load_model, save_quantized
+    from tests.test_kd import save_teacher
+
+    tok_dir = save_teacher(tiny_llama, tmp_path / "fp")  # any tokenizer will do
+    _, tokenizer = load_model(tok_dir)
+    scheme = QuantScheme(weight=WeightSpec(IntFormat(4), -1, True, True) if weights else None,
+                         activation=ActivationSpec(IntFormat(8)), kv_cache=KVCacheSpec(IntFormat(4)))
+    if weights:
+        quantize_linears(tiny_llama, scheme)
+    apply_runtime_quantizers(tiny_llama, scheme)
+    ids = torch.randint(3, 256, (2, 12))
+    ref = tiny_llama(ids).logits
+    save_quantized(tiny_llama, tokenizer, scheme, tmp_path / "q")
+    loaded, _ = load_model(tmp_path / "q")
+    assert loaded.model.layers[0].self_attn.k_proj.output_quantizer is not None
+    assert loaded.model.layers[0].mlp.down_proj.input_quantizer is not None
+    assert torch.equal(loaded(ids).logits, ref)
