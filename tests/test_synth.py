@@ -152,11 +152,15 @@ def test_prefix_is_greedy_and_the_rest_is_sampled():
     assert sampled_not_argmax > len(out) * 10
 
 
-def test_stop_policy_is_continue_cut_at_first_eos():
+def test_stop_policy_is_continue_cut_at_first_eos(monkeypatch):
     model = make_tiny_llama(vocab=VOCAB)
     items = [Item(i, 3 + 7 * i, 3 + i % 3) for i in range(16)]
     cont = generate(model, items, cfg_of(seq_len=64, on_eos="continue"), 0, (EOS,))
+    dropped = []
+    keep = KVDecoder.keep
+    monkeypatch.setattr(KVDecoder, "keep", lambda self, rows: dropped.append(self.batch - rows.numel()) or keep(self, rows))
     stop = generate(model, items, cfg_of(seq_len=64, on_eos="stop"), 0, (EOS,))
+    assert dropped and sum(dropped) >= 2, "finished rows must leave the batch"
     stopped = 0
     for c, s in zip(cont, stop, strict=True):
         first = next((j for j in range(1, 64) if c.ids[j] == EOS), None)
