@@ -167,21 +167,33 @@ def tracking_uri() -> str:
     return f"sqlite:///{db}"
 
 
+def _store_lock(uri: str):
+    """A file lock beside a local sqlite store; a no-op for a tracking server."""
+    if not uri.startswith("sqlite:///"):
+        return contextlib.nullcontext()
+    from filelock import FileLock
+
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(db) + ".lock", timeout=600)
+
+
 def _mlflow():
     os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # the switch MLflow 3 reads (issue 7)
     os.environ.setdefault("DO_NOT_TRACK", "true")
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri())
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
     name = os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)
-    if mlflow.get_experiment_by_name(name) is None:
-        # artifacts next to the sqlite store unless a server decides otherwise
-        location = None
-        if tracking_uri().startswith("sqlite:"):
-            location = (ROOT / "mlflow" / "mlartifacts").as_uri()
-        # another stage process may create it concurrently
-        with contextlib.suppress(Exception):
+    # Stage processes started together (parallel shards) would race to create and
+    # migrate a fresh sqlite store ("duplicate column name"); serialise that step.
+    lock = _store_lock(uri)
+    with lock:
+        if mlflow.get_experiment_by_name(name) is None:
+            # artifacts next to the sqlite store unless a server decides otherwise
+            location = (ROOT / "mlflow" / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
             mlflow.create_experiment(name, artifact_location=location)
     mlflow.set_experiment(name)
     return mlflow

@@ -59,3 +59,22 @@ def test_params_reject_unknown_section_keys(tmp_path):
     p.write_text("base: {seed: 0, devise: cpu}\n")
     with pytest.raises(common.ConfigError, match=r"unknown key\(s\) \['base\.devise'\]"):
         common.load_params(p)
+
+
+def test_parallel_stage_processes_share_a_fresh_store(tmp_path):
+    """Shards start together on a store that does not exist yet: every run must finish."""
+    import os
+    import subprocess
+    import sys
+
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'fresh.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, common.EXPERIMENT_ENV: "race"}
+    env.pop(common.PARENT_RUN_ENV, None)
+    code = "from tasks import common\nwith common.stage_run('synthesize', {'k': 1}): pass\n"
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, cwd=common.ROOT) for _ in range(3)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0, 0]
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("race").experiment_id])
+    assert sorted(r.info.status for r in runs) == ["FINISHED"] * 3
