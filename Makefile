@@ -66,10 +66,11 @@ servers-status:
 deploy: setup
 	$(SERVER_ENV) && prefect --no-prompt deploy --all
 
-# run the deployment and wait; S="key=value ..." are params overrides (DVC -S syntax)
+# run the deployment and wait; S="key=value ..." are params overrides (DVC -S syntax),
+# T="stage ..." restricts the run to those stages and what they depend on
 flow-run: setup
 	$(SERVER_ENV) && prefect deployment run 'quant-pipeline/embedded-default' --watch \
-	  --params "$$($(PY) -c 'import json, sys; print(json.dumps({"overrides": sys.argv[1:]}))' $(S))"
+	  --params "$$(S='$(S)' T='$(T)' $(PY) -c 'import json, os; print(json.dumps({"overrides": os.environ["S"].split(), "targets": os.environ["T"].split() or None}))')"
 
 # alias `champion` on the last registered version if the gates in params.yaml pass.
 # Uses $$MLFLOW_TRACKING_URI (e.g. after `eval "$$(.venv/bin/python scripts/servers.py env)"`),

@@ -8,13 +8,14 @@ script `make servers-up` runs) on free ports with their state in a temporary dir
 - The deployment of prefect.yaml, deployed from a temporary copy of this repository and
   run with `prefect deployment run` on tiny settings (the embedded model, two evaluation
   windows, few documents) for the chain that ends in `register` (prepare -> calibrate ->
-  evaluate -> register with the default `evaluate.model`): the flow run completes; MLflow
+  evaluate -> register, with `evaluate.model=calibrate`): the flow run completes; MLflow
   holds the parent run and one nested run per stage with params, metrics and artifacts; a
   model version is registered and promoted; a second run with a stricter gate reruns only
   `register` and is refused with the failed gates named; `models:/quant-pipeline@champion`
   loads and generates; `dvc push` / `dvc pull` restore the outputs.
-- (slow) The same deployment over the whole graph (synthesis shards, merge, block_ap,
-  e2e, ...): completes, shards overlap in time, finished stages stay up to date.
+- (slow, opt-in) The same deployment over the whole graph with params.yaml's own
+  `evaluate.model` (synthesis shards, merge, block_ap, e2e, evaluate, register): completes,
+  shards overlap in time, stages that already ran stay up to date, a version is registered.
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ TINY = {
     "e2e.data.seq_len": "32",
     "e2e.train.batch_size": "2",
     "e2e.train.max_steps": "2",
+    # the non-slow chain: register the calibrated model (prepare -> calibrate -> evaluate ->
+    # register); the slow test below runs the whole graph with params.yaml's evaluate.model
+    "evaluate.model": "calibrate",
     "evaluate.seq_len": "128",
     "evaluate.max_windows": "2",
     "evaluate.tasks": "[piqa]",
@@ -399,35 +403,57 @@ def test_champion_loads_and_generates(second_run, servers):
 
 
 def test_dvc_push_then_pull_restores_outputs(second_run, deployed):
+    """Every cached output of the chain that ran goes to the default (local) remote and
+    comes back from it into an empty workspace and cache."""
+    from dvc.repo import Repo
+
     repo = deployed.repo
 
     def dvc(*args):
         return subprocess.run([PY, "-m", "dvc", *args], cwd=repo, capture_output=True, text=True, check=True).stdout
 
-    from dvc.repo import Repo
-
     with Repo(str(repo)) as r:
-        cached = sorted(Path(o.fs_path) for o in r.index.outs if o.use_cache)
-    assert cached and all(p.exists() for p in cached)
-    dvc("push")
+        outs = sorted(Path(o.fs_path) for o in r.index.outs if o.use_cache)
+    ran = [p for p in outs if p.exists()]  # the stages `register` depends on
+    assert {repo / "artifacts" / "prepare" / "model", repo / "artifacts" / "calibrate" / "model"} <= set(ran)
+    dvc("push", "--with-deps", "register")
     assert any((repo / ".state" / "dvc-remote").rglob("*"))
-    for p in cached:
+    digest = {p: _tree_digest(p) for p in ran}
+    for p in ran:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
     shutil.rmtree(repo / ".dvc" / "cache")
-    dvc("pull")
-    assert all(p.exists() for p in cached), [p for p in cached if not p.exists()]
-    assert "up to date" in dvc("status")
+    dvc("pull", "--with-deps", "register")
+    assert {p: _tree_digest(p) for p in ran} == digest
+    assert "up to date" in dvc("status", "--with-deps", "register")
+
+
+def _tree_digest(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted([path] if path.is_file() else path.rglob("*")):
+        if f.is_file():
+            h.update(str(f.relative_to(path.parent)).encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
 
 
 @pytest.mark.slow
-def test_full_graph_deployment_run(servers, deployed, second_run):
-    """Every stage of dvc.yaml through the worker, on the tiny settings of the first run."""
+def test_full_graph_deployment_run(servers, deployed, second_run, request):
+    """Every stage of dvc.yaml through the worker, on the tiny settings of the first run.
+    Minutes on 2 cores (every training stage on the 135M model), so it runs only when asked
+    for (`pytest -m slow tests/test_orchestration.py`); the chain above covers the path."""
+    if "slow" not in (request.config.getoption("markexpr") or "").replace("not slow", ""):
+        pytest.skip("full-graph deployment run: select it with -m slow")
     from prefect.deployments import run_deployment
 
     from flows import dvc_stages
 
+    committed = subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=deployed.repo, capture_output=True,
+                               text=True, check=True).stdout
+    source = yaml.safe_load(committed)["evaluate"]["model"]
     with prefect_api(servers):
-        fr = run_deployment(DEPLOYMENT, timeout=3000, parameters={"overrides": []})
+        fr = run_deployment(DEPLOYMENT, timeout=3000, parameters={"overrides": [f"evaluate.model={source}"]})
     res = flow_artifacts(servers, str(fr.id))
     assert res["state"].is_completed(), res["state"].message
     rows = table(res["artifacts"]["quant-stages"])
@@ -435,6 +461,7 @@ def test_full_graph_deployment_run(servers, deployed, second_run):
     assert [r["stage"] for r in rows] == [s for wave in plan for s in wave]
     assert {r["stage"]: r["status"] for r in rows}["prepare"] == "up to date"
     assert {r["status"] for r in rows} <= {"ran", "up to date"}
+    assert source == "calibrate" or {r["stage"]: r["status"] for r in rows}["register"] == "ran"
     shards = [r for r in rows if r["stage"].startswith("synthesize@") and r["status"] == "ran"]
     if len(shards) >= 2:  # mapped concurrently: every shard started before the first one ended
         from datetime import datetime, timedelta
