@@ -185,13 +185,22 @@ TOY_DVC = """\
 """
 TOY_FILES = {
     "params.yaml": "shards: [0]\nmode: ok\n",
+    # a shard waits (up to 120 s) until every shard has started: run one after the other,
+    # the first would time out and fail
     "rec.py": """\
-        import json, os, sys, time
-        t0 = time.time()
-        time.sleep(3)
+        import json, os, sys, time, yaml
+        name, t0 = sys.argv[1], time.time()
+        os.makedirs("started", exist_ok=True)
+        open(f"started/{name}", "w").close()
+        if name.startswith("shard-"):
+            peers = [f"started/shard-{k}" for k in yaml.safe_load(open("params.yaml"))["shards"]]
+            while not all(os.path.exists(p) for p in peers):
+                if time.time() - t0 > 120:
+                    sys.exit(f"{name}: the other shards never started")
+                time.sleep(0.2)
         os.makedirs("out", exist_ok=True)
         json.dump({"start": t0, "end": time.time(), "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"),
-                   "parent": os.environ.get("QUANT_PARENT_RUN_ID")}, open(f"out/{sys.argv[1]}.json", "w"))
+                   "parent": os.environ.get("QUANT_PARENT_RUN_ID")}, open(f"out/{name}.json", "w"))
         """,
     "flaky.py": """\
         import sys, yaml
@@ -227,7 +236,7 @@ def test_flow_maps_shards_concurrently_pins_gpus_and_retries(servers, mlflow_cli
         assert state.is_completed(), state.message
         summary = state.result()
         rec = {n: json.loads((proj / "out" / f"{n}.json").read_text()) for n in ("prep", "shard-0", "shard-1")}
-        # both shards ran at once (their 3 s sleeps overlap), each on its own GPU; prep saw all GPUs
+        # both shards ran at once (each waited for the other), each on its own GPU; prep saw all GPUs
         assert max(rec["shard-0"]["start"], rec["shard-1"]["start"]) < min(rec["shard-0"]["end"], rec["shard-1"]["end"])
         assert (rec["shard-0"]["cuda"], rec["shard-1"]["cuda"], rec["prep"]["cuda"]) == ("3", "5", "3,5")
         assert {r["parent"] for r in rec.values()} == {summary["mlflow_parent_run_id"]}
