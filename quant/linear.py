@@ -104,8 +104,7 @@ class QuantLinear(nn.Module):
         """The zero point as used by the forward pass: rounded and clamped to the grid."""
         if self.zero_point is None:
             return None
-        qmin, qmax = self.spec.format.qrange(False)
-        return self.zero_point.detach().round().clamp(qmin, qmax)
+        return P.integer_zero_point(self.zero_point.detach(), self.spec.format)
 
     @torch.no_grad()
     def integer_weight(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

@@ -114,6 +114,13 @@ def _unflat(p: torch.Tensor, x: torch.Tensor, group_size: int) -> torch.Tensor:
 # Quantize / dequantize / fake-quantize
 
 
+def integer_zero_point(zero_point: torch.Tensor, fmt: IntFormat) -> torch.Tensor:
+    """A (possibly learned, fractional) zero point as the grid uses it: rounded and
+    clamped into [0, 2^b - 1]. No gradient; `fake_quantize` does the same with STEs."""
+    qmin, qmax = fmt.qrange(False)
+    return zero_point.round().clamp(qmin, qmax)
+
+
 def quantize(
     x: torch.Tensor,
     scale: torch.Tensor,
@@ -127,7 +134,7 @@ def quantize(
     xg = group_view(x, group_size)
     q = torch.round(xg / _expand(scale.to(xg.dtype)))
     if not symmetric:
-        q = q + _expand(zero_point.to(xg.dtype).round().clamp(qmin, qmax))
+        q = q + _expand(integer_zero_point(zero_point.to(xg.dtype), fmt))
     return q.clamp(qmin, qmax).to(torch.int32).reshape(x.shape)
 
 
