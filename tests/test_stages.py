@@ -174,3 +174,17 @@ def test_dvc_pipeline_end_to_end(tmp_path):
         capture_output=True, text=True, timeout=300,
     )
     assert r2.returncode == 0 and "didn't change, skipping" in r2.stdout
+
+
+def test_evaluate_compare_stage_missing_fails_before_model_work(tmp_path, monkeypatch):
+    from quant.config import ConfigError
+    from tasks import evaluate
+    from tasks.common import load_params
+
+    repo = _copy_repo(tmp_path)
+    _set_params(repo, {"evaluate.model": "e2e", "evaluate.compare": ["block_ap"]})
+    (repo / "artifacts" / "e2e" / "model").mkdir(parents=True)
+    monkeypatch.chdir(repo)
+    with pytest.raises(ConfigError, match=r"evaluate\.compare: .*block_ap/model of stage 'block_ap' does not exist"):
+        evaluate.run(load_params())
+    assert not (repo / "metrics" / "eval.json").exists()
