@@ -6,7 +6,7 @@ asymmetric, random init. Everything is measured in one run, on one device:
 - bf16 matmul peak: 8192^3 products (the ceiling the step is compared with);
 - plain bf16 forward+backward of the same block without quantizers (bf16
   weights with gradients, MSE loss), eager and compiled;
-- the Block-AP training step exactly as quant.block_ap runs it (`fit_block`:
+- the Block-AP training step exactly as quant.blockwise.block_ap runs it (`fit_block`:
   fp32 master weights, bf16 autocast, fake-quant, AdamW, cosine, next batch
   prefetched from pinned host memory), eager and compiled, cache on host;
 - forward-only passes (targets through the full-precision block, next inputs
@@ -35,7 +35,7 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from quant.block_ap import (  # noqa: E402
+from quant.blockwise.block_ap import (  # noqa: E402
     ActivationCache,
     BlockAPOptions,
     Prefetcher,
@@ -45,8 +45,8 @@ from quant.block_ap import (  # noqa: E402
     make_loss_fn,
     run_block,
 )
-from quant.config import QuantScheme  # noqa: E402
-from quant.linear import QuantLinear  # noqa: E402
+from quant.config.scheme import QuantScheme  # noqa: E402
+from quant.modules.linear import QuantLinear  # noqa: E402
 
 HIDDEN, MLP, HEADS, BATCH, SEQ = 4096, 11008, 32, 2, 2048
 PAPER_SAMPLES, PAPER_EPOCHS = 4096, 2

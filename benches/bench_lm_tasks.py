@@ -1,4 +1,4 @@
-"""Wall time of the zero-shot commonsense tasks (quant.lm_tasks) on one model.
+"""Wall time of the zero-shot commonsense tasks (quant.eval.lm_tasks) on one model.
 
     python benches/bench_lm_tasks.py --model artifacts/prepare/model --limit 10
     python benches/bench_lm_tasks.py --model embedded:smollm2-135m --device cuda \
@@ -22,8 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from quant import lm_tasks  # noqa: E402
-from quant.model_io import EMBEDDED_PREFIX, load_model, resolve_model  # noqa: E402
+from quant.eval import lm_tasks  # noqa: E402
+from quant.models.checkpoint import load_model  # noqa: E402
+from quant.models.hub import EMBEDDED_PREFIX, resolve_model
 
 
 def main() -> None:

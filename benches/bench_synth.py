@@ -6,7 +6,7 @@ sampling (temperature 1, no top-k/top-p) up to `--seq-len` tokens, EOS ignored
 (`on_eos: continue` here, EOS disabled for `generate`), so every sequence has
 the same length in both.
 
-- generator: `quant.synth.generate` on `--sequences` sequences in batches of
+- generator: `quant.synth.sampling.generate` on `--sequences` sequences in batches of
   `--batch` (KV cache preallocated, all rows decode together);
 - reference (LLM-QAT's approach): per sequence, `model.generate(greedy,
   max_length=p)` then `model.generate(do_sample=True, max_length=seq_len)`.
@@ -39,8 +39,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from quant.synth import Item, SynthesisConfig, batches, generate  # noqa: E402
-from quant.synth_decode import KVDecoder  # noqa: E402
+from quant.synth.decode import KVDecoder  # noqa: E402
+from quant.synth.sampling import Item, SynthesisConfig, batches, generate  # noqa: E402
 
 LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5)

@@ -1,12 +1,12 @@
 """PPL of RTN, Block-AP and Block-AP + E2E-QP on the embedded SmolLM2-135M (GPU).
 
-For each bit width (g64, asymmetric): RTN init -> PPL; Block-AP (quant.block_ap,
-as the block_ap stage runs it) -> PPL; E2E-QP (quant.train.Trainer + the
-e2e-qp method, as the e2e stage runs it) -> PPL. PPL is quant.ppl.perplexity
+For each bit width (g64, asymmetric): RTN init -> PPL; Block-AP (quant.blockwise.block_ap,
+as the block_ap stage runs it) -> PPL; E2E-QP (quant.e2e.trainer.Trainer + the
+e2e-qp method, as the e2e stage runs it) -> PPL. PPL is quant.eval.ppl.perplexity
 at seq_len 2048 on the held-out evaluation texts (embedded-wiki articles
 disjoint from the calibration articles, and lee), fp32 forward.
 
-Training data: random windows (quant.data.sample_windows, the GPTQ protocol)
+Training data: random windows (quant.e2e.data.sample_windows, the GPTQ protocol)
 from the first 95% of the calibration token stream; validation windows from
 the last 5%. The E2E-QP learning rate is chosen among --e2e-lrs by that
 validation loss (never by the evaluation texts).
@@ -28,12 +28,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from quant.block_ap import BlockwiseContext, blockwise_methods  # noqa: E402
-from quant.config import QuantScheme  # noqa: E402
-from quant.data import sample_windows, tokenize_text  # noqa: E402
-from quant.methods.rtn import quantize_linears  # noqa: E402
-from quant.ppl import perplexity  # noqa: E402
-from quant.train import (  # noqa: E402
+from quant.blockwise.block_ap import BlockwiseContext, blockwise_methods  # noqa: E402
+from quant.calibrate.rtn import quantize_linears  # noqa: E402
+from quant.config.scheme import QuantScheme  # noqa: E402
+from quant.e2e.data import sample_windows, tokenize_text  # noqa: E402
+from quant.e2e.trainer import (  # noqa: E402
     E2EContext,
     TrainConfig,
     Trainer,
@@ -41,6 +40,7 @@ from quant.train import (  # noqa: E402
     make_accelerator,
     text_windows,
 )
+from quant.eval.ppl import perplexity  # noqa: E402
 
 T0 = time.time()
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -22,11 +22,11 @@ from typing import Any, Literal
 import torch
 from safetensors.torch import load_file
 
-from quant.block_ap import BlockwiseContext, blockwise_methods
+from quant.blockwise.block_ap import BlockwiseContext, blockwise_methods
 from quant.config import Config, ConfigError
-from quant.data import tokenize_text
-from quant.model_io import FLOAT_WEIGHTS_FILE, load_model, read_scheme, save_quantized
-from quant.train import split_samples, text_windows
+from quant.e2e.data import tokenize_text
+from quant.e2e.trainer import split_samples, text_windows
+from quant.models.checkpoint import FLOAT_WEIGHTS_FILE, load_model, read_scheme, save_quantized
 from tasks.common import ARTIFACTS, Params, log_artifact, main, setup_torch, stage_dir, write_json
 
 MERGED = ARTIFACTS / "merge" / "train.safetensors"

@@ -1,7 +1,7 @@
 """calibrate: initialise the quantized model with a registered method (rtn, ...).
 
 Reads artifacts/prepare/{model,data}; writes artifacts/calibrate/model (a
-quantized checkpoint, see quant.model_io.save_quantized) and metrics/calibrate.json.
+quantized checkpoint, see quant.models.checkpoint.save_quantized) and metrics/calibrate.json.
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ from typing import Any
 
 import torch
 
+from quant.calibrate import CALIBRATE
 from quant.config import Config, ConfigError
-from quant.data import sample_windows, tokenize_text
-from quant.methods import CALIBRATE
-from quant.model_io import load_model, quantizable_linears, save_quantized
-from quant.runtime import apply_runtime_quantizers
+from quant.e2e.data import sample_windows, tokenize_text
+from quant.models.checkpoint import load_model, quantizable_linears, save_quantized
+from quant.modules.runtime import apply_runtime_quantizers
 from tasks.common import Params, log_artifact, main, setup_torch, stage_dir, write_json
 
 

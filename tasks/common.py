@@ -30,8 +30,9 @@ from typing import Any, Literal
 
 import yaml
 
-from quant.config import Config, ConfigError, QuantScheme, flatten
-from quant.model_io import MissingDependencyError
+from quant.config import Config, ConfigError, flatten
+from quant.config.scheme import QuantScheme
+from quant.models.hub import MissingDependencyError
 
 log = logging.getLogger("quant")
 
@@ -111,7 +112,7 @@ def setup_torch(base: BaseParams) -> tuple[str, Any]:
     """Seed, threads; returns (device, dtype)."""
     import torch
 
-    from quant.model_io import resolve_device, resolve_dtype
+    from quant.models.hub import resolve_device, resolve_dtype
 
     seed_everything(base.seed)
     if base.threads > 0:

@@ -21,8 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from quant.config import Config, ConfigError
-from quant.model_io import load_model, read_scheme, save_quantized
-from quant.train import (
+from quant.e2e.trainer import (
     E2EContext,
     TrainConfig,
     Trainer,
@@ -30,6 +29,7 @@ from quant.train import (
     make_accelerator,
     split_samples,
 )
+from quant.models.checkpoint import load_model, read_scheme, save_quantized
 from tasks.block_ap import DataConfig, _log_step, fingerprint, training_sequences
 from tasks.common import Params, load_params, log_artifact, main, setup_torch, stage_dir, write_json
 

@@ -1,13 +1,13 @@
 """evaluate: perplexity and zero-shot commonsense tasks of the base and the quantized model.
 
 Reads artifacts/prepare/{model,data/eval} and artifacts/<evaluate.model>/model.
-The quantized model is loaded with `quant.model_io.load_model`, which rebuilds
+The quantized model is loaded with `quant.models.checkpoint.load_model`, which rebuilds
 its quantized linears and switches on the activation / KV-cache quantizers its
 scheme has, so it is scored as it will be deployed.
 
-Per model: PPL on every evaluation text (quant.ppl), then the configured
-lm-eval tasks on the in-memory model (quant.lm_tasks), then its storage
-footprint (quant.footprint). Writes:
+Per model: PPL on every evaluation text (quant.eval.ppl), then the configured
+lm-eval tasks on the in-memory model (quant.eval.lm_tasks), then its storage
+footprint (quant.eval.footprint). Writes:
 
 - metrics/eval.json (dvc metrics): `ppl`, `tokens`, `base_ppl` per text; per task
   `<task>: {acc, acc_norm, *_stderr, n}`; `acc_avg` (the papers' average);
@@ -16,7 +16,7 @@ footprint (quant.footprint). Writes:
   same numbers as `piqa/acc`, `base/piqa/acc`, ...
 - artifacts/evaluate/results.md: PPL and accuracy tables of this run.
 - artifacts/evaluate/report/: the comparison across the comparable `evaluate`
-  runs of the MLflow experiment (quant.report; see tasks/report.py).
+  runs of the MLflow experiment (tasks.reporting; see tasks/report.py).
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from quant import lm_tasks
 from quant.config import Config, ConfigError
-from quant.data import tokenize_text
-from quant.footprint import footprint
-from quant.model_io import load_model, read_scheme
-from quant.ppl import perplexity
+from quant.e2e.data import tokenize_text
+from quant.eval import lm_tasks
+from quant.eval.footprint import footprint
+from quant.eval.ppl import perplexity
+from quant.models.checkpoint import load_model, read_scheme
 from tasks.common import Params, log_artifact, main, setup_torch, stage_dir, write_json
 
 log = logging.getLogger("quant")

@@ -2,7 +2,7 @@
 
 Reads artifacts/synthesize/shard-<k>/ for every k in `synthesize.shards`.
 Writes artifacts/merge/ (train.safetensors and val.safetensors with `input_ids`
-[rows, seq_len] int32, manifest.json, samples.txt; format in quant.synth_merge)
+[rows, seq_len] int32, manifest.json, samples.txt; format in quant.synth.merge)
 atomically, and metrics/merge.json (sequences, duplicates, tokens, distinct-n,
 self-perplexity), which also go to MLflow.
 """
@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from quant.model_io import atomic_dir
-from quant.synth import SynthesisConfig
-from quant.synth_merge import MergeConfig, merge
+from quant.models.hub import atomic_dir
+from quant.synth.merge import MergeConfig, merge
+from quant.synth.sampling import SynthesisConfig
 from tasks.common import Params, log_artifact, main, stage_dir, write_json
 
 

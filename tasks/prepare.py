@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from quant import data
 from quant.config import Config, ConfigError
-from quant.model_io import EMBEDDED_PREFIX, atomic_dir, embedded_gguf_path, resolve_model
+from quant.models.hub import EMBEDDED_PREFIX, atomic_dir, embedded_gguf_path, resolve_model
+from tasks import textdata as data
 from tasks.common import Params, main, stage_dir, write_json
 
 EVAL_SOURCES = ("embedded-wiki", "lee", "wikitext2", "c4")

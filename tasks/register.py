@@ -229,7 +229,7 @@ def run(params: Params) -> dict[str, Any]:
     from mlflow.tracking import MlflowClient
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from quant.model_io import QPARAMS_FILE, SCHEME_FILE, read_scheme
+    from quant.models.checkpoint import QPARAMS_FILE, SCHEME_FILE, read_scheme
 
     cfg = params.section("register", RegisterConfig)
     source = params.section("evaluate", EvaluateConfig).model

@@ -1,4 +1,4 @@
-"""Comparison report across `evaluate` runs recorded in MLflow (quant.report draws it).
+"""Comparison report across `evaluate` runs recorded in MLflow (tasks.reporting draws it).
 
 The evaluate stage calls `report_for_current_run` at its end: it tags its run with
 the method and scheme, gathers the finished evaluate runs of the same experiment
@@ -24,8 +24,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from quant import lm_tasks
-from quant.report import Row, rows_from_metrics, unflatten, write_report
+from quant.eval import lm_tasks
 from tasks.common import (
     ARTIFACTS,
     DEFAULT_EXPERIMENT,
@@ -35,6 +34,7 @@ from tasks.common import (
     log_artifact,
     stage_run,
 )
+from tasks.reporting import Row, rows_from_metrics, unflatten, write_report
 
 COMPARABLE = (
     "model.name_or_path",

@@ -6,7 +6,7 @@ vocabulary ids) x `synthesize.prefix_lengths`, each `synthesize.seq_len` tokens
 at most, in batches of `synthesize.batch_size`.
 
 Reads artifacts/prepare/model. Writes artifacts/synthesize/shard-<k>/
-(sequences.jsonl + manifest.json, format in quant.synth_store) and
+(sequences.jsonl + manifest.json, format in quant.synth.store) and
 metrics/synthesize/shard-<k>.json.
 
 Resume: work in progress lives in artifacts/.work/synthesize/shard-<k>/, not
@@ -30,10 +30,10 @@ from typing import Any
 
 import torch
 
-from quant import synth
 from quant.config import ConfigError
-from quant.model_io import load_model
-from quant.synth import (
+from quant.models.checkpoint import load_model
+from quant.synth import sampling as synth
+from quant.synth.sampling import (
     SynthesisConfig,
     batches,
     check_model,
@@ -41,7 +41,7 @@ from quant.synth import (
     select_start_ids,
     shard_items,
 )
-from quant.synth_store import ShardWriter, file_sha256, is_complete, model_sha256, read_manifest
+from quant.synth.store import ShardWriter, file_sha256, is_complete, model_sha256, read_manifest
 from tasks.common import ARTIFACTS, Params, main, setup_torch, stage_dir, write_json
 
 WORK = ARTIFACTS / ".work" / "synthesize"
@@ -72,7 +72,7 @@ def eos_ids(model_dir: Path, model_config: Any, tokenizer: Any) -> list[int]:
 def generator_sha256() -> str:
     """Hash of the generator code: a resumed shard must be produced by the same code."""
     d = Path(synth.__file__).parent
-    return file_sha256([d / "synth.py", d / "synth_decode.py"])
+    return file_sha256([d / "sampling.py", d / "decode.py"])
 
 
 def device_name(device: str) -> str:

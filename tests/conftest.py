@@ -55,7 +55,7 @@ def tiny_llama():
 @pytest.fixture(scope="session")
 def embedded_model_dir(tmp_path_factory):
     """The embedded SmolLM2-135M converted once per test session (safetensors + tokenizer)."""
-    from quant.model_io import resolve_model
+    from quant.models.hub import resolve_model
 
     out = tmp_path_factory.mktemp("embedded") / "model"
     return resolve_model("embedded:smollm2-135m", out)

@@ -6,11 +6,12 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from quant.act_quant import DynamicQuantizer
-from quant.config import ActivationSpec, IntFormat, QuantScheme, WeightSpec
-from quant.linear import QuantLinear
-from quant.methods.rtn import quantize_linears
-from quant.runtime import apply_runtime_quantizers
+from quant.calibrate.rtn import quantize_linears
+from quant.config.scheme import ActivationSpec, QuantScheme, WeightSpec
+from quant.modules.activation import DynamicQuantizer
+from quant.modules.linear import QuantLinear
+from quant.modules.runtime import apply_runtime_quantizers
+from quant.numerics.formats import IntFormat
 
 
 def ref_per_token(x: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:

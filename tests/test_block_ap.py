@@ -9,13 +9,14 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from quant.arch import decoder_layers
-from quant.block_ap import BlockAP, BlockwiseContext, blockwise_methods
-from quant.config import ConfigError, QuantScheme
-from quant.linear import QuantLinear
-from quant.methods.rtn import quantize_linears
-from quant.model_io import load_model, save_quantized
-from quant.train import split_samples
+from quant.blockwise.block_ap import BlockAP, BlockwiseContext, blockwise_methods
+from quant.calibrate.rtn import quantize_linears
+from quant.config import ConfigError
+from quant.config.scheme import QuantScheme
+from quant.e2e.trainer import split_samples
+from quant.models.arch import decoder_layers
+from quant.models.checkpoint import load_model, save_quantized
+from quant.modules.linear import QuantLinear
 
 SCHEME = QuantScheme.from_name("W2A16KV16", group_size=32)
 OPTIONS = {"epochs": 3, "batch_size": 4, "weight_lr": 1e-3, "qparam_lr": 1e-3}

@@ -26,9 +26,9 @@ def job(work_dir: Path, out: Path) -> None:
     from safetensors.torch import save_file
 
     from conftest import make_tiny_llama
-    from quant.block_ap import BlockwiseContext, blockwise_methods
-    from quant.config import QuantScheme
-    from quant.methods.rtn import quantize_linears
+    from quant.blockwise.block_ap import BlockwiseContext, blockwise_methods
+    from quant.calibrate.rtn import quantize_linears
+    from quant.config.scheme import QuantScheme
 
     torch.set_num_threads(1)
     model = make_tiny_llama(layers=LAYERS, seed=0)

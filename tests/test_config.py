@@ -4,16 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from quant.config import (
-    ActivationSpec,
-    ConfigError,
-    IntFormat,
-    KVCacheSpec,
-    QuantScheme,
-    WeightSpec,
-    parse_format,
-)
-from quant.methods import CALIBRATE
+from quant.calibrate import CALIBRATE
+from quant.config import ConfigError
+from quant.config.scheme import ActivationSpec, KVCacheSpec, QuantScheme, WeightSpec
+from quant.numerics.formats import IntFormat, parse_format
 from tasks.calibrate import CalibrateConfig
 
 

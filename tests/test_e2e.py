@@ -12,9 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import make_tiny_llama
-from quant.config import ConfigError, QuantScheme
-from quant.methods.rtn import quantize_linears
-from quant.model_io import save_quantized
+from quant.calibrate.rtn import quantize_linears
+from quant.config import ConfigError
+from quant.config.scheme import QuantScheme
+from quant.models.checkpoint import save_quantized
 from tasks.common import BaseParams, ModelParams, Params
 
 SCHEME = QuantScheme.from_name("W3A16KV16", group_size=32)

@@ -25,7 +25,7 @@ from lm_eval.api.task import ConfigurableTask  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 from lm_eval.tasks._yaml_loader import load_yaml  # noqa: E402
 
-from quant import lm_tasks  # noqa: E402
+from quant.eval import lm_tasks  # noqa: E402
 
 BUILTIN = Path(lm_eval.__file__).parent / "tasks"
 FIRST = 4  # leading documents of each task

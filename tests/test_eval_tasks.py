@@ -6,9 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quant import lm_tasks
-from quant.config import ConfigError, IntFormat, QuantScheme, WeightSpec, flatten
-from quant.footprint import footprint
+from quant.config import ConfigError, flatten
+from quant.config.scheme import QuantScheme, WeightSpec
+from quant.eval import lm_tasks
+from quant.eval.footprint import footprint
+from quant.numerics.formats import IntFormat
 from tasks.evaluate import EvaluateConfig, eval_metrics, task_markdown
 
 # what simple_evaluate returns, trimmed to the parts read
@@ -72,8 +74,8 @@ def test_evaluate_config_validation():
 
 
 def test_footprint_counts_bits_exactly(tiny_llama):
-    from quant.methods.rtn import quantize_linears
-    from quant.model_io import quant_linears
+    from quant.calibrate.rtn import quantize_linears
+    from quant.models.checkpoint import quant_linears
 
     n_all = sum(p.numel() for p in tiny_llama.parameters())
     fp = footprint(tiny_llama)

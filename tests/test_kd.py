@@ -13,11 +13,12 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from quant.config import ActivationSpec, IntFormat, KVCacheSpec, QuantScheme, WeightSpec
-from quant.kd import KDOptions, kd_cross_entropy, kd_cross_entropy_topk, setup, teacher_topk
-from quant.linear import QuantLinear
-from quant.methods.rtn import quantize_linears
-from quant.train import E2EContext, TrainConfig, Trainer, e2e_methods
+from quant.calibrate.rtn import quantize_linears
+from quant.config.scheme import ActivationSpec, KVCacheSpec, QuantScheme, WeightSpec
+from quant.e2e.kd import KDOptions, kd_cross_entropy, kd_cross_entropy_topk, setup, teacher_topk
+from quant.e2e.trainer import E2EContext, TrainConfig, Trainer, e2e_methods
+from quant.modules.linear import QuantLinear
+from quant.numerics.formats import IntFormat
 from tests.conftest import make_tiny_llama
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -244,9 +245,9 @@ def test_scheme_mismatch_is_refused(tmp_path):
 WORKER = '''
 import json, sys
 import torch
-from quant.kd import KDOptions, setup
-from quant.methods.rtn import quantize_linears
-from quant.train import E2EContext, TrainConfig, Trainer, make_accelerator
+from quant.e2e.kd import KDOptions, setup
+from quant.calibrate.rtn import quantize_linears
+from quant.e2e.trainer import E2EContext, TrainConfig, Trainer, make_accelerator
 from tests.conftest import make_tiny_llama
 from tests.test_kd import llm_qat_scheme
 

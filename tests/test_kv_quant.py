@@ -7,10 +7,11 @@ import torch
 from torch.nn import functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from quant.config import IntFormat, KVCacheSpec, QuantScheme, WeightSpec
-from quant.linear import QuantLinear
-from quant.methods.rtn import quantize_linears
-from quant.runtime import apply_runtime_quantizers
+from quant.calibrate.rtn import quantize_linears
+from quant.config.scheme import KVCacheSpec, QuantScheme, WeightSpec
+from quant.modules.linear import QuantLinear
+from quant.modules.runtime import apply_runtime_quantizers
+from quant.numerics.formats import IntFormat
 from tests.test_act_quant import ref_per_token
 
 HEAD_DIM = 16  # tiny Llama: hidden 64, 4 heads, 2 KV heads
@@ -121,8 +122,8 @@ def test_kv_bits_change_the_cache(tiny_llama):
 @pytest.mark.parametrize("weights", [True, False])
 def test_loaded_checkpoint_gets_the_runtime_quantizers_back(tiny_llama, tmp_path, weights):
     """evaluate / generate load checkpoints with load_model: the A/KV quantizers must come back."""
-    from quant.config import ActivationSpec
-    from quant.model_io import load_model, save_quantized
+    from quant.config.scheme import ActivationSpec
+    from quant.models.checkpoint import load_model, save_quantized
     from tests.test_kd import save_teacher
 
     tok_dir = save_teacher(tiny_llama, tmp_path / "fp")  # any tokenizer will do

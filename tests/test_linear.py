@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quant import primitives as P
-from quant.config import IntFormat, WeightSpec
-from quant.linear import QuantLinear
+from quant.config.scheme import WeightSpec
+from quant.modules.linear import QuantLinear
+from quant.numerics import grid as P
+from quant.numerics.formats import IntFormat
 
 
 def _linear(seed=0, bias=True):

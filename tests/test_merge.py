@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 from test_synth import run_shard, save_tiny_model
 
 from quant.config import ConfigError
-from quant.synth import SynthesisConfig
-from quant.synth_merge import MergeConfig, Seq, distinct_n, merge, statistics
-from quant.synth_store import ShardWriter, read_records
+from quant.synth.merge import MergeConfig, Seq, distinct_n, merge, statistics
+from quant.synth.sampling import SynthesisConfig
+from quant.synth.store import ShardWriter, read_records
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""quant.primitives against an independent numpy reference."""
+"""quant.numerics.grid against an independent numpy reference."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from quant import primitives as P
-from quant.config import IntFormat
+from quant.numerics import grid as P
+from quant.numerics.formats import IntFormat
 
 
 def ref_minmax_asym(x: np.ndarray, bits: int, g: int):

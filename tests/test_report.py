@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from quant.report import (
+from tasks.reporting import (
     BASE_METHOD,
     Row,
     comparison_table,

@@ -10,13 +10,15 @@ from torch import nn
 from torch.nn import functional as F
 
 from conftest import make_tiny_llama
-from quant.arch import iter_block_linears, mapping_for
-from quant.config import ConfigError, IntFormat, QuantScheme, WeightSpec
-from quant.linear import QuantLinear
-from quant.methods import CALIBRATE
-from quant.methods.rtn import RTNOptions
-from quant.model_io import load_model, read_scheme, save_quantized
-from quant.ppl import perplexity
+from quant.calibrate import CALIBRATE
+from quant.calibrate.rtn import RTNOptions
+from quant.config import ConfigError
+from quant.config.scheme import QuantScheme, WeightSpec
+from quant.eval.ppl import perplexity
+from quant.models.arch import iter_block_linears, mapping_for
+from quant.models.checkpoint import load_model, read_scheme, save_quantized
+from quant.modules.linear import QuantLinear
+from quant.numerics.formats import IntFormat
 
 
 def test_mapping_finds_every_decoder_linear(tiny_llama):

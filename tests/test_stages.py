@@ -111,7 +111,7 @@ def test_unknown_model_id_fails_clearly_and_writes_nothing(tmp_path):
 def test_missing_asset_package_gives_install_command(tmp_path, monkeypatch):
     import importlib.util
 
-    from quant.model_io import MissingDependencyError, resolve_model
+    from quant.models.hub import MissingDependencyError, resolve_model
 
     real = importlib.util.find_spec
     monkeypatch.setattr(
@@ -124,7 +124,7 @@ def test_missing_asset_package_gives_install_command(tmp_path, monkeypatch):
 
 def test_unknown_embedded_key(tmp_path):
     from quant.config import ConfigError
-    from quant.model_io import resolve_model
+    from quant.models.hub import resolve_model
 
     with pytest.raises(ConfigError, match=r"model\.name_or_path='embedded:llama-7b' is not an embedded model"):
         resolve_model("embedded:llama-7b", tmp_path / "m")

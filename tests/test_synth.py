@@ -17,7 +17,8 @@ import torch
 
 from conftest import make_tiny_llama
 from quant.config import ConfigError
-from quant.synth import (
+from quant.synth.decode import KVDecoder
+from quant.synth.sampling import (
     Item,
     SynthesisConfig,
     generate,
@@ -27,8 +28,7 @@ from quant.synth import (
     shard_items,
     uniforms,
 )
-from quant.synth_decode import KVDecoder
-from quant.synth_store import RECORDS, ShardWriter, read_records
+from quant.synth.store import RECORDS, ShardWriter, read_records
 
 ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 256
@@ -280,7 +280,7 @@ def test_resume_after_sigkill_equals_uninterrupted(model_dir, tmp_path):
     cfg = SynthesisConfig.from_dict(params, "synthesize")
     killed = tmp_path / "killed"
     code = (
-        "from quant.synth import SynthesisConfig\n"
+        "from quant.synth.sampling import SynthesisConfig\n"
         "from tasks.synthesize import run_shard\n"
         f"cfg = SynthesisConfig.from_dict({params!r}, 'synthesize')\n"
         f"run_shard(cfg, 0, {str(model_dir)!r}, {str(killed / 'shard-0')!r}, {str(killed / 'work' / 'shard-0')!r}, 0)\n"

@@ -7,10 +7,11 @@ import copy
 import pytest
 import torch
 
-from quant.config import ConfigError, QuantScheme
-from quant.linear import QuantLinear
-from quant.methods.rtn import quantize_linears
-from quant.train import E2EContext, TrainConfig, Trainer, e2e_methods, split_samples
+from quant.calibrate.rtn import quantize_linears
+from quant.config import ConfigError
+from quant.config.scheme import QuantScheme
+from quant.e2e.trainer import E2EContext, TrainConfig, Trainer, e2e_methods, split_samples
+from quant.modules.linear import QuantLinear
 
 SCHEME = QuantScheme.from_name("W2A16KV16", group_size=32)
 

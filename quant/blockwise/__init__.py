@@ -1,0 +1,1 @@
+"""Block-wise reconstruction: the engine (capture, caches, prefetch, resume) and its algorithms."""

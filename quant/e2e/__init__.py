@@ -1,0 +1,1 @@
+"""End-to-end training: the trainer, training data, losses, E2E-QP and KD-QAT."""

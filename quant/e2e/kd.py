@@ -1,0 +1,233 @@
+"""LLM-QAT: quantization-aware training by knowledge distillation (`e2e.method: kd`).
+
+Student = the quantized model (weights, activations and KV cache as the scheme
+says), teacher = the full-precision model. The loss is the cross-entropy
+between the teacher's softmax and the student's log-softmax over the whole
+vocabulary at every position,
+
+    L = T^2 * mean_tokens( -sum_v softmax(t / T)_v * log_softmax(s / T)_v ),
+
+with no hard-label term by default (LLM-QAT uses none; `hard_label_weight`
+adds `w * CE(labels)` if asked). It differs from KL(teacher || student) by the
+teacher's entropy only, a constant for the student, so the gradients are the
+same as the reference's `kl_div`; the KL is logged too because it reads as
+"distance to the teacher" (0 = identical). The T^2 factor keeps gradient
+magnitudes independent of T (Hinton et al.); at the paper's T = 1 it is 1.
+
+Teacher logits are computed on the fly by default (one no-grad teacher forward
+per micro batch). `teacher: topk` instead runs the teacher once over the
+training data before training and keeps its top-k logits and ids per token
+(`topk` of them, bf16 + int32: 6k bytes per token instead of a forward pass
+per step); the loss then uses the teacher distribution renormalised over those
+k tokens. That is an approximation (the tail mass is dropped); with k = V it
+equals the full loss.
+
+Weights: the scheme decides.
+- `scheme.weight.dynamic_minmax: true` (the published LLM-QAT scheme, with
+  `group_size: -1, symmetric: true`): per-output-channel symmetric min-max
+  step sizes recomputed from the current weight at every step; the float
+  weights train through the straight-through estimator.
+- otherwise the learned step sizes (and zero points) of the Block-AP / E2E-QP
+  path train together with the weights (`scale_lr`); if the model's
+  QuantLinears are already frozen on the integer grid (after Block-AP) only
+  the step sizes train, i.e. E2E-QP with the KD loss and A/KV quantization.
+`trainable: all` (the reference trains the whole network: embeddings, norms
+and the full-precision lm_head too) or `linears` (quantized linears only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from quant.config import Config, ConfigError
+from quant.e2e.trainer import E2E, Batch, E2EContext, Objective, check_lr
+from quant.modules.linear import QuantLinear
+from quant.modules.runtime import apply_runtime_quantizers
+
+TOPK_LOGITS = "teacher_topk_logits"
+TOPK_IDS = "teacher_topk_ids"
+
+
+@dataclass(frozen=True)
+class KDOptions(Config):
+    lr: float = 2e-5  # float weights (LLM-QAT: 2e-5)
+    scale_lr: float = 1e-4  # learned step sizes / zero points (when not dynamic_minmax)
+    temperature: float = 1.0
+    hard_label_weight: float = 0.0  # LLM-QAT: 0 (soft labels only)
+    teacher: Literal["online", "topk"] = "online"
+    topk: int = 64  # teacher logits kept per token when teacher = topk
+    trainable: Literal["all", "linears"] = "all"
+    train_weights: bool = True  # false: only step sizes train (E2E-QP with KD)
+
+    def __post_init__(self) -> None:
+        check_lr(self.lr, "lr")
+        check_lr(self.scale_lr, "scale_lr")
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature={self.temperature} must be > 0")
+        if not self.hard_label_weight >= 0.0:
+            raise ConfigError(f"hard_label_weight={self.hard_label_weight} must be >= 0")
+        if self.topk < 1:
+            raise ConfigError(f"topk={self.topk} must be >= 1")
+
+
+# ---------------------------------------------------------------------------
+# Losses
+
+
+def _token_mean(per_token: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of a [B, L] tensor over the positions where mask is 1 (all if None)."""
+    if mask is None:
+        return per_token.mean()
+    m = mask.to(per_token.dtype)
+    return (per_token * m).sum() / m.sum().clamp(min=1)
+
+
+def kd_cross_entropy(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(soft cross-entropy, KL) between teacher and student, T^2-scaled, mean over tokens.
+
+    logits: [B, L, V]; mask: [B, L] (1 = position counts) or None. The KL is
+    returned detached (for logging)."""
+    t = temperature
+    log_q = F.log_softmax(student_logits.float() / t, dim=-1)  # [B, L, V] student
+    with torch.no_grad():
+        log_p = F.log_softmax(teacher_logits.float() / t, dim=-1)
+        p = log_p.exp()
+        entropy = -(p * log_p).sum(-1)  # [B, L]
+    ce = -(p * log_q).sum(-1)  # [B, L]
+    ce = _token_mean(ce, mask) * t * t
+    kl = ce.detach() - _token_mean(entropy, mask) * t * t
+    return ce, kl
+
+
+def kd_cross_entropy_topk(
+    student_logits: torch.Tensor,
+    topk_logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Soft cross-entropy against a teacher known only by its top-k logits per token.
+
+    The teacher distribution is softmax(topk_logits / T) over those k tokens (the
+    tail dropped and the rest renormalised); the student's log-probabilities are
+    the full-vocabulary log-softmax gathered at `topk_ids` [B, L, k]."""
+    t = temperature
+    log_q = F.log_softmax(student_logits.float() / t, dim=-1).gather(-1, topk_ids.long())  # [B, L, k]
+    p = F.softmax(topk_logits.float() / t, dim=-1)
+    return _token_mean(-(p * log_q).sum(-1), mask) * t * t
+
+
+@torch.no_grad()
+def teacher_topk(
+    teacher: nn.Module, ids: torch.Tensor, k: int, batch_size: int, device: torch.device | str
+) -> dict[str, torch.Tensor]:
+    """Top-k teacher logits (bf16) and ids (int32) for every position of `ids` [N, L]."""
+    vals, idx = [], []
+    for start in range(0, ids.shape[0], batch_size):
+        batch = ids[start : start + batch_size].to(device)
+        logits = teacher(input_ids=batch, use_cache=False).logits  # [b, L, V]
+        v, i = logits.float().topk(k, dim=-1)
+        vals.append(v.to(torch.bfloat16).cpu())
+        idx.append(i.to(torch.int32).cpu())
+    return {TOPK_LOGITS: torch.cat(vals), TOPK_IDS: torch.cat(idx)}
+
+
+# ---------------------------------------------------------------------------
+# Student preparation
+
+
+def quant_linears(model: nn.Module) -> list[QuantLinear]:
+    return [m for m in model.modules() if isinstance(m, QuantLinear)]
+
+
+def prepare_student(model: nn.Module, ctx: E2EContext, options: KDOptions) -> list[dict]:
+    """Install the scheme's activation / KV quantizers and choose what trains.
+
+    Returns optimizer param groups (weights at `lr`, step sizes / zero points at
+    `scale_lr`); every other parameter gets requires_grad False."""
+    scheme = ctx.scheme
+    layers = quant_linears(model)
+    if scheme.weight is not None:
+        if not layers:
+            raise ConfigError("e2e.method=kd with a weight scheme needs a quantized model (run calibrate first)")
+        wrong = {str(m.spec) for m in layers if m.spec != scheme.weight}
+        if wrong:
+            raise ConfigError(f"the model's weight quantizers {sorted(wrong)} differ from scheme.weight="
+                              f"{scheme.weight}; re-run calibrate with this scheme")
+    apply_runtime_quantizers(model, scheme)
+    model.requires_grad_(False)
+    weights, qparams = [], []
+    if options.train_weights:
+        candidates = model.parameters() if options.trainable == "all" else (
+            p for m in layers for p in (getattr(m, "weight", None), m.bias) if isinstance(p, nn.Parameter))
+        seen = {id(m.scale) for m in layers} | {id(m.zero_point) for m in layers}
+        for p in candidates:
+            if id(p) not in seen and p.is_floating_point():
+                weights.append(p)
+    for m in layers:
+        if m.spec.dynamic_minmax and not m.frozen:
+            continue  # step sizes are recomputed from the weight every step
+        qparams.append(m.scale)
+        if isinstance(m.zero_point, nn.Parameter) and not m.frozen:
+            qparams.append(m.zero_point)
+    groups = []
+    if weights:
+        groups.append({"params": weights, "lr": options.lr, "weight_decay": 0.0, "name": "weight"})
+    if qparams:
+        groups.append({"params": qparams, "lr": options.scale_lr, "weight_decay": 0.0, "name": "qparams"})
+    for g in groups:
+        for p in g["params"]:
+            p.requires_grad_(True)
+    if not groups:
+        raise ConfigError("e2e.method=kd: nothing to train (train_weights=false and no learned step sizes)")
+    return groups
+
+
+@E2E.register("kd", KDOptions)
+def setup(model: nn.Module, options: KDOptions, ctx: E2EContext) -> Objective:
+    if ctx.teacher_dir is None:
+        raise ConfigError("e2e.method=kd needs the full-precision teacher model (artifacts/prepare/model)")
+    groups = prepare_student(model, ctx, options)
+    from quant.models.checkpoint import load_model
+
+    teacher, _ = load_model(ctx.teacher_dir, ctx.dtype, "cpu")
+    t, w = options.temperature, options.hard_label_weight
+
+    def loss(student: nn.Module, batch: Batch):
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
+        s_logits = student(input_ids=ids, attention_mask=mask, use_cache=False).logits  # [B, L, V]
+        logs = {}
+        if TOPK_LOGITS in batch:
+            total = kd_cross_entropy_topk(s_logits, batch[TOPK_LOGITS], batch[TOPK_IDS], t, mask)
+        else:
+            with torch.no_grad():
+                t_logits = teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            total, kl = kd_cross_entropy(s_logits, t_logits, t, mask)
+            logs["kl"] = kl
+        logs["kd"] = total.detach()
+        if w > 0:
+            labels = ids if mask is None else ids.masked_fill(mask == 0, -100)
+            ce = F.cross_entropy(s_logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(),
+                                 ignore_index=-100)
+            total = total + w * ce
+            logs["ce"] = ce.detach()
+        return total, logs
+
+    prepare = None
+    if options.teacher == "topk":
+        def prepare(data: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            # the trainer has moved the teacher to its device by now; every rank scores all rows
+            device = next(teacher.parameters()).device
+            return {**data, **teacher_topk(teacher, data["input_ids"], options.topk, 4, device)}
+
+    return Objective(groups, loss, {"teacher": teacher}, prepare)

@@ -1,0 +1,504 @@
+"""End-to-end trainer shared by every `e2e` method (E2E-QP here, KD-QAT in quant/kd.py).
+
+What the trainer owns: a data loader over packed token tensors, AdamW, a
+linear-warmup + cosine schedule, gradient accumulation and clipping, gradient
+checkpointing, bf16 autocast on GPU, multi-process training through
+`accelerate` (`accelerate launch -m tasks.e2e`, DDP), and save/resume per
+step. What a *method* owns: which parameters train, and the loss.
+
+The loss hook
+-------------
+A method registers in `E2E` with an options dataclass and a setup function::
+
+    @E2E.register("e2e-qp", E2EQPOptions)
+    def setup(model: nn.Module, options: E2EQPOptions, ctx: E2EContext) -> Objective: ...
+
+`setup` prepares the student in place (E2E-QP: freeze every QuantLinear so only
+step sizes train; KD: add activation/KV quantizers, load the teacher from
+`ctx.teacher_dir`) and returns an `Objective`:
+
+- `param_groups`: torch optimizer param groups, each with its own `lr`
+  (`weight_decay` defaults to the trainer's). Only these parameters train and
+  only these are saved in a step checkpoint.
+- `loss(model, batch) -> (loss, logs)`: `model` is the student as prepared by
+  accelerate (possibly DDP-wrapped: call it, do not reach into it);
+  `batch` is a dict of device tensors, at least `input_ids` [B, L] (long) and,
+  when the data has it, `attention_mask` [B, L]. Return the scalar mean loss of
+  this micro batch (the trainer scales it for accumulation) and a dict of
+  *detached scalar tensors* to log. Never call `.item()` in a loss: the trainer
+  reads logs only every `log_every` steps, so a step needs no host sync.
+  The loss runs under `accelerator.autocast()` (bf16 on GPU).
+- `frozen_modules`: modules the loss uses but that never train (a teacher). The
+  trainer moves them to the device and puts them in eval mode; they are not
+  wrapped by DDP and not checkpointed.
+
+Methods are found through `e2e_methods()`, which imports the known method
+modules (`E2E_MODULES`) that exist, so a new method is a new module + one entry.
+
+Resume: every `save_every` optimizer steps (and at the end) the trainer writes
+`<work_dir>/step-XXXXXX/` atomically: trainable parameters (safetensors),
+optimizer state (safetensors + json), scheduler, RNG states and the step, then
+points `<work_dir>/latest` at it. A restarted run with the same `fingerprint`
+continues from there and ends with the same parameters as an uninterrupted one
+(bitwise on CPU): the data order is a pure function of (seed, epoch, position).
+Checkpoints are written by the main process; with DDP every rank holds the same
+parameters and optimizer state. FSDP-sharded optimizer state is not handled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import json
+import logging
+import math
+import os
+import random
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn import functional as F
+
+from quant.config import Config, ConfigError
+from quant.config.registry import Registry
+from quant.config.scheme import QuantScheme
+
+log = logging.getLogger("quant.e2e.trainer")
+
+E2E = Registry("e2e")
+E2E_MODULES = ("quant.e2e.e2e_qp", "quant.e2e.kd")
+LATEST = "latest"
+
+Batch = dict[str, torch.Tensor]
+LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def e2e_methods() -> Registry:
+    """The E2E registry with every available method module imported."""
+    for name in E2E_MODULES:
+        if importlib.util.find_spec(name) is not None:
+            importlib.import_module(name)
+    return E2E
+
+
+@dataclass
+class E2EContext:
+    """What a method's setup may need beyond the student model."""
+
+    scheme: QuantScheme
+    device: torch.device
+    dtype: torch.dtype  # dtype of non-trainable weights (bf16 on GPU)
+    teacher_dir: Path | None = None  # full-precision model directory (KD)
+    seed: int = 0
+
+
+@dataclass
+class Objective:
+    param_groups: list[dict[str, Any]]
+    loss: LossFn
+    frozen_modules: dict[str, nn.Module] = field(default_factory=dict)
+    # Adds per-sample tensors to the training data before the loop (e.g. a teacher's
+    # top-k logits, kd `teacher: topk`); they reach `loss` as keys of the batch.
+    prepare_data: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+
+
+# ---------------------------------------------------------------------------
+# Config
+
+
+@dataclass(frozen=True)
+class TrainConfig(Config):
+    epochs: int = 1
+    max_steps: int | None = None  # cap on optimizer steps (null = all epochs)
+    batch_size: int = 4  # micro batch per process
+    grad_accum: int = 1  # micro batches per optimizer step
+    warmup_ratio: float = 0.03  # fraction of steps with linear warmup
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of each group's lr
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # 0 = no clipping
+    grad_checkpointing: bool = True
+    save_every: int = 50  # optimizer steps between checkpoints (0 = only at the end)
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
+                    "log_every": self.log_every}
+        for name, v in positive.items():
+            if v < 1:
+                raise ConfigError(f"{name}={v} must be >= 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"max_steps={self.max_steps} must be >= 1 or null")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"warmup_ratio={self.warmup_ratio} must be in [0, 1)")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        if self.weight_decay < 0 or self.max_grad_norm < 0 or self.save_every < 0:
+            raise ConfigError(
+                f"weight_decay={self.weight_decay}, max_grad_norm={self.max_grad_norm} and "
+                f"save_every={self.save_every} must be >= 0"
+            )
+
+
+def make_accelerator(device: str = "auto"):
+    """An Accelerator with bf16 autocast on GPU and plain fp32 on CPU."""
+    from accelerate import Accelerator
+
+    cpu = device == "cpu" or not torch.cuda.is_available()
+    return Accelerator(cpu=cpu, mixed_precision="no" if cpu else "bf16")
+
+
+def check_lr(lr: float, path: str) -> None:
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ConfigError(f"{path}={lr} must be a positive learning rate")
+
+
+# ---------------------------------------------------------------------------
+# Data
+
+
+def split_samples(ids: torch.Tensor, n_train: int, n_val: int, seed: int, path: str = "samples"):
+    """Disjoint (train [n_train, L], val [n_val, L]) rows of `ids`, chosen by a seeded permutation."""
+    if n_train < 1 or n_val < 0:
+        raise ConfigError(f"{path}: train_samples={n_train} must be >= 1 and val_samples={n_val} >= 0")
+    if n_train + n_val > ids.shape[0]:
+        raise ConfigError(
+            f"{path}: train_samples + val_samples = {n_train} + {n_val} is more than the "
+            f"{ids.shape[0]} sequences of length {ids.shape[1]} the training data holds"
+        )
+    perm = torch.randperm(ids.shape[0], generator=torch.Generator().manual_seed(seed))
+    return ids[perm[:n_train]].contiguous(), ids[perm[n_train : n_train + n_val]].contiguous()
+
+
+def text_windows(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """A 1-D token stream cut into non-overlapping windows [N, seq_len] (tail dropped)."""
+    n = ids.numel() // seq_len
+    return ids[: n * seq_len].view(n, seq_len)
+
+
+class PackedTokens(torch.utils.data.Dataset):
+    """Rows of equally long packed token tensors: {"input_ids": [N, L], ...}."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        n = {k: v.shape[0] for k, v in tensors.items()}
+        if "input_ids" not in tensors or len(set(n.values())) != 1:
+            raise ValueError(f"expected 'input_ids' and equal first dimensions, got {n}")
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return self.tensors["input_ids"].shape[0]
+
+    def __getitem__(self, i: int) -> Batch:
+        return {k: v[i] for k, v in self.tensors.items()}
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Seeded permutation per epoch, sharded across ranks, starting at a sample offset.
+
+    The order depends only on (seed, epoch), so resuming at step s replays
+    exactly the samples an uninterrupted run would have seen."""
+
+    def __init__(self, n: int, seed: int, epoch: int, rank: int = 0, world: int = 1, start: int = 0):
+        self.n, self.seed, self.epoch, self.rank, self.world, self.start = n, seed, epoch, rank, world, start
+
+    def per_rank(self) -> int:
+        return self.n // self.world
+
+    def __iter__(self) -> Iterator[int]:
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + 1000003 * self.epoch))
+        mine = perm[self.rank :: self.world][: self.per_rank()]
+        return iter(mine[self.start :].tolist())
+
+    def __len__(self) -> int:
+        return self.per_rank() - self.start
+
+
+def cosine_with_warmup(total: int, warmup: int, min_ratio: float) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        t = (step - warmup) / max(1, total - warmup)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+    return factor
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder block in backward (transformers >= 5.2x names it activation
+    checkpointing; older versions only have the gradient_checkpointing alias)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def causal_lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Mean next-token cross-entropy; positions with attention_mask 0 are ignored."""
+    ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    labels = ids if mask is None else ids.masked_fill(mask == 0, -100)
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # [B, L, V]
+    return F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints
+
+
+def _optimizer_to_files(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"{pid}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars[f"{pid}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in list(tensors.items()) + list(meta["scalars"].items()):
+        pid, k = key.split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], Any]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    return tensors, random.getstate()
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], py_state: Any) -> None:
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"])
+    v, internal, gauss = py_state
+    random.setstate((v, tuple(internal), gauss))
+
+
+# ---------------------------------------------------------------------------
+# Trainer
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    resumed_from: int
+    train_loss: float  # mean loss over the last logging interval
+    val_loss_before: float | None
+    val_loss_after: float | None
+    history: list[dict[str, float]]
+
+
+class Trainer:
+    """Lifecycle: created -> (resumed) -> fit() -> finished. `state()` says where it is."""
+
+    def __init__(self, model: nn.Module, objective: Objective, cfg: TrainConfig, work_dir: str | Path,
+                 accelerator=None, seed: int = 0, fingerprint: str = "",
+                 log_fn: Callable[[int, dict[str, float]], None] | None = None) -> None:
+        self.acc = accelerator or make_accelerator()
+        self.cfg, self.objective, self.seed, self.fingerprint = cfg, objective, seed, fingerprint
+        self.work_dir = Path(work_dir)
+        self.log_fn = log_fn
+        self.step = 0
+        self.resumed_from = 0
+        self.phase = "created"
+        self.history: list[dict[str, float]] = []
+        for group in objective.param_groups:
+            check_lr(group["lr"], f"lr of param group {group.get('name', '?')}")
+            group.setdefault("weight_decay", cfg.weight_decay)
+        self.trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        opt_ids = {id(p) for g in objective.param_groups for p in g["params"]}
+        if opt_ids != {id(p) for p in self.trainable.values()}:
+            raise ValueError("objective.param_groups must hold exactly the parameters with requires_grad")
+        if cfg.grad_checkpointing:
+            enable_checkpointing(model)
+        for m in objective.frozen_modules.values():
+            m.to(self.acc.device).eval().requires_grad_(False)
+        model.train()
+        fused = self.acc.device.type == "cuda"
+        optimizer = torch.optim.AdamW(objective.param_groups, betas=(0.9, 0.95), fused=fused or None)
+        self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+
+    # -- state -------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        return {"phase": self.phase, "step": self.step, "resumed_from": self.resumed_from,
+                "latest": self._latest_name()}
+
+    def _latest_name(self) -> str | None:
+        f = self.work_dir / LATEST
+        return f.read_text().strip() if f.exists() else None
+
+    def save(self) -> Path:
+        """Checkpoint the current step (main process writes; all ranks wait)."""
+        name = f"step-{self.step:06d}"
+        if self.acc.is_main_process:
+            final = self.work_dir / name
+            tmp = self.work_dir / f".{name}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            save_file({n: p.detach().cpu().contiguous() for n, p in self.trainable.items()},
+                      str(tmp / "trainable.safetensors"))
+            opt_t, opt_meta = _optimizer_to_files(self.optimizer.optimizer
+                                                  if hasattr(self.optimizer, "optimizer") else self.optimizer)
+            save_file(opt_t, str(tmp / "optimizer.safetensors"))
+            rng_t, py_rng = _rng_state()
+            save_file(rng_t, str(tmp / "rng.safetensors"))
+            meta = {"step": self.step, "fingerprint": self.fingerprint, "optimizer": opt_meta,
+                    "scheduler": self.scheduler.state_dict(), "python_rng": py_rng,
+                    "history": self.history}
+            (tmp / "trainer.json").write_text(json.dumps(meta))
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            pointer = self.work_dir / f".{LATEST}.tmp"
+            pointer.write_text(name)
+            os.replace(pointer, self.work_dir / LATEST)
+            for old in self.work_dir.glob("step-*"):
+                if old.name != name:
+                    shutil.rmtree(old, ignore_errors=True)
+        self.acc.wait_for_everyone()
+        return self.work_dir / name
+
+    def _try_resume(self) -> None:
+        name = self._latest_name()
+        if name is None:
+            return
+        ckpt = self.work_dir / name
+        meta = json.loads((ckpt / "trainer.json").read_text())
+        if meta["fingerprint"] != self.fingerprint:
+            log.warning("ignoring checkpoint %s: it was made for other inputs or settings", ckpt)
+            return
+        params = load_file(str(ckpt / "trainable.safetensors"))
+        if set(params) != set(self.trainable):
+            raise RuntimeError(f"checkpoint {ckpt} holds other trainable parameters than this model")
+        with torch.no_grad():
+            for n, p in self.trainable.items():
+                p.copy_(params[n])
+        sd = _optimizer_from_files(load_file(str(ckpt / "optimizer.safetensors")), meta["optimizer"])
+        self.optimizer.load_state_dict(sd)
+        self.scheduler.load_state_dict(meta["scheduler"])
+        _set_rng_state(load_file(str(ckpt / "rng.safetensors")), meta["python_rng"])
+        self.step = self.resumed_from = meta["step"]
+        self.history = meta["history"]
+        self.phase = "resumed"
+        log.info("resumed from %s (step %d)", ckpt, self.step)
+
+    # -- loop --------------------------------------------------------------
+
+    def _loader(self, data: dict[str, torch.Tensor], epoch: int, start: int):
+        sampler = EpochSampler(len(data["input_ids"]), self.seed, epoch, self.acc.process_index,
+                               self.acc.num_processes, start)
+        return torch.utils.data.DataLoader(PackedTokens(data), batch_size=self.cfg.batch_size,
+                                           sampler=sampler, drop_last=True,
+                                           pin_memory=self.acc.device.type == "cuda")
+
+    def _to_device(self, batch: Batch) -> Batch:
+        return {k: v.to(self.acc.device, non_blocking=True) for k, v in batch.items()}
+
+    @torch.no_grad()
+    def evaluate(self, data: dict[str, torch.Tensor]) -> float:
+        """Mean loss over `data` (every process scores its shard; one host sync)."""
+        self.model.eval()
+        n = len(data["input_ids"])
+        rank, world = self.acc.process_index, self.acc.num_processes
+        total = torch.zeros(2, device=self.acc.device)
+        for i in range(rank * self.cfg.batch_size, n, self.cfg.batch_size * world):
+            batch = self._to_device({k: v[i : i + self.cfg.batch_size] for k, v in data.items()})
+            with self.acc.autocast():
+                loss, _ = self.objective.loss(self.model, batch)
+            total += torch.stack([loss.float() * len(batch["input_ids"]), torch.tensor(
+                float(len(batch["input_ids"])), device=self.acc.device)])
+        self.model.train()
+        total = self.acc.reduce(total, "sum")
+        return (total[0] / total[1].clamp(min=1)).item()
+
+    def fit(self, train: dict[str, torch.Tensor], val: dict[str, torch.Tensor] | None = None) -> TrainResult:
+        cfg = self.cfg
+        if self.objective.prepare_data is not None:
+            train = self.objective.prepare_data(train)
+        per_rank = len(train["input_ids"]) // self.acc.num_processes
+        steps_per_epoch = per_rank // (cfg.batch_size * cfg.grad_accum)
+        if steps_per_epoch < 1:
+            raise ConfigError(
+                f"e2e: {len(train['input_ids'])} training samples over {self.acc.num_processes} "
+                f"process(es) make no full step of batch_size x grad_accum = "
+                f"{cfg.batch_size} x {cfg.grad_accum}; use more samples or a smaller batch"
+            )
+        total = cfg.epochs * steps_per_epoch
+        if cfg.max_steps is not None:
+            total = min(total, cfg.max_steps)
+        warmup = int(cfg.warmup_ratio * total)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, cosine_with_warmup(total, warmup, cfg.min_lr_ratio))
+        self._try_resume()
+        val_before = None
+        if val is not None and self.step == 0:
+            val_before = self.evaluate(val)
+        elif val is not None:
+            val_before = next((h["val_loss_before"] for h in self.history if "val_loss_before" in h), None)
+        if val_before is not None and self.step == 0:
+            self.history.append({"step": 0, "val_loss_before": val_before})
+        self.phase = "training"
+        params = list(self.trainable.values())
+        window = torch.zeros(2, device=self.acc.device)  # [loss sum, grad-norm sum] since last log
+        last_loss = float("nan")
+        while self.step < total:
+            epoch, in_epoch = divmod(self.step, steps_per_epoch)
+            micro = iter(self._loader(train, epoch, in_epoch * cfg.batch_size * cfg.grad_accum))
+            for _ in range(in_epoch, steps_per_epoch):
+                if self.step >= total:
+                    break
+                window += self._train_step(micro, params)
+                self.step += 1
+                if self.step % cfg.log_every == 0 or self.step == total:
+                    n = cfg.log_every if self.step % cfg.log_every == 0 else self.step % cfg.log_every
+                    w = (window / n).tolist()  # the only host sync of the interval
+                    last_loss = w[0]
+                    entry = {"step": self.step, "loss": w[0], "grad_norm": w[1],
+                             "lr": self.scheduler.get_last_lr()[0]}
+                    self.history.append(entry)
+                    if self.log_fn and self.acc.is_main_process:
+                        self.log_fn(self.step, entry)
+                    window.zero_()
+                if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == total:
+                    self.save()
+        val_after = self.evaluate(val) if val is not None else None
+        self.phase = "finished"
+        return TrainResult(self.step, self.resumed_from, last_loss, val_before, val_after, self.history)
+
+    def _train_step(self, micro: Iterator[Batch], params: list[nn.Parameter]) -> torch.Tensor:
+        """One optimizer step over grad_accum micro batches; returns [loss, grad-norm] on device."""
+        cfg = self.cfg
+        loss_sum = torch.zeros((), device=self.acc.device)
+        for k in range(cfg.grad_accum):
+            batch = self._to_device(next(micro))
+            sync = k == cfg.grad_accum - 1
+            ctx = self.acc.no_sync(self.model) if not sync else contextlib.nullcontext()
+            with ctx, self.acc.autocast():
+                loss, _ = self.objective.loss(self.model, batch)
+                self.acc.backward(loss / cfg.grad_accum)
+            loss_sum += loss.detach().float() / cfg.grad_accum
+        if cfg.max_grad_norm > 0:
+            norm = self.acc.clip_grad_norm_(params, cfg.max_grad_norm)
+        else:
+            norm = torch.zeros((), device=self.acc.device)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return torch.stack([loss_sum, norm.detach().float().to(loss_sum.device)])
+

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, footprint, zero-shot tasks (lm-eval imported lazily)."""

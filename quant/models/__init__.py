@@ -1,0 +1,2 @@
+"""Models: architecture mappings (`arch`), hub/GGUF resolution (`hub`), the
+quantized-checkpoint format (`checkpoint`)."""

@@ -1,0 +1,1 @@
+"""Modules: QuantLinear, activation and KV-cache quantizers, runtime installation."""

@@ -1,0 +1,79 @@
+"""KV-cache quantization (LLM-QAT): keys and values quantized where they are produced.
+
+A forward hook on each block's `k_proj` and `v_proj` (found through the
+architecture mapping) fake-quantizes the projection's output, per token (one
+range over all KV heads of a token, the LLM-QAT reference) or per head (one
+range per `head_dim` slice of a token, `granularity: per_head`), with the
+range taken from the token itself at every call. Because it acts on the
+projection output, the same quantized tensors flow into training, perplexity
+evaluation and `generate`: the attention computes `past_key_values.update(k, v)`
+from them, so every entry a generation-time KV cache holds is a quantized one
+(tests/test_kv_quant.py checks the cache contents token by token).
+
+Keys are quantized BEFORE RoPE, as the LLM-QAT reference does (it quantizes
+`k_proj`'s output, then rotates). Consequences:
+- values in the cache lie exactly on their per-token grid;
+- keys in the cache are `RoPE(dequant(q_k))`: a rotation of grid values. A
+  runtime that stores the integer pre-RoPE keys and rotates them when it reads
+  the cache computes exactly the same attention; one that stores integer
+  *post*-RoPE keys (KIVI/KVQuant style) would round a different tensor.
+Post-RoPE key quantization is not implemented: in transformers' Llama
+attention RoPE and the cache update sit inside one forward with no module
+boundary between them, so it would need a patched attention forward (one per
+family) instead of a hook found through the mapping.
+
+Hooks and quantizer modules hold no state: `state_dict` is unchanged, and
+`quant.modules.runtime.apply_runtime_quantizers` re-installs them from the scheme
+whenever a quantized model is loaded.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from quant.config.scheme import KVCacheSpec
+from quant.models.arch import decoder_layers, get_module, mapping_for
+from quant.modules.activation import DynamicQuantizer
+
+
+def _quantize_output_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+    quantizer = getattr(module, "output_quantizer", None)
+    if quantizer is None:
+        return None
+    return quantizer(output)  # output: [B, S, n_kv_heads * head_dim]
+
+
+def set_output_quantizer(module: nn.Module, quantizer: nn.Module | None) -> None:
+    """Install (or with None remove) `quantizer` on a module's output; idempotent."""
+    module.output_quantizer = quantizer
+    if quantizer is not None and _quantize_output_hook not in module._forward_hooks.values():
+        module.register_forward_hook(_quantize_output_hook)
+
+
+def kv_head_dim(model: nn.Module) -> int:
+    config = model.config
+    head_dim = getattr(config, "head_dim", None)
+    return head_dim or config.hidden_size // config.num_attention_heads
+
+
+def kv_projections(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(qualified name, module) of every block's key and value projection."""
+    mapping = mapping_for(model)
+    out = []
+    for i, block in enumerate(decoder_layers(model, mapping)):
+        for path in (mapping.k_proj, mapping.v_proj):
+            out.append((f"{mapping.layers}.{i}.{path}", get_module(block, path)))
+    return out
+
+
+def apply_kv_quantizers(model: nn.Module, spec: KVCacheSpec | None) -> int:
+    """Quantize every block's keys and values as they are produced (None removes it).
+    Returns the number of projections changed."""
+    head_dim = kv_head_dim(model)
+    projections = kv_projections(model)
+    for name, proj in projections:
+        if spec is not None and spec.granularity == "per_head" and proj.out_features % head_dim:
+            raise ValueError(f"{name}: out_features={proj.out_features} is not a multiple of head_dim={head_dim}")
+        set_output_quantizer(proj, None if spec is None else DynamicQuantizer.for_kv(spec, head_dim))
+    return len(projections)

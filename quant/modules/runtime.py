@@ -1,0 +1,45 @@
+"""The one place where a scheme's runtime quantizers are put on a model.
+
+Weights are quantized by replacing linears with `QuantLinear`s (calibrate,
+restore); activations and the KV cache are quantized dynamically at run time,
+by stateless modules on the linears' inputs (`quant.modules.activation`) and on the key
+/ value projections' outputs (`quant.modules.kv_cache`). `apply_runtime_quantizers`
+installs exactly what the scheme asks for and removes what it does not, so it
+is idempotent and every path that builds a quantized model (calibrate, a
+loaded checkpoint, training stages, evaluation, generation) ends with the same
+quantizers. Call it after the weight quantizers are in place: it attaches to
+the modules present at that moment.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from quant.config.scheme import QuantScheme
+from quant.models.arch import get_module, iter_block_linears, mapping_for
+from quant.modules.activation import apply_activation_quantizers
+from quant.modules.kv_cache import apply_kv_quantizers
+
+
+def activation_linears(model: nn.Module, scheme: QuantScheme) -> list[tuple[str, nn.Module]]:
+    """The linears whose inputs the scheme quantizes: every decoder linear, plus
+    lm_head when the scheme quantizes it."""
+    mapping = mapping_for(model)
+    out = [(name, mod) for name, _, _, mod in iter_block_linears(model, mapping)]
+    if scheme.quantize_lm_head:
+        out.append((mapping.lm_head, get_module(model, mapping.lm_head)))
+    return out
+
+
+def apply_runtime_quantizers(model: nn.Module, scheme: QuantScheme) -> dict[str, int]:
+    """Install the scheme's activation and KV-cache quantizers (removing any others)."""
+    linears = activation_linears(model, scheme)
+    if not scheme.quantize_lm_head:  # drop a quantizer a previous scheme may have put there
+        mapping = mapping_for(model)
+        apply_activation_quantizers([(mapping.lm_head, get_module(model, mapping.lm_head))], None)
+    n_act = apply_activation_quantizers(linears, scheme.activation)
+    n_kv = apply_kv_quantizers(model, scheme.kv_cache)
+    return {
+        "act_quantized_linears": n_act if scheme.activation is not None else 0,
+        "kv_quantized_projections": n_kv if scheme.kv_cache is not None else 0,
+    }

@@ -1,0 +1,25 @@
+"""Straight-through estimators shared by every format (integer and floating point)."""
+
+from __future__ import annotations
+
+import torch
+
+
+class _RoundSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round(x) forward, identity gradient backward."""
+    return _RoundSTE.apply(x)
+
+
+def clamp_ste(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """clamp(x, lo, hi) forward, identity gradient backward (also outside the range)."""
+    return x + (x.clamp(lo, hi) - x).detach()

@@ -1,0 +1,1 @@
+"""Data-free synthesis (LLM-QAT): sampling, batched decode, shard store, merge."""

@@ -1,0 +1,158 @@
+"""Shard files of the synthesized text: append-only, resumable, published atomically.
+
+A finished shard is a directory with two files:
+
+- `sequences.jsonl`: one JSON object per line, in the shard's work-list order
+  (`quant.synth.sampling.shard_items`): `{"index", "start_id", "prefix_len", "finish",
+  "logprob", "ids", "text"}`. `ids` are the exact generated token ids (start
+  token first; never re-tokenize `text`, which is their decoding, for reading
+  only). `finish` is "eos" or "length"; `logprob` is the sum of log p of
+  ids[1:] under the generating model.
+- `manifest.json`: `{"complete": true, "run": {...}, ...counts}`. `run` is the
+  run key: everything that determines the tokens (params, seed, model hash,
+  generator code hash, device, dtype, library versions, shard).
+
+Lifecycle (`ShardWriter`): open a work directory -> it holds a manifest with
+`complete: false` and the run key, plus the records written so far -> append
+whole batches (flushed and fsynced) -> publish: the manifest becomes complete
+and the directory is renamed onto the final path. Re-opening a work directory
+with the same run key resumes: every newline-terminated line is a complete
+record (a line is written whole or, if the process died while writing it, it
+has no newline), so the partial tail is cut off and generation continues after
+the last complete record. A different run key (params, model or code changed)
+starts over: resuming would mix two different runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+RECORDS = "sequences.jsonl"
+MANIFEST = "manifest.json"
+
+
+def _normal(obj: Any) -> Any:
+    """JSON round trip (tuples -> lists), so a run key compares equal to its stored copy."""
+    return json.loads(json.dumps(obj, sort_keys=True))
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def record_line(record: dict[str, Any]) -> str:
+    return json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
+
+
+def file_sha256(paths: list[Path]) -> str:
+    """sha256 over the names and contents of `paths` (streamed)."""
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        h.update(p.name.encode() + b"\0")
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def model_sha256(model_dir: str | Path) -> str:
+    """Hash of a model directory's config and weight files (what determines the logits)."""
+    d = Path(model_dir)
+    files = [p for p in d.iterdir() if p.suffix == ".safetensors" or p.name == "config.json"]
+    return file_sha256(files)
+
+
+def _complete_prefix(path: Path) -> tuple[int, int]:
+    """(number of complete records, byte length they span) of a records file."""
+    count = offset = 0
+    with open(path, "rb") as f:
+        for line in f:
+            if not line.endswith(b"\n"):
+                break  # the partial last record of a killed writer
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise RuntimeError(f"{path}: record {count + 1} is corrupt ({exc}); delete the file") from None
+            count += 1
+            offset += len(line)
+    return count, offset
+
+
+def read_records(directory: str | Path) -> Iterator[dict[str, Any]]:
+    """The complete records of a shard directory (finished or in progress)."""
+    with open(Path(directory) / RECORDS, encoding="utf-8") as f:
+        for line in f:
+            if line.endswith("\n"):
+                yield json.loads(line)
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any] | None:
+    path = Path(directory) / MANIFEST
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def is_complete(directory: str | Path, run: dict[str, Any]) -> bool:
+    """True if `directory` is a published shard of exactly this run."""
+    m = read_manifest(directory)
+    return bool(m and m.get("complete") and m.get("run") == _normal(run))
+
+
+class ShardWriter:
+    """A shard under construction in `work_dir`. `done` = complete records on disk."""
+
+    def __init__(self, work_dir: str | Path, run: dict[str, Any]) -> None:
+        self.dir = Path(work_dir)
+        self.run = _normal(run)
+        self.resumed = False
+        self.done = self._open()
+
+    def _open(self) -> int:
+        manifest = read_manifest(self.dir) if self.dir.is_dir() else None
+        records = self.dir / RECORDS
+        if manifest and not manifest.get("complete") and manifest.get("run") == self.run and records.exists():
+            count, offset = _complete_prefix(records)
+            with open(records, "r+b") as f:
+                f.truncate(offset)
+            self.resumed = count > 0
+            return count
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir.mkdir(parents=True)
+        records.touch()
+        _write_json_atomic(self.dir / MANIFEST, {"complete": False, "run": self.run})
+        return 0
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        return read_records(self.dir)
+
+    def append(self, records: list[dict[str, Any]]) -> None:
+        """Append whole records and make them durable before returning."""
+        expected = self.done
+        for r in records:
+            if r["index"] != expected:
+                raise RuntimeError(f"record index {r['index']} written out of order (expected {expected})")
+            expected += 1
+        with open(self.dir / RECORDS, "a", encoding="utf-8") as f:
+            f.write("".join(record_line(r) for r in records))
+            f.flush()
+            os.fsync(f.fileno())
+        self.done = expected
+
+    def publish(self, out_dir: str | Path, summary: dict[str, Any]) -> Path:
+        """Mark complete and move the work directory onto `out_dir` (replacing it)."""
+        out = Path(out_dir)
+        _write_json_atomic(self.dir / MANIFEST, {"complete": True, "run": self.run, **_normal(summary)})
+        out.parent.mkdir(parents=True, exist_ok=True)
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        if out.exists():
+            out.rename(old)
+        self.dir.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+        return out
