@@ -70,3 +70,23 @@ def test_scheme_names_and_dict_round_trip():
     with pytest.raises(ConfigError, match="W<w>A<a>KV<kv>"):
         QuantScheme.from_name("W4-A8")
     assert parse_format(3) == IntFormat(3)
+
+
+def test_registry_discovers_listed_modules_and_rejects_a_missing_one():
+    from quant.config.registry import Registry
+
+    reg = Registry("demo", modules=("quant.calibrate.rtn",))
+    assert reg.names() == []  # rtn registers in CALIBRATE, not here: discovery only imports
+    bad = Registry("demo", modules=("quant.calibrate.no_such_method",))
+    with pytest.raises(RuntimeError, match=r"demo registry lists the method module 'quant.calibrate.no_such_method'"):
+        bad.get("x")
+
+
+def test_builtin_registries_list_every_method():
+    from quant.blockwise.block_ap import blockwise_methods
+    from quant.calibrate import CALIBRATE
+    from quant.e2e.trainer import e2e_methods
+
+    assert "rtn" in CALIBRATE.names()
+    assert "block-ap" in blockwise_methods().names()
+    assert {"e2e-qp", "kd"} <= set(e2e_methods().names())

@@ -62,20 +62,13 @@ from quant.modules.linear import QuantLinear
 
 log = logging.getLogger("quant.blockwise.block_ap")
 
-BLOCKWISE = Registry("block_ap")
-BLOCKWISE_MODULES = ("quant.blockwise.block_ap", "quant.blockwise.tesseraq")
+BLOCKWISE = Registry("block_ap", modules=("quant.blockwise.block_ap",))
 STATE_FILE = "state.json"
 
 
 def blockwise_methods() -> Registry:
-    """The block-wise registry with every available method module imported."""
-    import importlib
-    import importlib.util
-
-    for name in BLOCKWISE_MODULES:
-        if importlib.util.find_spec(name) is not None:
-            importlib.import_module(name)
-    return BLOCKWISE
+    """The block-wise registry with every method module imported."""
+    return BLOCKWISE.discover()
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ step sizes train; KD: add activation/KV quantizers, load the teacher from
   wrapped by DDP and not checkpointed.
 
 Methods are found through `e2e_methods()`, which imports the known method
-modules (`E2E_MODULES`) that exist, so a new method is a new module + one entry.
+modules listed in `E2E` (a missing one is an error), so a new method is a new module + one entry.
 
 Resume: every `save_every` optimizer steps (and at the end) the trainer writes
 `<work_dir>/step-XXXXXX/` atomically: trainable parameters (safetensors),
@@ -48,8 +48,6 @@ parameters and optimizer state. FSDP-sharded optimizer state is not handled.
 from __future__ import annotations
 
 import contextlib
-import importlib
-import importlib.util
 import json
 import logging
 import math
@@ -72,8 +70,7 @@ from quant.config.scheme import QuantScheme
 
 log = logging.getLogger("quant.e2e.trainer")
 
-E2E = Registry("e2e")
-E2E_MODULES = ("quant.e2e.e2e_qp", "quant.e2e.kd")
+E2E = Registry("e2e", modules=("quant.e2e.e2e_qp", "quant.e2e.kd"))
 LATEST = "latest"
 
 Batch = dict[str, torch.Tensor]
@@ -81,11 +78,8 @@ LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, torch.Tensor
 
 
 def e2e_methods() -> Registry:
-    """The E2E registry with every available method module imported."""
-    for name in E2E_MODULES:
-        if importlib.util.find_spec(name) is not None:
-            importlib.import_module(name)
-    return E2E
+    """The E2E registry with every method module imported."""
+    return E2E.discover()
 
 
 @dataclass
