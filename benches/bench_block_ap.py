@@ -35,16 +35,15 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from quant.blockwise.block_ap import (  # noqa: E402
+from quant.blockwise.block_ap import BlockAPOptions, fit_block  # noqa: E402
+from quant.blockwise.engine import (  # noqa: E402
     ActivationCache,
-    BlockAPOptions,
     Prefetcher,
-    _call,
-    fit_block,
     float_block,
     make_loss_fn,
     run_block,
 )
+from quant.blockwise.engine import call_block as _call  # noqa: E402
 from quant.config.scheme import QuantScheme  # noqa: E402
 from quant.modules.linear import QuantLinear  # noqa: E402
 

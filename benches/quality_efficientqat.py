@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from quant.blockwise.block_ap import BlockwiseContext, blockwise_methods  # noqa: E402
+from quant.blockwise.engine import BlockwiseContext, blockwise_methods  # noqa: E402
 from quant.calibrate.rtn import quantize_linears  # noqa: E402
 from quant.config.scheme import QuantScheme  # noqa: E402
 from quant.e2e.data import sample_windows, tokenize_text  # noqa: E402

@@ -253,6 +253,13 @@ def main(stage: str, run: Callable[[Params], dict[str, Any]], sections: tuple[st
         sys.exit(2)
 
 
+def log_step(metrics: dict[str, float], step: int) -> None:
+    """Step metrics into the active MLflow run (no-op outside a stage run)."""
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is not None and mlflow.active_run() is not None:
+        mlflow.log_metrics(metrics, step=step)
+
+
 def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
     """Attach a file or directory to the active MLflow run (no-op outside a stage run)."""
     mlflow = sys.modules.get("mlflow")

@@ -1,7 +1,7 @@
 """e2e: end-to-end training of the quantized model (method `e2e-qp`; `kd` from quant/kd.py).
 
 Reads artifacts/<e2e.model>/model (default: block_ap, frozen on the integer
-grid) and the training data (see tasks.block_ap.training_sequences); writes
+grid) and the training data (see tasks.training_data.training_sequences); writes
 artifacts/e2e/model and metrics/e2e.json; the training loss, learning rate and
 gradient norm go to MLflow as step metrics. Saved steps live in .state/e2e; a
 killed run continues from the last one.
@@ -30,8 +30,17 @@ from quant.e2e.trainer import (
     split_samples,
 )
 from quant.models.checkpoint import load_model, read_scheme, save_quantized
-from tasks.block_ap import DataConfig, _log_step, fingerprint, training_sequences
-from tasks.common import Params, load_params, log_artifact, main, setup_torch, stage_dir, write_json
+from tasks.common import (
+    Params,
+    load_params,
+    log_artifact,
+    log_step,
+    main,
+    setup_torch,
+    stage_dir,
+    write_json,
+)
+from tasks.training_data import DataConfig, fingerprint, training_sequences
 
 STATE_DIR = Path(".state") / "e2e"
 
@@ -74,7 +83,7 @@ def run(params: Params) -> dict[str, Any]:
                      tensors=(train_ids, val_ids))
 
     def log_fn(step: int, entry: dict[str, float]) -> None:
-        _log_step({f"train_{k}": v for k, v in entry.items() if k != "step"}, step)
+        log_step({f"train_{k}": v for k, v in entry.items() if k != "step"}, step)
 
     trainer = Trainer(model, objective, cfg.train, STATE_DIR, acc, params.base.seed, fp, log_fn)
     val = {"input_ids": val_ids} if len(val_ids) else None

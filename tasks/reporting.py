@@ -262,3 +262,37 @@ def write_report(rows: Iterable[Row], out_dir: str | Path, task_labels: Mapping[
     if df["Avg."].notna().any():
         files["acc_plot"] = plot_accuracy(df, out / "acc_vs_bits.png", chance)
     return files
+
+
+def plot_block_losses(per_block: Sequence[Mapping[str, Any]], path: str | Path, title: str) -> Path:
+    """Block-wise training: validation MSE per block before and after (the state kept); when
+    the method reports sub-steps (TesseraQ: loss and hardened fraction per threshold step),
+    a second panel shows them per block."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [b for b in per_block if b.get("steps")]
+    fig, axes = plt.subplots(1, 2 if steps else 1, figsize=(13 if steps else 7, 4), squeeze=False)
+    ax = axes[0][0]
+    blocks = [b["block"] for b in per_block]
+    ax.plot(blocks, [b["val_loss_init"] for b in per_block], "o-", label="before (calibrated init)")
+    ax.plot(blocks, [b["val_loss_final"] for b in per_block], "o-", label="after (state kept)")
+    ax.set(xlabel="decoder block", ylabel="validation MSE vs full precision", yscale="log", title=title)
+    ax.legend()
+    if steps:
+        ax, twin = axes[0][1], axes[0][1].twinx()
+        cmap = plt.get_cmap("viridis")
+        for k, b in enumerate(steps):
+            color = cmap(k / max(1, len(steps) - 1))
+            xs = range(1, len(b["steps"]) + 1)
+            ax.plot(xs, [s["loss"] for s in b["steps"]], "-", color=color, label=f"block {b['block']}")
+            twin.plot(xs, [s["hardened"] for s in b["steps"]], ":", color=color)
+        ax.set(xlabel="threshold step", ylabel="train MSE (solid, log)", yscale="log",
+               title="per step: loss and hardened fraction")
+        twin.set(ylabel="hardened fraction (dotted)", ylim=(0, 1.02))
+        if len(steps) <= 12:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)

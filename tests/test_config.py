@@ -83,7 +83,7 @@ def test_registry_discovers_listed_modules_and_rejects_a_missing_one():
 
 
 def test_builtin_registries_list_every_method():
-    from quant.blockwise.block_ap import blockwise_methods
+    from quant.blockwise.engine import blockwise_methods
     from quant.calibrate import CALIBRATE
     from quant.e2e.trainer import e2e_methods
 

@@ -1,0 +1,71 @@
+"""What the training stages (block_ap, e2e) share: which sequences train them, and the
+fingerprint that ties a resumable run to its settings and inputs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors.torch import load_file
+
+from quant.config import Config, ConfigError
+from quant.e2e.data import tokenize_text
+from quant.e2e.trainer import text_windows
+from tasks.common import ARTIFACTS, stage_dir
+
+MERGED = ARTIFACTS / "merge" / "train.safetensors"
+
+
+@dataclass(frozen=True)
+class DataConfig(Config):
+    """Which sequences train a stage: shared by block_ap and e2e."""
+
+    source: Literal["auto", "synthetic", "calib"] = "auto"  # auto: synthetic if merged, else calib
+    train_samples: int = 32
+    val_samples: int = 8
+    seq_len: int = 128
+
+    def __post_init__(self) -> None:
+        if self.train_samples < 1:
+            raise ConfigError(f"train_samples={self.train_samples} must be >= 1")
+        if self.val_samples < 0:
+            raise ConfigError(f"val_samples={self.val_samples} must be >= 0")
+        if self.seq_len < 2:
+            raise ConfigError(f"seq_len={self.seq_len} must be >= 2")
+
+
+def training_sequences(tokenizer, data: DataConfig, section: str) -> tuple[torch.Tensor, str]:
+    """All candidate sequences [N, seq_len] and where they came from."""
+    use_merged = data.source == "synthetic" or (data.source == "auto" and MERGED.exists())
+    if use_merged:
+        if not MERGED.exists():
+            raise ConfigError(f"{section}.data.source='synthetic' but {MERGED} does not exist; "
+                              "run the synthesize/merge stages or use 'calib'")
+        tensors = load_file(str(MERGED))
+        ids = tensors["input_ids"]
+        if ids.dim() != 2 or ids.shape[1] < data.seq_len:
+            raise ConfigError(f"{section}.data.seq_len={data.seq_len} is longer than the merged "
+                              f"sequences {tuple(ids.shape)}")
+        ids = ids[:, : data.seq_len]
+        if "attention_mask" in tensors:  # block-wise training needs full-length rows: drop padded ones
+            ids = ids[tensors["attention_mask"][:, : data.seq_len].all(dim=1)]
+        return ids.long().contiguous(), str(MERGED)
+    calib = stage_dir("prepare") / "data" / "calib.txt"
+    return text_windows(tokenize_text(tokenizer, calib.read_text()), data.seq_len), str(calib)
+
+
+def fingerprint(*parts: Any, files: tuple[Path, ...] = (), tensors: tuple[torch.Tensor, ...] = ()) -> str:
+    """Identity of a run's settings and inputs (a resumed run must match it)."""
+    h = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
+    for f in files:
+        if f.exists():
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda fh=fh: fh.read(1 << 24), b""):
+                    h.update(chunk)
+    for t in tensors:
+        h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
