@@ -139,3 +139,42 @@ def test_bad_params_fail_before_training():
         BlockAPStageConfig.from_dict({"method": "gptq"}, "block_ap")
     with pytest.raises(ConfigError, match=r"block_ap\.data\.val_samples"):
         BlockAPStageConfig.from_dict({"data": {"val_samples": -1}}, "block_ap")
+
+
+def test_absurd_lr_keeps_the_better_initial_state_and_says_so(tiny_llama, tmp_path, caplog):
+    """Issue 17: qparam_lr 1e6 makes every block worse; the engine warns, keeps the block as it
+    came in (bit for bit) and reports `kept: init`."""
+    quantize_linears(tiny_llama, SCHEME)
+    init = copy.deepcopy(tiny_llama.state_dict())
+    train, val = split_samples(_ids(12), 8, 4, seed=0)
+    runner = _block_ap(tiny_llama, tmp_path, train, val, epochs=1, qparam_lr=1e6)
+    runner.capture()
+    with caplog.at_level("WARNING", logger="quant.blockwise"):
+        infos = [runner.train_block(i) for i in range(2)]
+    for info in infos:
+        assert info["val_loss_trained"] > info["val_loss_init"]  # training really made it worse
+        assert info["kept"] == "init" and info["val_loss_final"] == info["val_loss_init"]
+    assert all(torch.equal(v, init[k]) for k, v in tiny_llama.state_dict().items())
+    assert sum("got worse in training" in r.getMessage() for r in caplog.records) == 2
+    # a sane learning rate keeps the trained state
+    quantize_linears(fresh := _fresh_model(), SCHEME)
+    info = _block_ap(fresh, tmp_path / "sane", train, val, epochs=1).run().per_block[0]
+    assert info["kept"] == "trained" and info["val_loss_final"] == info["val_loss_trained"] < info["val_loss_init"]
+
+
+def _fresh_model():
+    from conftest import make_tiny_llama
+
+    return make_tiny_llama()
+
+
+def test_diverging_block_stops_naming_block_and_step(tiny_llama, tmp_path):
+    from quant.blockwise.engine import BlockDivergedError
+
+    quantize_linears(tiny_llama, SCHEME)
+    train, val = split_samples(_ids(12), 8, 4, seed=0)
+    runner = _block_ap(tiny_llama, tmp_path, train, val, epochs=1, weight_lr=1e30, qparam_lr=1e30)
+    with pytest.raises(BlockDivergedError, match=r"block 0 diverged: loss nan at step 1 \(epoch 0\)"):
+        runner.run()
+    work = tmp_path / "work"
+    assert not (work / "state.json").exists() and not list(work.glob("block_*.safetensors"))
