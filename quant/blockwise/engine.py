@@ -63,7 +63,7 @@ from quant.modules.linear import QuantLinear
 
 log = logging.getLogger("quant.blockwise")
 
-BLOCKWISE = Registry("block_ap", modules=("quant.blockwise.block_ap",))
+BLOCKWISE = Registry("block_ap", modules=("quant.blockwise.block_ap", "quant.blockwise.tesseraq"))
 STATE_FILE = "state.json"
 
 
