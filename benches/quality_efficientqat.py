@@ -1,4 +1,5 @@
-"""PPL of RTN, Block-AP and Block-AP + E2E-QP on the embedded SmolLM2-135M (GPU).
+"""PPL of RTN, Block-AP (or TesseraQ: --blockwise tesseraq) and + E2E-QP on the embedded
+SmolLM2-135M (GPU).
 
 For each bit width (g64, asymmetric): RTN init -> PPL; Block-AP (quant.blockwise.block_ap,
 as the block_ap stage runs it) -> PPL; E2E-QP (quant.e2e.trainer.Trainer + the
@@ -80,6 +81,10 @@ def main() -> None:
     ap.add_argument("--e2e-lrs", default="")  # empty: paper lr and 5x
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--work", type=Path, default=Path("/tmp"))
+    ap.add_argument("--blockwise", default="block-ap", help="block-wise method by registry name "
+                    f"(quant.blockwise: {', '.join(blockwise_methods().names())})")
+    ap.add_argument("--blockwise-options", default="{}", help="JSON overrides of that method's options "
+                    "(block-ap: epochs from --epochs, batch 2; tesseraq: its published defaults)")
     args = ap.parse_args()
     from transformers import AutoTokenizer
 
@@ -100,7 +105,10 @@ def main() -> None:
     say("fp", results["fp"])
     dump()
     acc = make_accelerator()
-    bap = blockwise_methods().get("block-ap")
+    bap = blockwise_methods().get(args.blockwise, "--blockwise")
+    bkey = args.blockwise.replace("-", "_")  # result key: block_ap | tesseraq
+    bopts = {"epochs": args.epochs, "batch_size": 2} if args.blockwise == "block-ap" else {}
+    bopts |= {"cache": "gpu"} | json.loads(args.blockwise_options)  # caches on the device
     e2e = e2e_methods().get("e2e-qp")
     for bits in [int(b) for b in args.bits.split(",")]:
         r: dict[str, object] = {}
@@ -110,15 +118,16 @@ def main() -> None:
         quantize_linears(model, scheme)
         r["rtn"] = ppl_all(model, evals, args.seq_len, args.eval_windows)
         say(bits, "rtn", r["rtn"])
-        opts = bap.options.from_dict({"epochs": args.epochs, "batch_size": 2, "cache": "gpu"})  # on the device
+        opts = bap.options.from_dict(bopts, "--blockwise-options")
         t = time.time()
-        ctx = BlockwiseContext(DEV, args.work / f"bap-w{bits}", 0, f"q{bits}")
+        ctx = BlockwiseContext(DEV, args.work / f"{bkey}-w{bits}", 0, f"{bkey}{bits}")
         res = bap.fn(model, train, val, opts, ctx, bits)
-        r["block_ap_seconds"] = round(time.time() - t, 1)
+        r[f"{bkey}_seconds"] = round(time.time() - t, 1)
         r["block_val_mse_init"] = [b["val_loss_init"] for b in res.per_block]
-        r["block_val_mse"] = [b["val_loss"][-1] for b in res.per_block]
-        r["block_ap"] = ppl_all(model, evals, args.seq_len, args.eval_windows)
-        say(bits, "block-ap", r["block_ap"], f"{r['block_ap_seconds']}s")
+        r["block_val_mse"] = [b["val_loss_final"] for b in res.per_block]
+        r["blocks_kept_init"] = sum(b["kept"] == "init" for b in res.per_block)
+        r[bkey] = ppl_all(model, evals, args.seq_len, args.eval_windows)
+        say(bits, args.blockwise, r[bkey], f"{r[f'{bkey}_seconds']}s")
         dump()
         paper_lr = 2e-5 if bits <= 2 else 1e-5
         lrs = [float(x) for x in args.e2e_lrs.split(",")] if args.e2e_lrs else [paper_lr, 5 * paper_lr]
@@ -146,7 +155,7 @@ def main() -> None:
     print("| fp16 | - | " + " | ".join(f"{results['fp'][k]:.2f}" for k in evals) + " |")
     for key, r in results.items():
         if key.startswith("w"):
-            for m in ("rtn", "block_ap", "e2e_qp"):
+            for m in ("rtn", "block_ap", "tesseraq", "e2e_qp"):
                 if m in r:
                     print(f"| {key} | {m} | " + " | ".join(f"{r[m][k]:.2f}" for k in evals) + " |")
 
