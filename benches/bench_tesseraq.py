@@ -85,7 +85,7 @@ def main() -> None:
         args.seq_len, args.samples, args.val_samples = 32, 8, 2
         args.iters_a, args.iters_b, args.cache, args.group = 2, 4, "cpu", 32
     model, config = build(args.small)
-    scheme = QuantScheme.from_name(f"W{args.bits}A16KV16", group_size=args.group)
+    scheme = QuantScheme.from_name(f"W{args.bits}A16KV16", preset="efficientqat", group_size=args.group)
     quantize_linears(model, scheme)
     ids = torch.randint(3, config.vocab_size, (args.samples + args.val_samples, args.seq_len),
                         generator=torch.Generator().manual_seed(0))

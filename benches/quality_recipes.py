@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from quant.blockwise.block_ap import BlockwiseContext, blockwise_methods  # noqa: E402
+from quant.blockwise.engine import BlockwiseContext, blockwise_methods  # noqa: E402
 from quant.calibrate import CALIBRATE  # noqa: E402
 from quant.config.scheme import QuantScheme  # noqa: E402
 from quant.e2e.data import sample_windows, tokenize_text  # noqa: E402
@@ -138,8 +138,8 @@ class Runner:
             ctx = BlockwiseContext(DEV, work, 0, "-".join(steps))
             res = entry.fn(model, self.train, self.val, self._opts(entry, defaults), ctx, bits)
             info[name] = {"block_val_mse_init": [b.get("val_loss_init") for b in res.per_block],
-                          "block_val_mse": [(b.get("val_loss") or [None])[-1] if isinstance(b.get("val_loss"), list)
-                                            else b.get("val_loss") for b in res.per_block]}
+                          "block_val_mse": [b["val_loss_final"] for b in res.per_block],  # the state kept
+                          "blocks_kept_init": sum(b["kept"] == "init" for b in res.per_block)}
         else:
             base = self.step(scheme_text, steps[:-1], info)
             model, info[name] = self._e2e(base, scheme, bits, name)

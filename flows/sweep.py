@@ -86,7 +86,7 @@ class SweepConfig(Config):
 
 def validate_params(effective: dict[str, Any], where: str) -> None:
     """Build every stage's typed config (and method options) from the effective params."""
-    from quant.blockwise.block_ap import blockwise_methods
+    from quant.blockwise.engine import blockwise_methods
     from quant.calibrate import CALIBRATE
     from quant.e2e.trainer import e2e_methods
     from tasks.block_ap import BlockAPStageConfig

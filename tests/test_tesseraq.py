@@ -24,7 +24,7 @@ from quant.modules.linear import QuantLinear
 from quant.numerics import grid as P
 from quant.numerics.rounding import rectified_sigmoid
 
-SCHEME = QuantScheme.from_name("W2A16KV16", group_size=32)
+SCHEME = QuantScheme.from_name("W2A16KV16", preset="efficientqat", group_size=32)
 OPTIONS = {"thresholds": [0.6, 0.3, 0.1], "iterations": 12, "lr": 1e-2, "scale_lr": 1e-2}
 
 
@@ -115,7 +115,7 @@ def test_after_the_last_step_everything_is_hard_and_on_the_grid(tmp_path):
             assert torch.equal(ql.scale.detach(), s_tuned) and torch.equal(ql.zero_point.detach(), z0)
             q = P.quantize(ql.weight.detach(), ql.scale.detach(), ql.zero_point.detach(), SCHEME.weight.format, 32)
             assert torch.equal(q.double(), q_ref), name
-            deq = P.dequantize(q, ql.scale.detach(), ql.zero_point.detach(), 32)
+            deq = P.dequantize(q, ql.scale.detach(), ql.zero_point.detach(), SCHEME.weight.format, 32)
             assert torch.equal(ql.weight.detach(), deq), name  # the weight is its own grid point
             assert torch.equal(ql.dequantized_weight().detach(), deq)
             # the soft layer (all hard) computes the same weight as the baked QuantLinear

@@ -194,7 +194,7 @@ class RoundingLinear(nn.Module):
         """Write the hard decisions into `ql`: weight (q - z) * s', scale s', zero point z."""
         q = hard_codes(self.base, self.alpha > 0, self.zero_point, self.fmt)
         scale = self.tuned_scale()
-        w = P.dequantize(q.reshape(self.out_features, self.in_features), scale, self.zero_point,
+        w = P.dequantize(q.reshape(self.out_features, self.in_features), scale, self.zero_point, self.fmt,
                          self.group_size)
         ql.weight.copy_(w)
         ql.scale.copy_(scale)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from quant.numerics.formats import IntFormat
-from quant.numerics.grid import group_view
+from quant.numerics.grid import group_view, positive_scale
 
 STRETCH_LOW, STRETCH_HIGH = -0.1, 1.1  # h = sigmoid stretched to (-0.1, 1.1), then clamped
 
@@ -39,8 +39,9 @@ def hard_alpha() -> float:
 
 
 def grid_split(x: torch.Tensor, scale: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(floor(x/s), x/s - floor(x/s)) as [out, n_groups, g] float32 tensors."""
-    xs = group_view(x.detach().float(), group_size) / scale.float().unsqueeze(-1)
+    """(floor(x/s), x/s - floor(x/s)) as [out, n_groups, g] float32 tensors (s as the grid
+    uses it: `positive_scale`)."""
+    xs = group_view(x.detach().float(), group_size) / positive_scale(scale.detach().float()).unsqueeze(-1)
     base = torch.floor(xs)
     return base, xs - base
 
@@ -52,7 +53,7 @@ def soft_dequantize(base: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, ze
     `out_scale` (per group) multiplies the step size in dequantisation only; the codes
     use the original step size (TesseraQ's dequantisation-scale tuning)."""
     qmin, qmax = fmt.qrange(zero_point is None)
-    s = scale if out_scale is None else scale * out_scale
+    s = positive_scale(scale if out_scale is None else scale * out_scale)
     if zero_point is None:
         return (base + h).clamp(qmin, qmax) * s.unsqueeze(-1)
     z = zero_point.unsqueeze(-1)
