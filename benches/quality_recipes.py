@@ -20,7 +20,7 @@ at `--seq-len` on every text of `<data>/eval/`, fp32 forward (bf16 autocast on G
 inside training).
 
 Usage: python benches/quality_recipes.py --model DIR --data DIR --out results.json \\
-           --recipes rtn:W4g64,awq:W4g64 [--options '{"tesseraq": {"iters": 50}}']
+           --recipes rtn:W4g64,awq:W4g64 [--options '{"tesseraq": {"iterations": 50}}']
 Imports only quant.*, torch and transformers.
 """
 
@@ -131,7 +131,7 @@ class Runner:
         elif name in blockwise_methods().names():
             model = copy.deepcopy(self.step(scheme_text, steps[:-1], info))
             entry = blockwise_methods().get(name)
-            defaults = {"epochs": 2, "batch_size": 2, "cache": "gpu"} if name == "block-ap" else {}
+            defaults = ({"epochs": 2, "batch_size": 2} if name == "block-ap" else {}) | {"cache": "gpu"}
             if DEV.type != "cuda":
                 defaults["cache"] = "cpu"
             work = self.args.work / re.sub(r"[^A-Za-z0-9]+", "-", "-".join((scheme_text,) + steps))
@@ -173,7 +173,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, required=True, help="calib.txt + eval/*.txt (tasks.prepare)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--recipes", required=True, help="comma-separated, e.g. rtn:W4g64,awq+tesseraq:W3g64")
-    ap.add_argument("--options", default="", help='JSON: method name -> options, e.g. {"tesseraq": {"iters": 50}}')
+    ap.add_argument("--options", default="", help='JSON: method name -> options, e.g. {"tesseraq": {"iterations": 50}}')
     ap.add_argument("--calib-samples", type=int, default=128)
     ap.add_argument("--calib-seq-len", type=int, default=512)
     ap.add_argument("--seq-len", type=int, default=2048)
