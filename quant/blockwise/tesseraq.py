@@ -301,6 +301,8 @@ class TesseraQStep(BlockMethod):
         g = torch.Generator().manual_seed(data.seed + 7919 * (k + 1))
         idx = torch.stack([torch.randperm(n, generator=g)[:bs] for _ in range(iters)])  # [iters, bs]
         idx_dev = idx.to(data.device) if data.inputs.data.device.type != "cpu" else None
+        if data.prefetch.stream is not None:  # the side stream reads idx_dev and the caches
+            data.prefetch.stream.wait_stream(torch.cuda.current_stream(data.device))
         caches = (data.inputs, data.targets)
 
         def fetch(it: int) -> list[torch.Tensor]:
