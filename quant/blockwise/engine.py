@@ -19,8 +19,8 @@ returns its per-block metrics. The engine does the rest:
 - Two activation chains: the *targets* of block i come from the full-precision
   chain, its *inputs* from the quantized chain (block i-1 as trained). Cached
   activations ([N, L, D]) live on the device, in pinned host memory, or in
-  memory-mapped files (`cache`); batches are fetched one step ahead on a side
-  stream.
+  memory-mapped files (`cache`, quant.blockwise.cache); batches are fetched one
+  step ahead on a side stream.
 - Keep the better state: the validation loss of the block as it came in
   (`val_loss_init`) and as trained (`val_loss_trained`) are both measured; when
   training made it worse the engine warns and keeps the incoming state
@@ -56,6 +56,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
+from quant.blockwise.cache import ActivationCache, Prefetcher
 from quant.config import Config, ConfigError
 from quant.config.registry import Registry
 from quant.models.arch import ArchMapping, decoder_layers, get_module, mapping_for, set_module
@@ -105,84 +106,6 @@ class BlockwiseResult:
     blocks: int
     resumed_at: int
     per_block: list[dict[str, Any]] = field(default_factory=list)
-
-
-# ---------------------------------------------------------------------------
-# Activation cache
-
-
-class ActivationCache:
-    """[N, L, D] activations on the device, in pinned host memory, or memory-mapped on disk."""
-
-    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, where: str, device: torch.device,
-                 path: Path | None = None) -> None:
-        self.device, self.where = device, where
-        if where == "gpu":
-            self.data = torch.empty(shape, dtype=dtype, device=device)
-        elif where == "disk":
-            assert path is not None
-            path.parent.mkdir(parents=True, exist_ok=True)
-            numel = math.prod(shape)
-            with open(path, "wb") as f:
-                f.truncate(numel * torch.empty((), dtype=dtype).element_size())
-            self.data = torch.from_file(str(path), shared=True, size=numel, dtype=dtype).view(shape)
-        else:
-            pin = device.type == "cuda"
-            self.data = torch.empty(shape, dtype=dtype, pin_memory=pin)
-
-    def __len__(self) -> int:
-        return self.data.shape[0]
-
-    def get(self, i: int, j: int) -> torch.Tensor:
-        """Rows [i, j) on the device (non_blocking from pinned memory)."""
-        x = self.data[i:j]
-        return x.to(self.device, non_blocking=x.is_pinned())
-
-    def gather(self, idx: torch.Tensor, idx_device: torch.Tensor | None = None) -> torch.Tensor:
-        """Rows `idx` (a CPU index tensor) on the device. On the device: an index_select with
-        `idx_device`; from the host: gathered into fresh pinned memory (the caching host
-        allocator keeps it alive until its copy is done), then copied non_blocking."""
-        if self.data.device.type != "cpu":
-            return self.data.index_select(0, idx_device if idx_device is not None else idx.to(self.device))
-        pin = self.device.type == "cuda"
-        out = torch.empty((len(idx), *self.data.shape[1:]), dtype=self.data.dtype, pin_memory=pin)
-        torch.index_select(self.data, 0, idx, out=out)
-        return out.to(self.device, non_blocking=pin)
-
-    def put(self, i: int, x: torch.Tensor) -> None:
-        self.data[i : i + x.shape[0]].copy_(x, non_blocking=False)
-
-    def copy_from(self, other: ActivationCache) -> None:
-        self.data.copy_(other.data)
-
-
-class Prefetcher:
-    """Issues the next batch's copies on a side CUDA stream while the current one computes."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-
-    def issue(self, fetch: Callable[[], list[torch.Tensor]]):
-        if self.stream is None:
-            return fetch(), None
-        with torch.cuda.stream(self.stream):
-            out = fetch()
-            ev = torch.cuda.Event()
-            ev.record(self.stream)
-        return out, ev
-
-    def issue_slice(self, caches: list[ActivationCache], i: int, j: int):
-        return self.issue(lambda: [c.get(i, j) for c in caches])
-
-    @staticmethod
-    def wait(handle) -> list[torch.Tensor]:
-        out, ev = handle
-        if ev is not None:
-            cur = torch.cuda.current_stream()
-            cur.wait_event(ev)
-            for t in out:
-                t.record_stream(cur)
-        return out
 
 
 # ---------------------------------------------------------------------------
