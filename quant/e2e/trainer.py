@@ -51,7 +51,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import random
 import shutil
 from collections.abc import Callable, Iterator
@@ -67,6 +66,7 @@ from torch.nn import functional as F
 from quant.config import Config, ConfigError
 from quant.config.registry import Registry
 from quant.config.scheme import QuantScheme
+from quant.io import atomic_dir, write_text_atomic
 
 log = logging.getLogger("quant.e2e.trainer")
 
@@ -342,26 +342,19 @@ class Trainer:
         """Checkpoint the current step (main process writes; all ranks wait)."""
         name = f"step-{self.step:06d}"
         if self.acc.is_main_process:
-            final = self.work_dir / name
-            tmp = self.work_dir / f".{name}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            save_file({n: p.detach().cpu().contiguous() for n, p in self.trainable.items()},
-                      str(tmp / "trainable.safetensors"))
-            opt_t, opt_meta = _optimizer_to_files(self.optimizer.optimizer
-                                                  if hasattr(self.optimizer, "optimizer") else self.optimizer)
-            save_file(opt_t, str(tmp / "optimizer.safetensors"))
-            rng_t, py_rng = _rng_state()
-            save_file(rng_t, str(tmp / "rng.safetensors"))
-            meta = {"step": self.step, "fingerprint": self.fingerprint, "optimizer": opt_meta,
-                    "scheduler": self.scheduler.state_dict(), "python_rng": py_rng,
-                    "history": self.history}
-            (tmp / "trainer.json").write_text(json.dumps(meta))
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
-            pointer = self.work_dir / f".{LATEST}.tmp"
-            pointer.write_text(name)
-            os.replace(pointer, self.work_dir / LATEST)
+            with atomic_dir(self.work_dir / name) as tmp:
+                save_file({n: p.detach().cpu().contiguous() for n, p in self.trainable.items()},
+                          str(tmp / "trainable.safetensors"))
+                opt = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
+                opt_t, opt_meta = _optimizer_to_files(opt)
+                save_file(opt_t, str(tmp / "optimizer.safetensors"))
+                rng_t, py_rng = _rng_state()
+                save_file(rng_t, str(tmp / "rng.safetensors"))
+                meta = {"step": self.step, "fingerprint": self.fingerprint, "optimizer": opt_meta,
+                        "scheduler": self.scheduler.state_dict(), "python_rng": py_rng,
+                        "history": self.history}
+                (tmp / "trainer.json").write_text(json.dumps(meta))
+            write_text_atomic(self.work_dir / LATEST, name)
             for old in self.work_dir.glob("step-*"):
                 if old.name != name:
                     shutil.rmtree(old, ignore_errors=True)

@@ -21,8 +21,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from quant.config.scheme import QuantScheme
+from quant.io import atomic_dir
 from quant.models.arch import get_module, iter_block_linears, mapping_for, set_module
-from quant.models.hub import atomic_dir
 from quant.modules.linear import QuantLinear
 from quant.modules.runtime import apply_runtime_quantizers
 from quant.numerics import grid as P
