@@ -61,7 +61,6 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.nn import functional as F
 
 from quant.config import Config, ConfigError
 from quant.config.registry import Registry
@@ -170,12 +169,6 @@ def split_samples(ids: torch.Tensor, n_train: int, n_val: int, seed: int, path: 
     return ids[perm[:n_train]].contiguous(), ids[perm[n_train : n_train + n_val]].contiguous()
 
 
-def text_windows(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """A 1-D token stream cut into non-overlapping windows [N, seq_len] (tail dropped)."""
-    n = ids.numel() // seq_len
-    return ids[: n * seq_len].view(n, seq_len)
-
-
 class PackedTokens(torch.utils.data.Dataset):
     """Rows of equally long packed token tensors: {"input_ids": [N, L], ...}."""
 
@@ -231,17 +224,6 @@ def enable_checkpointing(model: nn.Module) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     elif hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-
-def causal_lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Mean next-token cross-entropy; positions with attention_mask 0 are ignored."""
-    ids = batch["input_ids"]
-    mask = batch.get("attention_mask")
-    labels = ids if mask is None else ids.masked_fill(mask == 0, -100)
-    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # [B, L, V]
-    return F.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
-    )
 
 
 # ---------------------------------------------------------------------------
