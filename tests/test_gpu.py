@@ -23,10 +23,8 @@ import torch
 from quant.blockwise.block_ap import ActivationCache, Prefetcher, capture_block_inputs, make_loss_fn
 from quant.calibrate.rtn import quantize_linears
 from quant.config.scheme import QuantScheme
-from quant.e2e.losses import causal_lm_loss
 from quant.e2e.trainer import (
     E2EContext,
-    Objective,
     TrainConfig,
     Trainer,
     e2e_methods,
@@ -35,6 +33,7 @@ from quant.e2e.trainer import (
 from quant.models.arch import decoder_layers
 from quant.synth.decode import KVDecoder
 from tests.conftest import make_tiny_llama
+from tests.test_train import _norm_objective
 
 pytestmark = pytest.mark.gpu
 
@@ -161,16 +160,8 @@ def test_fp32_master_weights_change_under_small_lr(tmp_path):
     """bf16-loaded model, lr 2e-5: the RMSNorm weights (1.0) move in their fp32 masters by
     less than a bf16 rounding step, so a bf16 parameter would not have moved at all."""
     model = make_tiny_llama().to(torch.bfloat16)
-    model.requires_grad_(False)
-    norms = [p for n, p in model.named_parameters() if n.endswith("norm.weight")]
-    for p in norms:
-        p.requires_grad_(True)
-
-    def loss(m, batch):
-        ce = causal_lm_loss(m, batch)
-        return ce, {"ce": ce.detach()}
-
-    objective = Objective([{"params": norms, "lr": 2e-5, "name": "norm"}], loss)
+    objective = _norm_objective(model, 2e-5)
+    norms = objective.param_groups[0]["params"]
     cfg = TrainConfig(epochs=1, batch_size=2, warmup_ratio=0.0, save_every=0, log_every=1,
                       max_grad_norm=0.0, grad_checkpointing=False)
     Trainer(model, objective, cfg, tmp_path, make_accelerator("cuda"), seed=0).fit({"input_ids": _ids(4, 32)})
