@@ -23,13 +23,7 @@ import torch
 from quant.blockwise.block_ap import ActivationCache, Prefetcher, capture_block_inputs, make_loss_fn
 from quant.calibrate.rtn import quantize_linears
 from quant.config.scheme import QuantScheme
-from quant.e2e.trainer import (
-    E2EContext,
-    TrainConfig,
-    Trainer,
-    e2e_methods,
-    make_accelerator,
-)
+from quant.e2e.trainer import E2EContext, TrainConfig, Trainer, e2e_methods, make_accelerator
 from quant.models.arch import decoder_layers
 from quant.synth.decode import KVDecoder
 from tests.conftest import make_tiny_llama

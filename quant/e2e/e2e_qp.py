@@ -61,11 +61,7 @@ def setup(model: nn.Module, options: E2EQPOptions, ctx: E2EContext) -> Objective
 
         return Objective(groups, loss)
 
-    if ctx.teacher_dir is None:
-        raise ConfigError("e2e.options.kd_weight > 0 needs the full-precision teacher model")
-    from quant.models.checkpoint import load_model
-
-    teacher, _ = load_model(ctx.teacher_dir, ctx.dtype, "cpu")
+    teacher = ctx.load_teacher("e2e.options.kd_weight > 0")
     w, temp = options.kd_weight, options.kd_temperature
 
     def loss_kd(student: nn.Module, batch: Batch):

@@ -154,12 +154,10 @@ def prepare_student(model: nn.Module, ctx: E2EContext, options: KDOptions) -> li
 
 @E2E.register("kd", KDOptions)
 def setup(model: nn.Module, options: KDOptions, ctx: E2EContext) -> Objective:
-    if ctx.teacher_dir is None:
+    if ctx.teacher_dir is None:  # before the student is changed
         raise ConfigError("e2e.method=kd needs the full-precision teacher model (artifacts/prepare/model)")
     groups = prepare_student(model, ctx, options)
-    from quant.models.checkpoint import load_model
-
-    teacher, _ = load_model(ctx.teacher_dir, ctx.dtype, "cpu")
+    teacher = ctx.load_teacher("e2e.method=kd")
     t, w, norm = options.temperature, options.hard_label_weight, options.normalize
 
     def loss(student: nn.Module, batch: Batch):

@@ -105,6 +105,14 @@ class E2EContext:
     teacher_dir: Path | None = None  # full-precision model directory (KD)
     seed: int = 0
 
+    def load_teacher(self, who: str) -> nn.Module:
+        """The full-precision teacher on the CPU (the trainer moves it to the device)."""
+        if self.teacher_dir is None:
+            raise ConfigError(f"{who} needs the full-precision teacher model (artifacts/prepare/model)")
+        from quant.models.checkpoint import load_model
+
+        return load_model(self.teacher_dir, self.dtype, "cpu")[0]
+
 
 @dataclass
 class Objective:
