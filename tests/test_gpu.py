@@ -32,7 +32,7 @@ from tests.test_train import _norm_objective
 pytestmark = pytest.mark.gpu
 
 CUDA = torch.device("cuda")
-SCHEME = QuantScheme.from_name("W4A16KV16", group_size=32)
+SCHEME = QuantScheme.from_name("W4A16KV16", preset="efficientqat", group_size=32)  # learned step sizes
 VOCAB = 256
 
 
