@@ -101,14 +101,18 @@ def test_bad_params_fail_before_training(stage_dir, monkeypatch, section, overri
     assert not (stage_dir / "metrics").exists()
 
 
-def test_diverging_e2e_fails_its_run_and_writes_nothing(stage_dir, monkeypatch, capsys):
+def test_diverging_e2e_fails_its_run_and_writes_nothing(stage_dir, monkeypatch, capsys, embedded_tokenizer):
     """Issue 17: e2e.options.lr 1e30 used to run on with NaN loss, exit 0 and write a model
-    with NaN step sizes. Now: one-line error naming stage, step and loss; exit 2; run FAILED."""
+    with NaN parameters. Now: one-line error naming stage, step and loss; exit 2; run FAILED.
+    (`kd`: it trains the unquantized norms and lm_head too, which no step-size clamp bounds.)"""
     import mlflow
 
     from tasks import common, e2e
 
-    params = _params(e2e={"model": "calibrate", "options": {"lr": 1e30},
+    teacher = stage_dir / "artifacts" / "prepare" / "model"
+    make_tiny_llama(vocab=len(embedded_tokenizer), layers=2).save_pretrained(teacher)
+    embedded_tokenizer.save_pretrained(teacher)
+    params = _params(e2e={"model": "calibrate", "method": "kd", "options": {"lr": 1e30},
                           "train": {"epochs": 1, "batch_size": 2, "log_every": 1, "save_every": 2}})
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{stage_dir / 'mlflow.db'}")
     monkeypatch.setenv("QUANT_EXPERIMENT", "test-diverge")
