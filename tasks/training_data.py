@@ -13,8 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from quant.config import Config, ConfigError
-from quant.e2e.data import tokenize_text
-from quant.e2e.trainer import text_windows
+from quant.e2e.data import tokenize_text, windows
 from tasks.common import ARTIFACTS, stage_dir
 
 MERGED = ARTIFACTS / "merge" / "train.safetensors"
@@ -55,7 +54,7 @@ def training_sequences(tokenizer, data: DataConfig, section: str) -> tuple[torch
             ids = ids[tensors["attention_mask"][:, : data.seq_len].all(dim=1)]
         return ids.long().contiguous(), str(MERGED)
     calib = stage_dir("prepare") / "data" / "calib.txt"
-    return text_windows(tokenize_text(tokenizer, calib.read_text()), data.seq_len), str(calib)
+    return windows(tokenize_text(tokenizer, calib.read_text()), data.seq_len), str(calib)
 
 
 def fingerprint(*parts: Any, files: tuple[Path, ...] = (), tensors: tuple[torch.Tensor, ...] = ()) -> str:

@@ -48,12 +48,17 @@ from quant.blockwise.engine import (
     Prefetcher,
     SubSteps,
     blockwise_methods,
+    capture_block_inputs,
     first_nonfinite,
+    float_block,
     make_loss_fn,
+    run_block,
 )
 from quant.config import ConfigError
 
-__all__ = ["BlockAP", "BlockAPOptions", "BlockwiseContext", "blockwise_methods", "fit_block"]
+# the engine's plumbing stays importable from here for code written before the split
+__all__ = ["ActivationCache", "BlockAP", "BlockAPOptions", "BlockwiseContext", "Prefetcher", "blockwise_methods",
+           "capture_block_inputs", "fit_block", "float_block", "make_loss_fn", "run_block"]
 
 BlockAPResult = BlockwiseResult
 
@@ -114,11 +119,11 @@ def fit_block(block: nn.Module, loss_fn: Callable, inputs: ActivationCache, targ
         order = (torch.randperm(n_batches, generator=g) * bs).tolist()
         acc = torch.zeros((), device=inputs.device)
         step_losses = torch.zeros(n_batches, device=inputs.device)  # to name a diverging step
-        pending = prefetch.issue_slice(caches, order[0], order[0] + bs)
+        pending = prefetch.issue(caches, order[0], order[0] + bs)
         for k in range(n_batches):
             x, y = Prefetcher.wait(pending)
             if k + 1 < n_batches:
-                pending = prefetch.issue_slice(caches, order[k + 1], order[k + 1] + bs)
+                pending = prefetch.issue(caches, order[k + 1], order[k + 1] + bs)
             loss = loss_fn(x, y)
             loss.backward()
             optimizer.step()

@@ -65,7 +65,12 @@ class Prefetcher:
     def __init__(self, device: torch.device) -> None:
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
-    def issue(self, fetch: Callable[[], list[torch.Tensor]]):
+    def issue(self, caches: list[ActivationCache], i: int, j: int):
+        """Rows [i, j) of every cache, copied on the side stream; `wait` hands them over."""
+        return self.issue_fetch(lambda: [c.get(i, j) for c in caches])
+
+    def issue_fetch(self, fetch: Callable[[], list[torch.Tensor]]):
+        """Any batch: `fetch` runs with the side stream current (e.g. a gather of random rows)."""
         if self.stream is None:
             return fetch(), None
         with torch.cuda.stream(self.stream):
@@ -73,9 +78,6 @@ class Prefetcher:
             ev = torch.cuda.Event()
             ev.record(self.stream)
         return out, ev
-
-    def issue_slice(self, caches: list[ActivationCache], i: int, j: int):
-        return self.issue(lambda: [c.get(i, j) for c in caches])
 
     @staticmethod
     def wait(handle) -> list[torch.Tensor]:

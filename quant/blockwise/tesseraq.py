@@ -312,11 +312,11 @@ class TesseraQStep(BlockMethod):
         optimizer = self._optimizer(data.device)  # fresh per step, as published
         losses = torch.zeros(iters, device=data.device)
         self.soft.train()
-        pending = data.prefetch.issue(lambda: fetch(0))
+        pending = data.prefetch.issue_fetch(lambda: fetch(0))
         for it in range(iters):
             x, y = Prefetcher.wait(pending)
             if it + 1 < iters:
-                pending = data.prefetch.issue(lambda it=it: fetch(it + 1))
+                pending = data.prefetch.issue_fetch(lambda it=it: fetch(it + 1))
             loss = self._step_fn(x, y)
             loss.backward()
             optimizer.step()
