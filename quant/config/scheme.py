@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from quant.config.base import Config, ConfigError
-from quant.numerics.formats import IntFormat, NumberFormat
+from quant.numerics.formats import BlockFPFormat, IntFormat, NumberFormat
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,12 @@ class WeightSpec(Config):
             raise ConfigError(
                 f"group_size={self.group_size} is not accepted; use -1 (per output channel) "
                 "or a positive group size that divides in_features"
+            )
+        if isinstance(self.format, BlockFPFormat) and self.group_size != self.format.block_size:
+            raise ConfigError(
+                f"group_size={self.group_size} does not match format={self.format.spec()!r}, whose "
+                f"blocks are {self.format.block_size} elements; accepted: mxfp4 with group_size 32, "
+                "nvfp4 with group_size 16"
             )
 
     @property

@@ -8,10 +8,17 @@
   A trainable QuantLinear's float weight (what Block-AP starts from and what
   its full-precision targets use) is kept in `float_weights.safetensors`; a
   frozen one (`QuantLinear.freeze()`) is restored frozen, bit for bit.
+- Floating-point layers (no integer codes) keep their float weight and, for
+  FP formats, `<layer>.exp_bias`; a layer whose format differs from the scheme's
+  (the `fp-search` format search) is listed in `quantization.json` under
+  `layer_formats`. A searched activation quantizer (`CalibratedFPQuantizer`) is
+  stored as `<layer>.act_bias` / `<layer>.act_shift` plus its format in
+  `act_formats`, and restored before the scheme's runtime quantizers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,12 +27,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from quant.config.scheme import QuantScheme
+from quant.config.scheme import QuantScheme, WeightSpec
 from quant.models.arch import get_module, iter_block_linears, mapping_for, set_module
 from quant.models.hub import atomic_dir
+from quant.modules.activation import CalibratedFPQuantizer, set_input_quantizer
 from quant.modules.linear import QuantLinear
 from quant.modules.runtime import apply_runtime_quantizers
 from quant.numerics import grid as P
+from quant.numerics.formats import IntFormat, parse_format
 
 QPARAMS_FILE = "qparams.safetensors"
 FLOAT_WEIGHTS_FILE = "float_weights.safetensors"
@@ -63,7 +72,11 @@ def save_quantized(model: nn.Module, tokenizer, scheme: QuantScheme, out: str | 
     qparams: dict[str, torch.Tensor] = {}
     float_weights: dict[str, torch.Tensor] = {}
     layers = dict(quant_linears(model))
+    fp_meta: dict[str, dict[str, str]] = {"layer_formats": {}, "act_formats": {}}
     for name, ql in layers.items():
+        if not isinstance(ql.spec.format, IntFormat):
+            _collect_fp_layer(name, ql, scheme, qparams, float_weights, fp_meta)
+            continue
         if not ql.frozen:
             float_weights[f"{name}.weight"] = ql.weight.detach().contiguous().cpu()
         q, scale, zp = ql.integer_weight()
@@ -83,12 +96,43 @@ def save_quantized(model: nn.Module, tokenizer, scheme: QuantScheme, out: str | 
             if float_weights:
                 save_file(float_weights, str(tmp / FLOAT_WEIGHTS_FILE))
             frozen = sorted(n for n, ql in layers.items() if ql.frozen)
-            meta = {"scheme": scheme.to_dict(), "layers": sorted(layers), "frozen": frozen, **(extra or {})}
+            meta = {"scheme": scheme.to_dict(), "layers": sorted(layers), "frozen": frozen,
+                    **{k: v for k, v in fp_meta.items() if v}, **(extra or {})}
             (tmp / SCHEME_FILE).write_text(json.dumps(meta, indent=2))
     finally:
         for name, ql in layers.items():
             set_module(model, name, ql)
     return out
+
+
+def _collect_fp_layer(name: str, ql: QuantLinear, scheme: QuantScheme, qparams: dict,
+                      float_weights: dict, fp_meta: dict) -> None:
+    """An FP layer's state: float weight, exponent bias, searched format and act quantizer."""
+    float_weights[f"{name}.weight"] = ql.weight.detach().contiguous().cpu()
+    if ql.exp_bias is not None:
+        qparams[f"{name}.exp_bias"] = ql.exp_bias.detach().float().contiguous().cpu()
+    if scheme.weight is None or ql.spec.format != scheme.weight.format:
+        fp_meta["layer_formats"][name] = ql.spec.format.spec()
+    aq = ql.input_quantizer
+    if isinstance(aq, CalibratedFPQuantizer):
+        fp_meta["act_formats"][name] = aq.fmt.spec()
+        qparams[f"{name}.act_bias"] = aq.bias.detach().float().reshape(1).cpu()
+        if aq.shift is not None:
+            qparams[f"{name}.act_shift"] = aq.shift.detach().float().contiguous().cpu()
+
+
+def _restore_fp_layer(name: str, lin: nn.Linear, spec: WeightSpec, qparams: dict, floats: dict,
+                      act_format: str | None) -> QuantLinear:
+    ql = QuantLinear.from_linear(lin, spec, name)
+    with torch.no_grad():
+        ql.weight.copy_(floats[f"{name}.weight"].to(ql.weight.dtype))
+        if ql.exp_bias is not None:
+            ql.exp_bias.copy_(qparams[f"{name}.exp_bias"])
+    if act_format is not None:
+        fmt = parse_format(act_format, f"act_formats[{name!r}]")
+        shift = qparams.get(f"{name}.act_shift")
+        set_input_quantizer(ql, CalibratedFPQuantizer(fmt, qparams[f"{name}.act_bias"], shift))
+    return ql
 
 
 def read_scheme(path: str | Path) -> QuantScheme | None:
@@ -109,9 +153,16 @@ def _restore_quant_linears(model: nn.Module, path: Path) -> None:
     floats = load_file(str(path / FLOAT_WEIGHTS_FILE)) if (path / FLOAT_WEIGHTS_FILE).exists() else {}
     frozen = set(meta.get("frozen", ()))
     g = scheme.weight.group_size
+    layer_formats, act_formats = meta.get("layer_formats", {}), meta.get("act_formats", {})
     for name in meta["layers"]:
         lin = get_module(model, name)
-        ql = QuantLinear.from_linear(lin, scheme.weight, name)
+        spec = scheme.weight
+        if name in layer_formats:
+            spec = dataclasses.replace(spec, format=parse_format(layer_formats[name], f"layer_formats[{name!r}]"))
+        if not isinstance(spec.format, IntFormat):
+            set_module(model, name, _restore_fp_layer(name, lin, spec, qparams, floats, act_formats.get(name)))
+            continue
+        ql = QuantLinear.from_linear(lin, spec, name)
         scale = qparams[f"{name}.scale"].to(ql.scale.device)
         zp = qparams.get(f"{name}.zero_point")
         zp = None if zp is None else zp.to(ql.scale.device)
