@@ -64,7 +64,7 @@ def bias_for_absmax(absmax: torch.Tensor, fmt: FPFormat) -> torch.Tensor:
 def fake_quantize_fp(x: torch.Tensor, fmt: FPFormat, bias: torch.Tensor | float) -> torch.Tensor:
     """Round `x` to `fmt` with exponent bias `bias` (broadcast against x); STE gradient."""
     if not isinstance(bias, torch.Tensor):
-        bias = torch.tensor(float(bias), device=x.device)
+        bias = torch.tensor(float(bias), device=x.device, dtype=x.dtype)
     bias = bias.to(x.dtype)
     mv = maxval(fmt, bias)
     xc = torch.maximum(torch.minimum(x, mv), -mv)
