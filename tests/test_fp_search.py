@@ -25,7 +25,18 @@ from quant.numerics.formats import FPFormat
 E2M1 = FPFormat(2, 1)
 W4A4 = {"weight": {"format": "fp4-e2m1", "group_size": -1},
         "activation": {"format": "fp4-e2m1", "granularity": "per_tensor"}}
-FAST = {"rounds": 1, "candidates": 12, "device": "cpu", "batch_size": 2}
+FAST = {"rounds": 1, "candidates": 8, "device": "cpu", "batch_size": 2, "search_format": False}
+
+
+@pytest.fixture
+def tiny_tokenizer():
+    """A word-level tokenizer (save_pretrained / AutoTokenizer round trip, no model needed)."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "a": 1}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="[UNK]")),
+                                   unk_token="[UNK]")
 
 
 def outlier_layer(seed: int = 0, n: int = 512, d_in: int = 64, d_out: int = 32):
@@ -60,7 +71,7 @@ def test_search_beats_minmax_and_pre_shift_helps_outliers():
     base = _minmax_mse(x, w, E2M1, E2M1)
     mse = {}
     for pre_shift in (False, True):
-        opts = FPSearchOptions(rounds=2, candidates=50, pre_shift=pre_shift, search_format=False)
+        opts = FPSearchOptions(rounds=2, candidates=40, pre_shift=pre_shift, search_format=False)
         s = LayerSearch(w, x, x, E2M1, E2M1, opts)
         r = s.run()
         mse[pre_shift] = s.loss(r.w_fmt, r.a_fmt)
@@ -83,7 +94,7 @@ def _logits(model, ids):
         return model(input_ids=ids).logits
 
 
-def test_fp_search_model_save_load_and_cache(tmp_path, embedded_tokenizer):
+def test_fp_search_model_save_load_and_cache(tmp_path, tiny_tokenizer):
     model = make_tiny_llama()
     ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
     scheme = QuantScheme.from_dict(W4A4, "scheme")
@@ -104,7 +115,7 @@ def test_fp_search_model_save_load_and_cache(tmp_path, embedded_tokenizer):
     apply_runtime_quantizers(m2, scheme)
     assert torch.equal(_logits(m2, ids), ref)
 
-    save_quantized(m1, embedded_tokenizer, scheme, tmp_path / "q")
+    save_quantized(m1, tiny_tokenizer, scheme, tmp_path / "q")
     meta = json.loads((tmp_path / "q" / "quantization.json").read_text())
     assert len(meta["act_formats"]) == 14
     loaded, _ = load_model(tmp_path / "q")
@@ -114,7 +125,7 @@ def test_fp_search_model_save_load_and_cache(tmp_path, embedded_tokenizer):
     assert torch.equal(_logits(loaded, ids), ref)
 
 
-def test_searched_format_persists(tmp_path, embedded_tokenizer):
+def test_searched_format_persists(tmp_path, tiny_tokenizer):
     model = make_tiny_llama()
     scheme = QuantScheme.from_dict(W4A4, "scheme")
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
@@ -123,7 +134,7 @@ def test_searched_format_persists(tmp_path, embedded_tokenizer):
     ql = model.get_submodule(name)
     ql.spec = type(ql.spec)(FPFormat(3, 0), -1)  # as if the search had picked E3M0 here
     ql.input_quantizer.fmt = FPFormat(1, 2)
-    save_quantized(model, embedded_tokenizer, scheme, tmp_path / "q")
+    save_quantized(model, tiny_tokenizer, scheme, tmp_path / "q")
     meta = json.loads((tmp_path / "q" / "quantization.json").read_text())
     assert meta["layer_formats"] == {name: "fp4-e3m0"} and meta["act_formats"][name] == "fp4-e1m2"
     loaded, _ = load_model(tmp_path / "q")
