@@ -127,6 +127,7 @@ def run(params: Params) -> dict[str, Any]:
     scheme = read_scheme(src)
     if scheme is None or scheme.weight is None:
         raise ConfigError(f"block_ap needs a weight-quantized model in {src}; run calibrate first")
+    scheme.require_integer_weights("block_ap")
     if not (src / FLOAT_WEIGHTS_FILE).exists():
         raise ConfigError(f"{src} holds no {FLOAT_WEIGHTS_FILE} (the float weights Block-AP trains "
                           "and reconstructs); re-run calibrate with this version")

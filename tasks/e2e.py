@@ -59,6 +59,7 @@ def run(params: Params) -> dict[str, Any]:
     scheme = read_scheme(src)
     if scheme is None:
         raise ConfigError(f"e2e.model={cfg.model!r}: {src} is not a quantized model")
+    scheme.require_integer_weights("e2e")
     device, dtype = setup_torch(params.base)
     acc = make_accelerator(device)
     from transformers import AutoTokenizer

@@ -200,3 +200,11 @@ def test_dynamic_fp_activation_and_kv_quantizers():
     per_head = DynamicQuantizer.for_kv(KVCacheSpec(FPFormat(4, 3), "per_head"), 32)
     q = per_head(x)
     assert q.reshape(2, 5, 2, 32).abs().amax(-1).allclose(x.reshape(2, 5, 2, 32).abs().amax(-1))
+
+
+def test_integer_only_stages_refuse_fp_weights():
+    scheme = QuantScheme.from_dict({"weight": {"format": "nvfp4", "group_size": 16}}, "scheme")
+    with pytest.raises(ConfigError, match=r"scheme.weight.format='nvfp4': the block_ap stage .*"
+                                          r"accepted: int2..int8"):
+        scheme.require_integer_weights("block_ap")
+    QuantScheme.from_dict({"weight": {"format": "int4"}}, "scheme").require_integer_weights("e2e")

@@ -86,6 +86,16 @@ class QuantScheme(Config):
                 "arrives with packed export); use false"
             )
 
+    def require_integer_weights(self, stage: str) -> None:
+        """Stages that train integer step sizes / zero points (block_ap, e2e) or pack integer
+        codes cannot carry FP weight formats: say so before any work."""
+        if self.weight is not None and not isinstance(self.weight.format, IntFormat):
+            raise ConfigError(
+                f"scheme.weight.format={self.weight.format.spec()!r}: the {stage} stage trains and "
+                "stores integer grids; accepted: int2..int8 (FP formats are calibrated by "
+                "calibrate.method rtn or fp-search and evaluated from the calibrate stage)"
+            )
+
     @property
     def name(self) -> str:
         """W{w}A{a}KV{kv} with 16 for a tensor that is not quantized, plus group size."""
