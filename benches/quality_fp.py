@@ -100,8 +100,9 @@ def timing_7b(args) -> dict[str, object]:
     """fp-search wall time on a Llama-2-7B-shaped model of --timing-layers layers."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=args.timing_layers,
-                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+    hidden, inter, heads = (int(v) for v in args.timing_shape.split(","))
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=args.timing_layers,
+                      num_attention_heads=heads, num_key_value_heads=heads, vocab_size=32000,
                       max_position_embeddings=4096)
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
@@ -118,7 +119,7 @@ def timing_7b(args) -> dict[str, object]:
         out[f"pre_shift={pre_shift}"] = {"seconds": round(wall, 1), "search_s": m["search_s"],
                                          "extrapolated_32_layers_s": round(wall * 32 / args.timing_layers, 1)}
         say("7B-shaped", out)
-    return {"layers": args.timing_layers, "calib": [args.calib_samples, args.calib_len],
+    return {"layers": args.timing_layers, "shape": args.timing_shape, "calib": [args.calib_samples, args.calib_len],
             "device": torch.cuda.get_device_name() if DEV.type == "cuda" else "cpu", **out}
 
 
@@ -149,6 +150,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--timing-7b", action="store_true")
     ap.add_argument("--timing-layers", type=int, default=2)
+    ap.add_argument("--timing-shape", default="4096,11008,32", help="hidden,intermediate,heads")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
