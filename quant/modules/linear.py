@@ -167,7 +167,7 @@ class QuantLinear(nn.Module):
             bias = None if self.spec.dynamic_minmax else self.exp_bias
             return FP.fake_quantize_weight(self.weight.float(), fmt, bias, g).to(self.weight.dtype)
         if self.frozen:
-            return P.dequantize(self.qweight, self.scale, self.zero_point, g, self.scale.dtype).to(
+            return P.dequantize(self.qweight, self.scale, self.zero_point, fmt, g, self.scale.dtype).to(
                 self.compute_dtype
             )
         if self.spec.dynamic_minmax:  # LLM-QAT: qparams follow the weight, no gradient to them
