@@ -88,7 +88,8 @@ def ppl_all(model, evals: dict[str, torch.Tensor], seq_len: int, windows: int) -
 def task_scores(model, tok, names: str, limit: int | None) -> dict[str, object]:
     from quant.eval import lm_tasks
 
-    run = lm_tasks.TaskRun(names=tuple(names.split(",")), limit=limit, batch_size=32)
+    run = lm_tasks.TaskRun(names=lm_tasks.TASK_NAMES if names == "all" else tuple(names.split(",")),
+                           limit=limit, batch_size=32)
     model.to(DEV)
     res = lm_tasks.run_tasks(model, tok, run, tempfile.mkdtemp(prefix="fp-tasks-"))
     model.cpu()
@@ -145,7 +146,7 @@ def main() -> None:
     ap.add_argument("--no-format-search", action="store_true")
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--eval-windows", type=int, default=None)
-    ap.add_argument("--tasks", default="", help="lm_tasks names, e.g. boolq,piqa,...")
+    ap.add_argument("--tasks", default="", help="'all' or lm_tasks names, e.g. boolq,piqa")
     ap.add_argument("--task-limit", type=int, default=None)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--timing-7b", action="store_true")
