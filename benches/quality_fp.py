@@ -127,7 +127,8 @@ def timing_7b(args) -> dict[str, object]:
 def search_options(args, extra: dict):
     return CALIBRATE.get("fp-search").options.from_dict({
         "rounds": args.rounds, "candidates": args.candidates, "search_tokens": args.search_tokens,
-        "search_format": not args.no_format_search, "device": str(DEV), **extra}, "options")
+        "search_format": not args.no_format_search, "device": str(DEV), "fold": args.fold, **extra},
+        "options")
 
 
 def main() -> None:
@@ -144,6 +145,9 @@ def main() -> None:
     ap.add_argument("--candidates", type=int, default=100)
     ap.add_argument("--search-tokens", type=int, default=4096)
     ap.add_argument("--no-format-search", action="store_true")
+    ap.add_argument("--fold", default="weight", choices=["weight", "quantized"],
+                    help="pre-shift 2^-k into the weight before (weight) or after (quantized) "
+                         "weight quantization")
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--eval-windows", type=int, default=None)
     ap.add_argument("--tasks", default="", help="'all' or lm_tasks names, e.g. boolq,piqa")

@@ -80,6 +80,19 @@ def test_search_beats_minmax_and_pre_shift_helps_outliers():
     assert mse[True] < 0.9 * mse[False]
 
 
+def test_fold_after_weight_quantization_matches_per_channel_simulation():
+    """fold: quantized computes Q_{rho+k}(x) @ Q_w(W)^T (the reference's simulated function)."""
+    x, w = outlier_layer(2)
+    opts = FPSearchOptions(rounds=1, candidates=20, search_format=False, fold="quantized")
+    s = LayerSearch(w, x, x, E2M1, E2M1, opts)
+    r = s.run()
+    wq = FP.fake_quantize_fp(w, E2M1, r.w_bias)
+    xq = FP.fake_quantize_fp(x, E2M1, r.rho + r.shift)
+    ref = ((xq @ wq.T - x @ w.T) ** 2).mean().item()
+    assert abs(s.loss(r.w_fmt, r.a_fmt) - ref) <= 1e-9 * ref
+    assert s.loss(r.w_fmt, r.a_fmt) < _minmax_mse(x, w, E2M1, E2M1)
+
+
 def test_format_search_picks_a_same_width_format():
     x, w = outlier_layer(1)
     s = LayerSearch(w, x, x, E2M1, E2M1, FPSearchOptions(rounds=1, candidates=20))
@@ -123,6 +136,20 @@ def test_fp_search_model_save_load_and_cache(tmp_path, tiny_tokenizer):
     assert lq.spec.format == q.spec.format and torch.equal(lq.exp_bias, q.exp_bias)
     assert torch.equal(lq.input_quantizer.shift, q.input_quantizer.shift)
     assert torch.equal(_logits(loaded, ids), ref)
+
+
+def test_fold_quantized_round_trip(tmp_path, tiny_tokenizer):
+    model = make_tiny_llama()
+    scheme = QuantScheme.from_dict(W4A4, "scheme")
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(2))
+    w = model.model.layers[0].mlp.up_proj.weight.detach().clone()
+    CALIBRATE.get("fp-search").fn(model, scheme, ids, FPSearchOptions.from_dict({**FAST, "fold": "quantized"}))
+    ql = model.model.layers[0].mlp.up_proj
+    assert torch.equal(ql.weight, w) and ql.input_quantizer.unshift  # weight stays unfolded
+    save_quantized(model, tiny_tokenizer, scheme, tmp_path / "q")
+    loaded, _ = load_model(tmp_path / "q")
+    assert loaded.model.layers[0].mlp.up_proj.input_quantizer.unshift
+    assert torch.equal(_logits(loaded, ids), _logits(model, ids))
 
 
 def test_searched_format_persists(tmp_path, tiny_tokenizer):

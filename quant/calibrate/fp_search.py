@@ -44,7 +44,7 @@ import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -75,6 +75,10 @@ class FPSearchOptions(Config):
     batch_size: int = 4  # calibration windows per block forward
     cache_dir: str = ""  # per-block results; a re-run with the same inputs reuses them
     device: str = ""  # "" = cuda when available, else cpu
+    # where 2^-k of the pre-shift goes: "weight" folds it into the float weight before the
+    # weight is quantized (what is stored is then an ordinary FP weight); "quantized" applies
+    # it to the quantized weight column (the reference code's simulated function)
+    fold: Literal["weight", "quantized"] = "weight"
     tf32: bool = True  # TF32 matmuls while scoring on CUDA (2^-11 << the FP8/FP4 steps scored)
     seed: int = 0
 
@@ -157,8 +161,8 @@ class LayerSearch:
         self.b_c = {f: FP.bias_for_absmax(ch_max, f) for f in self.a_fmts}
         self.rho0 = {f: self.b_c[f].min() for f in self.a_fmts}  # min-max over the tensor
         self.rho = dict(self.rho0)
-        self.w_bias0 = {f: FP.bias_for_absmax(_fold(w, self.shift(a_fmt)).abs().amax(1, keepdim=True), f)
-                        for f in self.w_fmts}
+        w0 = _fold(w, self.shift(a_fmt)) if opts.fold == "weight" else w
+        self.w_bias0 = {f: FP.bias_for_absmax(w0.abs().amax(1, keepdim=True), f) for f in self.w_fmts}
         self.w_bias = dict(self.w_bias0)
 
     def shift(self, a_fmt: FPFormat | None, rho: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -181,20 +185,28 @@ class LayerSearch:
         for i in range(0, len(rhos), chunk):
             rho = rhos[i : i + chunk]  # [c]
             k = self.shift(a_fmt, rho)  # [c, in] or None
-            wf = self.w[None] if k is None else _fold(self.w[None], k[:, None, :])  # [c|1, out, in]
-            wq = FP.fake_quantize_fp(wf, w_fmt, self.w_bias[w_fmt][None])
+            wq = self.quantized_weight(w_fmt, None if k is None else k[:, None, :])  # [c|1, out, in]
             xk = self.xs[None] if k is None else self.xs[None] * torch.exp2(k[:, None, :])  # [c|1, S, in]
             xq = FP.fake_quantize_fp(xk, a_fmt, rho[:, None, None])  # [c, S, in]
             out.append(((xq @ wq.transpose(1, 2) - self.ys[None]) ** 2).mean(dim=(1, 2)))
         return torch.cat(out)
+
+    def quantized_weight(self, w_fmt: FPFormat, k: torch.Tensor | None) -> torch.Tensor:
+        w, b = self.w[None], self.w_bias[w_fmt][None]
+        if self.opts.fold == "weight":
+            return FP.fake_quantize_fp(_fold(w, k), w_fmt, b)
+        return _fold(FP.fake_quantize_fp(w, w_fmt, b), k)
 
     def loss(self, w_fmt: FPFormat, a_fmt: FPFormat | None) -> float:
         return float(self.losses(w_fmt, a_fmt)[0])
 
     def search_weight_bias(self, w_fmt: FPFormat, chunk: int = 8) -> None:
         k = self.shift(self.a_fmt)
-        wf = _fold(self.w, k)
         xq = _quant_act(self.x, self.a_fmt, self.a_fmt and self.rho[self.a_fmt], k)  # [T, in]
+        if self.opts.fold == "weight":
+            wf = _fold(self.w, k)
+        else:  # the 2^-k stays outside the weight grid: put it on the quantized activation
+            wf, xq = self.w, _fold(xq, k)
         r = self.y - xq @ wf.T  # [T, out]: error of the activation quantizer alone
         h, g = xq.T @ xq, (xq.T @ r).T  # [in, in], [out, in]
         best = torch.full((wf.shape[0],), float("inf"), device=wf.device)
@@ -228,18 +240,20 @@ class LayerSearch:
 
 
 def apply_result(model: nn.Module, name: str, lin: nn.Linear, scheme: QuantScheme,
-                 res: LayerResult) -> QuantLinear:
+                 res: LayerResult, fold: str = "weight") -> QuantLinear:
     """Replace `lin` by a QuantLinear holding the searched state (weight folded by 2^-shift)."""
     spec = replace(scheme.weight, format=res.w_fmt)
     ql = QuantLinear.from_linear(lin, spec, name)
     dev = ql.weight.device
     with torch.no_grad():
         shift = None if res.shift is None else res.shift.to(dev)
-        ql.weight.copy_(_fold(lin.weight.float(), shift).to(ql.weight.dtype))
+        if fold == "weight":
+            ql.weight.copy_(_fold(lin.weight.float(), shift).to(ql.weight.dtype))
         ql.exp_bias.copy_(res.w_bias)
     if res.a_fmt is not None:
-        set_input_quantizer(ql, CalibratedFPQuantizer(res.a_fmt, res.rho.to(dev),
-                                                      None if res.shift is None else res.shift.to(dev)))
+        shift = None if res.shift is None else res.shift.to(dev)
+        set_input_quantizer(ql, CalibratedFPQuantizer(res.a_fmt, res.rho.to(dev), shift,
+                                                      unshift=fold == "quantized"))
     set_module(model, name, ql)
     return ql
 
@@ -367,7 +381,7 @@ def _search_model(model: nn.Module, scheme: QuantScheme, calib_ids: torch.Tensor
             block.to(home)
     for results in done.values():
         for name, res in results.items():
-            apply_result(model, name, targets[name], scheme, res)
+            apply_result(model, name, targets[name], scheme, res, options.fold)
     rest = [n for n in targets if n not in {n for r in done.values() for n in r}]  # e.g. lm_head
     for n in rest:
         set_module(model, n, QuantLinear.from_linear(targets[n], scheme.weight, n))

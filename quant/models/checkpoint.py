@@ -132,6 +132,8 @@ def _collect_fp_layer(name: str, ql: QuantLinear, scheme: QuantScheme, qparams: 
         qparams[f"{name}.act_bias"] = aq.bias.detach().float().reshape(1).cpu()
         if aq.shift is not None:
             qparams[f"{name}.act_shift"] = aq.shift.detach().float().contiguous().cpu()
+            if aq.unshift:
+                qparams[f"{name}.act_unshift"] = torch.ones(1)
 
 
 def _restore_fp_layer(name: str, lin: nn.Linear, spec: WeightSpec, qparams: dict, floats: dict,
@@ -144,7 +146,8 @@ def _restore_fp_layer(name: str, lin: nn.Linear, spec: WeightSpec, qparams: dict
     if act_format is not None:
         fmt = parse_format(act_format, f"act_formats[{name!r}]")
         shift = qparams.get(f"{name}.act_shift")
-        set_input_quantizer(ql, CalibratedFPQuantizer(fmt, qparams[f"{name}.act_bias"], shift))
+        unshift = f"{name}.act_unshift" in qparams
+        set_input_quantizer(ql, CalibratedFPQuantizer(fmt, qparams[f"{name}.act_bias"], shift, unshift))
     return ql
 
 

@@ -80,9 +80,10 @@ class CalibratedFPQuantizer(nn.Module):
 
     calibrated = True
 
-    def __init__(self, fmt: FPFormat, bias: torch.Tensor, shift: torch.Tensor | None = None) -> None:
+    def __init__(self, fmt: FPFormat, bias: torch.Tensor, shift: torch.Tensor | None = None,
+                 unshift: bool = False) -> None:
         super().__init__()
-        self.fmt = fmt
+        self.fmt, self.unshift = fmt, unshift  # unshift: 2^-shift applied here, weight unfolded
         self.register_buffer("bias", bias.detach().float().reshape(()), persistent=False)
         self.register_buffer("shift", None if shift is None else shift.detach().float(), persistent=False)
 
@@ -90,7 +91,10 @@ class CalibratedFPQuantizer(nn.Module):
         x32 = x.float()  # x: [..., in_features]
         if self.shift is not None:
             x32 = x32 * torch.exp2(self.shift)
-        return FP.fake_quantize_fp(x32, self.fmt, self.bias).to(x.dtype)
+        q = FP.fake_quantize_fp(x32, self.fmt, self.bias)
+        if self.shift is not None and self.unshift:
+            q = q * torch.exp2(-self.shift)
+        return q.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.fmt.spec()}, per_tensor bias={float(self.bias):.3f}, pre_shift={self.shift is not None}"
