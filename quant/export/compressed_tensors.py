@@ -43,7 +43,11 @@ CT_BITS = (2, 3, 4, 8)
 
 
 def quantization_config(scheme: QuantScheme, ignore: list[str]):
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+    )
 
     w = scheme.weight
     grouped = w.group_size != -1
@@ -85,11 +89,11 @@ class CompressedTensorsExporter:
             if ql.bias is not None:
                 lin.bias.copy_(ql.bias.float())
             set_module(model, name, lin)
-            codes[name] = (q if zp is None else q, scale, zp)
+            codes[name] = (q, scale, zp)
         ignore = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in layers)
         qconfig = quantization_config(scheme, ignore)
         apply_quantization_config(model, qconfig)
-        for name, (q, scale, zp) in codes.items():
+        for name, (_, scale, zp) in codes.items():
             lin = get_module(model, name)
             lin.weight_scale.data = scale.float().clone()
             if zp is not None:
@@ -97,7 +101,7 @@ class CompressedTensorsExporter:
         compressor = ModelCompressor.from_pretrained_model(model, "pack-quantized")
         compressor.compress_model(model)
         compressor.remove_decompression_hook(model)
-        for name, (q, scale, zp) in codes.items():
+        for name, (q, _, zp) in codes.items():
             lin = get_module(model, name)
             unsigned = q + off if zp is None else q
             if not torch.equal(lin.weight_packed, pack(unsigned, bits, dim=1)):

@@ -44,7 +44,7 @@ GPTQ_GROUPS = (-1, 16, 32, 64, 128, 256, 512, 1024)
 QUANTIZE_CONFIG = "quantize_config.json"
 
 
-def packed_from_quant_linear(ql, symmetric_offset: bool, dtype: torch.dtype) -> PackedLinear:
+def packed_from_quant_linear(ql, dtype: torch.dtype) -> PackedLinear:
     """A PackedLinear (asymmetric storage) holding exactly the codes of a frozen QuantLinear."""
     q, scale, zp = ql.integer_weight()  # q [N, K] int32, scale [N, G], zp [N, G] or None
     bits = ql.spec.bits
@@ -91,7 +91,7 @@ class GPTQExporter:
         g = scheme.weight.group_size
         try:
             for name, ql in layers.items():
-                pl = packed_from_quant_linear(ql, scheme.weight.symmetric, dtype)
+                pl = packed_from_quant_linear(ql, dtype)
                 gs = ql.in_features if g == -1 else g
                 pl.register_buffer("g_idx", torch.arange(ql.in_features, dtype=torch.int32) // gs)
                 set_module(model, name, pl)

@@ -46,7 +46,12 @@ def to_half(model: nn.Module, dtype: torch.dtype) -> dict[str, int]:
     before = tensor_bytes(model)
     for _, ql in quant_linears(model):
         ql.freeze()
+    # non-persistent buffers (RoPE's inv_freq) are recomputed, not stored: keep them exact
+    keep = [(m, n, b) for m in model.modules() for n, b in m._buffers.items()
+            if b is not None and n in m._non_persistent_buffers_set]
     model.to(dtype)
+    for m, n, b in keep:
+        m._buffers[n] = b
     return {"bytes_before": before, "bytes_after": tensor_bytes(model)}
 
 

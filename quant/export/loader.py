@@ -20,7 +20,6 @@ from torch import nn
 from quant.config import ConfigError
 from quant.export.base import CheckpointError, exporter
 from quant.models.arch import get_module, iter_block_linears, mapping_for, set_module
-from quant.modules.packed import PackedLinear
 
 QUANT_METHODS = {"compressed-tensors": "compressed-tensors", "gptq": "gptq"}
 
