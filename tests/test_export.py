@@ -352,3 +352,63 @@ def test_packed_model_generates_and_loads_through_load_model(tmp_path):
     ref = model.to(torch.float32).generate(ids, max_new_tokens=5, do_sample=False)
     assert torch.equal(packed.generate(ids, max_new_tokens=5, do_sample=False), ref)
 
+
+
+# ---------------------------------------------------------------------------
+# The convert stage
+
+
+def _stage_params(tmp_path, monkeypatch, convert: dict, bits=4, group=32):
+    from quant.models.checkpoint import save_quantized
+    from tasks.common import BaseParams, ModelParams, Params
+
+    model = make_tiny_llama()
+    scheme = QuantScheme(weight=WeightSpec(IntFormat(bits), group))
+    quantize_linears(model, scheme)
+    save_quantized(model, tiny_tokenizer(), scheme, tmp_path / "artifacts" / "e2e" / "model",
+                   extra={"method": "e2e-qp"})
+    monkeypatch.chdir(tmp_path)
+    return Params(BaseParams(device="cpu"), ModelParams(), scheme, {"convert": convert})
+
+
+def test_convert_stage_writes_every_format_and_evaluate_loads_the_first(tmp_path, monkeypatch):
+    from quant.eval.footprint import footprint
+    from quant.models.checkpoint import read_scheme
+    from tasks import convert
+
+    params = _stage_params(tmp_path, monkeypatch, {"model": "e2e", "formats": ["gptq", "compressed-tensors",
+                                                                              "half"]})
+    m = convert.run(params)
+    assert set(m["formats"]) == {"gptq", "compressed-tensors", "half"}
+    for fmt, entry in m["formats"].items():
+        assert entry["max_logit_diff"] == 0.0, fmt
+        assert entry["size_bytes"] < m["size_before_bytes"]
+    assert m["memory_bytes_after"] < 0.6 * m["memory_bytes_before"]
+    assert (tmp_path / "artifacts/convert/formats/compressed-tensors/config.json").exists()
+    assert json.loads((tmp_path / "metrics/convert.json").read_text())["primary_format"] == "gptq"
+    model, _ = load_model(tmp_path / "artifacts/convert/model")
+    assert read_scheme(tmp_path / "artifacts/convert/model").name == "W4A16KV16g32"
+    fp = footprint(model)
+    assert fp.bits_per_weight == pytest.approx(4 + (16 + 4) / 32)
+
+
+def test_convert_stage_refuses_bad_params_before_writing(tmp_path, monkeypatch):
+    from tasks import convert
+
+    with pytest.raises(ConfigError, match=r"convert\.formats\[1\]='awq' is not a known method"):
+        convert.run(_stage_params(tmp_path, monkeypatch, {"formats": ["gptq", "awq"]}))
+    with pytest.raises(ConfigError, match=r"convert\.dtype='float32' is not accepted"):
+        convert.run(_stage_params(tmp_path, monkeypatch, {"dtype": "float32"}))
+    with pytest.raises(ConfigError, match=r"convert\.model='block_ap': .* does not exist"):
+        convert.run(_stage_params(tmp_path, monkeypatch, {"model": "block_ap"}))
+    params = _stage_params(tmp_path, monkeypatch, {"formats": ["compressed-tensors", "gptq"]}, group=-1)
+    params = type(params)(params.base, params.model, QuantScheme(
+        weight=WeightSpec(IntFormat(4), -1), kv_cache=KVCacheSpec(IntFormat(4))), params.sections)
+    from quant.models.checkpoint import save_quantized
+
+    model = make_tiny_llama()
+    quantize_linears(model, params.scheme)
+    save_quantized(model, tiny_tokenizer(), params.scheme, tmp_path / "artifacts" / "e2e" / "model")
+    with pytest.raises(ConfigError, match=r"scheme\.kv_cache=.*cannot be exported to 'compressed-tensors'"):
+        convert.run(params)
+    assert not (tmp_path / "artifacts" / "convert").exists()

@@ -85,8 +85,9 @@ def check_int_weights(scheme: QuantScheme, fmt: str, bits: tuple[int, ...]) -> N
 
 
 def export(model: nn.Module, tokenizer, scheme: QuantScheme, fmt: str, out: str | Path,
-           dtype: torch.dtype = torch.float16) -> DiskFootprint:
-    """Write `model` (QuantLinear layers, half-converted) as `fmt` into `out`, atomically."""
+           dtype: torch.dtype = torch.float16, extra_files: dict[str, str] | None = None) -> DiskFootprint:
+    """Write `model` (QuantLinear layers, half-converted) as `fmt` into `out`, atomically
+    (with `extra_files`, name -> text, written beside it inside the same atomic step)."""
     from quant.models.checkpoint import quant_linears
 
     layers = dict(quant_linears(model))
@@ -97,6 +98,8 @@ def export(model: nn.Module, tokenizer, scheme: QuantScheme, fmt: str, out: str 
     exp.check(scheme, layers)
     with atomic_dir(out) as tmp:
         exp.write(model, tokenizer, scheme, tmp, dtype)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
     return disk_footprint(out, sorted(layers), {n: m.in_features * m.out_features for n, m in layers.items()})
 
 
