@@ -412,3 +412,22 @@ def test_convert_stage_refuses_bad_params_before_writing(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"scheme\.kv_cache=.*cannot be exported to 'compressed-tensors'"):
         convert.run(params)
     assert not (tmp_path / "artifacts" / "convert").exists()
+
+
+def test_registry_pyfunc_loads_and_generates_from_the_packed_checkpoint(tmp_path, monkeypatch):
+    import mlflow
+
+    from tasks.packed_model import log_packed_model
+
+    model, scheme = quantized(4, 32, False)
+    export(model, tiny_tokenizer(), scheme, "gptq", tmp_path / "packed")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_experiment("t")
+    with mlflow.start_run():
+        info = log_packed_model(tmp_path / "packed", ["torch"])
+    loaded = mlflow.pyfunc.load_model(info.model_uri)
+    out = loaded.predict(["w1 w2 w3"], params={"max_new_tokens": 4})
+    tok = tiny_tokenizer()
+    ids = tok("w1 w2 w3", return_tensors="pt")["input_ids"]
+    ref = model.to(torch.float32).generate(ids, max_new_tokens=4, do_sample=False)
+    assert out == [tok.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)]
