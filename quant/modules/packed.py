@@ -12,6 +12,9 @@ Where the product is computed is a *backend*, chosen once with `use_backend`:
 - `torch` (default; any device): unpack, dequantise in float32 exactly as
   `QuantLinear` does, matmul. On CPU this is the reference: the packed model's
   logits equal the fake-quant model's bit for bit.
+- `triton` (CUDA; 2/4/8 bits): this project's kernel (quant/modules/triton_gemv.py),
+  reading the GPTQ-layout words as stored; batches above 16 rows (prefill) dequantise
+  and use cuBLAS.
 - `gemlite` (CUDA; 1/2/4/8 bits, groups, `(q - z) * s`): gemlite's Triton kernels,
   an optional dependency (`pip install gemlite`); the packed weights are repacked
   into gemlite's layout once.
@@ -36,7 +39,8 @@ from quant.export.packing import PACK_BITS, WORD, unpack
 from quant.models.hub import MissingDependencyError
 from quant.numerics import grid as P
 
-BACKENDS = ("torch", "gemlite", "torch-int4")
+BACKENDS = ("torch", "triton", "gemlite", "torch-int4")
+TRITON_MAX_ROWS = 16  # above this (prefill) the triton backend dequantises and calls cuBLAS
 GEMLITE_BITS = (1, 2, 4, 8)
 INT4_GROUPS = (32, 64, 128, 256)
 GEMLITE_INSTALL = "pip install 'gemlite==0.6.0.post2' (or: pip install '.[gpu]')"
@@ -90,12 +94,14 @@ class PackedLinear(nn.Module):
             raise ValueError(f"backend={name!r} is not known; accepted: {list(BACKENDS)}")
         if name == "gemlite":
             self._kernel = self._gemlite()
+        elif name == "triton":
+            self._kernel = self._triton()
         elif name == "torch-int4":
             self._kernel = self._tinygemm()
         else:
             self._kernel = None
         self.backend = name
-        if name != "torch" and not keep_packed:
+        if name not in ("torch", "triton") and not keep_packed:  # triton reads the packed words
             self.qweight = self.qzeros = None
         return self
 
@@ -111,6 +117,18 @@ class PackedLinear(nn.Module):
         return A16Wn(device=str(self.qweight.device)).from_weights(
             self.codes().contiguous(), self.scales.t().contiguous(), self.zeros().to(dtype).contiguous(),
             self.bits, self.group_size, None if self.bias is None else self.bias)
+
+    def _triton(self):
+        from quant.modules import triton_gemv
+
+        if not triton_gemv.available() or not self.qweight.is_cuda:
+            raise MissingDependencyError("backend='triton' needs a CUDA device and the triton package "
+                                         "(installed with a CUDA build of torch: pip install triton)")
+        if self.bits not in triton_gemv.KERNEL_BITS:
+            raise ValueError(f"backend='triton' has no {self.bits}-bit kernel; it accepts bits "
+                             f"{list(triton_gemv.KERNEL_BITS)} (use backend='torch')")
+        zeros = self.zeros().t().contiguous().to(self.scales.dtype)  # [G, N]
+        return (triton_gemv.packed_matmul, zeros, self.dequantized_weight)
 
     def _tinygemm(self):
         if self.bits != 4 or self.group_size not in INT4_GROUPS:
@@ -133,6 +151,15 @@ class PackedLinear(nn.Module):
             return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
         if self.backend == "gemlite":
             return self._kernel(x)
+        if self.backend == "triton":
+            matmul, zeros, dequant = self._kernel
+            x2 = x.reshape(-1, self.in_features)
+            if x2.shape[0] > TRITON_MAX_ROWS:
+                y = F.linear(x2, dequant().to(x.dtype))
+            else:
+                y = matmul(x2, self.qweight, self.scales, zeros, self.bits, self.group_size)
+            y = y.reshape(*x.shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias.to(x.dtype)
         kind, w, sz = self._kernel
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
         if kind == "cuda":
