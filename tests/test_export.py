@@ -324,8 +324,10 @@ def test_missing_kernel_library_names_the_install_command(monkeypatch):
     with pytest.raises(MissingDependencyError, match=r"backend='gemlite' needs the gemlite package: "
                                                      r"pip install 'gemlite=="):
         pl.use_backend("gemlite")
-    with pytest.raises(ValueError, match=r"backend='marlin' is not known; accepted: \['torch', 'gemlite'"):
+    with pytest.raises(ValueError, match=r"backend='marlin' is not known; accepted: \['torch', 'triton', 'gemlite'"):
         pl.use_backend("marlin")
+    with pytest.raises(MissingDependencyError, match=r"backend='triton' needs a CUDA device and the triton"):
+        pl.use_backend("triton")  # a CPU tensor (and, here, no triton)
 
 
 def test_torch_int4_backend_is_close_to_the_reference():
