@@ -55,6 +55,16 @@ class DiskFootprint:
                 "quantized_bytes": self.quantized_bytes, "bits_per_weight": self.bits_per_weight}
 
 
+def integer_state(ql) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(codes int32 [N, K], step sizes [N, G], integer zero points [N, G] or None) of a
+    QuantLinear, exactly as its forward pass uses them (step sizes clamped by the grid)."""
+    from quant.numerics import grid as P
+
+    q, scale, zp = ql.integer_weight()
+    scale = scale.float().clamp(P.SCALE_MIN, P.SCALE_MAX)
+    return q, scale, None if zp is None else P.integer_zero_point(zp.float(), ql.spec.format)
+
+
 def exporter(fmt: str):
     """The exporter class registered as `fmt` (field-named error listing the known ones)."""
     return FORMATS.get(fmt, "convert.formats").fn()

@@ -33,7 +33,14 @@ from torch import nn
 
 from quant.config import ConfigError
 from quant.config.scheme import QuantScheme
-from quant.export.base import FORMATS, NoOptions, check_int_weights, expect, refuse_runtime_quant
+from quant.export.base import (
+    FORMATS,
+    NoOptions,
+    check_int_weights,
+    expect,
+    integer_state,
+    refuse_runtime_quant,
+)
 from quant.export.packing import WORD, pack, unpack
 from quant.models.arch import get_module, set_module
 from quant.modules.packed import PackedLinear
@@ -83,9 +90,9 @@ class CompressedTensorsExporter:
         off = 1 << (bits - 1)
         codes = {}
         for name, ql in layers.items():
-            q, scale, zp = ql.integer_weight()
+            q, scale, zp = integer_state(ql)
             lin = nn.Linear(ql.in_features, ql.out_features, bias=ql.bias is not None)
-            lin.weight.copy_(P.dequantize(q, scale.float(), None if zp is None else zp.float(), g))
+            lin.weight.copy_(P.dequantize(q, scale, zp, ql.spec.format, g))
             if ql.bias is not None:
                 lin.bias.copy_(ql.bias.float())
             set_module(model, name, lin)

@@ -34,7 +34,14 @@ from torch import nn
 
 from quant.config import ConfigError
 from quant.config.scheme import QuantScheme
-from quant.export.base import FORMATS, NoOptions, check_int_weights, expect, refuse_runtime_quant
+from quant.export.base import (
+    FORMATS,
+    NoOptions,
+    check_int_weights,
+    expect,
+    integer_state,
+    refuse_runtime_quant,
+)
 from quant.export.packing import WORD, pack
 from quant.models.arch import set_module
 from quant.modules.packed import PackedLinear
@@ -46,7 +53,7 @@ QUANTIZE_CONFIG = "quantize_config.json"
 
 def packed_from_quant_linear(ql, dtype: torch.dtype) -> PackedLinear:
     """A PackedLinear (asymmetric storage) holding exactly the codes of a frozen QuantLinear."""
-    q, scale, zp = ql.integer_weight()  # q [N, K] int32, scale [N, G], zp [N, G] or None
+    q, scale, zp = integer_state(ql)  # q [N, K] int32, scale [N, G], zp [N, G] or None
     bits = ql.spec.bits
     if zp is None:  # signed codes -> unsigned with the GPTQ offset
         off = 1 << (bits - 1)

@@ -38,6 +38,7 @@ from torch.nn import functional as F
 from quant.export.packing import PACK_BITS, WORD, unpack
 from quant.models.hub import MissingDependencyError
 from quant.numerics import grid as P
+from quant.numerics.formats import IntFormat
 
 BACKENDS = ("torch", "triton", "gemlite", "torch-int4")
 TRITON_MAX_ROWS = 16  # above this (prefill) the triton backend dequantises and calls cuBLAS
@@ -85,7 +86,8 @@ class PackedLinear(nn.Module):
 
     def dequantized_weight(self) -> torch.Tensor:
         """(q - z) * s in float32, [out, in]; the same arithmetic as QuantLinear's."""
-        return P.dequantize(self.codes(), self.scales.t().float().contiguous(), self.zeros(), self.group_size)
+        return P.dequantize(self.codes(), self.scales.t().float().contiguous(), self.zeros(), IntFormat(self.bits),
+                            self.group_size)
 
     # -- backends ----------------------------------------------------------
 
