@@ -424,7 +424,7 @@ def test_registry_pyfunc_loads_and_generates_from_the_packed_checkpoint(tmp_path
     model, scheme = quantized(4, 32, False)
     export(model, tiny_tokenizer(), scheme, "gptq", tmp_path / "packed")
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    mlflow.set_experiment("t")
+    mlflow.set_experiment(experiment_id=mlflow.create_experiment("t", (tmp_path / "art").as_uri()))
     with mlflow.start_run():
         info = log_packed_model(tmp_path / "packed", ["torch"])
     loaded = mlflow.pyfunc.load_model(info.model_uri)
