@@ -34,8 +34,14 @@ SCHEME_FILE = "quantization.json"
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """Load a causal LM and its tokenizer from a local directory written by this project."""
+    """Load a causal LM and its tokenizer from a local directory written by this project
+    (packed checkpoints of `convert` load with PackedLinear layers, CPU fallback backend)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from quant.export.loader import load_packed, packed_format
+
+    if packed_format(path) is not None:
+        return load_packed(path, dtype, device)
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     model.eval()
