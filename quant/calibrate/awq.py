@@ -29,10 +29,14 @@ receives block i's full-precision output, as in AutoAWQ):
    searched qparams.
 
 Differences from AutoAWQ, on purpose:
-- The clip is stored as qparams; the float weight is not clamped. For
-  asymmetric grids both give the same fake-quantized weight (values beyond the
-  range hit the grid's clamp); for symmetric grids a weight below -m may still
-  use the extra negative level -2^(b-1), which AutoAWQ's clamp forbids.
+- The clip is stored as qparams; the float weight is not clamped (Block-AP
+  and E2E then start from the unclipped weight and the clipped grid). The
+  qparams equal those of AutoAWQ's clamped weight, and so does the
+  fake-quantized weight inside the range; a weight beyond the bound may round
+  to a grid level that lies past it (the rounded zero point shifts the grid by
+  up to half a step; symmetric grids have the extra level -2^(b-1)), which
+  AutoAWQ's clamp forbids. That level is the closer one, and the search
+  measures exactly what is applied.
 - Losses accumulate on the device and are read once per group (one host sync),
   and the clip search evaluates all groups of a channel batch with one batched
   matmul instead of a broadcast product.
