@@ -115,6 +115,8 @@ class AWQResults:
     scales: dict[str, torch.Tensor] = field(default_factory=dict)
     clips: dict[str, torch.Tensor] = field(default_factory=dict)
     ratios: dict[str, float] = field(default_factory=dict)  # chosen r per scale group (metrics)
+    capture_seconds: float = 0.0  # not saved: timing of the run that produced these
+    block_seconds: list[float] = field(default_factory=list)
 
     def save(self, path: str | Path) -> None:
         tensors = {f"scale:{k}": v.contiguous().cpu() for k, v in self.scales.items()}
@@ -267,11 +269,17 @@ def candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor, ratio: float, d
     return torch.where(torch.isfinite(s), s, torch.ones_like(s))
 
 
+def _qdq(w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None, spec: WeightSpec) -> torch.Tensor:
+    """dequantize(quantize(w)): the value `fake_quantize` computes, without its STE graph."""
+    q = P.quantize(w, scale, zp, spec.format, spec.group_size)
+    return P.dequantize(q, scale, zp, spec.group_size, w.dtype)
+
+
 def scaled_fake_quant(w: torch.Tensor, s: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
     """Q(W * s) / s in fp32, back in w's dtype (min-max qparams of the scaled weight)."""
     ws = w.float() * s
     scale, zp = P.choose_qparams(ws, spec.format, spec.group_size, spec.symmetric)
-    return (P.fake_quantize(ws, scale, zp, spec.format, spec.group_size) / s).to(w.dtype)
+    return (_qdq(ws, scale, zp, spec) / s).to(w.dtype)
 
 
 @torch.no_grad()
@@ -334,7 +342,7 @@ def group_errors(w: torch.Tensor, xg: torch.Tensor, ratio: torch.Tensor, spec: W
     """MSE over tokens of every (row, group) partial output after quantising w [o, K] with the
     clipped qparams; xg [n_groups, T, g], ref [n_groups, T, o] -> [o, n_groups]."""
     scale, zp = clip_qparams(w, ratio, spec)
-    q = P.fake_quantize(w.float(), scale, zp, spec.format, spec.group_size)
+    q = _qdq(w.float(), scale, zp, spec)
     qg = q.view(w.shape[0], xg.shape[0], xg.shape[2]).permute(1, 2, 0)  # [n_groups, g, o]
     return (torch.bmm(xg, qg) - ref).pow(2).mean(1).T
 
@@ -431,6 +439,12 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _clock(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def run_awq(model: nn.Module, spec: WeightSpec, calib_ids: torch.Tensor | None, options: AWQOptions,
             fingerprint: str, saved: AWQResults | None = None,
             device: torch.device | None = None) -> AWQResults:
@@ -442,13 +456,17 @@ def run_awq(model: nn.Module, spec: WeightSpec, calib_ids: torch.Tensor | None, 
     home = next(model.parameters()).device
     results = saved or AWQResults(fingerprint, _spec_dict(spec))
     x = kwargs = None
+    t = _clock(device)
     if saved is None:
         dtype = next(layers[0].parameters()).dtype
         shape = (*calib_ids.shape, model.config.hidden_size)
         cache = ActivationCache(shape, dtype, "gpu" if device.type == "cuda" else "cpu", device)
         kwargs = capture_block_inputs(model, calib_ids, cache, options.batch_size, device, mapping)
         x = cache.data.to(device)
+    results.capture_seconds = _clock(device) - t
+    results.block_seconds = []
     for i, block in enumerate(layers):
+        t = _clock(device)
         prefix = f"{mapping.layers}.{i}"
         block.to(device)
         if saved is None:
@@ -464,6 +482,7 @@ def run_awq(model: nn.Module, spec: WeightSpec, calib_ids: torch.Tensor | None, 
             apply_scales(block, groups, scales)
         quantize_block(block, prefix, mapping, spec, {k: v.to(device) for k, v in clips.items()})
         block.to(home)
+        results.block_seconds.append(_clock(device) - t)
     model.to(home)  # capture_block_inputs parks the embedding on the host
     return results
 
@@ -503,6 +522,7 @@ def awq(model: nn.Module, scheme: QuantScheme, calib_ids, options: AWQOptions) -
     return {
         "quantized_linears": float(n),
         "awq_seconds": round(time.time() - t0, 2),
+        "awq_seconds_per_block": round(sum(results.block_seconds) / max(1, len(results.block_seconds)), 3),
         "awq_reused": float(saved is not None),
         "awq_mean_ratio": sum(results.ratios.values()) / max(1, len(results.ratios)),
         "awq_scaled_groups": float(len(results.scales)),
