@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -292,3 +293,23 @@ def test_bad_options_name_the_field():
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['calibrate.options.ngrid'\]"):
         opts.from_dict({"ngrid": 20}, "calibrate.options")
     assert AWQOptions().clip_ratios == [1 - i / 20 for i in range(10)]  # 1.0 .. 0.55 as published
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("QUANT_AWQ_EMBEDDED"),
+                    reason="embedded model conversion + 4 AWQ blocks (~10 s on a free 2-core CPU, "
+                           "minutes on a shared one); set QUANT_AWQ_EMBEDDED=1")
+def test_embedded_model_fp_function_survives_awq(embedded_model_dir):
+    """SmolLM2-135M (its first 4 blocks): GQA skips v -> o (192 != 576), the three other
+    groups fold, and the fp32 logits stay within 1e-4 of the original (logits ~ 20)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(embedded_model_dir, dtype=torch.float32).eval()
+    model.model.layers = model.model.layers[:4]
+    model.config.num_hidden_layers = 4
+    ref = copy.deepcopy(model)
+    ids = torch.randint(0, 49152, (2, 64), generator=torch.Generator().manual_seed(0))
+    metrics = _awq(model, QuantScheme.from_name("W4A16KV16", group_size=64), calib=ids)
+    assert metrics["awq_scaled_groups"] == 3 * 4
+    want, got = _logits(ref, ids), _logits(_float_model(model), ids)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
