@@ -110,7 +110,7 @@ def main() -> None:
     for bits in [int(b) for b in args.bits.split(",")]:
         r: dict[str, object] = {}
         results[f"w{bits}g{args.group}"] = r
-        scheme = QuantScheme.from_name(f"W{bits}A16KV16", group_size=args.group)
+        scheme = QuantScheme.from_name(f"W{bits}A16KV16", preset="efficientqat", group_size=args.group)
         model = copy.deepcopy(fp)
         t = time.time()
         init_metrics = init.fn(model, scheme, calib_windows, init.options()) or {}
