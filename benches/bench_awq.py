@@ -60,7 +60,7 @@ def main() -> None:
     model = LlamaForCausalLM(config).to(DTYPES[args.dtype]).eval()  # on the host
     ids = torch.randint(0, args.vocab, (args.samples, args.seq_len),
                         generator=torch.Generator().manual_seed(0))
-    scheme = QuantScheme.from_name(f"W{args.bits}A16KV16", group_size=args.group)
+    scheme = QuantScheme.from_name(f"W{args.bits}A16KV16", preset="efficientqat", group_size=args.group)
     options = AWQOptions(batch_size=args.batch_size)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from quant.calibrate import CALIBRATE  # noqa: E402
 from quant.config.scheme import QuantScheme  # noqa: E402
 from quant.e2e.data import sample_windows, tokenize_text  # noqa: E402
+from quant.eval import lm_tasks  # noqa: E402
 from quant.eval.ppl import perplexity  # noqa: E402
 
 
@@ -45,6 +46,10 @@ def main() -> None:
     ap.add_argument("--options", default="{}", help='JSON {method: {option: value}}')
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--tasks", default="", help="zero-shot tasks (quant.eval.lm_tasks), e.g. all")
+    ap.add_argument("--task-limit", type=int, default=None, help="documents per task (default: all)")
+    ap.add_argument("--task-batch-size", default="16")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/calibrate-methods"))
     args = ap.parse_args()
     if args.threads:  # on a shared, oversubscribed CPU one thread is several times faster
         torch.set_num_threads(args.threads)
@@ -62,10 +67,18 @@ def main() -> None:
         "torch": torch.__version__, "threads": torch.get_num_threads(),
     }
 
+    names = tuple(lm_tasks.TASK_NAMES if args.tasks == "all" else filter(None, args.tasks.split(",")))
+    batch = args.task_batch_size if args.task_batch_size == "auto" else int(args.task_batch_size)
+
     def ppl(model) -> dict[str, float]:
         model.to(args.device)
         out = {k: round(perplexity(model, ids, args.eval_seq_len, 1, args.eval_windows).ppl, 3)
                for k, ids in evals.items()}
+        if names:  # zero-shot accuracy, as the evaluate stage runs it
+            run = lm_tasks.TaskRun(names=names, limit=args.task_limit, batch_size=batch)
+            acc = lm_tasks.extract_metrics(lm_tasks.run_tasks(model, tok, run, args.work), names)
+            out |= {f"{n}/acc": round(m["acc"], 4) for n, m in acc.items()}
+            out["avg_acc"] = round(lm_tasks.average(acc), 4)
         model.cpu()
         return out
 
@@ -77,7 +90,7 @@ def main() -> None:
     print("fp", results["fp"], flush=True)
     dump()
     for bits in (int(b) for b in args.bits.split(",")):
-        scheme = QuantScheme.from_name(f"W{bits}A16KV16", group_size=args.group)
+        scheme = QuantScheme.from_name(f"W{bits}A16KV16", preset="efficientqat", group_size=args.group)
         for name in args.methods.split(","):
             entry = CALIBRATE.get(name, "--methods")
             opts = entry.options.from_dict(method_options.get(name, {}), f"--options.{name}")
@@ -87,7 +100,7 @@ def main() -> None:
             seconds = time.time() - t
             metrics.pop("files", None)
             r = {"seconds": round(seconds, 1), "metrics": metrics, "ppl": ppl(model)}
-            r["ppl_ratio"] = {k: round(v / results["fp"][k], 4) for k, v in r["ppl"].items()}
+            r["ppl_ratio"] = {k: round(r["ppl"][k] / results["fp"][k], 4) for k in evals}
             results[f"{scheme.name}/{name}"] = r
             print(scheme.name, name, r, flush=True)
             dump()

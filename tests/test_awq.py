@@ -33,7 +33,7 @@ from quant.modules.linear import QuantLinear
 from quant.numerics import grid as P
 from quant.numerics.formats import IntFormat
 
-W3G32 = QuantScheme.from_name("W3A16KV16", group_size=32)
+W3G32 = QuantScheme.from_name("W3A16KV16", preset="efficientqat", group_size=32)
 FAST = {"n_grid": 10, "n_sample_token": 64, "batch_size": 4}
 
 
@@ -243,7 +243,7 @@ def test_results_of_another_model_or_scheme_are_refused(tmp_path):
         _awq(other, results=str(path))
     assert not any(isinstance(m, QuantLinear) for m in other.modules())
     with pytest.raises(ConfigError, match=rf"{path}: AWQ results for weight scheme .*group_size.: 32"):
-        _awq(copy.deepcopy(model), QuantScheme.from_name("W3A16KV16", group_size=64), results=str(path))
+        _awq(copy.deepcopy(model), QuantScheme.from_name("W3A16KV16", preset="efficientqat", group_size=64), results=str(path))
     with pytest.raises(ConfigError, match=r"calibrate.options.results='.*nope' does not exist"):
         _awq(copy.deepcopy(model), results=str(tmp_path / "nope"))
 
@@ -317,7 +317,7 @@ def test_embedded_model_fp_function_survives_awq(embedded_model_dir):
     model.config.num_hidden_layers = 4
     ref = copy.deepcopy(model)
     ids = torch.randint(0, 49152, (2, 64), generator=torch.Generator().manual_seed(0))
-    metrics = _awq(model, QuantScheme.from_name("W4A16KV16", group_size=64), calib=ids)
+    metrics = _awq(model, QuantScheme.from_name("W4A16KV16", preset="efficientqat", group_size=64), calib=ids)
     assert metrics["awq_scaled_groups"] == 3 * 4
     want, got = _logits(ref, ids), _logits(_float_model(model), ids)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)

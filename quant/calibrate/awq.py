@@ -272,7 +272,7 @@ def candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor, ratio: float, d
 def _qdq(w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None, spec: WeightSpec) -> torch.Tensor:
     """dequantize(quantize(w)): the value `fake_quantize` computes, without its STE graph."""
     q = P.quantize(w, scale, zp, spec.format, spec.group_size)
-    return P.dequantize(q, scale, zp, spec.group_size, w.dtype)
+    return P.dequantize(q, scale, zp, spec.format, spec.group_size, w.dtype)
 
 
 def scaled_fake_quant(w: torch.Tensor, s: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
