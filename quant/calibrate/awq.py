@@ -493,8 +493,12 @@ def _check_saved(model: nn.Module, saved: AWQResults, path: str) -> None:
     for i, block in enumerate(decoder_layers(model, mapping)):
         for g in mapping.scale_groups:
             key = f"{mapping.layers}.{i}.{g.prev}"
-            if g.foldable(block) and key not in saved.scales:
-                raise ConfigError(f"{path}: no AWQ scale for {key}; the file does not match this model")
+            if not g.foldable(block):
+                continue
+            width = get_module(block, g.nexts[0]).in_features
+            if key not in saved.scales or saved.scales[key].shape != (width,):
+                raise ConfigError(f"{path}: no AWQ scale of width {width} for {key}; the file "
+                                  "does not match this model")
 
 
 @CALIBRATE.register("awq", AWQOptions)
