@@ -302,6 +302,7 @@ def search_scale(parent: nn.Module, linears: list[nn.Linear], x: torch.Tensor, k
     finally:
         for lin, w in zip(linears, originals, strict=True):
             lin.weight.copy_(w)
+    losses = torch.nan_to_num(losses, nan=float("inf"))  # an fp16 overflow never wins
     best = int(torch.argmin(losses))  # first minimum: ties keep the smaller ratio
     ratio = best / options.n_grid
     return candidate_scales(x_mean, w_mean, ratio, options.duo_scaling), ratio
