@@ -1,4 +1,4 @@
-"""PPL of RTN, Block-AP and Block-AP + E2E-QP on the embedded SmolLM2-135M (GPU).
+"""PPL of the init (RTN, or --calibrate awq), Block-AP and Block-AP + E2E-QP on the embedded SmolLM2-135M (GPU).
 
 For each bit width (g64, asymmetric): RTN init -> PPL; Block-AP (quant.blockwise.block_ap,
 as the block_ap stage runs it) -> PPL; E2E-QP (quant.e2e.trainer.Trainer + the
@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from quant.blockwise.block_ap import BlockwiseContext, blockwise_methods  # noqa: E402
-from quant.calibrate.rtn import quantize_linears  # noqa: E402
+from quant.calibrate import CALIBRATE  # noqa: E402
 from quant.config.scheme import QuantScheme  # noqa: E402
 from quant.e2e.data import sample_windows, tokenize_text, windows  # noqa: E402
 from quant.e2e.trainer import (  # noqa: E402
@@ -79,7 +79,11 @@ def main() -> None:
     ap.add_argument("--e2e-lrs", default="")  # empty: paper lr and 5x
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--work", type=Path, default=Path("/tmp"))
+    ap.add_argument("--calibrate", default="rtn", help="init method from CALIBRATE, default options")
+    ap.add_argument("--calib-samples", type=int, default=128)  # AWQ: 128 x 512 (AutoAWQ)
+    ap.add_argument("--calib-seq-len", type=int, default=512)
     args = ap.parse_args()
+    init = CALIBRATE.get(args.calibrate, "--calibrate")
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(args.model)
@@ -87,6 +91,7 @@ def main() -> None:
     cut = int(calib.numel() * 0.95)
     train = sample_windows(calib[:cut], args.train_samples, args.seq_len, seed=0)
     val = windows(calib[cut:], args.seq_len)[: args.val_samples]
+    calib_windows = sample_windows(calib[:cut], args.calib_samples, args.calib_seq_len, seed=0)
     evals = {p.stem: tokenize_text(tok, p.read_text()) for p in sorted((args.data / "eval").glob("*.txt"))}
     results: dict[str, object] = {"settings": vars(args) | {"model": str(args.model), "data": str(args.data),
                                                             "out": str(args.out), "val_windows": len(val)}}
@@ -106,9 +111,12 @@ def main() -> None:
         results[f"w{bits}g{args.group}"] = r
         scheme = QuantScheme.from_name(f"W{bits}A16KV16", preset="efficientqat", group_size=args.group)
         model = copy.deepcopy(fp)
-        quantize_linears(model, scheme)
-        r["rtn"] = ppl_all(model, evals, args.seq_len, args.eval_windows)
-        say(bits, "rtn", r["rtn"])
+        t = time.time()
+        init_metrics = init.fn(model, scheme, calib_windows, init.options()) or {}
+        r["init_seconds"] = round(time.time() - t, 1)
+        r["init_metrics"] = {k: v for k, v in init_metrics.items() if k != "files"}
+        r[args.calibrate] = ppl_all(model, evals, args.seq_len, args.eval_windows)
+        say(bits, args.calibrate, r[args.calibrate])
         opts = bap.options.from_dict({"epochs": args.epochs, "batch_size": 2, "cache": "gpu"})  # on the device
         t = time.time()
         ctx = BlockwiseContext(DEV, args.work / f"bap-w{bits}", 0, f"q{bits}")
@@ -145,7 +153,7 @@ def main() -> None:
     print("| fp16 | - | " + " | ".join(f"{results['fp'][k]:.2f}" for k in evals) + " |")
     for key, r in results.items():
         if key.startswith("w"):
-            for m in ("rtn", "block_ap", "e2e_qp"):
+            for m in (args.calibrate, "block_ap", "e2e_qp"):
                 if m in r:
                     print(f"| {key} | {m} | " + " | ".join(f"{r[m][k]:.2f}" for k in evals) + " |")
 

@@ -49,9 +49,10 @@ def run(params: Params) -> dict[str, Any]:
     quantizable_linears(model, params.scheme)  # validate group sizes before any work
     calib = calibration_ids(tokenizer, params, cfg.samples, cfg.seq_len)
     metrics = entry.fn(model, params.scheme, calib, options) or {}
+    files = metrics.pop("files", None)  # search results kept beside the model (awq)
     metrics.update(apply_runtime_quantizers(model, params.scheme))  # activation / KV quantizers
     save_quantized(model, tokenizer, params.scheme, stage_dir("calibrate") / "model",
-                   extra={"method": cfg.method})
+                   extra={"method": cfg.method}, files=files)
     metrics = {"method": cfg.method, "scheme": params.scheme.name, **metrics}
     write_json("metrics/calibrate.json", metrics)
     log_artifact(stage_dir("calibrate") / "model" / "quantization.json")

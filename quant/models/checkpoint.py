@@ -77,8 +77,10 @@ def quant_linears(model: nn.Module) -> Iterator[tuple[str, QuantLinear]]:
             yield name, module
 
 
-def save_quantized(model: nn.Module, tokenizer, scheme: QuantScheme, out: str | Path, extra: dict | None = None) -> Path:
-    """Save a model with QuantLinear layers (atomically): dequantized checkpoint + qparams + scheme."""
+def save_quantized(model: nn.Module, tokenizer, scheme: QuantScheme, out: str | Path, extra: dict | None = None,
+                   files: dict | None = None) -> Path:
+    """Save a model with QuantLinear layers (atomically): dequantized checkpoint + qparams + scheme.
+    `files` ({name: writer(path)}) adds method results (e.g. AWQ scales) inside the same directory."""
     out = Path(out)
     qparams: dict[str, torch.Tensor] = {}
     float_weights: dict[str, torch.Tensor] = {}
@@ -105,6 +107,8 @@ def save_quantized(model: nn.Module, tokenizer, scheme: QuantScheme, out: str | 
             frozen = sorted(n for n, ql in layers.items() if ql.frozen)
             meta = {"scheme": scheme.to_dict(), "layers": sorted(layers), "frozen": frozen, **(extra or {})}
             (tmp / SCHEME_FILE).write_text(json.dumps(meta, indent=2))
+            for name, write in (files or {}).items():
+                write(tmp / name)
     finally:
         for name, ql in layers.items():
             set_module(model, name, ql)
