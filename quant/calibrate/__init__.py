@@ -9,4 +9,4 @@ returns metrics worth logging.
 
 from quant.config.registry import Registry
 
-CALIBRATE = Registry("calibrate", modules=("quant.calibrate.rtn",))
+CALIBRATE = Registry("calibrate", modules=("quant.calibrate.rtn", "quant.calibrate.quarot"))
