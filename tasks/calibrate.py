@@ -48,7 +48,7 @@ def run(params: Params) -> dict[str, Any]:
     metrics = entry.fn(model, params.scheme, calib, options) or {}
     metrics.update(apply_runtime_quantizers(model, params.scheme))  # activation / KV quantizers
     save_quantized(model, tokenizer, params.scheme, stage_dir("calibrate") / "model",
-                   extra={"method": cfg.method})
+                   extra={"method": cfg.method, "options": options.to_dict()})
     metrics = {"method": cfg.method, "scheme": params.scheme.name, **metrics}
     write_json("metrics/calibrate.json", metrics)
     log_artifact(stage_dir("calibrate") / "model" / "quantization.json")

@@ -274,3 +274,22 @@ def test_embedded_smollm2_fp_unchanged(embedded_model_dir):
     out = logits(model, ids)
     assert (out - ref).abs().max() < 2e-3 * ref.abs().max()
     assert torch.equal(out.argmax(-1), ref.argmax(-1))
+
+
+def test_fold_rotations_for_plain_export(tmp_path):
+    """register logs a plain transformers model: online rotations are folded into it."""
+    from transformers import AutoModelForCausalLM
+
+    from tasks.register import fold_saved_rotations
+
+    model = tiny()
+    scheme = QuantScheme.from_name("W4A16KV16", group_size=16)
+    quarot(model, scheme, online="on")
+    before = logits(model)
+    save_quantized(model, _Tok(), scheme, tmp_path / "m")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
+    assert (logits(plain) - before).abs().max() > 1e-2  # without its rotations: wrong
+    assert fold_saved_rotations(plain, tmp_path / "m") == 4
+    assert not any(hasattr(m, "input_rotation") and m.input_rotation is not None
+                   for m in plain.modules())
+    torch.testing.assert_close(logits(plain), before, rtol=0, atol=FP_TOL)

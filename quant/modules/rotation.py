@@ -188,6 +188,27 @@ def rotation_config(model: nn.Module) -> dict[str, Any] | None:
     return {"linears": dict(sorted(linears.items())), "qk": qk, "fp32": fp32}
 
 
+@torch.no_grad()
+def fold_input_rotations(model: nn.Module) -> int:
+    """Remove every online input rotation, folding it into its linear: W <- W R^T, so the
+    model computes the same function as a plain transformers model (no hooks). Only valid
+    where no activation quantizer sits between rotation and linear (a plain export: the
+    weights leave the integer grid). The q/k rotation is dropped: without a key quantizer
+    it does not change the scores. Returns the number of linears folded."""
+    n = 0
+    for mod in list(model.modules()):
+        rot = getattr(mod, "input_rotation", None)
+        if isinstance(rot, HadamardRotation):
+            w = mod.weight
+            folded = had.hadamard_transform(w.data.float(), rot.size, transpose=True)
+            w.data = folded.to(w.dtype)
+            set_input_rotation(mod, None)
+            n += 1
+    if getattr(model.config, "_attn_implementation", "").startswith(_PREFIX):
+        install_qk_rotation(model, None)
+    return n
+
+
 def install_rotations(model: nn.Module, config: dict[str, Any] | None) -> int:
     """Install the online rotations `rotation_config` described; returns how many modules."""
     if not config:

@@ -123,9 +123,11 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def hadamard_transform(x: torch.Tensor, n: int, base: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ (H_n / sqrt(n)) along the last dim (which must be n); `base` = H_k in x's dtype
-    (pass it to avoid a host->device copy per call)."""
+def hadamard_transform(
+    x: torch.Tensor, n: int, base: torch.Tensor | None = None, transpose: bool = False
+) -> torch.Tensor:
+    """x @ (H_n / sqrt(n)) along the last dim (which must be n), or x @ (H_n / sqrt(n))^T
+    with `transpose`; `base` = H_k in x's dtype (saves a host->device copy per call)."""
     k, p = factor(n)
     if x.shape[-1] != n:
         raise ValueError(f"last dim {x.shape[-1]} != Hadamard size {n}")
@@ -133,5 +135,5 @@ def hadamard_transform(x: torch.Tensor, n: int, base: torch.Tensor | None = None
     y = x.reshape(*lead, k, p)  # row vector (i, j) -> (H_k^T X H_p)[a, b]
     if k > 1:
         hk = base if base is not None else base_matrix(k, x.dtype).to(x.device)
-        y = torch.matmul(hk.t(), y)
+        y = torch.matmul(hk if transpose else hk.t(), y)  # H_p is symmetric
     return (fwht(y) / n**0.5).reshape(*lead, n)
