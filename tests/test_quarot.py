@@ -121,7 +121,8 @@ def test_online_rotation_is_needed():
 
 
 def test_float_block_keeps_online_rotation():
-    """Block-AP's full-precision target block must apply the online rotations too."""
+    """Block-AP's full-precision target block must apply the online rotations too (and no
+    activation or key quantizer)."""
     from quant.blockwise.block_ap import float_block
 
     model = tiny(tied=False)
@@ -129,6 +130,7 @@ def test_float_block_keeps_online_rotation():
     rotated = copy.deepcopy(model)
     rotate(rotated, scheme, QuaRotOptions())
     quarot(model, scheme)
+    apply_runtime_quantizers(model, scheme)  # the target must drop A/KV quantizers, keep rotations
     fp = float_block(model.model.layers[0])
     x = torch.randn(1, 10, 96)
     pos = torch.arange(10)[None]

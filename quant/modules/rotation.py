@@ -163,8 +163,12 @@ def install_qk_rotation(model: nn.Module, head_dim: int | None, fp32: bool = Tru
     model.config._attn_implementation = base if head_dim is None else _register_attention(base)
 
 
-def qk_rotation(attn: nn.Module) -> QKRotation | None:
-    return getattr(attn, "qk_rotation", None)
+def drop_key_quantizers(module: nn.Module) -> None:
+    """Keep the q/k rotations of `module` but remove their key quantizers (a full-precision
+    copy, e.g. Block-AP's target block)."""
+    for m in module.modules():
+        if isinstance(m, QKRotation):
+            m.key_quantizer = None
 
 
 # ---------------------------------------------------------------------------
