@@ -93,6 +93,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--layers", default="2,4")
     ap.add_argument("--scheme", default="W4A4KV4")
+    ap.add_argument("--preset", default="efficientqat", help="scheme preset: efficientqat | llm-qat")
     ap.add_argument("--group", type=int, default=128)
     ap.add_argument("--dtype", default="float16")
     ap.add_argument("--fuse-dtype", default="float64")
@@ -102,7 +103,7 @@ def main() -> None:
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype)
     shape = TINY if args.tiny else LLAMA2_7B
-    scheme = QuantScheme.from_name(args.scheme, group_size=args.group)
+    scheme = QuantScheme.from_name(args.scheme, preset=args.preset, group_size=args.group)
     options = QuaRotOptions(fuse_dtype=args.fuse_dtype)
     res: dict = {"settings": vars(args) | {"out": str(args.out), "device": dev, "shape": shape,
                                             "torch": torch.__version__,

@@ -112,7 +112,8 @@ def main() -> None:
         r: dict[str, object] = {}
         ak = "" if args.act == args.kv == 16 else f"a{args.act}kv{args.kv}"
         results[f"w{bits}{ak}g{args.group}"] = r
-        scheme = QuantScheme.from_name(f"W{bits}A{args.act}KV{args.kv}", group_size=args.group)
+        scheme = QuantScheme.from_name(f"W{bits}A{args.act}KV{args.kv}", preset="efficientqat",
+                                       group_size=args.group)
         model = copy.deepcopy(fp)
         init = CALIBRATE.get(args.calibrate, "--calibrate")
         t = time.time()

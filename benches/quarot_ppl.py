@@ -43,6 +43,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, required=True, help="directory with eval/*.txt")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--schemes", default="W4A8KV4,W4A4KV16,W4A4KV4")
+    ap.add_argument("--preset", default="efficientqat", help="scheme preset: efficientqat | llm-qat")
     ap.add_argument("--group", type=int, default=64)
     ap.add_argument("--methods", default="rtn,quarot")
     ap.add_argument("--windows", type=int, default=4, help="windows per text; 0 = all")
@@ -80,7 +81,7 @@ def main() -> None:
     say("fp", res["fp"])
     dump()
     for name in args.schemes.split(","):
-        scheme = QuantScheme.from_name(name, group_size=args.group)
+        scheme = QuantScheme.from_name(name, preset=args.preset, group_size=args.group)
         for method in args.methods.split(","):
             entry = CALIBRATE.get(method, "--methods")
             model = copy.deepcopy(fp).to(dev)

@@ -20,6 +20,7 @@ from quant.numerics import hadamard as had
 # Sizes with constructions, non-powers of two like SmolLM2's: hidden 96 = 12 x 8 with 6 heads
 # (no Hadamard of order 6, as none of order 9 for SmolLM2), head_dim 16, MLP 192 = 12 x 16.
 TINY = dict(hidden=96, intermediate=192, heads=6, kv_heads=2, layers=2, vocab=128)
+PRESET = "efficientqat"  # asymmetric min-max weights g16/g64, asymmetric per-token A / KV
 FP_TOL = 1e-4  # max |logit difference| after rotation, fp32 model, fp64 fusion
 IDS = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
 
@@ -126,7 +127,7 @@ def test_float_block_keeps_online_rotation():
     from quant.blockwise.block_ap import float_block
 
     model = tiny(tied=False)
-    scheme = QuantScheme.from_name("W4A4KV4", group_size=16)
+    scheme = QuantScheme.from_name("W4A4KV4", preset=PRESET, group_size=16)
     rotated = copy.deepcopy(model)
     rotate(rotated, scheme, QuaRotOptions())
     quarot(model, scheme)
@@ -147,7 +148,7 @@ def test_float_block_keeps_online_rotation():
 
 def test_key_quantizer_after_rotation():
     model = tiny()
-    scheme = QuantScheme.from_name("W16A16KV4")
+    scheme = QuantScheme.from_name("W16A16KV4", preset=PRESET)
     quarot(model, scheme)
     apply_runtime_quantizers(model, scheme)
     attn = model.model.layers[0].self_attn
@@ -189,7 +190,7 @@ def _rel_err(a, b) -> float:
 def test_w4a4kv4_error_much_lower_with_quarot():
     fp = _outlier_model()
     ref = logits(fp)
-    scheme = QuantScheme.from_name("W4A4KV4", group_size=16)
+    scheme = QuantScheme.from_name("W4A4KV4", preset=PRESET, group_size=16)
     plain = copy.deepcopy(fp)
     CALIBRATE.get("rtn").fn(plain, scheme, None, CALIBRATE.get("rtn").options())
     apply_runtime_quantizers(plain, scheme)
@@ -210,7 +211,7 @@ class _Tok:
 
 def test_rotations_survive_save_load(tmp_path, monkeypatch):
     model = tiny()
-    scheme = QuantScheme.from_name("W4A4KV4", group_size=16)
+    scheme = QuantScheme.from_name("W4A4KV4", preset=PRESET, group_size=16)
     quarot(model, scheme, seed=11)
     apply_runtime_quantizers(model, scheme)
     before = logits(model)
@@ -272,7 +273,8 @@ def test_embedded_smollm2_fp_unchanged(embedded_model_dir):
     model = AutoModelForCausalLM.from_pretrained(embedded_model_dir, dtype=torch.float32).eval()
     ids = torch.randint(0, 49152, (1, 32), generator=torch.Generator().manual_seed(0))
     ref = logits(model, ids)
-    rotate(model, QuantScheme.from_name("W4A4KV4", group_size=64), QuaRotOptions(online="on"))
+    scheme = QuantScheme.from_name("W4A4KV4", preset=PRESET, group_size=64)
+    rotate(model, scheme, QuaRotOptions(online="on"))
     out = logits(model, ids)
     assert (out - ref).abs().max() < 2e-3 * ref.abs().max()
     assert torch.equal(out.argmax(-1), ref.argmax(-1))
@@ -285,7 +287,7 @@ def test_fold_rotations_for_plain_export(tmp_path):
     from tasks.register import fold_saved_rotations
 
     model = tiny()
-    scheme = QuantScheme.from_name("W4A16KV16", group_size=16)
+    scheme = QuantScheme.from_name("W4A16KV16", preset=PRESET, group_size=16)
     quarot(model, scheme, online="on")
     before = logits(model)
     save_quantized(model, _Tok(), scheme, tmp_path / "m")
