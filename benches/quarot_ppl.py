@@ -4,7 +4,9 @@ For each scheme (default W4A8KV4, W4A4KV16, W4A4KV4; weights g64 asymmetric,
 activations and KV per-token asymmetric, min-max, dynamic): the `rtn` and the
 `quarot` calibrate methods exactly as the calibrate stage runs them (method,
 then `apply_runtime_quantizers`), then quant.eval.ppl.perplexity on every text
-of --data/eval. Wall time of each calibration is recorded.
+of --data/eval. The QuantLinears are materialized as plain linears holding their
+dequantized weights (what `save_quantized` writes, the same function), so the weights
+are not fake-quantized again at every forward. Wall time of each calibration is recorded.
 
 Usage: python benches/quarot_ppl.py --model DIR --data DIR --out results.json
        [--windows 4 --seq-len 512]   (CPU: few short windows; GPU: --windows 0 = whole texts)
@@ -28,6 +30,9 @@ from quant.calibrate import CALIBRATE  # noqa: E402
 from quant.config.scheme import QuantScheme  # noqa: E402
 from quant.e2e.data import tokenize_text  # noqa: E402
 from quant.eval.ppl import perplexity  # noqa: E402
+from quant.models.arch import set_module  # noqa: E402
+from quant.models.checkpoint import quant_linears  # noqa: E402
+from quant.modules.rotation import move_input_rotation  # noqa: E402
 from quant.modules.runtime import apply_runtime_quantizers  # noqa: E402
 
 T0 = time.time()
@@ -35,6 +40,15 @@ T0 = time.time()
 
 def say(*a) -> None:
     print(f"[{time.time() - T0:6.0f}s]", *a, flush=True)
+
+
+def materialize(model) -> None:
+    """QuantLinear -> plain linear holding its dequantized weight (what save_quantized writes):
+    the same function without re-quantizing the weights at every forward (CPU speed)."""
+    for name, ql in list(quant_linears(model)):
+        lin = ql.to_linear()
+        move_input_rotation(ql, lin)
+        set_module(model, name, lin)
 
 
 def main() -> None:
@@ -87,6 +101,7 @@ def main() -> None:
             model = copy.deepcopy(fp).to(dev)
             t = time.time()
             metrics = entry.fn(model, scheme, None, entry.options())
+            materialize(model)
             apply_runtime_quantizers(model, scheme)
             seconds = round(time.time() - t, 1)
             t = time.time()
