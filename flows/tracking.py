@@ -16,6 +16,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from quant.config import flatten  # noqa: F401 (the one copy; flows.pipeline imports it from here)
+
 PARENT_RUN_ENV = "QUANT_PARENT_RUN_ID"  # read by tasks/common.py
 EXPERIMENT_ENV = "QUANT_EXPERIMENT"
 DEFAULT_EXPERIMENT = "quant-pipeline"
@@ -24,15 +26,6 @@ MAX_PARAM_CHARS = 6000
 
 def tracking_uri(root: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow' / 'mlflow.db'}"
-
-
-def flatten(d: Any, prefix: str = "", sep: str = ".") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(flatten(v, f"{prefix}{sep}{k}" if prefix else str(k), sep))
-    return out
 
 
 def file_md5(path: Path) -> str:

@@ -20,7 +20,6 @@ import logging
 import os
 import random
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -32,6 +31,7 @@ import yaml
 
 from quant.config import Config, ConfigError, flatten
 from quant.config.scheme import QuantScheme
+from quant.io import atomic_file, write_json_atomic  # noqa: F401 (atomic_file: stages use it from here)
 from quant.models.hub import MissingDependencyError
 
 log = logging.getLogger("quant")
@@ -129,26 +129,8 @@ def stage_dir(stage: str) -> Path:
     return ARTIFACTS / stage
 
 
-@contextmanager
-def atomic_file(path: str | Path, mode: str = "w") -> Iterator[Any]:
-    """Open a temporary sibling; rename over `path` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_json(path: str | Path, data: Any) -> Path:
-    with atomic_file(path) as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-    return Path(path)
+    return write_json_atomic(path, data)
 
 
 def read_json(path: str | Path) -> Any:

@@ -25,8 +25,8 @@ from torch import nn
 
 from quant.config import ConfigError
 from quant.config.scheme import QuantScheme
-from quant.models.arch import get_module, iter_block_linears, mapping_for, set_module
-from quant.models.hub import atomic_dir
+from quant.io import atomic_dir
+from quant.models.arch import get_module, set_module, target_linears
 from quant.modules.linear import QuantLinear
 from quant.modules.rotation import install_rotations, rotation_config
 from quant.modules.runtime import apply_runtime_quantizers
@@ -38,8 +38,14 @@ SCHEME_FILE = "quantization.json"
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """Load a causal LM and its tokenizer from a local directory written by this project."""
+    """Load a causal LM and its tokenizer from a local directory written by this project
+    (packed checkpoints of `convert` load with PackedLinear layers, CPU fallback backend)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from quant.export.loader import load_packed, packed_format
+
+    if packed_format(path) is not None:
+        return load_packed(path, dtype, device)
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     model.eval()
@@ -70,6 +76,7 @@ def source_dtype(path: str | Path) -> torch.dtype:
 
 
 def quant_linears(model: nn.Module) -> Iterator[tuple[str, QuantLinear]]:
+    """(qualified name, module) of every QuantLinear in `model` (the one listing of them)."""
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear):
             yield name, module
@@ -156,10 +163,7 @@ def _restore_quant_linears(model: nn.Module, path: Path) -> None:
 def quantizable_linears(model: nn.Module, scheme: QuantScheme) -> list[tuple[str, nn.Linear]]:
     """Every decoder linear (plus lm_head if the scheme says so), checked against the scheme
     before any work starts."""
-    mapping = mapping_for(model)
-    out = [(name, mod) for name, _, _, mod in iter_block_linears(model, mapping)]
-    if scheme.quantize_lm_head:
-        out.append((mapping.lm_head, get_module(model, mapping.lm_head)))
+    out = target_linears(model, scheme.quantize_lm_head)
     if scheme.weight is not None:
         for name, mod in out:
             in_features = mod.in_features

@@ -33,6 +33,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from quant.io import replace_dir, write_json_atomic
+
 RECORDS = "sequences.jsonl"
 MANIFEST = "manifest.json"
 
@@ -40,12 +42,6 @@ MANIFEST = "manifest.json"
 def _normal(obj: Any) -> Any:
     """JSON round trip (tuples -> lists), so a run key compares equal to its stored copy."""
     return json.loads(json.dumps(obj, sort_keys=True))
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def record_line(record: dict[str, Any]) -> str:
@@ -126,7 +122,7 @@ class ShardWriter:
         shutil.rmtree(self.dir, ignore_errors=True)
         self.dir.mkdir(parents=True)
         records.touch()
-        _write_json_atomic(self.dir / MANIFEST, {"complete": False, "run": self.run})
+        write_json_atomic(self.dir / MANIFEST, {"complete": False, "run": self.run})
         return 0
 
     def records(self) -> Iterator[dict[str, Any]]:
@@ -147,12 +143,5 @@ class ShardWriter:
 
     def publish(self, out_dir: str | Path, summary: dict[str, Any]) -> Path:
         """Mark complete and move the work directory onto `out_dir` (replacing it)."""
-        out = Path(out_dir)
-        _write_json_atomic(self.dir / MANIFEST, {"complete": True, "run": self.run, **_normal(summary)})
-        out.parent.mkdir(parents=True, exist_ok=True)
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        if out.exists():
-            out.rename(old)
-        self.dir.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-        return out
+        write_json_atomic(self.dir / MANIFEST, {"complete": True, "run": self.run, **_normal(summary)})
+        return replace_dir(self.dir, out_dir)
