@@ -12,6 +12,7 @@ the last 5%. The E2E-QP learning rate is chosen among --e2e-lrs by that
 validation loss (never by the evaluation texts).
 
 Usage (device): python benches/quality_efficientqat.py --model DIR --data DIR --out results.json
+`--calibrate quarot --act 4 --kv 4 --bits 4 --init-only`: QuaRot + RTN at W4A4KV4, no training.
 Imports only quant.*, torch, transformers (and gguf to convert the embedded GGUF).
 """
 
@@ -40,6 +41,7 @@ from quant.e2e.trainer import (  # noqa: E402
     make_accelerator,
 )
 from quant.eval.ppl import perplexity  # noqa: E402
+from quant.modules.runtime import apply_runtime_quantizers  # noqa: E402
 
 T0 = time.time()
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -70,6 +72,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--bits", default="4,3,2")
     ap.add_argument("--group", type=int, default=64)
+    ap.add_argument("--calibrate", default="rtn", help="calibrate method: rtn | quarot | ...")
+    ap.add_argument("--act", type=int, default=16, help="activation bits (16 = not quantized)")
+    ap.add_argument("--kv", type=int, default=16, help="KV-cache bits (16 = not quantized)")
+    ap.add_argument("--init-only", action="store_true", help="stop after calibrate (no training)")
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--train-samples", type=int, default=256)
     ap.add_argument("--val-samples", type=int, default=16)
@@ -108,15 +114,22 @@ def main() -> None:
     e2e = e2e_methods().get("e2e-qp")
     for bits in [int(b) for b in args.bits.split(",")]:
         r: dict[str, object] = {}
-        results[f"w{bits}g{args.group}"] = r
-        scheme = QuantScheme.from_name(f"W{bits}A16KV16", preset="efficientqat", group_size=args.group)
+        ak = "" if args.act == args.kv == 16 else f"a{args.act}kv{args.kv}"
+        results[f"w{bits}{ak}g{args.group}"] = r
+        scheme = QuantScheme.from_name(f"W{bits}A{args.act}KV{args.kv}", preset="efficientqat",
+                                       group_size=args.group)
         model = copy.deepcopy(fp)
         t = time.time()
-        init_metrics = init.fn(model, scheme, calib_windows, init.options()) or {}
+        init_metrics = init.fn(model.to(DEV), scheme, calib_windows.to(DEV), init.options()) or {}
+        model.cpu()
+        apply_runtime_quantizers(model, scheme)  # activation / KV quantizers (none for W-only)
         r["init_seconds"] = round(time.time() - t, 1)
         r["init_metrics"] = {k: v for k, v in init_metrics.items() if k != "files"}
         r[args.calibrate] = ppl_all(model, evals, args.seq_len, args.eval_windows)
         say(bits, args.calibrate, r[args.calibrate])
+        if args.init_only:
+            dump()
+            continue
         opts = bap.options.from_dict({"epochs": args.epochs, "batch_size": 2, "cache": "gpu"})  # on the device
         t = time.time()
         ctx = BlockwiseContext(DEV, args.work / f"bap-w{bits}", 0, f"q{bits}")

@@ -52,7 +52,7 @@ def run(params: Params) -> dict[str, Any]:
     files = metrics.pop("files", None)  # search results kept beside the model (awq)
     metrics.update(apply_runtime_quantizers(model, params.scheme))  # activation / KV quantizers
     save_quantized(model, tokenizer, params.scheme, stage_dir("calibrate") / "model",
-                   extra={"method": cfg.method}, files=files)
+                   extra={"method": cfg.method, "options": options.to_dict()}, files=files)
     metrics = {"method": cfg.method, "scheme": params.scheme.name, **metrics}
     write_json("metrics/calibrate.json", metrics)
     log_artifact(stage_dir("calibrate") / "model" / "quantization.json")

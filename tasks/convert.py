@@ -70,6 +70,10 @@ def run(params: Params) -> dict[str, Any]:
     if scheme is None or scheme.weight is None:
         raise ConfigError(f"convert.model={cfg.model!r}: {src} is not a weight-quantized model; "
                           "convert the output of calibrate, block_ap or e2e")
+    if json.loads((src / SCHEME_FILE).read_text()).get("rotations"):
+        raise ConfigError(f"convert.model={cfg.model!r}: {src} carries QuaRot online rotations, "
+                          "which the packed formats cannot hold yet; convert a model calibrated "
+                          "with calibrate.options.online=off (or method rtn/awq)")
     setup_torch(params.base)
     dtype = getattr(torch, cfg.dtype)
     model, tokenizer = load_model(src, torch.float32, "cpu")

@@ -223,6 +223,20 @@ def pip_requirements() -> list[str]:
             f"safetensors=={safetensors.__version__}"]
 
 
+def fold_saved_rotations(model, model_dir: Path) -> int:
+    """A checkpoint with online rotations (QuaRot) is a plain transformers model only once
+    they are folded back into the weights (quant.modules.rotation.fold_input_rotations)."""
+    from quant.models.checkpoint import SCHEME_FILE
+    from quant.modules.rotation import fold_input_rotations, install_rotations
+
+    f = model_dir / SCHEME_FILE
+    rotations = json.loads(f.read_text()).get("rotations") if f.exists() else None
+    if not rotations:
+        return 0
+    install_rotations(model, rotations)
+    return fold_input_rotations(model)
+
+
 def run(params: Params) -> dict[str, Any]:
     import mlflow
     import torch
@@ -256,6 +270,7 @@ def run(params: Params) -> dict[str, Any]:
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        fold_saved_rotations(model, model_dir)  # QuaRot's online rotations, into the weights
         info = mlflow.transformers.log_model(
             transformers_model={"model": model, "tokenizer": tokenizer},
             name="model",

@@ -8,6 +8,9 @@
   A trainable QuantLinear's float weight (what Block-AP starts from and what
   its full-precision targets use) is kept in `float_weights.safetensors`; a
   frozen one (`QuantLinear.freeze()`) is restored frozen, bit for bit.
+- Online rotations (QuaRot, `quant.modules.rotation`) hold no weights: their
+  description goes into `quantization.json` under "rotations" and they are
+  re-installed on load, before the activation / KV quantizers.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from quant.config.scheme import QuantScheme
 from quant.io import atomic_dir
 from quant.models.arch import get_module, set_module, target_linears
 from quant.modules.linear import QuantLinear
+from quant.modules.rotation import install_rotations, rotation_config
 from quant.modules.runtime import apply_runtime_quantizers
 from quant.numerics import grid as P
 
@@ -48,6 +52,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     tokenizer = AutoTokenizer.from_pretrained(path)
     if path is not None and (Path(path) / SCHEME_FILE).exists():
         _restore_quant_linears(model, Path(path))
+        install_rotations(model, json.loads((Path(path) / SCHEME_FILE).read_text()).get("rotations"))
         scheme = read_scheme(path)
         if scheme.activation is not None or scheme.kv_cache is not None:
             apply_runtime_quantizers(model, scheme)  # activations / KV cache: not in the weights
@@ -85,6 +90,7 @@ def save_quantized(model: nn.Module, tokenizer, scheme: QuantScheme, out: str | 
     qparams: dict[str, torch.Tensor] = {}
     float_weights: dict[str, torch.Tensor] = {}
     layers = dict(quant_linears(model))
+    rotations = rotation_config(model)
     for name, ql in layers.items():
         if not ql.frozen:
             float_weights[f"{name}.weight"] = ql.weight.detach().contiguous().cpu()
@@ -106,6 +112,8 @@ def save_quantized(model: nn.Module, tokenizer, scheme: QuantScheme, out: str | 
                 save_file(float_weights, str(tmp / FLOAT_WEIGHTS_FILE))
             frozen = sorted(n for n, ql in layers.items() if ql.frozen)
             meta = {"scheme": scheme.to_dict(), "layers": sorted(layers), "frozen": frozen, **(extra or {})}
+            if rotations is not None:
+                meta["rotations"] = rotations
             (tmp / SCHEME_FILE).write_text(json.dumps(meta, indent=2))
             for name, write in (files or {}).items():
                 write(tmp / name)
