@@ -42,6 +42,7 @@ from quant.synth.sampling import (
     shard_items,
 )
 from quant.synth.store import ShardWriter, file_sha256, is_complete, model_sha256, read_manifest
+from tasks import tracking
 from tasks.common import ARTIFACTS, Params, main, setup_torch, stage_dir, write_json
 
 WORK = ARTIFACTS / ".work" / "synthesize"
@@ -178,7 +179,7 @@ def run(params: Params) -> dict[str, Any]:
     cfg = params.section("synthesize", SynthesisConfig)
     if shard not in cfg.shards:
         raise ConfigError(f"shard {shard} is not in synthesize.shards={list(cfg.shards)}")
-    _tag("shard", shard)
+    tracking.set_tag("shard", shard)
     device, dtype = setup_torch(params.base)
     metrics = run_shard(
         cfg, shard, stage_dir("prepare") / "model", stage_dir("synthesize") / f"shard-{shard}",
@@ -186,12 +187,6 @@ def run(params: Params) -> dict[str, Any]:
     )
     write_json(f"metrics/synthesize/shard-{shard}.json", metrics)
     return metrics
-
-
-def _tag(key: str, value: Any) -> None:
-    mlflow = sys.modules.get("mlflow")
-    if mlflow is not None and mlflow.active_run() is not None:
-        mlflow.set_tag(key, str(value))
 
 
 if __name__ == "__main__":
