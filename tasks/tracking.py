@@ -162,12 +162,18 @@ def process_tags() -> dict[str, str]:
 
 
 def process_alive(pid: int, start: str) -> bool:
+    """True if `pid` runs (not a zombie) and, when `start` is known, is the same process."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
+    try:
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            return False  # exited, not yet reaped
+    except OSError:
+        pass
     return not start or process_start(pid) in ("", start)  # a reused pid has another start time
 
 
