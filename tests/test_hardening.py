@@ -483,8 +483,11 @@ def copy_repo(dst: Path) -> Path:
 def test_failed_repro_leaves_every_previous_output_restorable(tmp_path):
     """`dvc repro` deletes a stage's outputs before running it; after a failing run, `dvc
     checkout` brings back every output of the last good run, metrics included."""
+    from tests.test_synth import save_tiny_model
+
     repo = copy_repo(tmp_path / "repo")
-    set_params(repo, {"base.threads": 2})
+    model = save_tiny_model(tmp_path / "tiny")  # a local model directory: prepare copies it in seconds
+    set_params(repo, {"base.threads": 2, "model.name_or_path": str(model)})
     env = {**stage_env(repo), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(repo)}
     dvc = lambda *a: subprocess.run([str(BIN / "dvc"), *a], cwd=repo, env=env,  # noqa: E731
                                     capture_output=True, text=True, timeout=600)
