@@ -21,7 +21,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run test lint clean servers-up servers-down servers-status deploy flow-run promote lock
+.PHONY: setup run test lint clean servers-up servers-down servers-status deploy flow-run promote lock sweep
 
 setup: $(STAMP)
 
@@ -71,6 +71,11 @@ deploy: setup
 flow-run: setup
 	$(SERVER_ENV) && prefect deployment run 'quant-pipeline/embedded-default' --watch \
 	  --params "$$(S='$(S)' T='$(T)' $(PY) -c 'import json, os; print(json.dumps({"overrides": os.environ["S"].split(), "targets": os.environ["T"].split() or None}))')"
+
+# the recipe sweep in-process (or `prefect deployment run 'quant-sweep/sweep'` after make deploy);
+# GRID=name picks one of params.yaml sweep.grids, S="key=value ..." is added to every recipe
+sweep: setup
+	$(PY) -m flows.sweep $(if $(GRID),--grid $(GRID)) $(foreach s,$(S),-S $(s))
 
 # alias `champion` on the last registered version if the gates in params.yaml pass.
 # Uses $$MLFLOW_TRACKING_URI (e.g. after `eval "$$(.venv/bin/python scripts/servers.py env)"`),
