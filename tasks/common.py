@@ -52,6 +52,8 @@ PARAMS_FILE = "params.yaml"
 ARTIFACTS = Path("artifacts")
 METRICS = Path("metrics")
 SHARED_SECTIONS = ("base", "model", "scheme")
+# sections no DVC stage reads (so not in dvc.yaml), read by another entry point
+OTHER_SECTIONS = ("sweep",)  # flows/sweep.py (`make sweep`)
 
 
 # ---------------------------------------------------------------------------
@@ -103,7 +105,7 @@ def known_sections(dvc_file: str | Path = ROOT / "dvc.yaml") -> set[str] | None:
         stages = (yaml.safe_load(Path(dvc_file).read_text()) or {}).get("stages", {})
     except (OSError, yaml.YAMLError):
         return None
-    names = set(SHARED_SECTIONS)
+    names = {*SHARED_SECTIONS, *OTHER_SECTIONS}
     for stage in stages.values():
         for p in (stage.get("do", stage) or {}).get("params", []):
             for key in p if isinstance(p, dict) else [p]:
