@@ -31,14 +31,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from quant.blockwise.block_ap import BlockwiseContext, blockwise_methods  # noqa: E402
 from quant.calibrate.rtn import quantize_linears  # noqa: E402
 from quant.config.scheme import QuantScheme  # noqa: E402
-from quant.e2e.data import sample_windows, tokenize_text  # noqa: E402
+from quant.e2e.data import sample_windows, tokenize_text, windows  # noqa: E402
 from quant.e2e.trainer import (  # noqa: E402
     E2EContext,
     TrainConfig,
     Trainer,
     e2e_methods,
     make_accelerator,
-    text_windows,
 )
 from quant.eval.ppl import perplexity  # noqa: E402
 
@@ -87,7 +86,7 @@ def main() -> None:
     calib = tokenize_text(tok, (args.data / "calib.txt").read_text())
     cut = int(calib.numel() * 0.95)
     train = sample_windows(calib[:cut], args.train_samples, args.seq_len, seed=0)
-    val = text_windows(calib[cut:], args.seq_len)[: args.val_samples]
+    val = windows(calib[cut:], args.seq_len)[: args.val_samples]
     evals = {p.stem: tokenize_text(tok, p.read_text()) for p in sorted((args.data / "eval").glob("*.txt"))}
     results: dict[str, object] = {"settings": vars(args) | {"model": str(args.model), "data": str(args.data),
                                                             "out": str(args.out), "val_windows": len(val)}}

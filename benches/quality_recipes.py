@@ -41,14 +41,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from quant.blockwise.block_ap import BlockwiseContext, blockwise_methods  # noqa: E402
 from quant.calibrate import CALIBRATE  # noqa: E402
 from quant.config.scheme import QuantScheme  # noqa: E402
-from quant.e2e.data import sample_windows, tokenize_text  # noqa: E402
+from quant.e2e.data import sample_windows, tokenize_text, windows  # noqa: E402
 from quant.e2e.trainer import (  # noqa: E402
     E2EContext,
     TrainConfig,
     Trainer,
     e2e_methods,
     make_accelerator,
-    text_windows,
 )
 from quant.eval.ppl import perplexity  # noqa: E402
 from quant.modules.runtime import apply_runtime_quantizers  # noqa: E402
@@ -104,7 +103,7 @@ class Runner:
         cut = int(calib.numel() * 0.95)
         self.calib_ids = sample_windows(calib[:cut], args.calib_samples, args.calib_seq_len, seed=0)
         self.train = sample_windows(calib[:cut], args.train_samples, args.seq_len, seed=1)
-        self.val = text_windows(calib[cut:], args.seq_len)[: args.val_samples]
+        self.val = windows(calib[cut:], args.seq_len)[: args.val_samples]
         self.options = json.loads(args.options) if args.options else {}
         self.models: dict[tuple, torch.nn.Module] = {}
         self.acc = make_accelerator()

@@ -13,7 +13,7 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from quant.config import flatten  # noqa: F401 (the flow's import point)
+from quant.config import flatten  # noqa: F401 (the one copy; flows.pipeline imports it from here)
 from tasks import tracking
 from tasks.tracking import (  # noqa: F401 (the flow's import point)
     DEFAULT_EXPERIMENT,

@@ -23,8 +23,8 @@ from safetensors.torch import load_file
 
 from quant.blockwise.block_ap import BlockwiseContext, blockwise_methods
 from quant.config import Config, ConfigError
-from quant.e2e.data import tokenize_text
-from quant.e2e.trainer import split_samples, text_windows
+from quant.e2e.data import tokenize_text, windows
+from quant.e2e.trainer import split_samples
 from quant.models.checkpoint import FLOAT_WEIGHTS_FILE, load_model, read_scheme, save_quantized
 from tasks import tracking
 from tasks.common import ARTIFACTS, Params, log_artifact, main, setup_torch, stage_dir, write_json
@@ -78,7 +78,7 @@ def training_sequences(tokenizer, data: DataConfig, section: str) -> tuple[torch
             ids = ids[tensors["attention_mask"][:, : data.seq_len].all(dim=1)]
         return ids.long().contiguous(), str(MERGED)
     calib = stage_dir("prepare") / "data" / "calib.txt"
-    return text_windows(tokenize_text(tokenizer, calib.read_text()), data.seq_len), str(calib)
+    return windows(tokenize_text(tokenizer, calib.read_text()), data.seq_len), str(calib)
 
 
 def fingerprint(*parts: Any, files: tuple[Path, ...] = (), tensors: tuple[torch.Tensor, ...] = ()) -> str:

@@ -28,11 +28,9 @@ import os
 import random
 import signal
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -41,7 +39,8 @@ import yaml
 
 from quant.config import Config, ConfigError, flatten
 from quant.config.scheme import QuantScheme
-from quant.models.hub import MissingDependencyError, remove_stale_temporaries, temp_prefix, umask
+from quant.io import atomic_file, remove_stale_temporaries, write_json_atomic  # noqa: F401 (atomic_file: stages use it from here)
+from quant.models.hub import MissingDependencyError
 from tasks import tracking
 from tasks.tracking import DEFAULT_EXPERIMENT, EXPERIMENT_ENV, PARENT_RUN_ENV  # noqa: F401 (re-exported)
 
@@ -170,22 +169,6 @@ def stage_dir(stage: str) -> Path:
     return ARTIFACTS / stage
 
 
-@contextmanager
-def atomic_file(path: str | Path, mode: str = "w") -> Iterator[Any]:
-    """Open a temporary sibling; rename over `path` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~umask())  # mkstemp makes 0600; outputs get the usual permissions
-        with os.fdopen(fd, mode) as f:
-            yield f
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def clean_stale_temporaries(stage: str) -> list[Path]:
     """Remove what killed runs left in the stage's output folders (dead writers only)."""
     dirs = [ARTIFACTS, stage_dir(stage), METRICS, METRICS / stage]
@@ -198,10 +181,7 @@ def clean_stale_temporaries(stage: str) -> list[Path]:
 
 
 def write_json(path: str | Path, data: Any) -> Path:
-    with atomic_file(path) as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-    return Path(path)
+    return write_json_atomic(path, data)
 
 
 def read_json(path: str | Path) -> Any:

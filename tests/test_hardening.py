@@ -147,7 +147,7 @@ def test_second_process_on_the_same_shard_fails_at_once(tmp_path):
 FAKE_STAGE = """
 import sys, time
 from pathlib import Path
-from quant.models.hub import atomic_dir
+from quant.io import atomic_dir
 from tasks import common
 
 def run(params):
@@ -256,7 +256,7 @@ def test_stale_temporaries_of_killed_runs_are_removed_on_start(tmp_path, monkeyp
 
 
 def test_outputs_get_umask_permissions(tmp_path):
-    from quant.models.hub import atomic_dir
+    from quant.io import atomic_dir
 
     old = os.umask(0o022)
     try:

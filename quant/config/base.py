@@ -131,8 +131,11 @@ class Config:
         return out
 
 
-def flatten(d: dict[str, Any], prefix: str = "", sep: str = ".") -> dict[str, Any]:
-    """Flatten nested mappings into dotted keys (for MLflow params and DVC)."""
+def flatten(d: Any, prefix: str = "", sep: str = ".") -> dict[str, Any]:
+    """Flatten nested mappings into dotted keys (for MLflow params and DVC); a non-mapping
+    `d` is the one leaf `{prefix: d}`, an empty mapping stays a leaf."""
+    if not isinstance(d, dict):
+        return {prefix: d}
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{sep}{k}" if prefix else str(k)

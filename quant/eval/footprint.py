@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from quant.models.checkpoint import quant_linears
 from quant.modules.linear import QuantLinear
 
 HALF_BITS = 16
@@ -44,7 +45,7 @@ def _quant_linear_bits(m: QuantLinear) -> tuple[int, int]:
 
 
 def footprint(model: nn.Module) -> Footprint:
-    qlinears = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    qlinears = dict(quant_linears(model))
     other_bits = other_params = 0
     for name, p in model.named_parameters():  # tied parameters appear once
         owner = name.rpartition(".")[0]

@@ -108,3 +108,13 @@ def iter_block_linears(model: nn.Module, mapping: ArchMapping | None = None):
     for i, block in enumerate(decoder_layers(model, mapping)):
         for path in mapping.block_linears:
             yield f"{mapping.layers}.{i}.{path}", i, path, get_module(block, path)
+
+
+def target_linears(model: nn.Module, lm_head: bool) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every decoder linear, plus the lm_head when `lm_head` is true: the
+    layers a scheme quantizes (weights) and whose inputs it quantizes (activations)."""
+    mapping = mapping_for(model)
+    out = [(name, mod) for name, _, _, mod in iter_block_linears(model, mapping)]
+    if lm_head:
+        out.append((mapping.lm_head, get_module(model, mapping.lm_head)))
+    return out

@@ -22,8 +22,8 @@ from torch import nn
 
 from quant.config import ConfigError, InputError
 from quant.config.scheme import QuantScheme
-from quant.models.arch import get_module, iter_block_linears, mapping_for, set_module
-from quant.models.hub import atomic_dir
+from quant.io import atomic_dir
+from quant.models.arch import get_module, set_module, target_linears
 from quant.modules.linear import QuantLinear
 from quant.modules.runtime import apply_runtime_quantizers
 from quant.numerics import grid as P
@@ -131,6 +131,7 @@ def source_dtype(path: str | Path) -> torch.dtype:
 
 
 def quant_linears(model: nn.Module) -> Iterator[tuple[str, QuantLinear]]:
+    """(qualified name, module) of every QuantLinear in `model` (the one listing of them)."""
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear):
             yield name, module
@@ -214,10 +215,7 @@ def _restore_quant_linears(model: nn.Module, path: Path) -> None:
 def quantizable_linears(model: nn.Module, scheme: QuantScheme) -> list[tuple[str, nn.Linear]]:
     """Every decoder linear (plus lm_head if the scheme says so), checked against the scheme
     before any work starts."""
-    mapping = mapping_for(model)
-    out = [(name, mod) for name, _, _, mod in iter_block_linears(model, mapping)]
-    if scheme.quantize_lm_head:
-        out.append((mapping.lm_head, get_module(model, mapping.lm_head)))
+    out = target_linears(model, scheme.quantize_lm_head)
     if scheme.weight is not None:
         for name, mod in out:
             in_features = mod.in_features

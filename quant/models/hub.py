@@ -10,17 +10,12 @@ half-written model behind.
 from __future__ import annotations
 
 import importlib.util
-import os
-import re
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from quant.config import ConfigError
+from quant.io import atomic_dir
 
 EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_MODELS = {
@@ -30,76 +25,6 @@ EMBEDDED_MODELS = {
 
 class MissingDependencyError(RuntimeError):
     """An optional package is not installed; the message gives the install command."""
-
-
-TEMP_RE = re.compile(r"^\.(?P<name>.+?)\.(?:tmp|old)-(?P<pid>\d+)?")
-
-
-def temp_prefix(target: str | Path) -> str:
-    """Name prefix of a temporary sibling of `target`: hidden, with the writer's pid, so a
-    later run can tell a dead writer's leftovers (`remove_stale_temporaries`)."""
-    return f".{Path(target).name}.tmp-{os.getpid()}-"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_temporaries(directory: str | Path, owner: str | None = None) -> list[Path]:
-    """Delete the temporaries (`.<name>.tmp-<pid>-*`, `.<name>.old-<pid>`) in `directory`
-    whose writing process is gone; a temporary without a pid (older format) only if it is
-    `owner`'s own (inside the folder named `owner`, or a temporary of `owner` itself)."""
-    d = Path(directory)
-    if not d.is_dir():
-        return []
-    removed = []
-    for p in d.iterdir():
-        m = TEMP_RE.match(p.name)
-        if m is None:
-            continue
-        pid = m["pid"]
-        if pid is not None and (int(pid) == os.getpid() or _pid_alive(int(pid))):
-            continue
-        if pid is None and not (owner and (d.name == owner or m["name"] == owner)):
-            continue
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
-        removed.append(p)
-    return removed
-
-
-def umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-@contextmanager
-def atomic_dir(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces `target` atomically
-    (with the usual umask permissions, not mkdtemp's 0700)."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(target), dir=target.parent))
-    try:
-        tmp.chmod(0o777 & ~umask())
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    if target.exists():
-        target.rename(old)
-    tmp.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:

@@ -43,6 +43,7 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from quant.config import InputError
+from quant.io import replace_dir, write_json_atomic
 
 RECORDS = "sequences.jsonl"
 MANIFEST = "manifest.json"
@@ -51,12 +52,6 @@ MANIFEST = "manifest.json"
 def _normal(obj: Any) -> Any:
     """JSON round trip (tuples -> lists), so a run key compares equal to its stored copy."""
     return json.loads(json.dumps(obj, sort_keys=True))
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def record_line(record: dict[str, Any]) -> str:
@@ -193,7 +188,7 @@ class ShardWriter:
         shutil.rmtree(self.dir, ignore_errors=True)
         self.dir.mkdir(parents=True)
         records.touch()
-        _write_json_atomic(self.dir / MANIFEST, {"complete": False, "run": self.run})
+        write_json_atomic(self.dir / MANIFEST, {"complete": False, "run": self.run})
         return 0
 
     def records(self) -> Iterator[dict[str, Any]]:
@@ -214,15 +209,9 @@ class ShardWriter:
 
     def publish(self, out_dir: str | Path, summary: dict[str, Any]) -> Path:
         """Mark complete and move the work directory onto `out_dir` (replacing it)."""
-        out = Path(out_dir)
         checksum = records_sha256(self.dir / RECORDS)
-        _write_json_atomic(self.dir / MANIFEST, {"complete": True, "run": self.run, **_normal(summary),
-                                                 "records_sha256": checksum})
-        out.parent.mkdir(parents=True, exist_ok=True)
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        if out.exists():
-            out.rename(old)
-        self.dir.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
+        write_json_atomic(self.dir / MANIFEST, {"complete": True, "run": self.run, **_normal(summary),
+                                                "records_sha256": checksum})
+        out = replace_dir(self.dir, out_dir)
         self.close()
         return out
