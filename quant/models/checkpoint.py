@@ -98,11 +98,17 @@ def check_scheme_fits(path: str | Path, scheme: QuantScheme) -> None:
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """Load a causal LM and its tokenizer from a local directory written by this project
-    (after `check_model_files`: a corrupt file is an `InputError` naming it)."""
+    (after `check_model_files`: a corrupt file is an `InputError` naming it; packed
+    checkpoints of `convert` load with PackedLinear layers, CPU fallback backend)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from quant.export.loader import load_packed, packed_format
 
     if path is not None:
         check_model_files(path)
+    if packed_format(path) is not None:
+        return load_packed(path, dtype, device)
+
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
