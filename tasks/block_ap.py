@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -27,6 +26,7 @@ from quant.config import Config, ConfigError
 from quant.e2e.data import tokenize_text, windows
 from quant.e2e.trainer import split_samples
 from quant.models.checkpoint import FLOAT_WEIGHTS_FILE, load_model, read_scheme, save_quantized
+from tasks import tracking
 from tasks.common import ARTIFACTS, Params, log_artifact, main, setup_torch, stage_dir, write_json
 
 MERGED = ARTIFACTS / "merge" / "train.safetensors"
@@ -94,10 +94,7 @@ def fingerprint(*parts: Any, files: tuple[Path, ...] = (), tensors: tuple[torch.
     return h.hexdigest()[:16]
 
 
-def _log_step(metrics: dict[str, float], step: int) -> None:
-    mlflow = sys.modules.get("mlflow")
-    if mlflow is not None and mlflow.active_run() is not None:
-        mlflow.log_metrics(metrics, step=step)
+_log_step = tracking.log_step  # tasks.e2e imports it under this name
 
 
 def plot_block_losses(per_block: list[dict[str, Any]], path: Path, title: str) -> Path:

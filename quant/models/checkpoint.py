@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from quant.config import ConfigError
+from quant.config import ConfigError, InputError
 from quant.config.scheme import QuantScheme
 from quant.io import atomic_dir
 from quant.models.arch import get_module, set_module, target_linears
@@ -37,13 +37,79 @@ FLOAT_WEIGHTS_FILE = "float_weights.safetensors"
 SCHEME_FILE = "quantization.json"
 
 
+def read_config(path: str | Path) -> dict:
+    """config.json of a model directory; an `InputError` naming the file if missing or not JSON."""
+    f = Path(path) / "config.json"
+    if not f.is_file():
+        raise InputError(f"{f} not found: {path} is not a model directory (run the stage that writes it)")
+    try:
+        config = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{f} is not valid JSON ({exc}); re-run the stage that wrote it") from None
+    if not isinstance(config, dict):
+        raise InputError(f"{f} must hold a JSON object, got {type(config).__name__}")
+    return config
+
+
+def check_model_files(path: str | Path) -> None:
+    """Cheap integrity checks before loading: config.json and quantization.json parse, and
+    every safetensors file has a valid header that covers the whole file (truncation)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    read_config(path)
+    scheme = path / SCHEME_FILE
+    if scheme.exists():
+        try:
+            json.loads(scheme.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InputError(f"{scheme} is not valid JSON ({exc}); re-run the stage that wrote it") from None
+    for f in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), "pt"):
+                pass
+        except Exception as exc:  # noqa: BLE001 - SafetensorError and I/O errors alike
+            raise InputError(f"{f} is corrupt or truncated ({exc}); re-run the stage that wrote it") from None
+
+
+def check_scheme_fits(path: str | Path, scheme: QuantScheme) -> None:
+    """What config.json alone can tell, before any weight is loaded: consistent head counts
+    and a weight group size that divides every quantized linear's input width (Llama-style
+    widths; the exact per-module check runs again in `quantizable_linears`)."""
+    f = Path(path) / "config.json"
+    c = read_config(path)
+    hidden, heads = c.get("hidden_size"), c.get("num_attention_heads")
+    if not isinstance(hidden, int) or not isinstance(heads, int) or heads <= 0:
+        return  # not a Llama-style config: the per-module check after loading decides
+    kv = c.get("num_key_value_heads") or heads
+    head_dim = c.get("head_dim")
+    if head_dim is None and hidden % heads:
+        raise InputError(f"{f}: hidden_size={hidden} is not a multiple of num_attention_heads={heads}")
+    if heads % kv:
+        raise InputError(f"{f}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}")
+    if scheme.weight is None:
+        return
+    head_dim = head_dim or hidden // heads
+    widths = {"q_proj/k_proj/v_proj/gate_proj/up_proj (hidden_size)": hidden,
+              "o_proj (num_attention_heads x head_dim)": heads * head_dim}
+    if isinstance(c.get("intermediate_size"), int):
+        widths["down_proj (intermediate_size)"] = c["intermediate_size"]
+    if scheme.quantize_lm_head:
+        widths["lm_head (hidden_size)"] = hidden
+    for name, width in widths.items():
+        scheme.weight.check_layer(name, width)
+
+
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """Load a causal LM and its tokenizer from a local directory written by this project
-    (packed checkpoints of `convert` load with PackedLinear layers, CPU fallback backend)."""
+    (after `check_model_files`: a corrupt file is an `InputError` naming it; packed
+    checkpoints of `convert` load with PackedLinear layers, CPU fallback backend)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from quant.export.loader import load_packed, packed_format
 
+    if path is not None:
+        check_model_files(path)
     if packed_format(path) is not None:
         return load_packed(path, dtype, device)
 
@@ -63,7 +129,7 @@ def source_dtype(path: str | Path) -> torch.dtype:
     """The dtype a checkpoint's float weights are stored in (config.json `dtype`, older
     `torch_dtype`; float32 when absent). Stages whose float weights later stages train or
     take full-precision targets from load in this precision, not in the compute dtype."""
-    config = json.loads((Path(path) / "config.json").read_text())
+    config = read_config(path)
     name = config.get("dtype") or config.get("torch_dtype") or "float32"
     table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if name not in table:
