@@ -111,8 +111,9 @@ def items_for(n: int, vocab: int) -> list[Item]:
 
 
 def run_generator(model, items, seq_len, batch, device, graphs: bool = True) -> dict:
-    cfg = SynthesisConfig(shards=(0,), seq_len=seq_len, batch_size=batch, on_eos="continue", cuda_graphs=graphs)
-    warm = SynthesisConfig(shards=(0,), seq_len=16, on_eos="continue", cuda_graphs=graphs)
+    cfg = SynthesisConfig(shards=(0,), seq_len=seq_len, batch_size=batch, on_eos="continue", cuda_graphs=graphs,
+                          top_k=0)  # as the generate() baselines below
+    warm = SynthesisConfig(shards=(0,), seq_len=16, on_eos="continue", cuda_graphs=graphs, top_k=0)
     generate(model, items[: min(batch, 4)], warm, 0)
     sync(device)
     if device.type == "cuda":

@@ -15,7 +15,7 @@ Data (the stages' protocol, never the evaluation texts): calibration methods get
 `--calib-samples` random windows of `--calib-seq-len` tokens from the calibration text;
 block-wise and end-to-end training get `--train-samples` windows of `--seq-len` from its
 first 95%, validation windows from the last 5%. The E2E-QP learning rate is chosen among
-the paper's and 5x the paper's by that validation loss. PPL is `quant.eval.ppl.perplexity`
+`--e2e-lr-mults` x the paper's by that validation loss. PPL is `quant.eval.ppl.perplexity`
 at `--seq-len` on every text of `<data>/eval/`, fp32 forward (bf16 autocast on GPU only
 inside training).
 
@@ -41,14 +41,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from quant.blockwise.block_ap import BlockwiseContext, blockwise_methods  # noqa: E402
 from quant.calibrate import CALIBRATE  # noqa: E402
 from quant.config.scheme import QuantScheme  # noqa: E402
-from quant.e2e.data import sample_windows, tokenize_text  # noqa: E402
+from quant.e2e.data import sample_windows, tokenize_text, windows  # noqa: E402
 from quant.e2e.trainer import (  # noqa: E402
     E2EContext,
     TrainConfig,
     Trainer,
     e2e_methods,
     make_accelerator,
-    text_windows,
 )
 from quant.eval.ppl import perplexity  # noqa: E402
 from quant.modules.runtime import apply_runtime_quantizers  # noqa: E402
@@ -104,7 +103,7 @@ class Runner:
         cut = int(calib.numel() * 0.95)
         self.calib_ids = sample_windows(calib[:cut], args.calib_samples, args.calib_seq_len, seed=0)
         self.train = sample_windows(calib[:cut], args.train_samples, args.seq_len, seed=1)
-        self.val = text_windows(calib[cut:], args.seq_len)[: args.val_samples]
+        self.val = windows(calib[cut:], args.seq_len)[: args.val_samples]
         self.options = json.loads(args.options) if args.options else {}
         self.models: dict[tuple, torch.nn.Module] = {}
         self.acc = make_accelerator()
@@ -150,7 +149,7 @@ class Runner:
     def _e2e(self, base, scheme, bits: int, name: str):
         entry = e2e_methods().get(name)
         paper = 2e-5 if bits <= 2 else 1e-5
-        lrs = [float(x) for x in self.args.e2e_lrs.split(",")] if self.args.e2e_lrs else [paper, 5 * paper]
+        lrs = [m * paper for m in (float(x) for x in self.args.e2e_lr_mults.split(","))]
         best, tried = None, {}
         for lr in lrs:
             student = copy.deepcopy(base)
@@ -180,7 +179,9 @@ def main() -> None:
     ap.add_argument("--train-samples", type=int, default=256)
     ap.add_argument("--val-samples", type=int, default=16)
     ap.add_argument("--e2e-batch", type=int, default=4)
-    ap.add_argument("--e2e-lrs", default="")
+    ap.add_argument("--e2e-lr-mults", default="1,5",
+                    help="E2E-QP learning rates as multiples of the paper's (2e-5 at W2, 1e-5 above); "
+                         "the best by validation loss is kept")
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--deadline-s", type=float, default=0, help="start no recipe after this many seconds")
     ap.add_argument("--work", type=Path, default=Path("/tmp/quality-recipes"))

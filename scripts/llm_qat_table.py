@@ -104,9 +104,9 @@ def _sample_loop(model, starts, prefix, seq_len, gen):
 
 
 def real_windows(stream: torch.Tensor, n: int, seq_len: int, seed: int) -> torch.Tensor:
-    from quant.e2e.trainer import text_windows
+    from quant.e2e.data import windows
 
-    w = text_windows(stream, seq_len)
+    w = windows(stream, seq_len)
     if len(w) < n:
         raise SystemExit(f"real text has {len(w)} windows of {seq_len}, fewer than {n}")
     return w[torch.randperm(len(w), generator=torch.Generator().manual_seed(seed))[:n]]

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -24,9 +23,10 @@ from safetensors.torch import load_file
 
 from quant.blockwise.block_ap import BlockwiseContext, blockwise_methods
 from quant.config import Config, ConfigError
-from quant.e2e.data import tokenize_text
-from quant.e2e.trainer import split_samples, text_windows
+from quant.e2e.data import tokenize_text, windows
+from quant.e2e.trainer import split_samples
 from quant.models.checkpoint import FLOAT_WEIGHTS_FILE, load_model, read_scheme, save_quantized
+from tasks import tracking
 from tasks.common import ARTIFACTS, Params, log_artifact, main, setup_torch, stage_dir, write_json
 
 MERGED = ARTIFACTS / "merge" / "train.safetensors"
@@ -78,7 +78,7 @@ def training_sequences(tokenizer, data: DataConfig, section: str) -> tuple[torch
             ids = ids[tensors["attention_mask"][:, : data.seq_len].all(dim=1)]
         return ids.long().contiguous(), str(MERGED)
     calib = stage_dir("prepare") / "data" / "calib.txt"
-    return text_windows(tokenize_text(tokenizer, calib.read_text()), data.seq_len), str(calib)
+    return windows(tokenize_text(tokenizer, calib.read_text()), data.seq_len), str(calib)
 
 
 def fingerprint(*parts: Any, files: tuple[Path, ...] = (), tensors: tuple[torch.Tensor, ...] = ()) -> str:
@@ -94,10 +94,7 @@ def fingerprint(*parts: Any, files: tuple[Path, ...] = (), tensors: tuple[torch.
     return h.hexdigest()[:16]
 
 
-def _log_step(metrics: dict[str, float], step: int) -> None:
-    mlflow = sys.modules.get("mlflow")
-    if mlflow is not None and mlflow.active_run() is not None:
-        mlflow.log_metrics(metrics, step=step)
+_log_step = tracking.log_step  # tasks.e2e imports it under this name
 
 
 def plot_block_losses(per_block: list[dict[str, Any]], path: Path, title: str) -> Path:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from quant.models.hub import atomic_dir
+from quant.io import atomic_dir
 from quant.synth.merge import MergeConfig, merge
 from quant.synth.sampling import SynthesisConfig
 from tasks.common import Params, log_artifact, main, stage_dir, write_json

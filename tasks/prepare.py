@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from quant.config import Config, ConfigError
-from quant.models.hub import EMBEDDED_PREFIX, atomic_dir, embedded_gguf_path, resolve_model
+from quant.io import atomic_dir
+from quant.models.hub import EMBEDDED_PREFIX, embedded_gguf_path, resolve_model
 from tasks import textdata as data
 from tasks.common import Params, main, stage_dir, write_json
 

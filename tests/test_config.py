@@ -111,3 +111,14 @@ def test_builtin_registries_list_every_method():
     assert "rtn" in CALIBRATE.names()
     assert "block-ap" in blockwise_methods().names()
     assert {"e2e-qp", "kd"} <= set(e2e_methods().names())
+
+
+def test_flatten_is_the_one_copy_used_by_flows():
+    from quant.config import flatten
+
+    assert flatten({"a": {"b": 1, "c": {}}, "d": [1]}) == {"a.b": 1, "a.c": {}, "d": [1]}
+    assert flatten({"x": {"y": 2.0}}, "m", sep="/") == {"m/x/y": 2.0}
+    assert flatten(3.5, "loss") == {"loss": 3.5}  # a metrics file holding one number
+    import flows.tracking
+
+    assert flows.tracking.flatten is flatten

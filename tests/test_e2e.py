@@ -5,6 +5,7 @@ bad params failing before any model is loaded."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,33 @@ def test_bad_params_fail_before_training(stage_dir, monkeypatch, section, overri
         stage.run(_params(**{section: override}))
     assert not (stage_dir / "artifacts" / ("block_ap" if section == "block_ap" else "e2e") / "model").exists()
     assert not (stage_dir / "metrics").exists()
+
+
+def test_diverging_e2e_fails_its_run_and_writes_nothing(stage_dir, monkeypatch, capsys, embedded_tokenizer):
+    """Issue 17: e2e.options.lr 1e30 used to run on with NaN loss, exit 0 and write a model
+    with NaN parameters. Now: one-line error naming stage, step and loss; exit 2; run FAILED.
+    (`kd`: it trains the unquantized norms and lm_head too, which no step-size clamp bounds.)"""
+    import mlflow
+
+    from tasks import common, e2e
+
+    teacher = stage_dir / "artifacts" / "prepare" / "model"
+    make_tiny_llama(vocab=len(embedded_tokenizer), layers=2).save_pretrained(teacher)
+    embedded_tokenizer.save_pretrained(teacher)
+    params = _params(e2e={"model": "calibrate", "method": "kd", "options": {"lr": 1e30},
+                          "train": {"epochs": 1, "batch_size": 2, "log_every": 1, "save_every": 2}})
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{stage_dir / 'mlflow.db'}")
+    monkeypatch.setenv("QUANT_EXPERIMENT", "test-diverge")
+    monkeypatch.delenv("QUANT_PARENT_RUN_ID", raising=False)
+    monkeypatch.setattr(common, "load_params", lambda *a, **k: params)
+    with pytest.raises(SystemExit) as exited:
+        common.main("e2e", e2e.run)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(r"error: e2e: training diverged at step 2: loss (nan|inf)", err), err[-2000:]
+    assert not (stage_dir / "artifacts" / "e2e").exists()
+    assert not (stage_dir / "metrics" / "e2e.json").exists()
+    assert not list((stage_dir / ".state" / "e2e").glob("step-*"))
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{stage_dir / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("test-diverge").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]

@@ -14,8 +14,10 @@ import torch
 from torch.nn import functional as F
 
 from quant.calibrate.rtn import quantize_linears
+from quant.config import ConfigError
 from quant.config.scheme import ActivationSpec, KVCacheSpec, QuantScheme, WeightSpec
-from quant.e2e.kd import KDOptions, kd_cross_entropy, kd_cross_entropy_topk, setup, teacher_topk
+from quant.e2e.kd import KDOptions, setup, teacher_topk
+from quant.e2e.losses import kd_loss, kd_loss_topk
 from quant.e2e.trainer import E2EContext, TrainConfig, Trainer, e2e_methods
 from quant.modules.linear import QuantLinear
 from quant.numerics.formats import IntFormat
@@ -56,7 +58,7 @@ def _logits(seed, shape=(2, 5, 11)):
 def test_kd_loss_equals_direct_computation(temperature):
     s, t = _logits(0), _logits(1)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
-    ce, kl = kd_cross_entropy(s, t, temperature, mask)
+    ce, kl = kd_loss(s, t, temperature, mask, normalize="token")
     # direct: -sum_v p_teacher(v) log p_student(v), averaged over the 8 unmasked tokens
     p = torch.exp(t / temperature) / torch.exp(t / temperature).sum(-1, keepdim=True)
     log_q = torch.log(torch.exp(s / temperature) / torch.exp(s / temperature).sum(-1, keepdim=True))
@@ -65,12 +67,43 @@ def test_kd_loss_equals_direct_computation(temperature):
     torch.testing.assert_close(ce, direct)
     kl_ref = F.kl_div(log_q[mask.bool()], p[mask.bool()], reduction="batchmean") * temperature**2
     torch.testing.assert_close(kl, kl_ref)
-    assert kd_cross_entropy(t, t)[1].abs() < 1e-5  # student == teacher: KL 0
+    assert kd_loss(t, t)[1].abs() < 1e-5  # student == teacher: KL 0
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_kd_batch_normalisation_is_the_references_batchmean(temperature):
+    """LLM-QAT: F.kl_div(log_softmax(s/T), softmax(t/T), reduction="batchmean") on [B, L, V]
+    sums over the L positions and divides by B only."""
+    s, t = _logits(4, (3, 7, 13)), _logits(5, (3, 7, 13))
+    ref = F.kl_div(F.log_softmax(s / temperature, -1), F.softmax(t / temperature, -1),
+                   reduction="batchmean") * temperature**2
+    ce, kl = kd_loss(s, t, temperature)  # default: normalize="batch"
+    torch.testing.assert_close(kl, ref)
+    p = F.softmax(t / temperature, -1)
+    entropy = -(p * p.log()).sum() / 3 * temperature**2
+    torch.testing.assert_close(ce, ref + entropy)
+    ce_tok, kl_tok = kd_loss(s, t, temperature, normalize="token")
+    torch.testing.assert_close(kl_tok * 7, kl)  # 7 positions per sequence
+    mask = torch.ones(3, 7)
+    mask[0, 4:] = 0  # masked positions drop out of the sum, the divisor stays B
+    ref_masked = (F.kl_div(F.log_softmax(s / temperature, -1), p, reduction="none").sum(-1)
+                  * mask).sum() / 3 * temperature**2
+    torch.testing.assert_close(kd_loss(s, t, temperature, mask)[1], ref_masked)
+    with pytest.raises(ValueError, match="normalize='mean'"):
+        kd_loss(s, t, normalize="mean")
+
+
+def test_kd_normalize_option_is_checked():
+    assert KDOptions().normalize == "batch" and KDOptions().teacher_batch_size == 4
+    with pytest.raises(ConfigError, match="normalize='tokens' is not accepted"):
+        KDOptions.from_dict({"normalize": "tokens"})
+    with pytest.raises(ConfigError, match="teacher_batch_size=0"):
+        KDOptions.from_dict({"teacher_batch_size": 0})
 
 
 def test_kd_gradient_is_softmax_difference():
     s, t = _logits(0).requires_grad_(True), _logits(1)
-    ce, _ = kd_cross_entropy(s, t)
+    ce, _ = kd_loss(s, t, normalize="token")
     ce.backward()
     expected = (F.softmax(s.detach(), -1) - F.softmax(t, -1)) / (s.shape[0] * s.shape[1])
     torch.testing.assert_close(s.grad, expected)
@@ -80,11 +113,11 @@ def test_topk_loss_full_k_equals_full_loss_and_renormalises():
     s, t = _logits(2), _logits(3)
     v = t.shape[-1]
     vals, ids = t.topk(v, dim=-1)
-    torch.testing.assert_close(kd_cross_entropy_topk(s, vals, ids), kd_cross_entropy(s, t)[0])
+    torch.testing.assert_close(kd_loss_topk(s, vals, ids), kd_loss(s, t)[0])
     vals, ids = t.topk(3, dim=-1)
     p = F.softmax(vals, -1)
     direct = -(p * F.log_softmax(s, -1).gather(-1, ids)).sum(-1).mean()
-    torch.testing.assert_close(kd_cross_entropy_topk(s, vals, ids), direct)
+    torch.testing.assert_close(kd_loss_topk(s, vals, ids, normalize="token"), direct)
 
 
 def test_teacher_topk_cache_matches_teacher(tiny_llama):
@@ -172,7 +205,7 @@ def test_kd_training_lowers_the_distillation_loss(tmp_path):
 
     def kl():
         with torch.no_grad():
-            return kd_cross_entropy(student(data["input_ids"]).logits, teacher(data["input_ids"]).logits)[1]
+            return kd_loss(student(data["input_ids"]).logits, teacher(data["input_ids"]).logits)[1]
 
     kl_before = kl()
     cfg = TrainConfig(epochs=6, batch_size=4, warmup_ratio=0.0, save_every=0, log_every=1,

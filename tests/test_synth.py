@@ -55,7 +55,8 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 def cfg_of(**kw) -> SynthesisConfig:
-    base = {"shards": [0], "seq_len": 32, "batch_size": 8}
+    # top_k 0: the random tiny model's EOS must be reachable by sampling
+    base = {"shards": [0], "seq_len": 32, "batch_size": 8, "top_k": 0}
     return SynthesisConfig.from_dict({**base, **kw}, "synthesize")
 
 
@@ -139,7 +140,7 @@ def test_prefix_is_greedy_and_the_rest_is_sampled():
         with torch.no_grad():
             logits = model(ids[None]).logits[0, :-1]  # logits[j] predicts ids[j + 1]
         u = torch.from_numpy(uniforms([sequence_key(3, g.item.start_id, g.item.prefix_len)], 39)[0])
-        redraw = sample_next(logits, u)
+        redraw = sample_next(logits, u, cfg.temperature, cfg.top_k, cfg.top_p)
         argmax = logits.argmax(-1)
         p = g.item.prefix_len
         assert torch.equal(ids[1:p], argmax[: p - 1]), "prefix tokens must be the argmax"
@@ -266,11 +267,13 @@ def test_writer_discards_a_partial_last_record_and_restarts_on_another_run(tmp_p
     w.append([{"index": i, "ids": [i]} for i in range(3)])
     with open(tmp_path / "w" / RECORDS, "a") as f:
         f.write('{"index": 3, "ids": [3')  # killed mid-write
+    w.close()  # (a killed writer's lock is released by the OS)
     again = ShardWriter(tmp_path / "w", {"x": 1})
     assert again.done == 3 and again.resumed
     assert (tmp_path / "w" / RECORDS).read_text().count("\n") == 3
     with pytest.raises(RuntimeError, match="out of order"):
         again.append([{"index": 5, "ids": []}])
+    again.close()
     other = ShardWriter(tmp_path / "w", {"x": 2})
     assert other.done == 0 and (tmp_path / "w" / RECORDS).read_text() == ""
 
@@ -313,3 +316,22 @@ def test_resume_after_sigkill_equals_uninterrupted(model_dir, tmp_path):
     assert [r["index"] for r in recs] == list(range(12))
     assert all(r["text"] == " ".join(f"t{i}" for i in r["ids"]) for r in recs)
     assert all(math.isfinite(r["logprob"]) and r["logprob"] < 0 for r in recs)
+
+
+def test_sampling_defaults_are_the_references_generate_defaults():
+    """LLM-QAT sampled with generate(do_sample=True) and no sampling arguments, i.e. with
+    transformers' GenerationConfig defaults; the config and params.yaml must match them."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import yaml
+    from transformers import GenerationConfig
+
+    if hasattr(GenerationConfig, "_get_default_generation_params"):  # transformers >= 5: unset = None
+        d = GenerationConfig._get_default_generation_params()
+        ref = SimpleNamespace(temperature=d["temperature"], top_k=d["top_k"], top_p=d["top_p"])
+    else:
+        ref = GenerationConfig()
+    params = yaml.safe_load((Path(__file__).resolve().parent.parent / "params.yaml").read_text())
+    for cfg in (SynthesisConfig(), SynthesisConfig.from_dict(params["synthesize"], "synthesize")):
+        assert (cfg.temperature, cfg.top_k, cfg.top_p) == (ref.temperature, ref.top_k, ref.top_p)

@@ -99,3 +99,58 @@ def test_bad_train_params_fail_early():
         split_samples(_data(n=4), 3, 2, seed=0)
     with pytest.raises(ConfigError, match="e2e.method"):
         e2e_methods().get("nope", "e2e.method")
+
+
+def _norm_objective(model, lr):
+    """Train only the RMSNorm weights (all exactly 1.0 at init) with the causal-LM loss."""
+    from quant.e2e.losses import causal_lm_loss
+    from quant.e2e.trainer import Objective
+
+    model.requires_grad_(False)
+    norms = [p for n, p in model.named_parameters() if n.endswith("norm.weight")]
+    for p in norms:
+        p.requires_grad_(True)
+
+    def loss(m, batch):
+        ce = causal_lm_loss(m, batch)
+        return ce, {"ce": ce.detach()}
+
+    return Objective([{"params": norms, "lr": lr, "name": "norm"}], loss)
+
+
+def test_fp32_master_weights_keep_small_updates_of_a_bf16_model(tiny_llama, tmp_path):
+    """At lr 2e-5 an AdamW step (~2e-5) is below half a bf16 rounding step of 1.0 (2^-9):
+    a bf16 parameter would stay exactly 1.0; the fp32 master moves."""
+    model = tiny_llama.to(torch.bfloat16)
+    objective = _norm_objective(model, 2e-5)
+    cfg = _cfg(epochs=1, grad_accum=1, warmup_ratio=0.0, save_every=0, grad_checkpointing=False,
+               max_grad_norm=0.0)
+    Trainer(model, objective, cfg, tmp_path, seed=0).fit({"input_ids": _data(n=4)})
+    norms = [p for n, p in model.named_parameters() if n.endswith("norm.weight")]
+    assert all(p.dtype == torch.float32 for p in norms)  # the masters
+    moved = torch.cat([(p.detach() - 1).abs().flatten() for p in norms])
+    assert moved.max() > 1e-5 and moved.max() < 1e-3
+    assert all(torch.equal(p.detach().bfloat16(), torch.ones_like(p, dtype=torch.bfloat16)) for p in norms)
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16  # frozen: unchanged
+
+
+def test_adam_betas_are_a_param(tiny_llama, tmp_path):
+    model = _quantized(tiny_llama)
+    trainer = Trainer(model, _setup(model), _cfg(adam_betas=[0.8, 0.99]), tmp_path)
+    assert trainer.optimizer.param_groups[0]["betas"] == (0.8, 0.99)
+    assert TrainConfig().adam_betas == (0.9, 0.95)
+    with pytest.raises(ConfigError, match=r"e2e\.train\.adam_betas=\[0\.9, 1\.0\] must be two numbers"):
+        _cfg(adam_betas=[0.9, 1.0])
+
+
+@pytest.mark.parametrize("log_every", [1, 3])
+def test_diverging_training_stops_before_saving(tiny_llama, tmp_path, log_every):
+    """lr 1e30 on the RMSNorm weights: step 1 is finite, step 2's attention overflows."""
+    from quant.e2e.trainer import NonFiniteLossError
+
+    objective = _norm_objective(tiny_llama, 1e30)
+    cfg = _cfg(epochs=1, grad_accum=1, warmup_ratio=0.0, save_every=2, log_every=log_every,
+               max_grad_norm=0.0, grad_checkpointing=False)
+    with pytest.raises(NonFiniteLossError, match=r"^e2e: training diverged (at|by) step 2: "):
+        Trainer(tiny_llama, objective, cfg, tmp_path, seed=0).fit({"input_ids": _data(n=8)})
+    assert list(tmp_path.iterdir()) == []  # no checkpoint, no pointer

@@ -56,7 +56,7 @@ from quant.config import Config, ConfigError
 from quant.config.scheme import QuantScheme
 from quant.models.arch import decoder_layers, get_module, mapping_for, set_module
 from quant.models.checkpoint import quantizable_linears
-from quant.models.hub import atomic_dir
+from quant.io import atomic_dir
 from quant.modules.activation import CalibratedFPQuantizer, set_input_quantizer
 from quant.modules.linear import QuantLinear
 from quant.numerics import fp as FP

@@ -22,6 +22,12 @@ class ConfigError(ValueError):
     """A configuration value is wrong; the message names the field and what is accepted."""
 
 
+class InputError(ConfigError):
+    """An input file or working state is unusable (corrupt, truncated, tampered, locked by
+    another process): the message names the file. A ConfigError so stages exit 2 with one
+    line: re-running the same command cannot heal it."""
+
+
 def _qualify(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 
@@ -125,8 +131,11 @@ class Config:
         return out
 
 
-def flatten(d: dict[str, Any], prefix: str = "", sep: str = ".") -> dict[str, Any]:
-    """Flatten nested mappings into dotted keys (for MLflow params and DVC)."""
+def flatten(d: Any, prefix: str = "", sep: str = ".") -> dict[str, Any]:
+    """Flatten nested mappings into dotted keys (for MLflow params and DVC); a non-mapping
+    `d` is the one leaf `{prefix: d}`, an empty mapping stays a leaf."""
+    if not isinstance(d, dict):
+        return {prefix: d}
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{sep}{k}" if prefix else str(k)

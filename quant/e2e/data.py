@@ -1,4 +1,4 @@
-"""Token data for training and calibration: tokenising a text, sampling windows."""
+"""Token data for training, calibration and perplexity: tokenising a text, cutting or sampling windows."""
 
 from __future__ import annotations
 
@@ -11,6 +11,20 @@ def tokenize_text(tokenizer, text: str):
 
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
+
+
+def windows(ids, seq_len: int, max_windows: int | None = None):
+    """A 1-D token stream [N] cut into non-overlapping windows [W, seq_len].
+
+    The trailing partial window is dropped (the GPTQ/AWQ/EfficientQAT perplexity
+    protocol); at most `max_windows` are kept. W may be 0: callers that need a
+    window say so in their own terms."""
+    if ids.dim() != 1:
+        raise ValueError(f"expected a 1-D token stream, got shape {tuple(ids.shape)}")
+    n = ids.numel() // seq_len
+    if max_windows is not None:
+        n = min(n, max_windows)
+    return ids[: n * seq_len].view(n, seq_len)
 
 
 def sample_windows(ids, n: int, seq_len: int, seed: int):

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from quant.config import Config, ConfigError
-from quant.e2e.trainer import E2E, Batch, E2EContext, Objective, causal_lm_loss, check_lr
-from quant.modules.linear import QuantLinear
+from quant.e2e.losses import causal_lm_loss, kd_loss, next_token_nll
+from quant.e2e.trainer import E2E, Batch, E2EContext, Objective, check_lr
+from quant.models.checkpoint import quant_linears
 
 
 @dataclass(frozen=True)
@@ -41,22 +41,13 @@ def freeze_for_e2e_qp(model: nn.Module) -> list[nn.Parameter]:
     """Freeze every QuantLinear on its grid; return the step sizes (the only trainable params)."""
     model.requires_grad_(False)
     scales = []
-    for m in model.modules():
-        if isinstance(m, QuantLinear):
-            m.freeze()
-            m.scale.requires_grad_(True)
-            scales.append(m.scale)
+    for _, m in quant_linears(model):
+        m.freeze()
+        m.scale.requires_grad_(True)
+        scales.append(m.scale)
     if not scales:
         raise ValueError("e2e-qp needs a model with QuantLinear layers (run calibrate / block_ap first)")
     return scales
-
-
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T^2 * KL(teacher || student), mean over tokens. logits: [B, L, V]."""
-    t = temperature
-    s = F.log_softmax(student_logits.float() / t, dim=-1).flatten(0, -2)
-    p = F.log_softmax(teacher_logits.float() / t, dim=-1).flatten(0, -2)
-    return F.kl_div(s, p, log_target=True, reduction="batchmean") * t * t
 
 
 @E2E.register("e2e-qp", E2EQPOptions)
@@ -70,11 +61,7 @@ def setup(model: nn.Module, options: E2EQPOptions, ctx: E2EContext) -> Objective
 
         return Objective(groups, loss)
 
-    if ctx.teacher_dir is None:
-        raise ConfigError("e2e.options.kd_weight > 0 needs the full-precision teacher model")
-    from quant.models.checkpoint import load_model
-
-    teacher, _ = load_model(ctx.teacher_dir, ctx.dtype, "cpu")
+    teacher = ctx.load_teacher("e2e.options.kd_weight > 0")
     w, temp = options.kd_weight, options.kd_temperature
 
     def loss_kd(student: nn.Module, batch: Batch):
@@ -82,9 +69,8 @@ def setup(model: nn.Module, options: E2EQPOptions, ctx: E2EContext) -> Objective
         s_logits = student(input_ids=ids, attention_mask=mask, use_cache=False).logits
         with torch.no_grad():
             t_logits = teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        labels = ids if mask is None else ids.masked_fill(mask == 0, -100)
-        ce = F.cross_entropy(s_logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-        kd = kd_loss(s_logits, t_logits, temp)
+        ce = next_token_nll(s_logits, ids, mask)
+        _, kd = kd_loss(s_logits, t_logits, temp, mask, normalize="token")  # per token, like ce
         return (1 - w) * ce + w * kd, {"ce": ce.detach(), "kd": kd.detach()}
 
     return Objective(groups, loss_kd, {"teacher": teacher})

@@ -3,22 +3,27 @@
 Student = the quantized model (weights, activations and KV cache as the scheme
 says), teacher = the full-precision model. The loss is the cross-entropy
 between the teacher's softmax and the student's log-softmax over the whole
-vocabulary at every position,
+vocabulary at every position (`quant.e2e.losses.kd_loss`),
 
-    L = T^2 * mean_tokens( -sum_v softmax(t / T)_v * log_softmax(s / T)_v ),
+    L = T^2 * sum_tokens( -sum_v softmax(t / T)_v * log_softmax(s / T)_v ) / N,
 
-with no hard-label term by default (LLM-QAT uses none; `hard_label_weight`
-adds `w * CE(labels)` if asked). It differs from KL(teacher || student) by the
-teacher's entropy only, a constant for the student, so the gradients are the
-same as the reference's `kl_div`; the KL is logged too because it reads as
-"distance to the teacher" (0 = identical). The T^2 factor keeps gradient
-magnitudes independent of T (Hinton et al.); at the paper's T = 1 it is 1.
+with N = B, the number of sequences (`normalize: batch`, the default: what the
+reference's `kl_div(reduction="batchmean")` on [B, L, V] logits computes, a sum
+over the L positions averaged over sequences) or N = the number of counted
+tokens (`normalize: token`, a per-token mean). No hard-label term by default
+(LLM-QAT uses none; `hard_label_weight` adds `w * CE(labels)` if asked, a
+per-token mean). The soft cross-entropy differs from the reference's
+KL(teacher || student) by the teacher's entropy only, a constant for the
+student, so at the same normalisation the gradients are the reference's; the
+KL is logged too because it reads as "distance to the teacher" (0 =
+identical). The T^2 factor keeps gradient magnitudes independent of T
+(Hinton et al.); at the paper's T = 1 it is 1.
 
 Teacher logits are computed on the fly by default (one no-grad teacher forward
 per micro batch). `teacher: topk` instead runs the teacher once over the
 training data before training and keeps its top-k logits and ids per token
 (`topk` of them, bf16 + int32: 6k bytes per token instead of a forward pass
-per step); the loss then uses the teacher distribution renormalised over those
+per step; the teacher scores `teacher_batch_size` sequences at a time); the loss then uses the teacher distribution renormalised over those
 k tokens. That is an approximation (the tail mass is dropped); with k = V it
 equals the full loss.
 
@@ -42,11 +47,11 @@ from typing import Literal
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from quant.config import Config, ConfigError
+from quant.e2e.losses import NORMALIZE, Normalize, kd_loss, kd_loss_topk, next_token_nll
 from quant.e2e.trainer import E2E, Batch, E2EContext, Objective, check_lr
-from quant.modules.linear import QuantLinear
+from quant.models.checkpoint import quant_linears
 from quant.modules.runtime import apply_runtime_quantizers
 
 TOPK_LOGITS = "teacher_topk_logits"
@@ -61,8 +66,10 @@ class KDOptions(Config):
     hard_label_weight: float = 0.0  # LLM-QAT: 0 (soft labels only)
     teacher: Literal["online", "topk"] = "online"
     topk: int = 64  # teacher logits kept per token when teacher = topk
+    teacher_batch_size: int = 4  # sequences per teacher forward when teacher = topk
     trainable: Literal["all", "linears"] = "all"
     train_weights: bool = True  # false: only step sizes train (E2E-QP with KD)
+    normalize: Normalize = "batch"  # KD loss / number of sequences (reference) or / tokens
 
     def __post_init__(self) -> None:
         check_lr(self.lr, "lr")
@@ -73,58 +80,14 @@ class KDOptions(Config):
             raise ConfigError(f"hard_label_weight={self.hard_label_weight} must be >= 0")
         if self.topk < 1:
             raise ConfigError(f"topk={self.topk} must be >= 1")
+        if self.normalize not in NORMALIZE:
+            raise ConfigError(f"normalize={self.normalize!r} is not accepted; use one of {list(NORMALIZE)}")
+        if self.teacher_batch_size < 1:
+            raise ConfigError(f"teacher_batch_size={self.teacher_batch_size} must be >= 1")
 
 
 # ---------------------------------------------------------------------------
-# Losses
-
-
-def _token_mean(per_token: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean of a [B, L] tensor over the positions where mask is 1 (all if None)."""
-    if mask is None:
-        return per_token.mean()
-    m = mask.to(per_token.dtype)
-    return (per_token * m).sum() / m.sum().clamp(min=1)
-
-
-def kd_cross_entropy(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    temperature: float = 1.0,
-    mask: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(soft cross-entropy, KL) between teacher and student, T^2-scaled, mean over tokens.
-
-    logits: [B, L, V]; mask: [B, L] (1 = position counts) or None. The KL is
-    returned detached (for logging)."""
-    t = temperature
-    log_q = F.log_softmax(student_logits.float() / t, dim=-1)  # [B, L, V] student
-    with torch.no_grad():
-        log_p = F.log_softmax(teacher_logits.float() / t, dim=-1)
-        p = log_p.exp()
-        entropy = -(p * log_p).sum(-1)  # [B, L]
-    ce = -(p * log_q).sum(-1)  # [B, L]
-    ce = _token_mean(ce, mask) * t * t
-    kl = ce.detach() - _token_mean(entropy, mask) * t * t
-    return ce, kl
-
-
-def kd_cross_entropy_topk(
-    student_logits: torch.Tensor,
-    topk_logits: torch.Tensor,
-    topk_ids: torch.Tensor,
-    temperature: float = 1.0,
-    mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Soft cross-entropy against a teacher known only by its top-k logits per token.
-
-    The teacher distribution is softmax(topk_logits / T) over those k tokens (the
-    tail dropped and the rest renormalised); the student's log-probabilities are
-    the full-vocabulary log-softmax gathered at `topk_ids` [B, L, k]."""
-    t = temperature
-    log_q = F.log_softmax(student_logits.float() / t, dim=-1).gather(-1, topk_ids.long())  # [B, L, k]
-    p = F.softmax(topk_logits.float() / t, dim=-1)
-    return _token_mean(-(p * log_q).sum(-1), mask) * t * t
+# Teacher
 
 
 @torch.no_grad()
@@ -146,17 +109,13 @@ def teacher_topk(
 # Student preparation
 
 
-def quant_linears(model: nn.Module) -> list[QuantLinear]:
-    return [m for m in model.modules() if isinstance(m, QuantLinear)]
-
-
 def prepare_student(model: nn.Module, ctx: E2EContext, options: KDOptions) -> list[dict]:
     """Install the scheme's activation / KV quantizers and choose what trains.
 
     Returns optimizer param groups (weights at `lr`, step sizes / zero points at
     `scale_lr`); every other parameter gets requires_grad False."""
     scheme = ctx.scheme
-    layers = quant_linears(model)
+    layers = [m for _, m in quant_linears(model)]
     if scheme.weight is not None:
         if not layers:
             raise ConfigError("e2e.method=kd with a weight scheme needs a quantized model (run calibrate first)")
@@ -195,30 +154,26 @@ def prepare_student(model: nn.Module, ctx: E2EContext, options: KDOptions) -> li
 
 @E2E.register("kd", KDOptions)
 def setup(model: nn.Module, options: KDOptions, ctx: E2EContext) -> Objective:
-    if ctx.teacher_dir is None:
+    if ctx.teacher_dir is None:  # before the student is changed
         raise ConfigError("e2e.method=kd needs the full-precision teacher model (artifacts/prepare/model)")
     groups = prepare_student(model, ctx, options)
-    from quant.models.checkpoint import load_model
-
-    teacher, _ = load_model(ctx.teacher_dir, ctx.dtype, "cpu")
-    t, w = options.temperature, options.hard_label_weight
+    teacher = ctx.load_teacher("e2e.method=kd")
+    t, w, norm = options.temperature, options.hard_label_weight, options.normalize
 
     def loss(student: nn.Module, batch: Batch):
         ids, mask = batch["input_ids"], batch.get("attention_mask")
         s_logits = student(input_ids=ids, attention_mask=mask, use_cache=False).logits  # [B, L, V]
         logs = {}
         if TOPK_LOGITS in batch:
-            total = kd_cross_entropy_topk(s_logits, batch[TOPK_LOGITS], batch[TOPK_IDS], t, mask)
+            total = kd_loss_topk(s_logits, batch[TOPK_LOGITS], batch[TOPK_IDS], t, mask, norm)
         else:
             with torch.no_grad():
                 t_logits = teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            total, kl = kd_cross_entropy(s_logits, t_logits, t, mask)
-            logs["kl"] = kl
+            total, kl = kd_loss(s_logits, t_logits, t, mask, norm)
+            logs["kl"] = kl.detach()
         logs["kd"] = total.detach()
         if w > 0:
-            labels = ids if mask is None else ids.masked_fill(mask == 0, -100)
-            ce = F.cross_entropy(s_logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(),
-                                 ignore_index=-100)
+            ce = next_token_nll(s_logits, ids, mask)
             total = total + w * ce
             logs["ce"] = ce.detach()
         return total, logs
@@ -228,6 +183,7 @@ def setup(model: nn.Module, options: KDOptions, ctx: E2EContext) -> Objective:
         def prepare(data: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             # the trainer has moved the teacher to its device by now; every rank scores all rows
             device = next(teacher.parameters()).device
-            return {**data, **teacher_topk(teacher, data["input_ids"], options.topk, 4, device)}
+            return {**data, **teacher_topk(teacher, data["input_ids"], options.topk,
+                                               options.teacher_batch_size, device)}
 
     return Objective(groups, loss, {"teacher": teacher}, prepare)

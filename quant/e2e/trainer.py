@@ -2,9 +2,23 @@
 
 What the trainer owns: a data loader over packed token tensors, AdamW, a
 linear-warmup + cosine schedule, gradient accumulation and clipping, gradient
-checkpointing, bf16 autocast on GPU, multi-process training through
-`accelerate` (`accelerate launch -m tasks.e2e`, DDP), and save/resume per
-step. What a *method* owns: which parameters train, and the loss.
+checkpointing, fp32 master weights with bf16 autocast, multi-process training
+through `accelerate` (`accelerate launch -m tasks.e2e`, DDP), a divergence
+check, and save/resume per step. What a *method* owns: which parameters train,
+and the loss.
+
+Precision: whatever dtype the stage loaded the model in (bf16 on GPU), the
+trainable parameters are made fp32 before the optimizer is built (fp32 master
+weights, as Block-AP keeps); the forward and backward run under autocast in
+the model's half precision (bf16 on GPU, also on CPU when the model was loaded
+in bf16), so frozen weights stay in half precision and matmuls run in bf16.
+Training bf16 parameters directly would lose most updates: at lr 2e-5 an
+AdamW step is far below a bf16 weight's rounding step.
+
+Divergence: the loss and gradient norm are read on the host only at log
+points (no sync per step); a non-finite value there, or a non-finite
+trainable parameter before any save, stops training with `NonFiniteLossError`
+naming the stage, the step and the loss, before anything is written.
 
 The loss hook
 -------------
@@ -27,7 +41,7 @@ step sizes train; KD: add activation/KV quantizers, load the teacher from
   this micro batch (the trainer scales it for accumulation) and a dict of
   *detached scalar tensors* to log. Never call `.item()` in a loss: the trainer
   reads logs only every `log_every` steps, so a step needs no host sync.
-  The loss runs under `accelerator.autocast()` (bf16 on GPU).
+  The loss runs under the trainer's autocast (bf16 on GPU; see Precision).
 - `frozen_modules`: modules the loss uses but that never train (a teacher). The
   trainer moves them to the device and puts them in eval mode; they are not
   wrapped by DDP and not checkpointed.
@@ -51,7 +65,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import random
 import shutil
 from collections.abc import Callable, Iterator
@@ -62,11 +75,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.nn import functional as F
 
 from quant.config import Config, ConfigError
 from quant.config.registry import Registry
 from quant.config.scheme import QuantScheme
+from quant.io import atomic_dir, write_text_atomic
 
 log = logging.getLogger("quant.e2e.trainer")
 
@@ -92,6 +105,14 @@ class E2EContext:
     teacher_dir: Path | None = None  # full-precision model directory (KD)
     seed: int = 0
 
+    def load_teacher(self, who: str) -> nn.Module:
+        """The full-precision teacher on the CPU (the trainer moves it to the device)."""
+        if self.teacher_dir is None:
+            raise ConfigError(f"{who} needs the full-precision teacher model (artifacts/prepare/model)")
+        from quant.models.checkpoint import load_model
+
+        return load_model(self.teacher_dir, self.dtype, "cpu")[0]
+
 
 @dataclass
 class Objective:
@@ -116,6 +137,7 @@ class TrainConfig(Config):
     warmup_ratio: float = 0.03  # fraction of steps with linear warmup
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of each group's lr
     weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.95)  # AdamW (beta1, beta2); EfficientQAT/LLM-QAT: 0.9, 0.95
     max_grad_norm: float = 1.0  # 0 = no clipping
     grad_checkpointing: bool = True
     save_every: int = 50  # optimizer steps between checkpoints (0 = only at the end)
@@ -133,6 +155,8 @@ class TrainConfig(Config):
             raise ConfigError(f"warmup_ratio={self.warmup_ratio} must be in [0, 1)")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
+            raise ConfigError(f"adam_betas={list(self.adam_betas)} must be two numbers in [0, 1)")
         if self.weight_decay < 0 or self.max_grad_norm < 0 or self.save_every < 0:
             raise ConfigError(
                 f"weight_decay={self.weight_decay}, max_grad_norm={self.max_grad_norm} and "
@@ -146,6 +170,14 @@ def make_accelerator(device: str = "auto"):
 
     cpu = device == "cpu" or not torch.cuda.is_available()
     return Accelerator(cpu=cpu, mixed_precision="no" if cpu else "bf16")
+
+
+class NonFiniteLossError(ConfigError):
+    """Training diverged (a non-finite loss, gradient norm or parameter).
+
+    A ConfigError because it follows from the inputs and settings (the run is
+    deterministic): retrying the same params cannot help, so it is reported like
+    a bad value, as one line naming the stage, the step and the loss."""
 
 
 def check_lr(lr: float, path: str) -> None:
@@ -168,12 +200,6 @@ def split_samples(ids: torch.Tensor, n_train: int, n_val: int, seed: int, path: 
         )
     perm = torch.randperm(ids.shape[0], generator=torch.Generator().manual_seed(seed))
     return ids[perm[:n_train]].contiguous(), ids[perm[n_train : n_train + n_val]].contiguous()
-
-
-def text_windows(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """A 1-D token stream cut into non-overlapping windows [N, seq_len] (tail dropped)."""
-    n = ids.numel() // seq_len
-    return ids[: n * seq_len].view(n, seq_len)
 
 
 class PackedTokens(torch.utils.data.Dataset):
@@ -233,15 +259,29 @@ def enable_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def causal_lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Mean next-token cross-entropy; positions with attention_mask 0 are ignored."""
-    ids = batch["input_ids"]
-    mask = batch.get("attention_mask")
-    labels = ids if mask is None else ids.masked_fill(mask == 0, -100)
-    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # [B, L, V]
-    return F.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
-    )
+# ---------------------------------------------------------------------------
+# Precision
+
+
+def _low_precision_dtype(model: nn.Module) -> torch.dtype | None:
+    """bf16/fp16 when the model holds floating parameters of that dtype (loaded in half precision)."""
+    low = {p.dtype for p in model.parameters() if p.is_floating_point() and p.dtype != torch.float32}
+    if len(low) > 1:
+        raise ValueError(f"the model mixes half-precision dtypes {sorted(map(str, low))}")
+    return low.pop() if low else None
+
+
+def upcast_trainable(params) -> None:
+    """fp32 master weights: every trainable half-precision parameter becomes fp32 in place.
+
+    A bf16 parameter keeps 8 significant bits, so an AdamW update of ~lr = 2e-5
+    on a weight of magnitude >~ 0.01 rounds away entirely; the fp32 master keeps
+    it. Compute still runs in bf16 under autocast (matmuls cast their fp32
+    weights per call), so only the trained parameters and their optimizer state
+    cost fp32 memory. They stay fp32 in the saved model too (no rounding back)."""
+    for p in params:
+        if p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
 
 
 # ---------------------------------------------------------------------------
@@ -302,8 +342,9 @@ class Trainer:
 
     def __init__(self, model: nn.Module, objective: Objective, cfg: TrainConfig, work_dir: str | Path,
                  accelerator=None, seed: int = 0, fingerprint: str = "",
-                 log_fn: Callable[[int, dict[str, float]], None] | None = None) -> None:
+                 log_fn: Callable[[int, dict[str, float]], None] | None = None, stage: str = "e2e") -> None:
         self.acc = accelerator or make_accelerator()
+        self.stage = stage
         self.cfg, self.objective, self.seed, self.fingerprint = cfg, objective, seed, fingerprint
         self.work_dir = Path(work_dir)
         self.log_fn = log_fn
@@ -318,13 +359,17 @@ class Trainer:
         opt_ids = {id(p) for g in objective.param_groups for p in g["params"]}
         if opt_ids != {id(p) for p in self.trainable.values()}:
             raise ValueError("objective.param_groups must hold exactly the parameters with requires_grad")
+        self.amp_dtype = _low_precision_dtype(model)
+        if self.amp_dtype is None and self.acc.device.type == "cuda":
+            self.amp_dtype = torch.bfloat16
+        upcast_trainable(self.trainable.values())
         if cfg.grad_checkpointing:
             enable_checkpointing(model)
         for m in objective.frozen_modules.values():
             m.to(self.acc.device).eval().requires_grad_(False)
         model.train()
         fused = self.acc.device.type == "cuda"
-        optimizer = torch.optim.AdamW(objective.param_groups, betas=(0.9, 0.95), fused=fused or None)
+        optimizer = torch.optim.AdamW(objective.param_groups, betas=cfg.adam_betas, fused=fused or None)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
 
@@ -341,32 +386,51 @@ class Trainer:
     def save(self) -> Path:
         """Checkpoint the current step (main process writes; all ranks wait)."""
         name = f"step-{self.step:06d}"
+        self._check_params_finite()
         if self.acc.is_main_process:
-            final = self.work_dir / name
-            tmp = self.work_dir / f".{name}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            save_file({n: p.detach().cpu().contiguous() for n, p in self.trainable.items()},
-                      str(tmp / "trainable.safetensors"))
-            opt_t, opt_meta = _optimizer_to_files(self.optimizer.optimizer
-                                                  if hasattr(self.optimizer, "optimizer") else self.optimizer)
-            save_file(opt_t, str(tmp / "optimizer.safetensors"))
-            rng_t, py_rng = _rng_state()
-            save_file(rng_t, str(tmp / "rng.safetensors"))
-            meta = {"step": self.step, "fingerprint": self.fingerprint, "optimizer": opt_meta,
-                    "scheduler": self.scheduler.state_dict(), "python_rng": py_rng,
-                    "history": self.history}
-            (tmp / "trainer.json").write_text(json.dumps(meta))
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
-            pointer = self.work_dir / f".{LATEST}.tmp"
-            pointer.write_text(name)
-            os.replace(pointer, self.work_dir / LATEST)
+            with atomic_dir(self.work_dir / name) as tmp:
+                save_file({n: p.detach().cpu().contiguous() for n, p in self.trainable.items()},
+                          str(tmp / "trainable.safetensors"))
+                opt = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
+                opt_t, opt_meta = _optimizer_to_files(opt)
+                save_file(opt_t, str(tmp / "optimizer.safetensors"))
+                rng_t, py_rng = _rng_state()
+                save_file(rng_t, str(tmp / "rng.safetensors"))
+                meta = {"step": self.step, "fingerprint": self.fingerprint, "optimizer": opt_meta,
+                        "scheduler": self.scheduler.state_dict(), "python_rng": py_rng,
+                        "history": self.history}
+                (tmp / "trainer.json").write_text(json.dumps(meta))
+            write_text_atomic(self.work_dir / LATEST, name)
             for old in self.work_dir.glob("step-*"):
                 if old.name != name:
                     shutil.rmtree(old, ignore_errors=True)
         self.acc.wait_for_everyone()
         return self.work_dir / name
+
+    # -- divergence ----------------------------------------------------------
+
+    def _check_finite(self, loss: float, grad_norm: float) -> None:
+        """Stop on a non-finite loss or gradient norm (called where the host has the numbers)."""
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            raise NonFiniteLossError(
+                f"{self.stage}: training diverged at step {self.step}: loss {loss}, gradient norm "
+                f"{grad_norm}; nothing was saved for this step (lower {self.stage}.options.lr)")
+
+    def _check_params_finite(self) -> None:
+        """Refuse to checkpoint non-finite parameters (one device reduction per save)."""
+        ok = torch.stack([p.detach().isfinite().all() for p in self.trainable.values()]).all()
+        if not ok.item():
+            bad = next(n for n, p in self.trainable.items() if not p.detach().isfinite().all())
+            raise NonFiniteLossError(
+                f"{self.stage}: training diverged by step {self.step}: parameter {bad} is not finite; "
+                f"nothing was saved (lower {self.stage}.options.lr)")
+
+    def _autocast(self):
+        """bf16 (or the model's low precision) autocast for compute; the trainable
+        parameters themselves are fp32 masters (`upcast_trainable`)."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.acc.device.type, dtype=self.amp_dtype)
 
     def _try_resume(self) -> None:
         name = self._latest_name()
@@ -413,7 +477,7 @@ class Trainer:
         total = torch.zeros(2, device=self.acc.device)
         for i in range(rank * self.cfg.batch_size, n, self.cfg.batch_size * world):
             batch = self._to_device({k: v[i : i + self.cfg.batch_size] for k, v in data.items()})
-            with self.acc.autocast():
+            with self._autocast():
                 loss, _ = self.objective.loss(self.model, batch)
             total += torch.stack([loss.float() * len(batch["input_ids"]), torch.tensor(
                 float(len(batch["input_ids"])), device=self.acc.device)])
@@ -462,6 +526,7 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or self.step == total:
                     n = cfg.log_every if self.step % cfg.log_every == 0 else self.step % cfg.log_every
                     w = (window / n).tolist()  # the only host sync of the interval
+                    self._check_finite(w[0], w[1])
                     last_loss = w[0]
                     entry = {"step": self.step, "loss": w[0], "grad_norm": w[1],
                              "lr": self.scheduler.get_last_lr()[0]}
@@ -470,6 +535,8 @@ class Trainer:
                         self.log_fn(self.step, entry)
                     window.zero_()
                 if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == total:
+                    if self.step % cfg.log_every:  # not checked at a log point just now
+                        self._check_finite(*(window / (self.step % cfg.log_every)).tolist())
                     self.save()
         val_after = self.evaluate(val) if val is not None else None
         self.phase = "finished"
@@ -483,7 +550,7 @@ class Trainer:
             batch = self._to_device(next(micro))
             sync = k == cfg.grad_accum - 1
             ctx = self.acc.no_sync(self.model) if not sync else contextlib.nullcontext()
-            with ctx, self.acc.autocast():
+            with ctx, self._autocast():
                 loss, _ = self.objective.loss(self.model, batch)
                 self.acc.backward(loss / cfg.grad_accum)
             loss_sum += loss.detach().float() / cfg.grad_accum

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn import functional as F
+
+from quant.e2e.data import windows
+from quant.e2e.losses import next_token_nll
 
 
 @dataclass(frozen=True)
@@ -23,18 +25,6 @@ class PPLResult:
     nll: float  # mean token negative log-likelihood (nats)
     tokens: int  # predicted tokens scored
     windows: int
-
-
-def windows(ids: torch.Tensor, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
-    """[N] token ids -> [W, seq_len] non-overlapping windows."""
-    if ids.dim() != 1:
-        raise ValueError(f"expected a 1-D token stream, got shape {tuple(ids.shape)}")
-    n = ids.numel() // seq_len
-    if max_windows is not None:
-        n = min(n, max_windows)
-    if n == 0:
-        raise ValueError(f"text of {ids.numel()} tokens is shorter than one window of {seq_len}")
-    return ids[: n * seq_len].view(n, seq_len)
 
 
 @torch.no_grad()
@@ -46,18 +36,15 @@ def perplexity(
     max_windows: int | None = None,
 ) -> PPLResult:
     device = next(model.parameters()).device
-    chunks = windows(ids, seq_len, max_windows)
+    chunks = windows(ids, seq_len, max_windows)  # [W, seq_len]
+    if chunks.shape[0] == 0:
+        raise ValueError(f"text of {ids.numel()} tokens is shorter than one window of {seq_len}")
     total_nll = 0.0
     total_tokens = 0
     for start in range(0, chunks.shape[0], batch_size):
         batch = chunks[start : start + batch_size].to(device)  # [B, S]
         logits = model(input_ids=batch, use_cache=False).logits  # [B, S, V]
-        nll = F.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-            batch[:, 1:].reshape(-1),
-            reduction="sum",
-        )
-        total_nll += nll.item()
+        total_nll += next_token_nll(logits, batch, reduction="sum").item()
         total_tokens += batch[:, 1:].numel()
     mean = total_nll / total_tokens
     return PPLResult(ppl=math.exp(mean), nll=mean, tokens=total_tokens, windows=chunks.shape[0])

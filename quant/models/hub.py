@@ -10,16 +10,12 @@ half-written model behind.
 from __future__ import annotations
 
 import importlib.util
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from quant.config import ConfigError
+from quant.io import atomic_dir
 
 EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_MODELS = {
@@ -29,24 +25,6 @@ EMBEDDED_MODELS = {
 
 class MissingDependencyError(RuntimeError):
     """An optional package is not installed; the message gives the install command."""
-
-
-@contextmanager
-def atomic_dir(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces `target` atomically."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    if target.exists():
-        target.rename(old)
-    tmp.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:

@@ -16,24 +16,14 @@ from __future__ import annotations
 from torch import nn
 
 from quant.config.scheme import QuantScheme
-from quant.models.arch import get_module, iter_block_linears, mapping_for
+from quant.models.arch import get_module, mapping_for, target_linears
 from quant.modules.activation import apply_activation_quantizers
 from quant.modules.kv_cache import apply_kv_quantizers
 
 
-def activation_linears(model: nn.Module, scheme: QuantScheme) -> list[tuple[str, nn.Module]]:
-    """The linears whose inputs the scheme quantizes: every decoder linear, plus
-    lm_head when the scheme quantizes it."""
-    mapping = mapping_for(model)
-    out = [(name, mod) for name, _, _, mod in iter_block_linears(model, mapping)]
-    if scheme.quantize_lm_head:
-        out.append((mapping.lm_head, get_module(model, mapping.lm_head)))
-    return out
-
-
 def apply_runtime_quantizers(model: nn.Module, scheme: QuantScheme) -> dict[str, int]:
     """Install the scheme's activation and KV-cache quantizers (removing any others)."""
-    linears = activation_linears(model, scheme)
+    linears = target_linears(model, scheme.quantize_lm_head)
     if not scheme.quantize_lm_head:  # drop a quantizer a previous scheme may have put there
         mapping = mapping_for(model)
         apply_activation_quantizers([(mapping.lm_head, get_module(model, mapping.lm_head))], None)

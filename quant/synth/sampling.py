@@ -29,6 +29,16 @@ Design notes
   exactly `seq_len` tokens). EOS is checked only on generated tokens. With
   `stop`, finished rows are dropped from the batch every few steps once enough
   of them have finished, so a batch never spends much on finished rows.
+- Sampling defaults are the reference's: it called `generate(do_sample=True)`
+  with no sampling arguments, so transformers' defaults applied: temperature
+  1.0, top_k 50, top_p 1.0 (LLaMA-1 checkpoints carry no generation config
+  that overrides them).
+- Start ids: by default the whole vocabulary minus the tokenizer's special ids
+  (`tokenizer.all_special_ids`: BOS, EOS, PAD, UNK and added special tokens
+  such as chat markers), passed as `exclude` to `select_start_ids`. A sequence
+  that starts at EOS or PAD is not text the model would continue; the
+  reference's loop ran over consecutive ids without such a filter (for LLaMA
+  that is only <unk>, <s>, </s>). Explicit `start_ids` are used as given.
 - The log-probability of every generated token under the model's plain softmax
   (temperature 1, no filter) is accumulated during decoding; merge turns it
   into the self-perplexity of the data without another forward pass.
@@ -63,7 +73,7 @@ class SynthesisConfig(Config):
     prefix_lengths: tuple[int, ...] = (3, 4, 5)  # greedy tokens, start token included
     seq_len: int = 2048
     temperature: float = 1.0
-    top_k: int = 0  # 0 = off
+    top_k: int = 50  # 0 = off; 50 = transformers' generate default, what the reference sampled with
     top_p: float = 1.0  # 1.0 = off
     on_eos: Literal["stop", "continue"] = "stop"
     batch_size: int = 64  # sequences decoded together (bounded by KV-cache memory)
