@@ -145,7 +145,7 @@ def main() -> None:
     ap.add_argument("--candidates", type=int, default=100)
     ap.add_argument("--search-tokens", type=int, default=4096)
     ap.add_argument("--no-format-search", action="store_true")
-    ap.add_argument("--fold", default="weight", choices=["weight", "quantized"],
+    ap.add_argument("--fold", default="quantized", choices=["weight", "quantized"],
                     help="pre-shift 2^-k into the weight before (weight) or after (quantized) "
                          "weight quantization")
     ap.add_argument("--seq-len", type=int, default=2048)

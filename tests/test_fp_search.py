@@ -25,7 +25,8 @@ from quant.numerics.formats import FPFormat
 E2M1 = FPFormat(2, 1)
 W4A4 = {"weight": {"format": "fp4-e2m1", "group_size": -1},
         "activation": {"format": "fp4-e2m1", "granularity": "per_tensor"}}
-FAST = {"rounds": 1, "candidates": 8, "device": "cpu", "batch_size": 2, "search_format": False}
+FAST = {"rounds": 1, "candidates": 8, "device": "cpu", "batch_size": 2, "search_format": False,
+        "fold": "weight"}
 
 
 @pytest.fixture
@@ -71,7 +72,8 @@ def test_search_beats_minmax_and_pre_shift_helps_outliers():
     base = _minmax_mse(x, w, E2M1, E2M1)
     mse = {}
     for pre_shift in (False, True):
-        opts = FPSearchOptions(rounds=2, candidates=40, pre_shift=pre_shift, search_format=False)
+        opts = FPSearchOptions(rounds=2, candidates=40, pre_shift=pre_shift, search_format=False,
+                               fold="weight")
         s = LayerSearch(w, x, x, E2M1, E2M1, opts)
         r = s.run()
         mse[pre_shift] = s.loss(r.w_fmt, r.a_fmt)

@@ -54,9 +54,9 @@ from quant.blockwise.block_ap import ActivationCache, capture_block_inputs
 from quant.calibrate import CALIBRATE
 from quant.config import Config, ConfigError
 from quant.config.scheme import QuantScheme
+from quant.io import atomic_dir
 from quant.models.arch import decoder_layers, get_module, mapping_for, set_module
 from quant.models.checkpoint import quantizable_linears
-from quant.io import atomic_dir
 from quant.modules.activation import CalibratedFPQuantizer, set_input_quantizer
 from quant.modules.linear import QuantLinear
 from quant.numerics import fp as FP
@@ -75,10 +75,10 @@ class FPSearchOptions(Config):
     batch_size: int = 4  # calibration windows per block forward
     cache_dir: str = ""  # per-block results; a re-run with the same inputs reuses them
     device: str = ""  # "" = cuda when available, else cpu
-    # where 2^-k of the pre-shift goes: "weight" folds it into the float weight before the
-    # weight is quantized (what is stored is then an ordinary FP weight); "quantized" applies
-    # it to the quantized weight column (the reference code's simulated function)
-    fold: Literal["weight", "quantized"] = "weight"
+    # where 2^-k of the pre-shift goes: "quantized" applies it to the quantized weight column
+    # (the reference code's simulated function; measured better: issue-13 note); "weight"
+    # folds it into the float weight before the weight is quantized
+    fold: Literal["weight", "quantized"] = "quantized"
     tf32: bool = True  # TF32 matmuls while scoring on CUDA (2^-11 << the FP8/FP4 steps scored)
     seed: int = 0
 
