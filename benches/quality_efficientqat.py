@@ -1,5 +1,4 @@
-"""PPL of RTN, Block-AP (or TesseraQ: --blockwise tesseraq) and + E2E-QP on the embedded
-SmolLM2-135M (GPU).
+"""PPL of the init (RTN, or --calibrate awq), Block-AP and Block-AP + E2E-QP on the embedded SmolLM2-135M (GPU).
 
 For each bit width (g64, asymmetric): RTN init -> PPL; Block-AP (quant.blockwise.block_ap,
 as the block_ap stage runs it) -> PPL; E2E-QP (quant.e2e.trainer.Trainer + the
@@ -13,6 +12,7 @@ the last 5%. The E2E-QP learning rate is chosen among --e2e-lrs by that
 validation loss (never by the evaluation texts).
 
 Usage (device): python benches/quality_efficientqat.py --model DIR --data DIR --out results.json
+`--calibrate quarot --act 4 --kv 4 --bits 4 --init-only`: QuaRot + RTN at W4A4KV4, no training.
 Imports only quant.*, torch, transformers (and gguf to convert the embedded GGUF).
 """
 
@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from quant.blockwise.engine import BlockwiseContext, blockwise_methods  # noqa: E402
-from quant.calibrate.rtn import quantize_linears  # noqa: E402
+from quant.calibrate import CALIBRATE  # noqa: E402
 from quant.config.scheme import QuantScheme  # noqa: E402
 from quant.e2e.data import sample_windows, tokenize_text, windows  # noqa: E402
 from quant.e2e.trainer import (  # noqa: E402
@@ -41,6 +41,7 @@ from quant.e2e.trainer import (  # noqa: E402
     make_accelerator,
 )
 from quant.eval.ppl import perplexity  # noqa: E402
+from quant.modules.runtime import apply_runtime_quantizers  # noqa: E402
 
 T0 = time.time()
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -71,6 +72,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--bits", default="4,3,2")
     ap.add_argument("--group", type=int, default=64)
+    ap.add_argument("--act", type=int, default=16, help="activation bits (16 = not quantized)")
+    ap.add_argument("--kv", type=int, default=16, help="KV-cache bits (16 = not quantized)")
+    ap.add_argument("--init-only", action="store_true", help="stop after calibrate (no training)")
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--train-samples", type=int, default=256)
     ap.add_argument("--val-samples", type=int, default=16)
@@ -84,7 +88,11 @@ def main() -> None:
                     f"(quant.blockwise: {', '.join(blockwise_methods().names())})")
     ap.add_argument("--blockwise-options", default="{}", help="JSON overrides of that method's options "
                     "(block-ap: epochs from --epochs, batch 2; tesseraq: its published defaults)")
+    ap.add_argument("--calibrate", default="rtn", help="init method from CALIBRATE, default options")
+    ap.add_argument("--calib-samples", type=int, default=128)  # AWQ: 128 x 512 (AutoAWQ)
+    ap.add_argument("--calib-seq-len", type=int, default=512)
     args = ap.parse_args()
+    init = CALIBRATE.get(args.calibrate, "--calibrate")
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(args.model)
@@ -92,6 +100,7 @@ def main() -> None:
     cut = int(calib.numel() * 0.95)
     train = sample_windows(calib[:cut], args.train_samples, args.seq_len, seed=0)
     val = windows(calib[cut:], args.seq_len)[: args.val_samples]
+    calib_windows = sample_windows(calib[:cut], args.calib_samples, args.calib_seq_len, seed=0)
     evals = {p.stem: tokenize_text(tok, p.read_text()) for p in sorted((args.data / "eval").glob("*.txt"))}
     results: dict[str, object] = {"settings": vars(args) | {"model": str(args.model), "data": str(args.data),
                                                             "out": str(args.out), "val_windows": len(val)}}
@@ -111,12 +120,22 @@ def main() -> None:
     e2e = e2e_methods().get("e2e-qp")
     for bits in [int(b) for b in args.bits.split(",")]:
         r: dict[str, object] = {}
-        results[f"w{bits}g{args.group}"] = r
-        scheme = QuantScheme.from_name(f"W{bits}A16KV16", preset="efficientqat", group_size=args.group)
+        ak = "" if args.act == args.kv == 16 else f"a{args.act}kv{args.kv}"
+        results[f"w{bits}{ak}g{args.group}"] = r
+        scheme = QuantScheme.from_name(f"W{bits}A{args.act}KV{args.kv}", preset="efficientqat",
+                                       group_size=args.group)
         model = copy.deepcopy(fp)
-        quantize_linears(model, scheme)
-        r["rtn"] = ppl_all(model, evals, args.seq_len, args.eval_windows)
-        say(bits, "rtn", r["rtn"])
+        t = time.time()
+        init_metrics = init.fn(model.to(DEV), scheme, calib_windows.to(DEV), init.options()) or {}
+        model.cpu()
+        apply_runtime_quantizers(model, scheme)  # activation / KV quantizers (none for W-only)
+        r["init_seconds"] = round(time.time() - t, 1)
+        r["init_metrics"] = {k: v for k, v in init_metrics.items() if k != "files"}
+        r[args.calibrate] = ppl_all(model, evals, args.seq_len, args.eval_windows)
+        say(bits, args.calibrate, r[args.calibrate])
+        if args.init_only:
+            dump()
+            continue
         opts = bap.options.from_dict(bopts, "--blockwise-options")
         t = time.time()
         ctx = BlockwiseContext(DEV, args.work / f"{bkey}-w{bits}", 0, f"{bkey}{bits}")
@@ -154,7 +173,7 @@ def main() -> None:
     print("| fp16 | - | " + " | ".join(f"{results['fp'][k]:.2f}" for k in evals) + " |")
     for key, r in results.items():
         if key.startswith("w"):
-            for m in ("rtn", "block_ap", "tesseraq", "e2e_qp"):
+            for m in (args.calibrate, "block_ap", "tesseraq", "e2e_qp"):
                 if m in r:
                     print(f"| {key} | {m} | " + " | ".join(f"{r[m][k]:.2f}" for k in evals) + " |")
 

@@ -15,7 +15,7 @@ Data (the stages' protocol, never the evaluation texts): calibration methods get
 `--calib-samples` random windows of `--calib-seq-len` tokens from the calibration text;
 block-wise and end-to-end training get `--train-samples` windows of `--seq-len` from its
 first 95%, validation windows from the last 5%. The E2E-QP learning rate is chosen among
-the paper's and 5x the paper's by that validation loss. PPL is `quant.eval.ppl.perplexity`
+`--e2e-lr-mults` x the paper's by that validation loss. PPL is `quant.eval.ppl.perplexity`
 at `--seq-len` on every text of `<data>/eval/`, fp32 forward (bf16 autocast on GPU only
 inside training).
 
@@ -149,7 +149,7 @@ class Runner:
     def _e2e(self, base, scheme, bits: int, name: str):
         entry = e2e_methods().get(name)
         paper = 2e-5 if bits <= 2 else 1e-5
-        lrs = [float(x) for x in self.args.e2e_lrs.split(",")] if self.args.e2e_lrs else [paper, 5 * paper]
+        lrs = [m * paper for m in (float(x) for x in self.args.e2e_lr_mults.split(","))]
         best, tried = None, {}
         for lr in lrs:
             student = copy.deepcopy(base)
@@ -179,7 +179,9 @@ def main() -> None:
     ap.add_argument("--train-samples", type=int, default=256)
     ap.add_argument("--val-samples", type=int, default=16)
     ap.add_argument("--e2e-batch", type=int, default=4)
-    ap.add_argument("--e2e-lrs", default="")
+    ap.add_argument("--e2e-lr-mults", default="1,5",
+                    help="E2E-QP learning rates as multiples of the paper's (2e-5 at W2, 1e-5 above); "
+                         "the best by validation loss is kept")
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--deadline-s", type=float, default=0, help="start no recipe after this many seconds")
     ap.add_argument("--work", type=Path, default=Path("/tmp/quality-recipes"))

@@ -46,6 +46,7 @@ from flows import recipes as R
 from flows.dvc_stages import gpu_slots, stage_env
 from flows.tracking import EXPERIMENT_ENV, PARENT_RUN_ENV, ParentRun, git_state
 from quant.config import Config, ConfigError
+from quant.io import write_text_atomic
 
 FLOW_NAME = "quant-sweep"
 STATE_DIR = Path(".state") / "sweep"
@@ -222,10 +223,7 @@ class SweepState:
 
     def put(self, row: dict[str, Any]) -> None:
         self.rows[row["digest"]] = row
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.rows, indent=2, default=str))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, json.dumps(self.rows, indent=2, default=str))
 
 
 @flow(name=FLOW_NAME, log_prints=True)

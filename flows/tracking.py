@@ -2,30 +2,26 @@
 
 The flow process talks to MLflow through an explicit `MlflowClient` (no fluent
 `mlflow.start_run`): Prefect runs tasks in threads, and the fluent API keeps the
-active run in global state. The tracking URI follows the stages' rule
-(tasks/common.py): $MLFLOW_TRACKING_URI, else `sqlite:///<repo>/mlflow/mlflow.db` with
-artifacts in `<repo>/mlflow/mlartifacts`; the flow passes the URI it used on to every
-stage process so both sides always agree.
+active run in global state. Tracking URI, experiment creation and param formatting
+are the stages' own (tasks/tracking.py, one copy); the flow passes the URI it used on
+to every stage process so both sides always agree.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
 from pathlib import Path
 from typing import Any
 
 from quant.config import flatten  # noqa: F401 (the one copy; flows.pipeline imports it from here)
-
-PARENT_RUN_ENV = "QUANT_PARENT_RUN_ID"  # read by tasks/common.py
-EXPERIMENT_ENV = "QUANT_EXPERIMENT"
-DEFAULT_EXPERIMENT = "quant-pipeline"
-MAX_PARAM_CHARS = 6000
-
-
-def tracking_uri(root: Path) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow' / 'mlflow.db'}"
+from tasks import tracking
+from tasks.tracking import (  # noqa: F401 (the flow's import point)
+    DEFAULT_EXPERIMENT,
+    EXPERIMENT_ENV,
+    MAX_PARAM_CHARS,
+    PARENT_RUN_ENV,
+    tracking_uri,
+)
 
 
 def file_md5(path: Path) -> str:
@@ -47,33 +43,16 @@ class ParentRun:
     """Create, fill and end the parent run of one pipeline run."""
 
     def __init__(self, root: Path, experiment: str, run_name: str, tags: dict[str, str]):
-        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-        from mlflow.tracking import MlflowClient
-
         self.root = root
-        self.uri = tracking_uri(root)
-        if self.uri.startswith("sqlite:"):
-            (root / "mlflow").mkdir(exist_ok=True)
-        self.client = MlflowClient(self.uri)
-        self.experiment_id = self._experiment(experiment)
+        self.client, self.uri = tracking.client(root)
+        self.experiment_id = tracking.ensure_experiment(self.client, experiment, self.uri, root)
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags={**tags, "stage": "pipeline"})
         self.run_id = run.info.run_id
-
-    def _experiment(self, name: str) -> str:
-        exp = self.client.get_experiment_by_name(name)
-        if exp is None:
-            location = None
-            if self.uri.startswith("sqlite:"):  # same place tasks/common.py puts it
-                location = (self.root / "mlflow" / "mlartifacts").as_uri()
-            with contextlib.suppress(Exception):  # a stage process may race us to it
-                self.client.create_experiment(name, artifact_location=location)
-            exp = self.client.get_experiment_by_name(name)
-        return exp.experiment_id
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = sorted((k, ("None" if v is None else str(v))[:MAX_PARAM_CHARS]) for k, v in params.items())
+        items = tracking.params_items(params)
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in items[i : i + 100]])
 

@@ -5,12 +5,18 @@ these helpers, so a killed process leaves either the old file/directory or
 the new one, never a half-written file that looks whole. The recipe is the
 usual one: write a temporary sibling (same directory, so the rename stays on
 one filesystem), then `os.replace` / `rename` it over the target.
+
+Temporaries are hidden and carry the writer's pid (`.<name>.tmp-<pid>-xxxx`,
+`.<name>.old-<pid>`), so `remove_stale_temporaries` can delete what a killed writer
+left without touching a live one's. Outputs get the process umask's permissions, not
+mkdtemp/mkstemp's 0700/0600.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -18,14 +24,63 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+TEMP_RE = re.compile(r"^\.(?P<name>.+?)\.(?:tmp|old)-(?P<pid>\d+)?")
+
+
+def temp_prefix(target: str | Path) -> str:
+    """Name prefix of a temporary sibling of `target`: hidden, with the writer's pid."""
+    return f".{Path(target).name}.tmp-{os.getpid()}-"
+
+
+def umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(directory: str | Path, owner: str | None = None) -> list[Path]:
+    """Delete the temporaries (`.<name>.tmp-<pid>-*`, `.<name>.old-<pid>`) in `directory`
+    whose writing process is gone; a temporary without a pid (older format) only if it is
+    `owner`'s own (inside the folder named `owner`, or a temporary of `owner` itself)."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    removed = []
+    for p in d.iterdir():
+        m = TEMP_RE.match(p.name)
+        if m is None:
+            continue
+        pid = m["pid"]
+        if pid is not None and (int(pid) == os.getpid() or _pid_alive(int(pid))):
+            continue
+        if pid is None and not (owner and (d.name == owner or m["name"] == owner)):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
 
 @contextmanager
 def atomic_dir(target: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces `target` atomically."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(target), dir=target.parent))
     try:
+        tmp.chmod(0o777 & ~umask())
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -53,8 +108,9 @@ def atomic_file(path: str | Path, mode: str = "w") -> Iterator[Any]:
     """Open a temporary sibling; rename over `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~umask())
         with os.fdopen(fd, mode) as f:
             yield f
         os.replace(tmp, path)

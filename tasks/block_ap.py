@@ -23,8 +23,9 @@ from quant.blockwise.engine import BlockwiseContext, blockwise_methods
 from quant.config import Config, ConfigError
 from quant.e2e.trainer import split_samples
 from quant.models.checkpoint import FLOAT_WEIGHTS_FILE, load_model, read_scheme, save_quantized
-from tasks.common import Params, log_artifact, log_step, main, setup_torch, stage_dir, write_json
+from tasks.common import Params, log_artifact, main, setup_torch, stage_dir, write_json
 from tasks.reporting import plot_block_losses
+from tasks.tracking import log_step
 from tasks.training_data import DataConfig, fingerprint, training_sequences
 
 STATE_DIR = Path(".state") / "block_ap"
@@ -63,6 +64,7 @@ def run(params: Params) -> dict[str, Any]:
     scheme = read_scheme(src)
     if scheme is None or scheme.weight is None:
         raise ConfigError(f"block_ap needs a weight-quantized model in {src}; run calibrate first")
+    scheme.require_integer_weights("block_ap")
     if not (src / FLOAT_WEIGHTS_FILE).exists():
         raise ConfigError(f"{src} holds no {FLOAT_WEIGHTS_FILE} (the float weights block-wise training "
                           "reconstructs); re-run calibrate with this version")

@@ -14,7 +14,13 @@ import torch
 from quant.calibrate import CALIBRATE
 from quant.config import Config, ConfigError
 from quant.e2e.data import sample_windows, tokenize_text
-from quant.models.checkpoint import load_model, quantizable_linears, save_quantized, source_dtype
+from quant.models.checkpoint import (
+    check_scheme_fits,
+    load_model,
+    quantizable_linears,
+    save_quantized,
+    source_dtype,
+)
 from quant.modules.runtime import apply_runtime_quantizers
 from tasks.common import Params, log_artifact, main, setup_torch, stage_dir, write_json
 
@@ -28,8 +34,10 @@ class CalibrateConfig(Config):
 
     def __post_init__(self) -> None:
         CALIBRATE.get(self.method, "method")
-        if self.samples <= 0 or self.seq_len <= 1:
-            raise ConfigError(f"samples={self.samples} and seq_len={self.seq_len} must be positive")
+        if self.samples < 1:
+            raise ConfigError(f"samples={self.samples} must be >= 1")
+        if self.seq_len < 2:
+            raise ConfigError(f"seq_len={self.seq_len} must be >= 2 (one input and one target token)")
 
 
 def calibration_ids(tokenizer, params: Params, samples: int, seq_len: int) -> torch.Tensor:
@@ -45,13 +53,15 @@ def run(params: Params) -> dict[str, Any]:
     # the float weights keep the source precision (not base.dtype): Block-AP trains them and
     # takes its full-precision targets from them
     src = stage_dir("prepare") / "model"
+    check_scheme_fits(src, params.scheme)  # config.json only: before the weights
     model, tokenizer = load_model(src, source_dtype(src), device)
     quantizable_linears(model, params.scheme)  # validate group sizes before any work
     calib = calibration_ids(tokenizer, params, cfg.samples, cfg.seq_len)
     metrics = entry.fn(model, params.scheme, calib, options) or {}
+    files = metrics.pop("files", None)  # search results kept beside the model (awq)
     metrics.update(apply_runtime_quantizers(model, params.scheme))  # activation / KV quantizers
     save_quantized(model, tokenizer, params.scheme, stage_dir("calibrate") / "model",
-                   extra={"method": cfg.method})
+                   extra={"method": cfg.method, "options": options.to_dict()}, files=files)
     metrics = {"method": cfg.method, "scheme": params.scheme.name, **metrics}
     write_json("metrics/calibrate.json", metrics)
     log_artifact(stage_dir("calibrate") / "model" / "quantization.json")

@@ -5,24 +5,32 @@ A stage module defines a frozen `Config` dataclass for its params section and a
 to params.yaml, MLflow and the metrics file, and is what `python -m tasks.<stage>`
 (and therefore `dvc repro`, the Prefect flow and the tests) executes.
 
-MLflow: the tracking URI is `$MLFLOW_TRACKING_URI` if set, else
-`sqlite:///mlflow/mlflow.db` under the repository root. If
-`$QUANT_PARENT_RUN_ID` is set, the stage run is nested under that parent run
-(the Prefect flow opens the parent). A failing stage marks its run FAILED and
-re-raises; nothing is registered.
+MLflow (rules in tasks/tracking.py): one run per stage process, nested under
+`$QUANT_PARENT_RUN_ID` when the Prefect flow set it. A failing stage marks its run
+FAILED with the error text and re-raises; nothing is registered. A stage that
+fails before its run could open (params.yaml unreadable, bad `base`/`model`/`scheme`)
+still leaves a FAILED run with the message.
+
+Process hygiene (`main`): SIGTERM/SIGINT end the stage through its normal error
+path (run FAILED, temporaries removed, exit 128+signal); the stage dies with its
+parent process (`dvc repro` killed by SIGTERM must not leave it writing on its own);
+temporaries that a killed run of the stage left behind are removed at start.
+
+Exit status: 2 for bad params or unusable inputs (never worth retrying), 1 for any
+other failure, 128+N for signal N.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import random
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -31,8 +39,10 @@ import yaml
 
 from quant.config import Config, ConfigError, flatten
 from quant.config.scheme import QuantScheme
-from quant.io import atomic_file, write_json_atomic  # noqa: F401 (atomic_file: stages use it from here)
+from quant.io import atomic_file, remove_stale_temporaries, write_json_atomic  # noqa: F401 (atomic_file: stages use it from here)
 from quant.models.hub import MissingDependencyError
+from tasks import tracking
+from tasks.tracking import DEFAULT_EXPERIMENT, EXPERIMENT_ENV, PARENT_RUN_ENV  # noqa: F401 (re-exported)
 
 log = logging.getLogger("quant")
 
@@ -40,9 +50,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PARAMS_FILE = "params.yaml"
 ARTIFACTS = Path("artifacts")
 METRICS = Path("metrics")
-PARENT_RUN_ENV = "QUANT_PARENT_RUN_ID"
-EXPERIMENT_ENV = "QUANT_EXPERIMENT"
-DEFAULT_EXPERIMENT = "quant-pipeline"
+SHARED_SECTIONS = ("base", "model", "scheme")
+# sections no DVC stage reads (so not in dvc.yaml), read by another entry point
+OTHER_SECTIONS = ("sweep",)  # flows/sweep.py (`make sweep`)
 
 
 # ---------------------------------------------------------------------------
@@ -55,6 +65,10 @@ class BaseParams(Config):
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     threads: int = 0  # CPU threads for torch (0 = torch's default)
+
+    def __post_init__(self) -> None:
+        if self.threads < 0:
+            raise ConfigError(f"threads={self.threads} must be >= 0 (0 = torch's default)")
 
 
 @dataclass(frozen=True)
@@ -84,18 +98,44 @@ class Params:
         return flatten(d)
 
 
+def known_sections(dvc_file: str | Path = ROOT / "dvc.yaml") -> set[str] | None:
+    """Top-level params sections some stage of dvc.yaml reads (None without a dvc.yaml)."""
+    try:
+        stages = (yaml.safe_load(Path(dvc_file).read_text()) or {}).get("stages", {})
+    except (OSError, yaml.YAMLError):
+        return None
+    names = {*SHARED_SECTIONS, *OTHER_SECTIONS}
+    for stage in stages.values():
+        for p in (stage.get("do", stage) or {}).get("params", []):
+            for key in p if isinstance(p, dict) else [p]:
+                names.add(str(key).split(".")[0])
+    return names
+
+
 def load_params(path: str | Path = PARAMS_FILE) -> Params:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path} not found; run from the repository root")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path} is not valid YAML{line}: {problem}") from None
+    if raw is None:
+        raise ConfigError(f"{path} is empty; it must hold the sections {list(SHARED_SECTIONS)} and the stages'")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping of sections")
+    known = known_sections()
+    unknown = sorted(set(raw) - known) if known is not None else []
+    if unknown:
+        raise ConfigError(f"unknown section(s) {unknown} in {path}; accepted sections: {sorted(known)}")
     return Params(
         base=BaseParams.from_dict(raw.get("base"), "base"),
         model=ModelParams.from_dict(raw.get("model"), "model"),
         scheme=QuantScheme.from_dict(raw.get("scheme"), "scheme"),
-        sections={k: v for k, v in raw.items() if k not in ("base", "model", "scheme")},
+        sections={k: v for k, v in raw.items() if k not in SHARED_SECTIONS},
     )
 
 
@@ -129,6 +169,17 @@ def stage_dir(stage: str) -> Path:
     return ARTIFACTS / stage
 
 
+def clean_stale_temporaries(stage: str) -> list[Path]:
+    """Remove what killed runs left in the stage's output folders (dead writers only)."""
+    dirs = [ARTIFACTS, stage_dir(stage), METRICS, METRICS / stage]
+    if stage_dir(stage).is_dir():
+        dirs += [d for d in stage_dir(stage).iterdir() if d.is_dir() and not d.name.startswith(".")]
+    removed = [p for d in dirs for p in remove_stale_temporaries(d, owner=stage)]
+    for p in removed:
+        log.warning("removed %s, left by a killed run", p)
+    return removed
+
+
 def write_json(path: str | Path, data: Any) -> Path:
     return write_json_atomic(path, data)
 
@@ -138,73 +189,12 @@ def read_json(path: str | Path) -> Any:
 
 
 # ---------------------------------------------------------------------------
-# MLflow
+# MLflow (the rules live in tasks/tracking.py; these names are what stages import)
 
-
-def tracking_uri() -> str:
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    db = ROOT / "mlflow" / "mlflow.db"
-    db.parent.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{db}"
-
-
-def _store_lock(uri: str):
-    """A file lock beside a local sqlite store; a no-op for a tracking server."""
-    if not uri.startswith("sqlite:///"):
-        return contextlib.nullcontext()
-    from filelock import FileLock
-
-    db = Path(uri[len("sqlite:///"):])
-    db.parent.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(db) + ".lock", timeout=600)
-
-
-def _mlflow():
-    os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # the switch MLflow 3 reads (issue 7)
-    os.environ.setdefault("DO_NOT_TRACK", "true")
-    import mlflow
-
-    uri = tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    name = os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)
-    # Stage processes started together (parallel shards) would race to create and
-    # migrate a fresh sqlite store ("duplicate column name"); serialise that step.
-    lock = _store_lock(uri)
-    with lock:
-        if mlflow.get_experiment_by_name(name) is None:
-            # artifacts next to the sqlite store unless a server decides otherwise
-            location = (ROOT / "mlflow" / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
-            mlflow.create_experiment(name, artifact_location=location)
-    mlflow.set_experiment(name)
-    return mlflow
-
-
-@contextmanager
-def stage_run(stage: str, params: dict[str, Any]) -> Iterator[Any]:
-    """One MLflow run for a stage (nested under $QUANT_PARENT_RUN_ID if set).
-
-    Yields the mlflow module with the run active. On an exception the run is ended
-    with status FAILED and the exception propagates."""
-    mlflow = _mlflow()
-    parent = os.environ.get(PARENT_RUN_ENV) or None
-    tags = {"stage": stage}
-    if parent:
-        tags["mlflow.parentRunId"] = parent
-    run = mlflow.start_run(run_name=stage, tags=tags)
-    try:
-        items = {k: ("None" if v is None else str(v))[:6000] for k, v in params.items()}
-        keys = sorted(items)
-        for i in range(0, len(keys), 100):
-            mlflow.log_params({k: items[k] for k in keys[i : i + 100]})
-        yield mlflow
-    except BaseException:
-        mlflow.end_run(status="FAILED")
-        raise
-    mlflow.end_run(status="FINISHED")
-    log.info("mlflow run %s (%s) finished", run.info.run_id, stage)
+tracking_uri = tracking.tracking_uri
+stage_run = tracking.stage_run
+log_artifact = tracking.log_artifact
+_mlflow = tracking.fluent_mlflow
 
 
 def log_metrics(mlflow: Any, metrics: dict[str, Any], step: int | None = None) -> None:
@@ -219,13 +209,60 @@ def log_metrics(mlflow: Any, metrics: dict[str, Any], step: int | None = None) -
 # Entry point
 
 
+class StageInterrupted(BaseException):
+    """SIGTERM/SIGINT: unwinds the stage like an error (run FAILED, temporaries removed)."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    for s in (signal.SIGTERM, signal.SIGINT):  # a second signal takes the default, immediate way
+        signal.signal(s, signal.SIG_DFL)
+    raise StageInterrupted(signum)
+
+
+def die_with_parent() -> str:
+    """Make this process get SIGTERM when its parent dies (prctl PR_SET_PDEATHSIG on Linux,
+    else a watchdog thread polling the parent pid); returns which one is in place."""
+    parent = os.getppid()
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, signal.SIGTERM, 0, 0, 0) != 0:  # PR_SET_PDEATHSIG
+            raise OSError(ctypes.get_errno(), "prctl")
+        how = "prctl"
+    except (OSError, AttributeError):
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(1.0)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+        how = "watchdog"
+    if os.getppid() != parent:  # the parent died before the death signal was armed
+        os.kill(os.getpid(), signal.SIGTERM)
+    return how
+
+
 def main(stage: str, run: Callable[[Params], dict[str, Any]], sections: tuple[str, ...] = ()) -> None:
     """`python -m tasks.<stage>`: load params, run the stage inside its MLflow run."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, _on_signal)
+    die_with_parent()
     try:
-        params = load_params()
+        clean_stale_temporaries(stage)
+        try:
+            params = load_params()
+            flat = params.flat(stage, *sections)
+        except ConfigError as exc:
+            tracking.failed_run(stage, exc)
+            raise
         t0 = time.time()
-        with stage_run(stage, params.flat(stage, *sections)) as mlflow:
+        with stage_run(stage, flat) as mlflow:
             metrics = run(params) or {}
             metrics = {**metrics, "wall_seconds": round(time.time() - t0, 2)}
             log_metrics(mlflow, metrics)
@@ -233,22 +270,6 @@ def main(stage: str, run: Callable[[Params], dict[str, Any]], sections: tuple[st
     except (ConfigError, MissingDependencyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-
-
-def log_step(metrics: dict[str, float], step: int) -> None:
-    """Step metrics into the active MLflow run (no-op outside a stage run)."""
-    mlflow = sys.modules.get("mlflow")
-    if mlflow is not None and mlflow.active_run() is not None:
-        mlflow.log_metrics(metrics, step=step)
-
-
-def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
-    """Attach a file or directory to the active MLflow run (no-op outside a stage run)."""
-    mlflow = sys.modules.get("mlflow")
-    if mlflow is None or mlflow.active_run() is None:
-        return
-    path = Path(path)
-    if path.is_dir():
-        mlflow.log_artifacts(str(path), artifact_path)
-    else:
-        mlflow.log_artifact(str(path), artifact_path)
+    except StageInterrupted as exc:
+        print(f"error: {stage} {exc}; its MLflow run is marked FAILED", file=sys.stderr)
+        sys.exit(128 + exc.signum)

@@ -34,12 +34,12 @@ from tasks.common import (
     Params,
     load_params,
     log_artifact,
-    log_step,
     main,
     setup_torch,
     stage_dir,
     write_json,
 )
+from tasks.tracking import log_step
 from tasks.training_data import DataConfig, fingerprint, training_sequences
 
 STATE_DIR = Path(".state") / "e2e"
@@ -68,6 +68,7 @@ def run(params: Params) -> dict[str, Any]:
     scheme = read_scheme(src)
     if scheme is None:
         raise ConfigError(f"e2e.model={cfg.model!r}: {src} is not a quantized model")
+    scheme.require_integer_weights("e2e")
     device, dtype = setup_torch(params.base)
     acc = make_accelerator(device)
     from transformers import AutoTokenizer

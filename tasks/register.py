@@ -223,6 +223,20 @@ def pip_requirements() -> list[str]:
             f"safetensors=={safetensors.__version__}"]
 
 
+def fold_saved_rotations(model, model_dir: Path) -> int:
+    """A checkpoint with online rotations (QuaRot) is a plain transformers model only once
+    they are folded back into the weights (quant.modules.rotation.fold_input_rotations)."""
+    from quant.models.checkpoint import SCHEME_FILE
+    from quant.modules.rotation import fold_input_rotations, install_rotations
+
+    f = model_dir / SCHEME_FILE
+    rotations = json.loads(f.read_text()).get("rotations") if f.exists() else None
+    if not rotations:
+        return 0
+    install_rotations(model, rotations)
+    return fold_input_rotations(model)
+
+
 def run(params: Params) -> dict[str, Any]:
     import mlflow
     import torch
@@ -246,24 +260,32 @@ def run(params: Params) -> dict[str, Any]:
 
     # The dequantized checkpoint is an ordinary transformers model: load it plainly (no
     # QuantLinear) in half precision, which is what the transformers flavour can save.
+    # A packed checkpoint (convert) is logged as itself, through a pyfunc (tasks/packed_model.py).
+    from quant.export.loader import packed_format
+    from tasks.packed_model import footprint_tags, log_packed_model
+
     dtype = getattr(torch, cfg.dtype)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    info = mlflow.transformers.log_model(
-        transformers_model={"model": model, "tokenizer": tokenizer},
-        name="model",
-        task="text-generation",
-        torch_dtype=dtype,
-        pip_requirements=pip_requirements(),
-        model_config={"max_new_tokens": 32, "do_sample": False},
-    )
+    if packed_format(model_dir) is not None:
+        info = log_packed_model(model_dir, pip_requirements())
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        fold_saved_rotations(model, model_dir)  # QuaRot's online rotations, into the weights
+        info = mlflow.transformers.log_model(
+            transformers_model={"model": model, "tokenizer": tokenizer},
+            name="model",
+            task="text-generation",
+            torch_dtype=dtype,
+            pip_requirements=pip_requirements(),
+            model_config={"max_new_tokens": 32, "do_sample": False},
+        )
     for f in (QPARAMS_FILE, SCHEME_FILE):
         if (model_dir / f).exists():
             mlflow.log_artifact(str(model_dir / f), "quantized")
     mlflow.log_artifact(str(EVAL_METRICS), "metrics")
 
     tags = {"scheme": scheme.name if scheme else "none", "methods": methods(params, source),
-            "source_stage": source, "dtype": cfg.dtype, **cand.tags()}
+            "source_stage": source, "dtype": cfg.dtype, **cand.tags(), **footprint_tags(model_dir)}
     client = MlflowClient()
     if not _registered_model_exists(client, cfg.name):
         client.create_registered_model(cfg.name, description="Quantized models of the quant-pipeline")

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from quant.eval import lm_tasks
+from tasks import tracking
 from tasks.common import (
     ARTIFACTS,
     DEFAULT_EXPERIMENT,
@@ -94,9 +95,7 @@ def _chance(tasks: Iterable[str]) -> float | None:
 
 def report_for_current_run(metrics: dict[str, Any], method: str, scheme: str, out_dir: Path) -> dict[str, Path]:
     """Called inside the evaluate stage's MLflow run (or outside one: then this run alone)."""
-    import sys
-
-    mlflow = sys.modules.get("mlflow")
+    mlflow = tracking.active_mlflow()
     active = mlflow.active_run() if mlflow is not None else None
     rows = rows_from_metrics(metrics, method, scheme, list(TASK_LABELS), order=float("inf"))
     if active is not None:

@@ -23,6 +23,7 @@ and leave `base.device: auto`, which then takes the one visible GPU.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -42,8 +43,10 @@ from quant.synth.sampling import (
     shard_items,
 )
 from quant.synth.store import ShardWriter, file_sha256, is_complete, model_sha256, read_manifest
+from tasks import tracking
 from tasks.common import ARTIFACTS, Params, main, setup_torch, stage_dir, write_json
 
+log = logging.getLogger("quant")
 WORK = ARTIFACTS / ".work" / "synthesize"
 USAGE = "usage: python -m tasks.synthesize <shard index> (one of synthesize.shards)"
 
@@ -110,15 +113,24 @@ def run_shard(
         "torch": torch.__version__, "transformers": transformers.__version__,
     }
     if is_complete(out_dir, run):
+        log.info("synthesize shard %d: %s is already complete for these params; nothing to do", shard, out_dir)
         return {**_summary_metrics(read_manifest(out_dir)), "generated_tokens": 0, "resumed_from": len(items)}
     writer = ShardWriter(work_dir, run)
-    resumed_from = writer.done
-    model, _ = load_model(model_dir, dtype, device)
-    t0 = time.perf_counter()
-    new_tokens = _generate_pending(writer, model, tokenizer, items, cfg, seed, eos)
-    seconds = time.perf_counter() - t0
-    summary = _summarize(writer, shard, cfg.num_shards, start_ids[shard :: cfg.num_shards])
-    writer.publish(out_dir, summary)
+    try:
+        resumed_from = writer.done
+        if resumed_from:
+            log.info("synthesize shard %d: resuming from record %d of %d (%s holds records 0..%d)",
+                     shard, resumed_from, len(items), work_dir, resumed_from - 1)
+        else:
+            log.info("synthesize shard %d: starting fresh, %d records", shard, len(items))
+        model, _ = load_model(model_dir, dtype, device)
+        t0 = time.perf_counter()
+        new_tokens = _generate_pending(writer, model, tokenizer, items, cfg, seed, eos)
+        seconds = time.perf_counter() - t0
+        summary = _summarize(writer, shard, cfg.num_shards, start_ids[shard :: cfg.num_shards])
+        writer.publish(out_dir, summary)
+    finally:
+        writer.close()
     return {
         **_summary_metrics(summary), "generated_tokens": new_tokens, "resumed_from": resumed_from,
         "generate_seconds": round(seconds, 2), "tokens_per_second": round(new_tokens / max(seconds, 1e-9), 1),
@@ -178,7 +190,7 @@ def run(params: Params) -> dict[str, Any]:
     cfg = params.section("synthesize", SynthesisConfig)
     if shard not in cfg.shards:
         raise ConfigError(f"shard {shard} is not in synthesize.shards={list(cfg.shards)}")
-    _tag("shard", shard)
+    tracking.set_tag("shard", shard)
     device, dtype = setup_torch(params.base)
     metrics = run_shard(
         cfg, shard, stage_dir("prepare") / "model", stage_dir("synthesize") / f"shard-{shard}",
@@ -186,12 +198,6 @@ def run(params: Params) -> dict[str, Any]:
     )
     write_json(f"metrics/synthesize/shard-{shard}.json", metrics)
     return metrics
-
-
-def _tag(key: str, value: Any) -> None:
-    mlflow = sys.modules.get("mlflow")
-    if mlflow is not None and mlflow.active_run() is not None:
-        mlflow.set_tag(key, str(value))
 
 
 if __name__ == "__main__":

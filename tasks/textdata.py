@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bz2
 import importlib.util
+import os
 from pathlib import Path
 
 from quant.config import ConfigError
@@ -75,18 +76,47 @@ def lee_text() -> str:
     return "\n".join(ln.strip() for ln in lines if ln.strip())
 
 
-def _load_dataset(*args, **kwargs):
+HUB_PROBE_SECONDS = 5.0
+
+
+def _offline() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def _load_dataset(field: str, source: str, repo: str, *args, **kwargs):
+    """datasets.load_dataset after one short reachability check of the Hub (datasets itself
+    retries for ~30 s before failing); every failure is one line naming `field`."""
     try:
         from datasets import load_dataset
     except ImportError as exc:  # pragma: no cover - datasets is a dependency
         raise RuntimeError("Hugging Face sources need datasets: pip install datasets") from exc
-    return load_dataset(*args, **kwargs)
+    hint = ("use 'embedded-wiki', or, with the dataset already in the local cache, set "
+            "HF_DATASETS_OFFLINE=1")
+    if not _offline():
+        from huggingface_hub import HfApi
+
+        try:
+            HfApi().dataset_info(repo, timeout=HUB_PROBE_SECONDS)
+        except Exception as exc:  # noqa: BLE001 - any failure means: not usable from here
+            raise ConfigError(
+                f"{field}={source!r}: the Hugging Face Hub dataset {repo!r} is not reachable from "
+                f"here ({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}); {hint}"
+            ) from None
+    try:
+        return load_dataset(repo, *args, **kwargs)
+    except (ConnectionError, OSError, ValueError) as exc:
+        raise ConfigError(
+            f"{field}={source!r}: loading {repo!r} failed ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:160] if str(exc) else ''}); {hint}"
+        ) from None
 
 
 def hf_texts(source: str, split: str, max_docs: int | None = None) -> list[str]:
     """Documents of a real-scale source ('train' for calibration, 'eval' for PPL)."""
+    field = "prepare.calib_source" if split == "train" else "prepare.eval_sets"
     if source == "wikitext2":
-        ds = _load_dataset("wikitext", "wikitext-2-raw-v1", split="train" if split == "train" else "test")
+        ds = _load_dataset(field, source, "wikitext", "wikitext-2-raw-v1", split="train" if split == "train" else "test")
         # one "document": the GPTQ protocol joins the whole split with blank lines
         return ["\n\n".join(ds["text"])]
     if source == "c4":
@@ -95,7 +125,7 @@ def hf_texts(source: str, split: str, max_docs: int | None = None) -> list[str]:
             if split == "train"
             else "en/c4-validation.00000-of-00008.json.gz"
         )
-        ds = _load_dataset("allenai/c4", data_files={"x": shard}, split="x")
+        ds = _load_dataset(field, source, "allenai/c4", data_files={"x": shard}, split="x")
         texts = ds["text"]
         return texts[:max_docs] if max_docs else texts
     raise ConfigError(f"text source {source!r} is not known; accepted: {list(SOURCES)}")

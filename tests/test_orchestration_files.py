@@ -19,16 +19,21 @@ from packaging.version import Version
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_prefect_yaml_deployment_matches_the_flow():
+def test_prefect_yaml_deployments_match_the_flows():
     from flows.pipeline import FLOW_NAME, pipeline
+    from flows.sweep import FLOW_NAME as SWEEP_NAME
+    from flows.sweep import sweep
 
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
-    (dep,) = spec["deployments"]
-    path, name = dep["entrypoint"].split(":")
-    assert (ROOT / path).is_file() and name == pipeline.fn.__name__ and pipeline.name == FLOW_NAME
-    assert set(dep["parameters"]) <= set(inspect.signature(pipeline.fn).parameters)
-    assert dep["work_pool"]["name"] == "quant-process"
-    assert "pull" not in spec and "pull" not in dep  # the deployment runs where `prefect deploy` ran
+    deps = {d["name"]: d for d in spec["deployments"]}
+    assert set(deps) == {"embedded-default", "sweep"}
+    for dep, fl, flow_name in ((deps["embedded-default"], pipeline, FLOW_NAME), (deps["sweep"], sweep, SWEEP_NAME)):
+        path, name = dep["entrypoint"].split(":")
+        assert (ROOT / path).is_file() and name == fl.fn.__name__ and fl.name == flow_name
+        assert set(dep["parameters"]) <= set(inspect.signature(fl.fn).parameters)
+        assert dep["work_pool"]["name"] == "quant-process"
+        assert "pull" not in dep  # the deployment runs where `prefect deploy` ran
+    assert "pull" not in spec
 
 
 def _lock() -> dict[str, Version]:

@@ -267,11 +267,13 @@ def test_writer_discards_a_partial_last_record_and_restarts_on_another_run(tmp_p
     w.append([{"index": i, "ids": [i]} for i in range(3)])
     with open(tmp_path / "w" / RECORDS, "a") as f:
         f.write('{"index": 3, "ids": [3')  # killed mid-write
+    w.close()  # (a killed writer's lock is released by the OS)
     again = ShardWriter(tmp_path / "w", {"x": 1})
     assert again.done == 3 and again.resumed
     assert (tmp_path / "w" / RECORDS).read_text().count("\n") == 3
     with pytest.raises(RuntimeError, match="out of order"):
         again.append([{"index": 5, "ids": []}])
+    again.close()
     other = ShardWriter(tmp_path / "w", {"x": 2})
     assert other.done == 0 and (tmp_path / "w" / RECORDS).read_text() == ""
 

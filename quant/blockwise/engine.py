@@ -61,6 +61,7 @@ from quant.config import Config, ConfigError
 from quant.config.registry import Registry
 from quant.models.arch import ArchMapping, decoder_layers, get_module, mapping_for, set_module
 from quant.modules.linear import QuantLinear
+from quant.modules.rotation import drop_key_quantizers, move_input_rotation
 
 log = logging.getLogger("quant.blockwise")
 
@@ -173,7 +174,9 @@ def float_block(block: nn.Module) -> nn.Module:
             lin.weight = m.weight
             if m.bias is not None:
                 lin.bias = m.bias
+            move_input_rotation(m, lin)  # QuaRot's online rotation is part of the fp function
             set_module(fp, name, lin)
+    drop_key_quantizers(fp)  # QuaRot: keys rotated after RoPE, but not quantized, in the target
     return fp
 
 

@@ -78,6 +78,7 @@ from quant.blockwise.engine import (
 from quant.config import ConfigError
 from quant.models.arch import get_module, set_module
 from quant.modules.linear import QuantLinear
+from quant.modules.rotation import move_input_rotation
 from quant.numerics import grid as P
 from quant.numerics.formats import IntFormat
 from quant.numerics.rounding import (
@@ -139,6 +140,7 @@ class RoundingLinear(nn.Module):
         self.alpha = nn.Parameter(torch.zeros_like(self.base))
         self.v = nn.Parameter(torch.zeros_like(self.scale)) if tune_scale else None
         self.input_quantizer = ql.input_quantizer
+        move_input_rotation(ql, self)  # QuaRot's online rotation (a pre-hook) stays on the input
 
     @torch.no_grad()
     def load(self, ql: QuantLinear, qparams: str) -> None:

@@ -1,11 +1,11 @@
 """Typed configuration: the `Config` machinery, the quantization scheme, registries.
 
-`quant.config.base` (Config, ConfigError, flatten) is re-exported here; the
+`quant.config.base` (Config, ConfigError, InputError, flatten) is re-exported here; the
 scheme lives in `quant.config.scheme` and the method registries in
 `quant.config.registry` (imported from there: the scheme needs the number
 formats of `quant.numerics`, which themselves are `Config`s).
 """
 
-from quant.config.base import Config, ConfigError, flatten
+from quant.config.base import Config, ConfigError, InputError, flatten
 
-__all__ = ["Config", "ConfigError", "flatten"]
+__all__ = ["Config", "ConfigError", "InputError", "flatten"]

@@ -22,6 +22,12 @@ class ConfigError(ValueError):
     """A configuration value is wrong; the message names the field and what is accepted."""
 
 
+class InputError(ConfigError):
+    """An input file or working state is unusable (corrupt, truncated, tampered, locked by
+    another process): the message names the file. A ConfigError so stages exit 2 with one
+    line: re-running the same command cannot heal it."""
+
+
 def _qualify(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 

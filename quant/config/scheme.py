@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from quant.config.base import Config, ConfigError
-from quant.numerics.formats import IntFormat, NumberFormat
+from quant.numerics.formats import BlockFPFormat, IntFormat, NumberFormat
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,12 @@ class WeightSpec(Config):
             raise ConfigError(
                 f"group_size={self.group_size} is not accepted; use -1 (per output channel) "
                 "or a positive group size that divides in_features"
+            )
+        if isinstance(self.format, BlockFPFormat) and self.group_size != self.format.block_size:
+            raise ConfigError(
+                f"group_size={self.group_size} does not match format={self.format.spec()!r}, whose "
+                f"blocks are {self.format.block_size} elements; accepted: mxfp4 with group_size 32, "
+                "nvfp4 with group_size 16"
             )
 
     @property
@@ -96,6 +102,16 @@ class QuantScheme(Config):
             raise ConfigError(
                 "quantize_embeddings=true is not supported yet (embedding quantization "
                 "arrives with packed export); use false"
+            )
+
+    def require_integer_weights(self, stage: str) -> None:
+        """Stages that train integer step sizes / zero points (block_ap, e2e) or pack integer
+        codes cannot carry FP weight formats: say so before any work."""
+        if self.weight is not None and not isinstance(self.weight.format, IntFormat):
+            raise ConfigError(
+                f"scheme.weight.format={self.weight.format.spec()!r}: the {stage} stage trains and "
+                "stores integer grids; accepted: int2..int8 (FP formats are calibrated by "
+                "calibrate.method rtn or fp-search and evaluated from the calibrate stage)"
             )
 
     @property

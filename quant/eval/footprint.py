@@ -18,6 +18,7 @@ from torch import nn
 
 from quant.models.checkpoint import quant_linears
 from quant.modules.linear import QuantLinear
+from quant.modules.packed import PackedLinear
 
 HALF_BITS = 16
 
@@ -33,12 +34,13 @@ class Footprint:
         return {"size_gb": self.size_gb, "bits_per_weight": self.bits_per_weight}
 
 
-def _quant_linear_bits(m: QuantLinear) -> tuple[int, int]:
+def _quant_linear_bits(m: QuantLinear | PackedLinear) -> tuple[int, int]:
     """(bits of the weight with its step sizes and zero points, bits of the bias)."""
-    bits = m.spec.bits
-    groups = m.scale.numel()  # [out, n_groups]
+    packed = isinstance(m, PackedLinear)  # a packed layer stores what it says (GPTQ: zero points always)
+    bits = m.bits if packed else m.spec.bits
+    groups = m.scales.numel() if packed else m.scale.numel()  # [out, n_groups]
     weight = m.in_features * m.out_features * bits + groups * HALF_BITS
-    if not m.spec.symmetric:
+    if not (m.symmetric if packed else m.spec.symmetric):
         weight += groups * bits
     bias = m.out_features * HALF_BITS if m.bias is not None else 0
     return weight, bias
@@ -46,6 +48,7 @@ def _quant_linear_bits(m: QuantLinear) -> tuple[int, int]:
 
 def footprint(model: nn.Module) -> Footprint:
     qlinears = dict(quant_linears(model))
+    qlinears.update((n, m) for n, m in model.named_modules() if isinstance(m, PackedLinear))
     other_bits = other_params = 0
     for name, p in model.named_parameters():  # tied parameters appear once
         owner = name.rpartition(".")[0]

@@ -1,1 +1,1 @@
-"""Packed low-bit export formats, one file per format (compressed-tensors, GPTQ v2)."""
+"""Converting a quantized model into files that runtimes load (see quant/export/base.py)."""

@@ -17,11 +17,33 @@ from torch import nn
 @dataclass(frozen=True)
 class ScaleGroup:
     """`prev` (a norm or linear inside the block) feeds the linears `nexts`; `inputs_of`
-    names the module whose input is the activation entering `nexts`."""
+    names the module whose input is the activation entering `nexts`; `parent` is the
+    smallest module that contains every one of `nexts` and whose output depends on them
+    (attention for q/k/v, the MLP for gate/up, the linear itself otherwise): AWQ's
+    scale search measures the error of a candidate scale on that module's output.
+
+    A per-input-channel scale of `nexts` folds into `prev` only when `prev`'s output
+    width equals their input width (`foldable`): v -> o is skipped for grouped-query
+    attention (SmolLM2: v_proj writes 192 channels, o_proj reads 576), as in AutoAWQ."""
 
     prev: str
     nexts: tuple[str, ...]
     inputs_of: str
+    parent: str = ""  # "" = the single linear of `nexts`
+
+    def __post_init__(self) -> None:
+        if not self.parent and len(self.nexts) != 1:
+            raise ValueError(f"ScaleGroup({self.prev!r} -> {self.nexts}) needs a parent module")
+
+    @property
+    def parent_path(self) -> str:
+        return self.parent or self.nexts[0]
+
+    def foldable(self, block: nn.Module) -> bool:
+        """Whether `prev`'s output width matches the input width of every linear in `nexts`."""
+        prev = get_module(block, self.prev)
+        width = prev.out_features if isinstance(prev, nn.Linear) else prev.weight.numel()
+        return all(get_module(block, n).in_features == width for n in self.nexts)
 
 
 @dataclass(frozen=True)
@@ -54,13 +76,21 @@ class ArchMapping:
             self.gate_proj, self.up_proj, self.down_proj,
         )
 
+    @property
+    def no_clip(self) -> tuple[str, ...]:
+        """Linears whose weight-range clipping AWQ leaves alone: query and key (their errors
+        pass through the attention softmax; AutoAWQ skips them the same way)."""
+        return (self.q_proj, self.k_proj)
+
 
 def _llama_like(family: str, model_types: tuple[str, ...]) -> ArchMapping:
     base = ArchMapping(family=family, model_types=model_types)
     groups = (
-        ScaleGroup(base.input_norm, (base.q_proj, base.k_proj, base.v_proj), base.q_proj),
+        ScaleGroup(base.input_norm, (base.q_proj, base.k_proj, base.v_proj), base.q_proj,
+                   base.attention),
         ScaleGroup(base.v_proj, (base.o_proj,), base.o_proj),
-        ScaleGroup(base.post_attention_norm, (base.gate_proj, base.up_proj), base.gate_proj),
+        ScaleGroup(base.post_attention_norm, (base.gate_proj, base.up_proj), base.gate_proj,
+                   base.mlp),
         ScaleGroup(base.up_proj, (base.down_proj,), base.down_proj),
     )
     return ArchMapping(family=family, model_types=model_types, scale_groups=groups)

@@ -8,10 +8,20 @@
   A trainable QuantLinear's float weight (what Block-AP starts from and what
   its full-precision targets use) is kept in `float_weights.safetensors`; a
   frozen one (`QuantLinear.freeze()`) is restored frozen, bit for bit.
+- Floating-point layers (no integer codes) keep their float weight and, for
+  FP formats, `<layer>.exp_bias`; a layer whose format differs from the scheme's
+  (the `fp-search` format search) is listed in `quantization.json` under
+  `layer_formats`. A searched activation quantizer (`CalibratedFPQuantizer`) is
+  stored as `<layer>.act_bias` / `<layer>.act_shift` plus its format in
+  `act_formats`, and restored before the scheme's runtime quantizers.
+- Online rotations (QuaRot, `quant.modules.rotation`) hold no weights: their
+  description goes into `quantization.json` under "rotations" and they are
+  re-installed on load, before the activation / KV quantizers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,28 +30,104 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from quant.config import ConfigError
-from quant.config.scheme import QuantScheme
+from quant.config import ConfigError, InputError
+from quant.config.scheme import QuantScheme, WeightSpec
 from quant.io import atomic_dir
 from quant.models.arch import get_module, set_module, target_linears
+from quant.modules.activation import CalibratedFPQuantizer, set_input_quantizer
 from quant.modules.linear import QuantLinear
+from quant.modules.rotation import install_rotations, rotation_config
 from quant.modules.runtime import apply_runtime_quantizers
 from quant.numerics import grid as P
+from quant.numerics.formats import IntFormat, parse_format
 
 QPARAMS_FILE = "qparams.safetensors"
 FLOAT_WEIGHTS_FILE = "float_weights.safetensors"
 SCHEME_FILE = "quantization.json"
 
 
+def read_config(path: str | Path) -> dict:
+    """config.json of a model directory; an `InputError` naming the file if missing or not JSON."""
+    f = Path(path) / "config.json"
+    if not f.is_file():
+        raise InputError(f"{f} not found: {path} is not a model directory (run the stage that writes it)")
+    try:
+        config = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{f} is not valid JSON ({exc}); re-run the stage that wrote it") from None
+    if not isinstance(config, dict):
+        raise InputError(f"{f} must hold a JSON object, got {type(config).__name__}")
+    return config
+
+
+def check_model_files(path: str | Path) -> None:
+    """Cheap integrity checks before loading: config.json and quantization.json parse, and
+    every safetensors file has a valid header that covers the whole file (truncation)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    read_config(path)
+    scheme = path / SCHEME_FILE
+    if scheme.exists():
+        try:
+            json.loads(scheme.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InputError(f"{scheme} is not valid JSON ({exc}); re-run the stage that wrote it") from None
+    for f in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), "pt"):
+                pass
+        except Exception as exc:  # noqa: BLE001 - SafetensorError and I/O errors alike
+            raise InputError(f"{f} is corrupt or truncated ({exc}); re-run the stage that wrote it") from None
+
+
+def check_scheme_fits(path: str | Path, scheme: QuantScheme) -> None:
+    """What config.json alone can tell, before any weight is loaded: consistent head counts
+    and a weight group size that divides every quantized linear's input width (Llama-style
+    widths; the exact per-module check runs again in `quantizable_linears`)."""
+    f = Path(path) / "config.json"
+    c = read_config(path)
+    hidden, heads = c.get("hidden_size"), c.get("num_attention_heads")
+    if not isinstance(hidden, int) or not isinstance(heads, int) or heads <= 0:
+        return  # not a Llama-style config: the per-module check after loading decides
+    kv = c.get("num_key_value_heads") or heads
+    head_dim = c.get("head_dim")
+    if head_dim is None and hidden % heads:
+        raise InputError(f"{f}: hidden_size={hidden} is not a multiple of num_attention_heads={heads}")
+    if heads % kv:
+        raise InputError(f"{f}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}")
+    if scheme.weight is None:
+        return
+    head_dim = head_dim or hidden // heads
+    widths = {"q_proj/k_proj/v_proj/gate_proj/up_proj (hidden_size)": hidden,
+              "o_proj (num_attention_heads x head_dim)": heads * head_dim}
+    if isinstance(c.get("intermediate_size"), int):
+        widths["down_proj (intermediate_size)"] = c["intermediate_size"]
+    if scheme.quantize_lm_head:
+        widths["lm_head (hidden_size)"] = hidden
+    for name, width in widths.items():
+        scheme.weight.check_layer(name, width)
+
+
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """Load a causal LM and its tokenizer from a local directory written by this project."""
+    """Load a causal LM and its tokenizer from a local directory written by this project
+    (after `check_model_files`: a corrupt file is an `InputError` naming it; packed
+    checkpoints of `convert` load with PackedLinear layers, CPU fallback backend)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from quant.export.loader import load_packed, packed_format
+
+    if path is not None:
+        check_model_files(path)
+    if packed_format(path) is not None:
+        return load_packed(path, dtype, device)
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     if path is not None and (Path(path) / SCHEME_FILE).exists():
         _restore_quant_linears(model, Path(path))
+        install_rotations(model, json.loads((Path(path) / SCHEME_FILE).read_text()).get("rotations"))
         scheme = read_scheme(path)
         if scheme.activation is not None or scheme.kv_cache is not None:
             apply_runtime_quantizers(model, scheme)  # activations / KV cache: not in the weights
@@ -52,7 +138,7 @@ def source_dtype(path: str | Path) -> torch.dtype:
     """The dtype a checkpoint's float weights are stored in (config.json `dtype`, older
     `torch_dtype`; float32 when absent). Stages whose float weights later stages train or
     take full-precision targets from load in this precision, not in the compute dtype."""
-    config = json.loads((Path(path) / "config.json").read_text())
+    config = read_config(path)
     name = config.get("dtype") or config.get("torch_dtype") or "float32"
     table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if name not in table:
@@ -71,13 +157,20 @@ def quant_linears(model: nn.Module) -> Iterator[tuple[str, QuantLinear]]:
             yield name, module
 
 
-def save_quantized(model: nn.Module, tokenizer, scheme: QuantScheme, out: str | Path, extra: dict | None = None) -> Path:
-    """Save a model with QuantLinear layers (atomically): dequantized checkpoint + qparams + scheme."""
+def save_quantized(model: nn.Module, tokenizer, scheme: QuantScheme, out: str | Path, extra: dict | None = None,
+                   files: dict | None = None) -> Path:
+    """Save a model with QuantLinear layers (atomically): dequantized checkpoint + qparams + scheme.
+    `files` ({name: writer(path)}) adds method results (e.g. AWQ scales) inside the same directory."""
     out = Path(out)
     qparams: dict[str, torch.Tensor] = {}
     float_weights: dict[str, torch.Tensor] = {}
     layers = dict(quant_linears(model))
+    fp_meta: dict[str, dict[str, str]] = {"layer_formats": {}, "act_formats": {}}
+    rotations = rotation_config(model)
     for name, ql in layers.items():
+        if not isinstance(ql.spec.format, IntFormat):
+            _collect_fp_layer(name, ql, scheme, qparams, float_weights, fp_meta)
+            continue
         if not ql.frozen:
             float_weights[f"{name}.weight"] = ql.weight.detach().contiguous().cpu()
         q, scale, zp = ql.integer_weight()
@@ -97,12 +190,50 @@ def save_quantized(model: nn.Module, tokenizer, scheme: QuantScheme, out: str | 
             if float_weights:
                 save_file(float_weights, str(tmp / FLOAT_WEIGHTS_FILE))
             frozen = sorted(n for n, ql in layers.items() if ql.frozen)
-            meta = {"scheme": scheme.to_dict(), "layers": sorted(layers), "frozen": frozen, **(extra or {})}
+            meta = {"scheme": scheme.to_dict(), "layers": sorted(layers), "frozen": frozen,
+                    **{k: v for k, v in fp_meta.items() if v}, **(extra or {})}
+            if rotations is not None:
+                meta["rotations"] = rotations
             (tmp / SCHEME_FILE).write_text(json.dumps(meta, indent=2))
+            for name, write in (files or {}).items():
+                write(tmp / name)
     finally:
         for name, ql in layers.items():
             set_module(model, name, ql)
     return out
+
+
+def _collect_fp_layer(name: str, ql: QuantLinear, scheme: QuantScheme, qparams: dict,
+                      float_weights: dict, fp_meta: dict) -> None:
+    """An FP layer's state: float weight, exponent bias, searched format and act quantizer."""
+    float_weights[f"{name}.weight"] = ql.weight.detach().contiguous().cpu()
+    if ql.exp_bias is not None:
+        qparams[f"{name}.exp_bias"] = ql.exp_bias.detach().float().contiguous().cpu()
+    if scheme.weight is None or ql.spec.format != scheme.weight.format:
+        fp_meta["layer_formats"][name] = ql.spec.format.spec()
+    aq = ql.input_quantizer
+    if isinstance(aq, CalibratedFPQuantizer):
+        fp_meta["act_formats"][name] = aq.fmt.spec()
+        qparams[f"{name}.act_bias"] = aq.bias.detach().float().reshape(1).cpu()
+        if aq.shift is not None:
+            qparams[f"{name}.act_shift"] = aq.shift.detach().float().contiguous().cpu()
+            if aq.unshift:
+                qparams[f"{name}.act_unshift"] = torch.ones(1)
+
+
+def _restore_fp_layer(name: str, lin: nn.Linear, spec: WeightSpec, qparams: dict, floats: dict,
+                      act_format: str | None) -> QuantLinear:
+    ql = QuantLinear.from_linear(lin, spec, name)
+    with torch.no_grad():
+        ql.weight.copy_(floats[f"{name}.weight"].to(ql.weight.dtype))
+        if ql.exp_bias is not None:
+            ql.exp_bias.copy_(qparams[f"{name}.exp_bias"])
+    if act_format is not None:
+        fmt = parse_format(act_format, f"act_formats[{name!r}]")
+        shift = qparams.get(f"{name}.act_shift")
+        unshift = f"{name}.act_unshift" in qparams
+        set_input_quantizer(ql, CalibratedFPQuantizer(fmt, qparams[f"{name}.act_bias"], shift, unshift))
+    return ql
 
 
 def read_scheme(path: str | Path) -> QuantScheme | None:
@@ -123,9 +254,16 @@ def _restore_quant_linears(model: nn.Module, path: Path) -> None:
     floats = load_file(str(path / FLOAT_WEIGHTS_FILE)) if (path / FLOAT_WEIGHTS_FILE).exists() else {}
     frozen = set(meta.get("frozen", ()))
     g = scheme.weight.group_size
+    layer_formats, act_formats = meta.get("layer_formats", {}), meta.get("act_formats", {})
     for name in meta["layers"]:
         lin = get_module(model, name)
-        ql = QuantLinear.from_linear(lin, scheme.weight, name)
+        spec = scheme.weight
+        if name in layer_formats:
+            spec = dataclasses.replace(spec, format=parse_format(layer_formats[name], f"layer_formats[{name!r}]"))
+        if not isinstance(spec.format, IntFormat):
+            set_module(model, name, _restore_fp_layer(name, lin, spec, qparams, floats, act_formats.get(name)))
+            continue
+        ql = QuantLinear.from_linear(lin, spec, name)
         scale = qparams[f"{name}.scale"].to(ql.scale.device)
         zp = qparams.get(f"{name}.zero_point")
         zp = None if zp is None else zp.to(ql.scale.device)

@@ -22,6 +22,11 @@ attention RoPE and the cache update sit inside one forward with no module
 boundary between them, so it would need a patched attention forward (one per
 family) instead of a hook found through the mapping.
 
+With QuaRot's online rotation of queries and keys installed
+(`quant.modules.rotation.QKRotation` on the attention module), the key
+quantizer sits on that rotation instead: post-RoPE, after the Hadamard, so
+keys are quantized in the rotated basis (see quant/modules/rotation.py).
+
 Hooks and quantizer modules hold no state: `state_dict` is unchanged, and
 `quant.modules.runtime.apply_runtime_quantizers` re-installs them from the scheme
 whenever a quantized model is loaded.
@@ -72,8 +77,16 @@ def apply_kv_quantizers(model: nn.Module, spec: KVCacheSpec | None) -> int:
     Returns the number of projections changed."""
     head_dim = kv_head_dim(model)
     projections = kv_projections(model)
-    for name, proj in projections:
+    mapping = mapping_for(model)
+    rotations = [getattr(get_module(b, mapping.attention), "qk_rotation", None)
+                 for b in decoder_layers(model, mapping)]
+    for i, (name, proj) in enumerate(projections):
         if spec is not None and spec.granularity == "per_head" and proj.out_features % head_dim:
             raise ValueError(f"{name}: out_features={proj.out_features} is not a multiple of head_dim={head_dim}")
-        set_output_quantizer(proj, None if spec is None else DynamicQuantizer.for_kv(spec, head_dim))
+        quantizer = None if spec is None else DynamicQuantizer.for_kv(spec, head_dim)
+        rotation = rotations[i // 2]
+        if i % 2 == 0 and rotation is not None:  # key, rotated after RoPE: quantize there
+            rotation.key_quantizer = quantizer
+            quantizer = None
+        set_output_quantizer(proj, quantizer)
     return len(projections)

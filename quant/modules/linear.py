@@ -15,6 +15,12 @@ Both states compute the same function for the same (weight, scale, zero point),
 and `to_linear()` turns either back into a plain `nn.Linear` with the
 dequantized weight.
 
+Floating-point formats (`FPFormat`, LLM-FP4; `mxfp4` / `nvfp4`) dispatch to
+`quant.numerics.fp`: an FP layer holds its float weight and a learnable
+real-valued exponent bias per group (`exp_bias`, no `scale`/`zero_point`);
+block-scaled layers take their block scales from the weight (RTN, no qparams).
+FP layers have no integer codes, so `freeze()` / `integer_weight()` refuse them.
+
 An optional `input_quantizer` (a module applied to the input, e.g. per-token
 dynamic activation quantization) is kept separate from the weight math.
 """
@@ -26,7 +32,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from quant.config.scheme import WeightSpec
+from quant.numerics import fp as FP
 from quant.numerics import grid as P
+from quant.numerics.formats import FPFormat, IntFormat
 
 
 class QuantLinear(nn.Module):
@@ -49,11 +57,16 @@ class QuantLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **kw))
         self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
         # qparams are kept in float32 regardless of the weight dtype.
-        self.scale = nn.Parameter(torch.ones(out_features, n_groups, device=device))
+        is_int = isinstance(spec.format, IntFormat)
+        self.scale = nn.Parameter(torch.ones(out_features, n_groups, device=device)) if is_int else None
         self.zero_point = (
             None
-            if spec.symmetric
+            if spec.symmetric or not is_int
             else nn.Parameter(torch.zeros(out_features, n_groups, device=device))
+        )
+        self.exp_bias = (  # FP formats: the exponent bias per group (LLM-FP4)
+            nn.Parameter(torch.zeros(out_features, n_groups, device=device))
+            if isinstance(spec.format, FPFormat) else None
         )
         self.register_buffer("qweight", None)
         self.input_quantizer: nn.Module | None = None
@@ -87,6 +100,10 @@ class QuantLinear(nn.Module):
         """(Re)compute step size and zero point from the current weight by min-max."""
         if self.frozen:
             raise RuntimeError("init_qparams() on a frozen QuantLinear; qparams are final")
+        if not isinstance(self.spec.format, IntFormat):
+            if self.exp_bias is not None:
+                self.exp_bias.copy_(FP.choose_bias(self.weight, self.spec.format, self.spec.group_size))
+            return
         scale, zp = P.choose_qparams(
             self.weight, self.spec.format, self.spec.group_size, self.spec.symmetric, clip_ratio
         )
@@ -109,6 +126,11 @@ class QuantLinear(nn.Module):
     @torch.no_grad()
     def integer_weight(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(q int32 [out, in], scale fp32 [out, groups], zero point fp32 [out, groups] or None)."""
+        if not isinstance(self.spec.format, IntFormat):
+            raise RuntimeError(
+                f"{self.spec.format.spec()} layers have no integer codes; they are kept as float "
+                "weight + exponent bias (freeze and integer export are integer-format only)"
+            )
         if self.frozen:
             return self.qweight.to(torch.int32), self.scale.detach().float(), self.zero_point
         if self.spec.dynamic_minmax:  # the stored qparams are the ones the forward pass derives
@@ -141,6 +163,9 @@ class QuantLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         """The weight the forward pass uses (differentiable w.r.t. weight/scale/zero point)."""
         fmt, g = self.spec.format, self.spec.group_size
+        if not isinstance(fmt, IntFormat):
+            bias = None if self.spec.dynamic_minmax else self.exp_bias
+            return FP.fake_quantize_weight(self.weight.float(), fmt, bias, g).to(self.weight.dtype)
         if self.frozen:
             return P.dequantize(self.qweight, self.scale, self.zero_point, fmt, g, self.scale.dtype).to(
                 self.compute_dtype

@@ -49,7 +49,7 @@ from safetensors.torch import save_file
 
 from quant.config import Config, ConfigError
 from quant.synth.sampling import mix64, mix64_np
-from quant.synth.store import MANIFEST, read_manifest, read_records
+from quant.synth.store import MANIFEST, read_manifest, read_published
 
 DISTINCT_N = (1, 2, 3, 4)
 
@@ -103,7 +103,7 @@ def load_shards(
             )
         runs.append({key: v for key, v in m["run"].items() if key != "shard"})
         n = 0
-        for r in read_records(d):
+        for r in read_published(d):  # strict: whole lines, records checksum
             ids = np.asarray(r["ids"], dtype=np.int32)
             seqs.append(Seq(r["start_id"], r["prefix_len"], ids, r["finish"], r["logprob"]))
             if len(first_texts) < texts:

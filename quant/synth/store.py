@@ -8,9 +8,12 @@ A finished shard is a directory with two files:
   token first; never re-tokenize `text`, which is their decoding, for reading
   only). `finish` is "eos" or "length"; `logprob` is the sum of log p of
   ids[1:] under the generating model.
-- `manifest.json`: `{"complete": true, "run": {...}, ...counts}`. `run` is the
-  run key: everything that determines the tokens (params, seed, model hash,
-  generator code hash, device, dtype, library versions, shard).
+- `manifest.json`: `{"complete": true, "run": {...}, "records_sha256": ..., ...counts}`.
+  `run` is the run key: everything that determines the tokens (params, seed, model
+  hash, generator code hash, device, dtype, library versions, shard).
+  `records_sha256` is the sha256 of `sequences.jsonl`'s bytes: `read_published`
+  (what merge reads) verifies it, so a shard edited after publishing (even into
+  valid JSON) is an error naming the file, not silently different training data.
 
 Lifecycle (`ShardWriter`): open a work directory -> it holds a manifest with
 `complete: false` and the run key, plus the records written so far -> append
@@ -21,6 +24,10 @@ record (a line is written whole or, if the process died while writing it, it
 has no newline), so the partial tail is cut off and generation continues after
 the last complete record. A different run key (params, model or code changed)
 starts over: resuming would mix two different runs.
+
+One writer per shard: `ShardWriter` holds an exclusive lock (`<work dir>.lock`) from
+opening to publishing; a second process on the same shard fails at once
+(`InputError`) instead of interleaving duplicated records into it.
 """
 
 from __future__ import annotations
@@ -33,6 +40,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
+
+from quant.config import InputError
 from quant.io import replace_dir, write_json_atomic
 
 RECORDS = "sequences.jsonl"
@@ -75,8 +85,8 @@ def _complete_prefix(path: Path) -> tuple[int, int]:
                 break  # the partial last record of a killed writer
             try:
                 json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise RuntimeError(f"{path}: record {count + 1} is corrupt ({exc}); delete the file") from None
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise InputError(f"{path}: record {count + 1} is corrupt ({exc}); delete the file") from None
             count += 1
             offset += len(line)
     return count, offset
@@ -90,15 +100,53 @@ def read_records(directory: str | Path) -> Iterator[dict[str, Any]]:
                 yield json.loads(line)
 
 
+def read_published(directory: str | Path) -> Iterator[dict[str, Any]]:
+    """The records of a published shard, strictly: every line whole and valid JSON, and the
+    bytes matching the manifest's `records_sha256` (checked when the last line is read)."""
+    d = Path(directory)
+    path = d / RECORDS
+    expected = (read_manifest(d) or {}).get("records_sha256")
+    if not expected:
+        raise InputError(f"{d / MANIFEST} has no records_sha256 (written by an older version); re-run synthesize")
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            h.update(line)
+            if not line.endswith(b"\n"):
+                raise InputError(f"{path}: line {n} is truncated (no newline at the end); re-run synthesize")
+            try:
+                yield json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise InputError(f"{path}: line {n} is not a JSON record ({exc}); re-run synthesize") from None
+    if h.hexdigest() != expected:
+        raise InputError(
+            f"{path}: the records do not match records_sha256 in {MANIFEST} (changed after the shard "
+            f"was published); re-run synthesize"
+        )
+
+
+def records_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def read_manifest(directory: str | Path) -> dict[str, Any] | None:
     path = Path(directory) / MANIFEST
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path} is not valid JSON ({exc}); delete the shard and re-run synthesize") from None
 
 
 def is_complete(directory: str | Path, run: dict[str, Any]) -> bool:
-    """True if `directory` is a published shard of exactly this run."""
+    """True if `directory` is a published shard of exactly this run (with a records checksum)."""
     m = read_manifest(directory)
-    return bool(m and m.get("complete") and m.get("run") == _normal(run))
+    return bool(m and m.get("complete") and m.get("run") == _normal(run) and m.get("records_sha256"))
 
 
 class ShardWriter:
@@ -108,7 +156,25 @@ class ShardWriter:
         self.dir = Path(work_dir)
         self.run = _normal(run)
         self.resumed = False
-        self.done = self._open()
+        self.dir.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = FileLock(str(self.dir) + ".lock")
+        try:
+            self._lock.acquire(timeout=0)
+        except Timeout:
+            raise InputError(
+                f"{self.dir} is being written by another process (lock {self._lock.lock_file} is held); "
+                f"one process per shard"
+            ) from None
+        try:
+            self.done = self._open()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the shard's lock (also done by `publish`; the OS does it if the process dies)."""
+        if self._lock.is_locked:
+            self._lock.release(force=True)
 
     def _open(self) -> int:
         manifest = read_manifest(self.dir) if self.dir.is_dir() else None
@@ -143,5 +209,9 @@ class ShardWriter:
 
     def publish(self, out_dir: str | Path, summary: dict[str, Any]) -> Path:
         """Mark complete and move the work directory onto `out_dir` (replacing it)."""
-        write_json_atomic(self.dir / MANIFEST, {"complete": True, "run": self.run, **_normal(summary)})
-        return replace_dir(self.dir, out_dir)
+        checksum = records_sha256(self.dir / RECORDS)
+        write_json_atomic(self.dir / MANIFEST, {"complete": True, "run": self.run, **_normal(summary),
+                                                "records_sha256": checksum})
+        out = replace_dir(self.dir, out_dir)
+        self.close()
+        return out

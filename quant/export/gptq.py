@@ -1,0 +1,143 @@
+"""GPTQ checkpoints with `checkpoint_format: gptq_v2` (exact zero points).
+
+Layout (AutoGPTQ / GPTQModel, per quantized linear `name`, K inputs, N outputs,
+G = K / group_size groups; group_size -1 = one group per output channel):
+
+- `name.qweight` int32 [K*b/32, N]: codes packed along the input dimension
+  (`quant.export.packing`, the same bit stream as GPTQ's 2/3/4/8-bit packers);
+- `name.qzeros`  int32 [G, N*b/32]: zero points packed along the output dimension;
+- `name.scales`  [G, N] in the model's half dtype;
+- `name.g_idx`   int32 [K]: the group of every input (i // group_size: no act-order);
+- `name.bias` if the layer has one.
+
+Why v2: GPTQ v1 stores `z - 1` (a historical off-by-one its kernels add back), so a
+2-bit zero point of 0 cannot be stored; v2 stores z itself, which is what this
+project's codes need. Symmetric schemes are stored as GPTQ stores them: codes
+offset by 2^(b-1) and zero points 2^(b-1), with `sym: true`. `quantize_config.json`
+and `config.json`'s `quantization_config` carry bits, group_size, desc_act=false,
+sym, lm_head, checkpoint_format=gptq_v2, quant_method=gptq, pack_dtype=int32.
+
+Refused (ConfigError naming the field): activation/KV-cache quantisation, non-integer
+formats, bits other than 2/3/4/8, group sizes other than -1 or a power of two in
+16..1024 (the group sizes GPTQ kernels are built for), layers whose widths are not
+multiples of 32 (GPTQ packs 32 inputs into b words). The loader is this project's
+(`quant.export.loader`); GPTQModel itself is not a dependency.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from quant.config import ConfigError
+from quant.config.scheme import QuantScheme
+from quant.export.base import (
+    FORMATS,
+    NoOptions,
+    check_int_weights,
+    expect,
+    integer_state,
+    refuse_runtime_quant,
+)
+from quant.export.packing import WORD, pack
+from quant.models.arch import set_module
+from quant.modules.packed import PackedLinear
+
+GPTQ_BITS = (2, 3, 4, 8)
+GPTQ_GROUPS = (-1, 16, 32, 64, 128, 256, 512, 1024)
+QUANTIZE_CONFIG = "quantize_config.json"
+
+
+def packed_from_quant_linear(ql, dtype: torch.dtype) -> PackedLinear:
+    """A PackedLinear (asymmetric storage) holding exactly the codes of a frozen QuantLinear."""
+    q, scale, zp = integer_state(ql)  # q [N, K] int32, scale [N, G], zp [N, G] or None
+    bits = ql.spec.bits
+    if zp is None:  # signed codes -> unsigned with the GPTQ offset
+        off = 1 << (bits - 1)
+        q, zp = q + off, torch.full_like(scale, float(off))
+    pl = PackedLinear(ql.in_features, ql.out_features, bits, ql.spec.group_size, symmetric=False,
+                      bias=ql.bias is not None, scale_dtype=dtype, device=q.device)
+    pl.qweight.copy_(pack(q.t(), bits, dim=0))
+    pl.qzeros.copy_(pack(zp.t().round().to(torch.int32), bits, dim=1))
+    pl.scales.copy_(scale.t().to(dtype))
+    if ql.bias is not None:
+        pl.bias.copy_(ql.bias.detach().to(dtype))
+    return pl
+
+
+@FORMATS.register("gptq", NoOptions)
+class GPTQExporter:
+    name = "gptq"
+
+    def check(self, scheme: QuantScheme, layers: dict) -> None:
+        refuse_runtime_quant(scheme, self.name)
+        check_int_weights(scheme, self.name, GPTQ_BITS)
+        g = scheme.weight.group_size
+        if g not in GPTQ_GROUPS:
+            raise ConfigError(f"scheme.weight.group_size={g} cannot be exported to 'gptq'; accepted: "
+                              f"{list(GPTQ_GROUPS)}")
+        for name, m in layers.items():
+            if m.in_features % WORD or m.out_features % WORD:
+                raise ConfigError(f"layer {name} ({m.in_features} -> {m.out_features}) cannot be "
+                                  f"packed to 'gptq': both widths must be multiples of {WORD}")
+
+    def quantization_config(self, scheme: QuantScheme) -> dict:
+        w = scheme.weight
+        return {"quant_method": "gptq", "bits": w.bits, "group_size": w.group_size, "desc_act": False,
+                "sym": w.symmetric, "lm_head": scheme.quantize_lm_head, "checkpoint_format": "gptq_v2",
+                "pack_dtype": "int32", "true_sequential": True}
+
+    @torch.no_grad()
+    def write(self, model: nn.Module, tokenizer, scheme: QuantScheme, out: Path, dtype: torch.dtype) -> None:
+        from quant.models.checkpoint import quant_linears
+
+        layers = dict(quant_linears(model))
+        g = scheme.weight.group_size
+        try:
+            for name, ql in layers.items():
+                pl = packed_from_quant_linear(ql, dtype)
+                gs = ql.in_features if g == -1 else g
+                pl.register_buffer("g_idx", torch.arange(ql.in_features, dtype=torch.int32) // gs)
+                set_module(model, name, pl)
+            model.save_pretrained(out, safe_serialization=True)
+        finally:
+            for name, ql in layers.items():
+                set_module(model, name, ql)
+        tokenizer.save_pretrained(out)
+        qc = self.quantization_config(scheme)
+        (out / QUANTIZE_CONFIG).write_text(json.dumps(qc, indent=2))
+        cfg = json.loads((out / "config.json").read_text())
+        cfg["quantization_config"] = qc
+        (out / "config.json").write_text(json.dumps(cfg, indent=2))
+
+    def layer_spec(self, qc: dict) -> tuple[int, int, bool]:
+        return int(qc["bits"]), int(qc["group_size"]), bool(qc.get("lm_head", False))
+
+    def load_layer(self, tensors: dict, name: str, linear: nn.Linear, qc: dict,
+                   dtype: torch.dtype) -> PackedLinear:
+        if qc.get("checkpoint_format") != "gptq_v2":
+            raise ConfigError(f"quantization_config.checkpoint_format={qc.get('checkpoint_format')!r} "
+                              "is not supported; this loader reads 'gptq_v2' (exact zero points)")
+        if qc.get("desc_act"):
+            raise ConfigError("quantization_config.desc_act=true (act-order) is not supported; use false")
+        bits, g, _ = self.layer_spec(qc)
+        k, n = linear.in_features, linear.out_features
+        gs = k if g == -1 else g
+        groups = k // gs
+        pl = PackedLinear(k, n, bits, g, symmetric=False, bias=f"{name}.bias" in tensors, scale_dtype=dtype)
+        pl.qweight.copy_(expect(tensors, f"{name}.qweight", (k * bits // WORD, n), torch.int32))
+        pl.qzeros.copy_(expect(tensors, f"{name}.qzeros", (groups, n * bits // WORD), torch.int32))
+        pl.scales.copy_(expect(tensors, f"{name}.scales", (groups, n)).to(dtype))
+        g_idx = expect(tensors, f"{name}.g_idx", (k,))
+        if not torch.equal(g_idx.long(), torch.arange(k) // gs):
+            raise ConfigError(f"checkpoint tensor '{name}.g_idx' reorders inputs (act-order); "
+                              "only g_idx = i // group_size is supported")
+        if pl.bias is not None:
+            pl.bias.copy_(expect(tensors, f"{name}.bias", (n,)).to(dtype))
+        return pl
+
+    def layer_keys(self, name: str) -> tuple[str, ...]:
+        return tuple(f"{name}.{t}" for t in ("qweight", "qzeros", "scales", "g_idx", "bias"))

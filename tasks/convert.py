@@ -1,0 +1,121 @@
+"""convert: half precision and packed low-bit checkpoints that runtimes load.
+
+Reads artifacts/<convert.model>/model (a quantized checkpoint of calibrate, block_ap
+or e2e), freezes it on its integer grid and casts its float parts to `convert.dtype`
+(EfficientQAT's conversion; quant.export.half), then writes one checkpoint per
+entry of `convert.formats` (quant.export: `compressed-tensors` pack-quantized,
+`gptq` v2, `half` = this project's format in half precision):
+
+- the first format -> artifacts/convert/model (what `evaluate.model: convert` and
+  `register` load; packed checkpoints load with PackedLinear layers),
+- the others -> artifacts/convert/formats/<format>/, with a manifest.json.
+
+Every format is checked against the scheme before anything is written; each packed
+checkpoint is loaded back and its logits on a short input compared with the half
+fake-quant model's (`max_logit_diff`, 0.0 on CPU). metrics/convert.json: size on disk
+before (the input checkpoint) and after, per format, bits per weight including
+step sizes and zero points, the in-memory bytes before/after the half conversion.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from quant.config import Config, ConfigError
+from tasks.common import Params, log_artifact, main, setup_torch, stage_dir, write_json
+
+CHECK_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class ConvertConfig(Config):
+    model: str = "e2e"  # the stage whose quantized model is converted
+    formats: tuple[str, ...] = ("compressed-tensors", "gptq")  # first -> artifacts/convert/model
+    dtype: Literal["float16", "bfloat16"] = "float16"
+
+    def __post_init__(self) -> None:
+        from quant.export.base import FORMATS
+
+        if not self.formats:
+            raise ConfigError(f"formats=[] is not accepted; use a non-empty list of {FORMATS.names()}")
+        for i, fmt in enumerate(self.formats):
+            FORMATS.get(fmt, f"formats[{i}]")
+        if len(set(self.formats)) != len(self.formats):
+            raise ConfigError(f"formats={list(self.formats)} lists a format twice")
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def run(params: Params) -> dict[str, Any]:
+    import torch
+
+    from quant.export.base import export, exporter
+    from quant.export.half import to_half
+    from quant.export.loader import load_packed, packed_format
+    from quant.models.checkpoint import SCHEME_FILE, load_model, quant_linears, read_scheme
+
+    t0 = time.time()
+    cfg = params.section("convert", ConvertConfig)
+    src = stage_dir(cfg.model) / "model"
+    if not src.is_dir():
+        raise ConfigError(f"convert.model={cfg.model!r}: {src} does not exist; run that stage first")
+    scheme = read_scheme(src)
+    if scheme is None or scheme.weight is None:
+        raise ConfigError(f"convert.model={cfg.model!r}: {src} is not a weight-quantized model; "
+                          "convert the output of calibrate, block_ap or e2e")
+    if json.loads((src / SCHEME_FILE).read_text()).get("rotations"):
+        raise ConfigError(f"convert.model={cfg.model!r}: {src} carries QuaRot online rotations, "
+                          "which the packed formats cannot hold yet; convert a model calibrated "
+                          "with calibrate.options.online=off (or method rtn/awq)")
+    setup_torch(params.base)
+    dtype = getattr(torch, cfg.dtype)
+    model, tokenizer = load_model(src, torch.float32, "cpu")
+    layers = dict(quant_linears(model))
+    for fmt in cfg.formats:  # every format refuses what it cannot hold before anything is written
+        exporter(fmt).check(scheme, layers)
+    memory = to_half(model, dtype)
+    method = json.loads((src / SCHEME_FILE).read_text()).get("method", cfg.model)
+    ids = torch.arange(CHECK_TOKENS).reshape(1, -1) % model.config.vocab_size
+    with torch.no_grad():
+        ref = model(ids).logits.float()
+    out = stage_dir("convert")
+    formats_dir = out / "formats"
+    shutil.rmtree(formats_dir, ignore_errors=True)
+    formats_dir.mkdir(parents=True)
+    metrics: dict[str, Any] = {"input_model": cfg.model, "scheme": scheme.name, "dtype": cfg.dtype,
+                               "primary_format": cfg.formats[0], "size_before_bytes": dir_bytes(src),
+                               "memory_bytes_before": memory["bytes_before"],
+                               "memory_bytes_after": memory["bytes_after"], "formats": {}}
+    for i, fmt in enumerate(cfg.formats):
+        target = out / "model" if i == 0 else formats_dir / fmt
+        packed_meta = {"scheme": scheme.to_dict(), "method": method, "format": fmt, "dtype": cfg.dtype}
+        extra = None if fmt == "half" else {SCHEME_FILE: json.dumps(packed_meta, indent=2)}  # for labels
+        fp = export(model, tokenizer, scheme, fmt, target, dtype, extra)
+        if packed_format(target) is not None:
+            packed, _ = load_packed(target, dtype)
+            with torch.no_grad():
+                diff = (packed(ids).logits.float() - ref).abs().max().item()
+            del packed
+        else:
+            diff = 0.0  # this project's own format: restored exactly by load_model
+        entry = {**fp.to_dict(), "size_bytes": dir_bytes(target), "max_logit_diff": diff,
+                 "path": str(target), "ratio_to_input": dir_bytes(target) / metrics["size_before_bytes"]}
+        metrics["formats"][fmt] = entry
+    write_json(formats_dir / "manifest.json", metrics["formats"])
+    primary = metrics["formats"][cfg.formats[0]]
+    metrics.update(size_after_bytes=primary["size_bytes"], bits_per_weight=primary["bits_per_weight"],
+                   seconds=round(time.time() - t0, 2))
+    write_json("metrics/convert.json", metrics)
+    log_artifact("metrics/convert.json")
+    return metrics
+
+
+if __name__ == "__main__":
+    main("convert", run)
