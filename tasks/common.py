@@ -211,7 +211,8 @@ def stage_run(stage: str, params: dict[str, Any]) -> Iterator[Any]:
     tags = {"stage": stage}
     if parent:
         tags["mlflow.parentRunId"] = parent
-    run = mlflow.start_run(run_name=stage, tags=tags)
+    # the flow names the run after the DVC stage item it runs (`synthesize@0`)
+    run = mlflow.start_run(run_name=os.environ.get("QUANT_STAGE_RUN_NAME") or stage, tags=tags)
     try:
         items = {k: ("None" if v is None else str(v))[:6000] for k, v in params.items()}
         keys = sorted(items)
