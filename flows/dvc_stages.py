@@ -228,7 +228,7 @@ def scratch_checkout(root: Path, dest: Path, resolved: Overridden) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(root / rel, target)
     with Repo(str(root)) as repo:
-        cache_dir = repo.cache.local.path
+        cache_dir = repo.cache.local_cache_dir
         uncached = [Path(o.fs_path).relative_to(root) for s in repo.index.stages for o in s.outs
                     if not o.use_cache]
     for rel in uncached:  # metrics, tables, plots: DVC has no cached copy of them
