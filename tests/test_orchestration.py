@@ -184,7 +184,7 @@ TOY_DVC = """\
         outs: [out/flaky.json]
 """
 TOY_FILES = {
-    "params.yaml": "shards: [0]\nmode: ok\n",
+    "params.yaml": "shards: [0, 1]\nmode: ok\n",
     # a shard waits (up to 120 s) until every shard has started: run one after the other,
     # the first would time out and fail
     "rec.py": """\
@@ -202,10 +202,12 @@ TOY_FILES = {
         json.dump({"start": t0, "end": time.time(), "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"),
                    "parent": os.environ.get("QUANT_PARENT_RUN_ID")}, open(f"out/{name}.json", "w"))
         """,
+    # attempts counted outside the checkout: runs with overrides happen in a scratch copy
     "flaky.py": """\
-        import sys, yaml
-        n = int(open("attempts.txt").read()) + 1 if __import__("os").path.exists("attempts.txt") else 1
-        open("attempts.txt", "w").write(str(n))
+        import os, sys, yaml
+        f = os.environ["ATTEMPTS_FILE"]
+        n = int(open(f).read()) + 1 if os.path.exists(f) else 1
+        open(f, "w").write(str(n))
         if yaml.safe_load(open("params.yaml"))["mode"] == "bad":
             print("error: mode='bad' is not accepted"); sys.exit(2)
         if n == 1:
@@ -230,9 +232,10 @@ def test_flow_maps_shards_concurrently_pins_gpus_and_retries(servers, mlflow_cli
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", servers.mlflow)
     monkeypatch.setenv("QUANT_EXPERIMENT", "toy")
+    monkeypatch.setenv("ATTEMPTS_FILE", str(tmp_path / "attempts.txt"))
+    params_before = (proj / "params.yaml").read_bytes()
     with temporary_settings(updates={PREFECT_API_URL: servers.api}):
-        state = pipeline(overrides=["shards=[0,1]"], retries=1, retry_delay_seconds=0, promote=False,
-                         return_state=True)
+        state = pipeline(retries=1, retry_delay_seconds=0, promote=False, return_state=True)
         assert state.is_completed(), state.message
         summary = state.result()
         rec = {n: json.loads((proj / "out" / f"{n}.json").read_text()) for n in ("prep", "shard-0", "shard-1")}
@@ -240,22 +243,79 @@ def test_flow_maps_shards_concurrently_pins_gpus_and_retries(servers, mlflow_cli
         assert max(rec["shard-0"]["start"], rec["shard-1"]["start"]) < min(rec["shard-0"]["end"], rec["shard-1"]["end"])
         assert (rec["shard-0"]["cuda"], rec["shard-1"]["cuda"], rec["prep"]["cuda"]) == ("3", "5", "3,5")
         assert {r["parent"] for r in rec.values()} == {summary["mlflow_parent_run_id"]}
-        assert (proj / "attempts.txt").read_text() == "2"  # failed once, retried, passed
+        assert (tmp_path / "attempts.txt").read_text() == "2"  # failed once, retried, passed
         assert [(r["stage"], r["status"], r["gpu"]) for r in summary["stages"]] == [
             ("prep", "ran", ""), ("shard@0", "ran", "3"), ("shard@1", "ran", "5"), ("flaky", "ran", "")]
         parent = mlflow_client.get_run(summary["mlflow_parent_run_id"])
         assert parent.info.status == "FINISHED" and parent.data.params["shards"] == "[0, 1]"
         logs = {a.path for a in mlflow_client.list_artifacts(parent.info.run_id, "logs")}
         assert logs == {"logs/prep.log", "logs/shard-0.log", "logs/shard-1.log", "logs/flaky.log"}
+        stage_runs = mlflow_client.search_runs([parent.info.experiment_id],
+                                               f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+        assert stage_runs == []  # the toy stages open no MLflow runs of their own
 
-        # a stage that rejects its params (exit 2) fails the flow at once: no retry
-        state = pipeline(overrides=["mode=bad"], retries=3, retry_delay_seconds=0, promote=False,
-                         return_state=True)
+        # overrides run in a scratch checkout: a stage that rejects its params (exit 2)
+        # fails the flow at once (no retry), naming the stage and its error line
+        state = pipeline(overrides=["mode=bad", "shards=[0,1,2]"], retries=3, retry_delay_seconds=0,
+                         promote=False, return_state=True)
         assert state.is_failed()
-        assert (proj / "attempts.txt").read_text() == "3"
+        assert "stage 'flaky' failed: error: mode='bad' is not accepted" in state.message
+        assert (tmp_path / "attempts.txt").read_text() == "3"
+        assert (proj / "params.yaml").read_bytes() == params_before
+        assert not (proj / "out" / "shard-2.json").exists()  # the third shard ran in the scratch copy
         failed = mlflow_client.search_runs([parent.info.experiment_id], "tags.stage = 'pipeline'",
                                            order_by=["attributes.start_time DESC"], max_results=1)[0]
         assert failed.info.status == "FAILED" and failed.data.tags["status_detail"] == "failed"
+        assert failed.data.tags["error"] == "stage 'flaky' failed: error: mode='bad' is not accepted"
+        assert failed.data.params["overrides"] == "mode=bad shards=[0,1,2]"
+        assert failed.data.params["shards"] == "[0, 1, 2]" and failed.data.params["mode"] == "bad"
+
+        # an unknown key fails before any stage and says so; then a plain run: nothing to redo
+        state = pipeline(overrides=["modee=ok"], promote=False, return_state=True)
+        assert state.is_failed() and "unknown key 'modee'" in state.message
+        state = pipeline(promote=False, return_state=True)
+        assert state.is_completed(), state.message
+        assert {r["status"] for r in state.result()["stages"]} == {"up to date"}
+        assert (proj / "params.yaml").read_bytes() == params_before
+        assert not (proj / ".state" / "scratch").exists() or not any((proj / ".state" / "scratch").iterdir())
+
+
+def test_crashed_flow_run_mlflow_runs_are_failed(servers, mlflow_client, tmp_path, monkeypatch):
+    """What the zombie automation + reaper do after a worker kill, driven directly: a flow
+    run Prefect holds Crashed while its MLflow parent and stage runs still say RUNNING."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed, Running
+
+    from flows import reaper
+    from flows.pipeline import pipeline
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", servers.mlflow)
+    with prefect_api(servers), get_client(sync_client=True) as client:
+        flow_id = client.create_flow(pipeline)
+        fr = client.create_flow_run(pipeline, state=Running())
+        exp = mlflow_client.get_experiment_by_name("toy") or mlflow_client.get_experiment(
+            mlflow_client.create_experiment("toy"))
+        exp_id = getattr(exp, "experiment_id", exp)
+        parent = mlflow_client.create_run(exp_id, tags={"stage": "pipeline", "prefect.flow_run_id": str(fr.id)})
+        stage = mlflow_client.create_run(exp_id, tags={"stage": "evaluate",
+                                                       "mlflow.parentRunId": parent.info.run_id})
+        assert reaper.reap_crashed(tmp_path) == []  # still running in Prefect: left alone
+        client.set_flow_run_state(fr.id, Crashed(message="no heartbeat for 90 s"), force=True)
+        changed = reaper.reap_crashed(tmp_path)
+        assert flow_id and set(changed) == {parent.info.run_id, stage.info.run_id}
+    for run_id in changed:
+        run = mlflow_client.get_run(run_id)
+        assert run.info.status == "FAILED" and "Crashed: no heartbeat for 90 s" in run.data.tags["error"]
+
+
+def test_zombie_automation_is_installed(servers):
+    """`servers.py up` installed the heartbeat automation that crashes silent flow runs."""
+    from prefect.client.orchestration import get_client
+
+    spec = json.loads((ROOT / "flows" / "automations" / "crash-zombie-runs.json").read_text())
+    with prefect_api(servers), get_client(sync_client=True) as client:
+        (auto,) = client.read_automations_by_name(spec["name"])
+    assert auto.enabled and auto.trigger.posture == "Proactive" and auto.actions[0].type == "change-flow-run-state"
 
 
 # ---------------------------------------------------------------------------
