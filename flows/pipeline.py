@@ -225,7 +225,8 @@ def pipeline(
     logger.info("MLflow parent run %s (experiment %r, %s)", parent.run_id, experiment, parent.uri)
     log_dir = root / ".state" / "logs" / "flow-runs" / run_id
     env = {**TELEMETRY_OFF, PARENT_RUN_ENV: parent.run_id, EXPERIMENT_ENV: experiment,
-           "MLFLOW_TRACKING_URI": parent.uri}
+           "MLFLOW_TRACKING_URI": parent.uri,
+           "QUANT_CACHE_DIR": str(root / "artifacts" / ".cache")}  # shared by scratch checkouts
     rows: list[dict[str, Any]] = []
     decision: dict[str, Any] | None = None
     error: str | None = None
