@@ -255,3 +255,33 @@ def test_stage_output_reaches_the_log_file_while_the_stage_runs(tmp_path):
     rc, text = seen[0]
     assert rc == 0 and "done" in text and "4/4" not in text  # bars are not part of the error text
     assert calls[0] == 25.0 and calls[-1] == 100.0
+
+
+def test_client_says_make_servers_up_when_the_servers_are_down(monkeypatch, capsys):
+    import socket
+
+    from flows import client
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    monkeypatch.setenv("PREFECT_API_URL", f"http://127.0.0.1:{port}/api")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert client.main(["run", "-S", "a=1"]) == 2
+    err = capsys.readouterr().err
+    assert f"the Prefect server is not reachable at http://127.0.0.1:{port}/api" in err
+    assert "make servers-up" in err and "Traceback" not in err and "ConnectError" not in err
+
+
+def test_client_prints_the_failing_stage_and_a_refused_promotion(capsys):
+    from prefect.states import Completed, Failed
+
+    from flows import client
+
+    msg = ("Flow run encountered an exception: PipelineFailed: stage 'evaluate' failed: "
+           "RuntimeError: CUDA out of memory")
+    assert client.report("00000000-0000-0000-0000-000000000000", Failed(message=msg)) == 1
+    assert "Flow run Failed: stage 'evaluate' failed: RuntimeError: CUDA out of memory" in capsys.readouterr().err
+    refused = "quant-pipeline v2 not promoted; @champion stays v1: gate 'ppl_ratio' failed: ..."
+    assert client.report("x", Completed(message=refused)) == 0
+    assert f"Flow run finished: Completed ({refused})" in capsys.readouterr().out
