@@ -399,7 +399,8 @@ def test_deployment_run_completes_with_parent_and_nested_runs(first_run, deploye
     stages = table(first_run.artifacts["quant-stages"])
     assert stages and all(r["status"] == "ran" for r in stages), stages
     names = [r["stage"] for r in stages]
-    assert names == dvc_stages.restrict(dvc_stages.read_graph(deployed.repo), ["register"]).order
+    # the chain of the run's own params (evaluate.model=calibrate), not the checkout's
+    assert not any(dvc_stages.family(n) in ("synthesize", "merge", "block_ap", "e2e") for n in names), names
     assert names[0] == "prepare" and names[-1] == "register" and {"calibrate", "evaluate"} <= set(names)
     results = {r["metric"]: r["value"] for r in table(first_run.artifacts["quant-results"])}
     assert results["eval/ppl/embedded-wiki"] > 1 and "promoted" in results["promotion"]
