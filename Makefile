@@ -21,7 +21,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run test lint clean servers-up servers-down servers-status deploy flow-run promote lock
+.PHONY: setup run test lint clean servers-up servers-down servers-status deploy flow-run promote lock sweep
 
 setup: $(STAMP)
 
@@ -73,6 +73,11 @@ deploy: setup
 # stage and its one-line error, exit 1.
 flow-run: setup
 	$(SERVER_ENV) && $(PY) -m flows.client run -S '$(S)' -T '$(T)'
+
+# the recipe sweep in-process (or `prefect deployment run 'quant-sweep/sweep'` after make deploy);
+# GRID=name picks one of params.yaml sweep.grids, S="key=value ..." is added to every recipe
+sweep: setup
+	$(PY) -m flows.sweep $(if $(GRID),--grid $(GRID)) $(foreach s,$(S),-S $(s))
 
 # alias `champion` on the last registered version if the gates in params.yaml pass
 # (exit 3 and the failed gates when they do not). Uses the servers of `make servers-up`

@@ -107,7 +107,7 @@ def make_block():
 
 
 def quantize_block(block) -> None:
-    spec = QuantScheme.from_name("W2A16KV16", group_size=64).weight
+    spec = QuantScheme.from_name("W2A16KV16", preset="efficientqat", group_size=64).weight
     for name, m in list(block.named_modules()):
         if isinstance(m, torch.nn.Linear):
             parent, _, attr = name.rpartition(".")

@@ -105,7 +105,7 @@ def main() -> None:
     for bits in [int(b) for b in args.bits.split(",")]:
         r: dict[str, object] = {}
         results[f"w{bits}g{args.group}"] = r
-        scheme = QuantScheme.from_name(f"W{bits}A16KV16", group_size=args.group)
+        scheme = QuantScheme.from_name(f"W{bits}A16KV16", preset="efficientqat", group_size=args.group)
         model = copy.deepcopy(fp)
         quantize_linears(model, scheme)
         r["rtn"] = ppl_all(model, evals, args.seq_len, args.eval_windows)

@@ -14,7 +14,7 @@ import torch
 from quant.calibrate import CALIBRATE
 from quant.config import Config, ConfigError
 from quant.e2e.data import sample_windows, tokenize_text
-from quant.models.checkpoint import load_model, quantizable_linears, save_quantized
+from quant.models.checkpoint import load_model, quantizable_linears, save_quantized, source_dtype
 from quant.modules.runtime import apply_runtime_quantizers
 from tasks.common import Params, log_artifact, main, setup_torch, stage_dir, write_json
 
@@ -41,8 +41,11 @@ def run(params: Params) -> dict[str, Any]:
     cfg = params.section("calibrate", CalibrateConfig)
     entry = CALIBRATE.get(cfg.method, "calibrate.method")
     options = entry.options.from_dict(cfg.options, "calibrate.options")
-    device, dtype = setup_torch(params.base)
-    model, tokenizer = load_model(stage_dir("prepare") / "model", dtype, device)
+    device, _ = setup_torch(params.base)
+    # the float weights keep the source precision (not base.dtype): Block-AP trains them and
+    # takes its full-precision targets from them
+    src = stage_dir("prepare") / "model"
+    model, tokenizer = load_model(src, source_dtype(src), device)
     quantizable_linears(model, params.scheme)  # validate group sizes before any work
     calib = calibration_ids(tokenizer, params, cfg.samples, cfg.seq_len)
     metrics = entry.fn(model, params.scheme, calib, options) or {}

@@ -18,7 +18,7 @@ from quant.models.arch import decoder_layers
 from quant.models.checkpoint import load_model, save_quantized
 from quant.modules.linear import QuantLinear
 
-SCHEME = QuantScheme.from_name("W2A16KV16", group_size=32)
+SCHEME = QuantScheme.from_name("W2A16KV16", preset="efficientqat", group_size=32)
 OPTIONS = {"epochs": 3, "batch_size": 4, "weight_lr": 1e-3, "qparam_lr": 1e-3}
 
 

@@ -32,7 +32,7 @@ def job(work_dir: Path, out: Path) -> None:
 
     torch.set_num_threads(1)
     model = make_tiny_llama(layers=LAYERS, seed=0)
-    scheme = QuantScheme.from_name("W2A16KV16", group_size=32)
+    scheme = QuantScheme.from_name("W2A16KV16", preset="efficientqat", group_size=32)
     quantize_linears(model, scheme)
     ids = torch.randint(3, 256, (40, 32), generator=torch.Generator().manual_seed(0))
     entry = blockwise_methods().get("block-ap")

@@ -62,7 +62,7 @@ def test_activation_and_kv_specs():
 
 
 def test_scheme_names_and_dict_round_trip():
-    s = QuantScheme.from_name("W4A8KV16", group_size=64)
+    s = QuantScheme.from_name("W4A8KV16", preset="efficientqat", group_size=64)
     assert s.kv_cache is None and s.activation.format == IntFormat(8)
     assert s.name == "W4A8KV16g64"
     assert QuantScheme.from_dict(s.to_dict(), "scheme") == s
@@ -70,6 +70,27 @@ def test_scheme_names_and_dict_round_trip():
     with pytest.raises(ConfigError, match="W<w>A<a>KV<kv>"):
         QuantScheme.from_name("W4-A8")
     assert parse_format(3) == IntFormat(3)
+
+
+def test_llm_qat_preset_is_the_published_scheme():
+    """W4A8KV4 by name is LLM-QAT's scheme: symmetric min-max, weights per output channel
+    with step sizes recomputed every step, activations and KV cache per token."""
+    s = QuantScheme.from_name("W4A8KV4")
+    assert s.weight == WeightSpec(IntFormat(4), -1, symmetric=True, dynamic_minmax=True)
+    assert s.activation == ActivationSpec(IntFormat(8), "per_token", symmetric=True)
+    assert s.kv_cache == KVCacheSpec(IntFormat(4), "per_token", symmetric=True)
+    assert QuantScheme.from_dict({"preset": "llm-qat", "name": "W4A8KV4"}, "scheme") == s
+    assert QuantScheme.from_dict(s.to_dict(), "scheme") == s
+    e = QuantScheme.from_dict({"preset": "efficientqat", "name": "W2A16KV16"}, "scheme")
+    assert e.weight == WeightSpec(IntFormat(2), 64, symmetric=False) and e.activation is None
+    with pytest.raises(ConfigError, match=r"scheme\.preset='gptq' is not known; accepted: \['llm-qat'"):
+        QuantScheme.from_dict({"preset": "gptq", "name": "W4A8KV4"}, "scheme")
+    with pytest.raises(ConfigError, match=r"needs both scheme\.preset .* and scheme\.name"):
+        QuantScheme.from_dict({"preset": "llm-qat"}, "scheme")
+    with pytest.raises(ConfigError, match=r"cannot be combined with \['weight'\]"):
+        QuantScheme.from_dict({"preset": "llm-qat", "name": "W4A8KV4", "weight": {}}, "scheme")
+    with pytest.raises(ConfigError, match=r"scheme\.name='W9A8KV4'.*bits=9"):
+        QuantScheme.from_dict({"preset": "llm-qat", "name": "W9A8KV4"}, "scheme")
 
 
 def test_registry_discovers_listed_modules_and_rejects_a_missing_one():

@@ -18,7 +18,7 @@ from quant.config.scheme import QuantScheme
 from quant.models.checkpoint import save_quantized
 from tasks.common import BaseParams, ModelParams, Params
 
-SCHEME = QuantScheme.from_name("W3A16KV16", group_size=32)
+SCHEME = QuantScheme.from_name("W3A16KV16", preset="efficientqat", group_size=32)
 TEXT = " ".join(f"Sentence {i} tells of rivers, hills and the towns between them." for i in range(400))
 
 

@@ -233,7 +233,7 @@ def test_kd_resume_equals_uninterrupted(tmp_path):
 def test_scheme_mismatch_is_refused(tmp_path):
     teacher_dir = save_teacher(make_tiny_llama(), tmp_path / "teacher")
     student = make_tiny_llama()
-    quantize_linears(student, QuantScheme.from_name("W4A16KV16", group_size=32))
+    quantize_linears(student, QuantScheme.from_name("W4A16KV16", preset="efficientqat", group_size=32))
     ctx = E2EContext(llm_qat_scheme(), torch.device("cpu"), torch.float32, teacher_dir=teacher_dir)
     with pytest.raises(ValueError, match="differ from scheme.weight"):
         setup(student, KDOptions(), ctx)

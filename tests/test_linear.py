@@ -7,8 +7,8 @@ from torch import nn
 
 from quant.config.scheme import WeightSpec
 from quant.modules.linear import QuantLinear
-from quant.numerics import grid as P
 from quant.numerics.formats import IntFormat
+from tests.test_primitives import ref_minmax
 
 
 def _linear(seed=0, bias=True):
@@ -22,11 +22,14 @@ def test_from_linear_is_rtn_and_params_are_learnable():
     ql = QuantLinear.from_linear(lin, spec)
     assert isinstance(ql.scale, nn.Parameter) and isinstance(ql.zero_point, nn.Parameter)
     assert ql.scale.shape == (24, 2)
-    s, z = P.choose_qparams(lin.weight, spec.format, 32, False)
-    ref = P.dequantize(P.quantize(lin.weight, s, z, spec.format, 32), s, z, 32)
-    torch.testing.assert_close(ql.dequantized_weight(), ref, rtol=0, atol=0)
+    # independent numpy reference of min-max RTN, exact
+    _, s_ref, z_ref, deq_ref = ref_minmax(lin.weight.detach().numpy(), 4, 32, symmetric=False)
+    assert torch.equal(ql.scale.detach(), torch.from_numpy(s_ref))
+    assert torch.equal(ql.zero_point.detach(), torch.from_numpy(z_ref))
+    ref = torch.from_numpy(deq_ref).float()
+    assert torch.equal(ql.dequantized_weight(), ref)
     x = torch.randn(3, 5, 64)
-    torch.testing.assert_close(ql(x), nn.functional.linear(x, ref, lin.bias))
+    assert torch.equal(ql(x), nn.functional.linear(x, ref, lin.bias))
 
 
 def test_to_linear_round_trip_and_grid():
@@ -55,8 +58,9 @@ def test_freeze_keeps_function_and_trains_only_scale():
     assert names == {"scale", "bias"}
     q2, s2, z2 = ql.integer_weight()
     assert torch.equal(q, q2) and torch.equal(z, z2)
-    # fake-quant function == integer representation exactly
-    assert torch.equal(ql.dequantized_weight(), P.dequantize(q2, s2, z2, 16))
+    # fake-quant function == integer representation exactly (reference: (q - z) * s)
+    ref = (q2.double() - z2.double().repeat_interleave(16, 1)) * s2.double().repeat_interleave(16, 1)
+    assert torch.equal(ql.dequantized_weight(), ref.float())
 
 
 def test_gradients_reach_weight_scale_and_zero_point():

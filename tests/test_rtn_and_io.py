@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -95,3 +96,29 @@ def test_perplexity_equals_exp_mean_nll(tiny_llama):
     assert math.isclose(r1.ppl, r.ppl, rel_tol=1e-5)
     with pytest.raises(ValueError, match="shorter than one window"):
         perplexity(tiny_llama, ids[:10], seq_len=32)
+
+
+def test_calibrate_keeps_the_source_precision_of_float_weights(tmp_path, monkeypatch, embedded_model_dir):
+    """With base.dtype bfloat16 (the GPU default) calibrate used to store the float weights
+    Block-AP trains and takes targets from in bf16; they stay in the source precision."""
+    import yaml
+    from safetensors import safe_open
+
+    from tasks import calibrate
+    from tasks.common import load_params
+
+    root = Path(__file__).resolve().parent.parent
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["base"]["dtype"] = "bfloat16"
+    params["calibrate"].update(samples=2, seq_len=32)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    prep = tmp_path / "artifacts" / "prepare"
+    (prep / "data").mkdir(parents=True)
+    (prep / "model").symlink_to(embedded_model_dir)
+    (prep / "data" / "calib.txt").write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    monkeypatch.chdir(tmp_path)
+    calibrate.run(load_params())
+    out = tmp_path / "artifacts" / "calibrate" / "model"
+    with safe_open(str(out / "float_weights.safetensors"), "pt") as f:
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118
+    assert dtypes == {"F32"}

@@ -13,7 +13,7 @@ from quant.config.scheme import QuantScheme
 from quant.e2e.trainer import E2EContext, TrainConfig, Trainer, e2e_methods, split_samples
 from quant.modules.linear import QuantLinear
 
-SCHEME = QuantScheme.from_name("W2A16KV16", group_size=32)
+SCHEME = QuantScheme.from_name("W2A16KV16", preset="efficientqat", group_size=32)
 
 
 def _quantized(tiny_llama):

@@ -62,10 +62,28 @@ class KVCacheSpec(Config):
 
 _SCHEME_RE = re.compile(r"^W(\d+)A(\d+)KV(\d+)$", re.IGNORECASE)
 
+# Named schemes: the bit widths come from a name like W4A8KV4, the rest from the preset.
+# llm-qat: the published LLM-QAT scheme (symmetric min-max everywhere; weights per output
+#   channel with the step size recomputed from the weight at every step; activations and
+#   the KV cache per token).
+# efficientqat: learned asymmetric weight step sizes and zero points per group (64 unless
+#   group_size says otherwise); activations / KV (not in the paper) per token, asymmetric.
+PRESETS = ("llm-qat", "efficientqat")
+
+
+def _bits(name: str, path: str) -> tuple[int, int, int]:
+    m = _SCHEME_RE.match(name.strip()) if isinstance(name, str) else None
+    if not m:
+        raise ConfigError(f"{path}={name!r} is not of the form W<w>A<a>KV<kv>, e.g. W4A8KV4")
+    return tuple(int(g) for g in m.groups())  # type: ignore[return-value]
+
 
 @dataclass(frozen=True)
 class QuantScheme(Config):
-    """What is quantized and how. `None` means that tensor stays in high precision."""
+    """What is quantized and how. `None` means that tensor stays in high precision.
+
+    In params a scheme is either spelled out (`weight`, `activation`, `kv_cache`, ...) or
+    named: `{preset: llm-qat, name: W4A8KV4}` (optionally `group_size`), see `PRESETS`."""
 
     weight: WeightSpec | None = field(default_factory=WeightSpec)
     activation: ActivationSpec | None = None
@@ -92,15 +110,39 @@ class QuantScheme(Config):
         return text
 
     @classmethod
-    def from_name(cls, name: str, group_size: int = -1, **kwargs: Any) -> QuantScheme:
-        """Parse `W4A8KV4` (16 = not quantized) into a scheme."""
-        m = _SCHEME_RE.match(name.strip())
-        if not m:
-            raise ConfigError(f"scheme name {name!r} is not of the form W<w>A<a>KV<kv>, e.g. W4A8KV4")
-        w, a, kv = (int(g) for g in m.groups())
-        return cls(
-            weight=None if w == 16 else WeightSpec(IntFormat(w), group_size, kwargs.pop("symmetric", False)),
-            activation=None if a == 16 else ActivationSpec(IntFormat(a)),
-            kv_cache=None if kv == 16 else KVCacheSpec(IntFormat(kv)),
-            **kwargs,
-        )
+    def from_dict(cls, data: Any, path: str = "") -> QuantScheme:
+        if isinstance(data, dict) and ("preset" in data or "name" in data):
+            data = dict(data)
+            preset, name = data.pop("preset", None), data.pop("name", None)
+            group_size = data.pop("group_size", None)
+            where = f"{path}." if path else ""
+            if data:
+                raise ConfigError(
+                    f"{where}preset/{where}name cannot be combined with {sorted(data)}: "
+                    "spell the scheme out, or name it as {preset, name, group_size}"
+                )
+            if preset is None or name is None:
+                raise ConfigError(f"a named scheme needs both {where}preset (one of "
+                                  f"{list(PRESETS)}) and {where}name (e.g. W4A8KV4)")
+            return cls.from_name(name, preset=preset, group_size=group_size, path=path)
+        return super().from_dict(data, path)
+
+    @classmethod
+    def from_name(cls, name: str, preset: str = "llm-qat", group_size: int | None = None,
+                  path: str = "scheme") -> QuantScheme:
+        """`W4A8KV4` (16 = not quantized) with the rest of the scheme from `preset`."""
+        where = f"{path}." if path else ""
+        w, a, kv = _bits(name, f"{where}name")
+        if preset not in PRESETS:
+            raise ConfigError(f"{where}preset={preset!r} is not known; accepted: {list(PRESETS)}")
+        if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)):
+            raise ConfigError(f"{where}group_size must be an integer, got {group_size!r}")
+        sym = preset == "llm-qat"
+        g = group_size if group_size is not None else (-1 if sym else 64)
+        try:
+            weight = None if w == 16 else WeightSpec(IntFormat(w), g, symmetric=sym, dynamic_minmax=sym)
+            act = None if a == 16 else ActivationSpec(IntFormat(a), "per_token", symmetric=sym)
+            kvs = None if kv == 16 else KVCacheSpec(IntFormat(kv), "per_token", symmetric=sym)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}name={name!r}: {exc}") from None
+        return cls(weight=weight, activation=act, kv_cache=kvs)

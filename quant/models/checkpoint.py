@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from quant.config import ConfigError
 from quant.config.scheme import QuantScheme
 from quant.models.arch import get_module, iter_block_linears, mapping_for, set_module
 from quant.models.hub import atomic_dir
@@ -45,6 +46,18 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
         if scheme.activation is not None or scheme.kv_cache is not None:
             apply_runtime_quantizers(model, scheme)  # activations / KV cache: not in the weights
     return model, tokenizer
+
+
+def source_dtype(path: str | Path) -> torch.dtype:
+    """The dtype a checkpoint's float weights are stored in (config.json `dtype`, older
+    `torch_dtype`; float32 when absent). Stages whose float weights later stages train or
+    take full-precision targets from load in this precision, not in the compute dtype."""
+    config = json.loads((Path(path) / "config.json").read_text())
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in table:
+        raise ConfigError(f"{Path(path) / 'config.json'}: dtype={name!r} is not one of {list(table)}")
+    return table[name]
 
 
 # ---------------------------------------------------------------------------
@@ -125,7 +138,7 @@ def _restore_quant_linears(model: nn.Module, path: Path) -> None:
             elif f"{name}.weight" in floats:
                 ql.weight.copy_(floats[f"{name}.weight"].to(ql.weight.dtype))
             else:
-                ql.weight.copy_(P.dequantize(q, scale, zp, g).to(ql.weight.dtype))
+                ql.weight.copy_(P.dequantize(q, scale, zp, scheme.weight.format, g).to(ql.weight.dtype))
             ql.scale.copy_(scale)
             if not ql.frozen and ql.zero_point is not None:
                 ql.zero_point.copy_(zp)

@@ -142,7 +142,7 @@ class QuantLinear(nn.Module):
         """The weight the forward pass uses (differentiable w.r.t. weight/scale/zero point)."""
         fmt, g = self.spec.format, self.spec.group_size
         if self.frozen:
-            return P.dequantize(self.qweight, self.scale, self.zero_point, g, self.scale.dtype).to(
+            return P.dequantize(self.qweight, self.scale, self.zero_point, fmt, g, self.scale.dtype).to(
                 self.compute_dtype
             )
         if self.spec.dynamic_minmax:  # LLM-QAT: qparams follow the weight, no gradient to them

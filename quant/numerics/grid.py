@@ -15,7 +15,21 @@ integer zero point in that range; symmetric = signed grid [-2^(b-1), 2^(b-1)-1]
 with no zero point (`zero_point is None`). Dequantization is
 `(q - zero_point) * scale`. The zero point is kept as a float tensor holding
 integer values so it can be a learnable parameter (rounded with a
-straight-through estimator in the forward pass).
+straight-through estimator in the forward pass). Every function that uses a
+zero point uses it as `integer_zero_point` makes it (rounded, clamped into the
+grid), so quantize, dequantize and fake_quantize agree for fractional zero
+points too.
+
+Step sizes are kept in [SCALE_MIN, SCALE_MAX] by `positive_scale` (a clamp
+with a straight-through gradient, as EfficientQAT clamps its learned scales to
+[1e-4, 1e4]): a learned step size that trains to zero or below would divide by
+zero or flip the grid. The floor here is 1e-6, not EfficientQAT's 1e-4, since
+1e-4 would coarsen honest 8-bit grids of small weight groups (a 0.02-wide group
+at 8 bits has a step of 7.8e-5); 1e-6 is still representable in fp16.
+
+Min-max ranges always contain 0 (as torch's observers and the reference
+quantizers do): an all-positive or all-negative group otherwise gets a zero
+point outside the grid, which is clamped, and its values are clipped.
 """
 
 from __future__ import annotations
@@ -27,7 +41,8 @@ from quant.numerics.ste import clamp_ste, round_ste
 
 PER_TENSOR = 0
 PER_ROW = -1
-SCALE_EPS = 1e-8
+SCALE_MIN = 1e-6
+SCALE_MAX = 1e4
 
 
 # ---------------------------------------------------------------------------
@@ -54,6 +69,12 @@ def _expand(p: torch.Tensor) -> torch.Tensor:
     return p.unsqueeze(-1)
 
 
+def positive_scale(scale: torch.Tensor) -> torch.Tensor:
+    """The step size as the grid uses it: clamped into [SCALE_MIN, SCALE_MAX], with a
+    straight-through gradient (a learned scale that left the range can come back)."""
+    return clamp_ste(scale, SCALE_MIN, SCALE_MAX)
+
+
 # ---------------------------------------------------------------------------
 # Choosing quantization parameters
 
@@ -74,11 +95,11 @@ def choose_qparams(
     qmin, qmax = fmt.qrange(symmetric)
     if symmetric:
         absmax = xg.abs().amax(dim=-1) * clip_ratio
-        scale = (absmax / qmax).clamp(min=SCALE_EPS)
+        scale = (absmax / qmax).clamp(SCALE_MIN, SCALE_MAX)
         return _unflat(scale, x, group_size), None
-    xmax = xg.amax(dim=-1) * clip_ratio
-    xmin = xg.amin(dim=-1) * clip_ratio
-    scale = ((xmax - xmin) / (qmax - qmin)).clamp(min=SCALE_EPS)
+    xmax = xg.amax(dim=-1).clamp(min=0) * clip_ratio  # the range contains 0
+    xmin = xg.amin(dim=-1).clamp(max=0) * clip_ratio
+    scale = ((xmax - xmin) / (qmax - qmin)).clamp(SCALE_MIN, SCALE_MAX)
     zero_point = (qmin - torch.round(xmin / scale)).clamp(qmin, qmax)
     return _unflat(scale, x, group_size), _unflat(zero_point, x, group_size)
 
@@ -109,7 +130,7 @@ def quantize(
     symmetric = zero_point is None
     qmin, qmax = fmt.qrange(symmetric)
     xg = group_view(x, group_size)
-    q = torch.round(xg / _expand(scale.to(xg.dtype)))
+    q = torch.round(xg / _expand(scale.clamp(SCALE_MIN, SCALE_MAX).to(xg.dtype)))
     if not symmetric:
         q = q + _expand(integer_zero_point(zero_point.to(xg.dtype), fmt))
     return q.clamp(qmin, qmax).to(torch.int32).reshape(x.shape)
@@ -119,14 +140,16 @@ def dequantize(
     q: torch.Tensor,
     scale: torch.Tensor,
     zero_point: torch.Tensor | None,
+    fmt: IntFormat,
     group_size: int,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """(q - zp) * scale, back to `dtype`."""
+    """(q - zp) * scale, back to `dtype`, with the zero point and step size exactly as
+    `quantize` uses them (integer zero point, clamped step size)."""
     qg = group_view(q, group_size).to(dtype)
     if zero_point is not None:
-        qg = qg - _expand(zero_point.to(dtype))
-    return (qg * _expand(scale.to(dtype))).reshape(q.shape)
+        qg = qg - _expand(integer_zero_point(zero_point.float(), fmt).to(dtype))
+    return (qg * _expand(scale.clamp(SCALE_MIN, SCALE_MAX).to(dtype))).reshape(q.shape)
 
 
 def fake_quantize(
@@ -148,7 +171,7 @@ def fake_quantize(
     symmetric = zero_point is None
     qmin, qmax = fmt.qrange(symmetric)
     xg = group_view(x, group_size)
-    s = _expand(scale.to(xg.dtype))
+    s = _expand(positive_scale(scale).to(xg.dtype))
     q = round_ste(xg / s)
     if symmetric:
         return (q.clamp(qmin, qmax) * s).reshape(x.shape)

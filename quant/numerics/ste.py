@@ -20,6 +20,17 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return _RoundSTE.apply(x)
 
 
+class _ClampSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+        return x.clamp(lo, hi)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return grad, None, None
+
+
 def clamp_ste(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
-    """clamp(x, lo, hi) forward, identity gradient backward (also outside the range)."""
-    return x + (x.clamp(lo, hi) - x).detach()
+    """clamp(x, lo, hi) forward (exactly: no `x + (c - x).detach()` rounding), identity
+    gradient backward, also outside the range."""
+    return _ClampSTE.apply(x, lo, hi)
