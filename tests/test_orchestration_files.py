@@ -23,12 +23,17 @@ def test_prefect_yaml_deployment_matches_the_flow():
     from flows.pipeline import FLOW_NAME, pipeline
 
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
-    (dep,) = spec["deployments"]
+    (dep,) = [d for d in spec["deployments"] if d["name"] == "embedded-default"]
     path, name = dep["entrypoint"].split(":")
     assert (ROOT / path).is_file() and name == pipeline.fn.__name__ and pipeline.name == FLOW_NAME
     assert set(dep["parameters"]) <= set(inspect.signature(pipeline.fn).parameters)
     assert dep["work_pool"]["name"] == "quant-process"
     assert "pull" not in spec and "pull" not in dep  # the deployment runs where `prefect deploy` ran
+    # heartbeats for the zombie automation (flows/automations/crash-zombie-runs.json);
+    # the optional schedule is off
+    for d in spec["deployments"]:
+        assert d["work_pool"]["job_variables"]["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30", d["name"]
+    assert [s["active"] for s in dep.get("schedules", [])] == [False]
 
 
 def _lock() -> dict[str, Version]:
