@@ -249,14 +249,22 @@ def pipeline(
         summary = _report(parent, work, rows, decision, log_dir, error, logger)
         parent.end(error is None)
         if work != root:
-            kept = dvc_stages.keep_results(work, root / ".state" / "flow-runs" / run_id) if error is None else []
-            if kept:
-                logger.info("this run's params.yaml, dvc.lock and metrics: %s", kept[0].parent)
-            shutil.rmtree(work, ignore_errors=True)
+            _keep_and_remove(work, root / ".state" / "flow-runs" / run_id, logger)
     summary["reaped"] = reaped
-    if decision is not None and not decision["promoted"]:
+    if decision is not None and decision["failed_gates"]:  # registered, not promoted: say so
         return Completed(message=decision["message"], data=summary)
     return summary
+
+
+def _keep_and_remove(scratch: Path, dest: Path, logger) -> None:
+    """Keep a scratch run's params.yaml, dvc.lock and metrics (outputs are in the cache)."""
+    try:
+        kept = dvc_stages.keep_results(scratch, dest)
+        if kept:
+            logger.info("this run's params.yaml, dvc.lock and metrics: %s", dest)
+    except Exception as exc:  # e.g. the scratch dvc.yaml was what failed to parse
+        logger.warning("could not keep the scratch run's results: %s", exc)
+    shutil.rmtree(scratch, ignore_errors=True)
 
 
 class PipelineFailed(RuntimeError):
