@@ -546,3 +546,101 @@ def test_full_graph_deployment_run(servers, deployed, second_run, request):
         start = [datetime.fromisoformat(r["started"]) for r in shards]
         ends = [t + timedelta(seconds=r["seconds"]) for t, r in zip(start, shards, strict=True)]
         assert max(start) < min(ends), shards
+
+
+# ---------------------------------------------------------------------------
+# A real crash: worker and flow process killed while a stage runs
+
+
+CRASH_PREFECT_YAML = """\
+name: crash-test
+prefect-version: 3.8.8
+build: null
+push: null
+deployments:
+  - name: crash-test
+    entrypoint: flows/pipeline.py:pipeline
+    parameters: {promote: false, retries: 0}
+    concurrency_limit: 1
+    work_pool:
+      name: quant-process
+      work_queue_name: default
+      job_variables:
+        env: {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: "30", QUANT_EXPERIMENT: crash-test}
+"""
+
+
+def _tree(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        try:
+            ppid = int(Path(d, "stat").read_text().rsplit(") ", 1)[1].split()[1]) if d.name.isdigit() else None
+        except (OSError, IndexError):
+            continue
+        if ppid is not None:
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def test_killed_worker_run_becomes_crashed_mlflow_failed_and_a_rerun_starts_at_once(servers, mlflow_client,
+                                                                                     tmp_path):
+    import signal
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    from flows import reaper
+
+    proj = tmp_path / "crash"
+    shutil.copytree(ROOT / "flows", proj / "flows", ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([PY, "-m", "dvc", "init", "--no-scm", "-q"], cwd=proj, check=True)
+    (proj / "dvc.yaml").write_text(textwrap.dedent("""\
+        stages:
+          slow:
+            cmd: python -c "import time, yaml; open('started', 'w').close(); time.sleep(yaml.safe_load(open('params.yaml'))['sleep'])"
+            params: [sleep]
+        """))
+    (proj / "params.yaml").write_text("sleep: 900\n")
+    (proj / "prefect.yaml").write_text(CRASH_PREFECT_YAML)
+    r = subprocess.run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"], cwd=proj, env=servers.client,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    with prefect_api(servers):
+        fr = run_deployment("quant-pipeline/crash-test", timeout=0)
+        deadline = time.time() + 600
+        while not (proj / "started").exists():
+            assert time.time() < deadline, "the stage never started"
+            time.sleep(1)
+        worker = json.loads((servers.state / "pids" / "prefect-worker.pid").read_text())["pid"]
+        for pid in reversed(_tree(worker)):  # the worker, the flow run process, dvc, the stage
+            with __import__("contextlib").suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        killed = time.time()
+        with get_client(sync_client=True) as client:
+            while (state := client.read_flow_run(fr.id).state).is_running():
+                assert time.time() - killed < 420, "still Running 7 min after the kill"
+                time.sleep(5)
+        crashed_after = time.time() - killed
+        assert state.is_crashed(), (state.name, state.message)
+        parents = mlflow_client.search_runs([mlflow_client.get_experiment_by_name("crash-test").experiment_id],
+                                            f"tags.`prefect.flow_run_id` = '{fr.id}'")
+        assert [p.info.status for p in parents] == ["RUNNING"]  # what the kill left behind
+        assert reaper.reap_crashed(tmp_path)  # what the next run / make flow-run does first
+        parent = mlflow_client.get_run(parents[0].info.run_id)
+        assert parent.info.status == "FAILED" and "Crashed" in parent.data.tags["error"]
+
+        # a new worker; the next run starts at once (the crash freed the concurrency slot)
+        up = subprocess.run([PY, str(ROOT / "scripts" / "servers.py"), "up"], env=servers.env,
+                            capture_output=True, text=True, timeout=600)
+        assert up.returncode == 0, up.stdout + up.stderr
+        t0 = time.time()
+        again = run_deployment("quant-pipeline/crash-test", timeout=600, parameters={"overrides": ["sleep=0"]})
+        assert again.state.is_completed(), again.state.message
+    print(f"crashed {crashed_after:.0f} s after the kill; re-run done in {time.time() - t0:.0f} s")
+    assert time.time() - t0 < 300
