@@ -588,7 +588,7 @@ def _tree(pid: int) -> list[int]:
 
 
 def test_killed_worker_run_becomes_crashed_mlflow_failed_and_a_rerun_starts_at_once(servers, mlflow_client,
-                                                                                     tmp_path):
+                                                                                     tmp_path, monkeypatch):
     import signal
     import time
 
@@ -597,6 +597,7 @@ def test_killed_worker_run_becomes_crashed_mlflow_failed_and_a_rerun_starts_at_o
 
     from flows import reaper
 
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", servers.mlflow)
     proj = tmp_path / "crash"
     shutil.copytree(ROOT / "flows", proj / "flows", ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([PY, "-m", "dvc", "init", "--no-scm", "-q"], cwd=proj, check=True)
@@ -627,6 +628,7 @@ def test_killed_worker_run_becomes_crashed_mlflow_failed_and_a_rerun_starts_at_o
                 assert time.time() - killed < 420, "still Running 7 min after the kill"
                 time.sleep(5)
         crashed_after = time.time() - killed
+        print(f"flow run {state.name} {crashed_after:.0f} s after the kill: {state.message}")
         assert state.is_crashed(), (state.name, state.message)
         parents = mlflow_client.search_runs([mlflow_client.get_experiment_by_name("crash-test").experiment_id],
                                             f"tags.`prefect.flow_run_id` = '{fr.id}'")
