@@ -63,24 +63,28 @@ servers-status:
 	$(SERVERS) status
 
 # register the deployment of prefect.yaml; it runs the flow in this checkout
+# (servers down: says to run `make servers-up`)
 deploy: setup
-	$(SERVER_ENV) && prefect --no-prompt deploy --all
+	$(SERVER_ENV) && $(PY) -m flows.client check && prefect --no-prompt deploy --all
 
-# run the deployment and wait; S="key=value ..." are params overrides (DVC -S syntax),
-# T="stage ..." restricts the run to those stages and what they depend on
+# run the deployment and wait; S="key=value ..." are params overrides (DVC -S syntax; the
+# run happens in a scratch checkout, params.yaml is never rewritten), T="stage ..."
+# restricts the run to those stages and what they depend on. On failure: the failing
+# stage and its one-line error, exit 1.
 flow-run: setup
-	$(SERVER_ENV) && prefect deployment run 'quant-pipeline/embedded-default' --watch \
-	  --params "$$(S='$(S)' T='$(T)' $(PY) -c 'import json, os; print(json.dumps({"overrides": os.environ["S"].split(), "targets": os.environ["T"].split() or None}))')"
+	$(SERVER_ENV) && $(PY) -m flows.client run -S '$(S)' -T '$(T)'
 
 # the recipe sweep in-process (or `prefect deployment run 'quant-sweep/sweep'` after make deploy);
 # GRID=name picks one of params.yaml sweep.grids, S="key=value ..." is added to every recipe
 sweep: setup
 	$(PY) -m flows.sweep $(if $(GRID),--grid $(GRID)) $(foreach s,$(S),-S $(s))
 
-# alias `champion` on the last registered version if the gates in params.yaml pass.
-# Uses $$MLFLOW_TRACKING_URI (e.g. after `eval "$$(.venv/bin/python scripts/servers.py env)"`),
-# else the repo's sqlite store that `make run` writes to. VERSION=n picks another version.
+# alias `champion` on the last registered version if the gates in params.yaml pass
+# (exit 3 and the failed gates when they do not). Uses the servers of `make servers-up`
+# when they are up, else $$MLFLOW_TRACKING_URI or the repo's sqlite store that `make run`
+# writes to. VERSION=n picks another version.
 promote: setup
+	if $(SERVERS) status >/dev/null 2>&1; then $(SERVER_ENV); fi; \
 	$(PY) -m tasks.register promote $(if $(VERSION),--version $(VERSION))
 
 # the Docker dependency layer: exactly the tested environment

@@ -2,15 +2,18 @@
 
 Nothing here knows about Prefect or MLflow, so the tests drive it directly.
 
-- `apply_overrides` changes params.yaml with DVC's own `-S` machinery
-  (`dvc.utils.hydra.apply_overrides`, what `dvc exp run -S` calls), after checking
-  every override on a scratch copy first: one bad override changes nothing and the
-  error names it.
+- `resolve_overrides` applies all params overrides at once, in memory, with DVC's own
+  `-S` grammar (Hydra's, what `dvc exp run -S` uses): every key must already exist (a
+  typo is "unknown key"), the result must parse and pass the typed configs of the
+  sections touched. `scratch_checkout` writes the result into a copy of the checkout
+  that shares the DVC cache; the user's params.yaml is never written.
 - `read_graph` asks DVC for the stage graph (the same index `dvc dag` prints), with
   `foreach`/`matrix` stages already expanded (`synthesize@0`, `synthesize@1`, ...).
 - `waves` orders it: one stage at a time in dependency order, except that the ready
   items of one `foreach` stage form a single wave and run concurrently.
-- `repro` runs `dvc repro --single-item <stage>` and tells "ran" from "up to date".
+- `repro` runs `dvc repro --single-item <stage>` and tells "ran" from "up to date"; its
+  output goes to the stage's log file as it comes, progress bars to a callback, and a
+  failure carries the one line that says what went wrong.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 PARAMS_FILE = "params.yaml"
 # DVC gives up on its repo lock after ~3 s; concurrent shards can contend for it at
 # start and end of their repro, which is not a stage failure: try again.
@@ -43,43 +48,237 @@ class OverrideError(ValueError):
 class StageFailed(RuntimeError):
     def __init__(self, stage: str, returncode: int, tail: str, config_error: bool):
         self.stage, self.returncode, self.config_error = stage, returncode, config_error
+        self.reason = one_line_error(tail)
         kind = "bad params (not retried)" if config_error else f"exit code {returncode}"
-        super().__init__(f"stage {stage!r} failed ({kind}); last lines:\n{tail}")
+        super().__init__(f"stage {stage!r} failed ({kind}): {self.reason}; last lines:\n{tail}")
+
+
+DVC_NOISE = re.compile(r"^(ERROR: failed to reproduce|Running stage|\$ |Updating lock file|Use `dvc push`|"
+                       r"To track the changes|\s*$)")
+TRACEBACK_LAST = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Failed)\b.*")
+
+
+def one_line_error(text: str) -> str:
+    """The line of a stage's output that says what went wrong: the `error: ...` line a stage
+    prints for bad params, else the last exception line of a traceback, else the last line
+    that is not DVC's own bookkeeping."""
+    lines = [ln.strip() for ln in text.splitlines()]
+    for pattern in (re.compile(r"^error: "), TRACEBACK_LAST):
+        hits = [ln for ln in lines if pattern.match(ln)]
+        if hits:
+            return hits[-1][:500]
+    rest = [ln for ln in lines if not DVC_NOISE.match(ln)]
+    return (rest[-1] if rest else lines[-1] if lines else "no output")[:500]
 
 
 # ---------------------------------------------------------------------------
 # Overrides
 
+# The typed config of each params section (besides base/model/scheme, which
+# tasks.common.load_params checks): an override is checked against it before any
+# stage runs. A section missing here is checked for known keys only.
+SECTION_CONFIGS = {
+    "prepare": "tasks.prepare:PrepareConfig",
+    "synthesize": "quant.synth.sampling:SynthesisConfig",
+    "merge": "quant.synth.merge:MergeConfig",
+    "calibrate": "tasks.calibrate:CalibrateConfig",
+    "block_ap": "tasks.block_ap:BlockAPStageConfig",
+    "e2e": "tasks.e2e:E2EStageConfig",
+    "evaluate": "tasks.evaluate:EvaluateConfig",
+    "register": "tasks.register:RegisterConfig",
+}
 
-def apply_overrides(root: Path, overrides: list[str]) -> list[str]:
-    """Apply `[file:]key=value` overrides (DVC `-S` syntax) to the params files under `root`.
 
-    Each override is first applied alone to a scratch copy so that an error names it;
-    only when all apply are the real files changed. Returns the overrides applied."""
+@dataclass(frozen=True)
+class Overridden:
+    """Params files with every override applied at once, not yet written anywhere."""
+
+    overrides: list[str]
+    texts: dict[str, str]  # params file (relative path) -> its new text
+    data: dict[str, Any]  # params file -> its new content
+
+
+def resolve_overrides(root: Path, overrides: list[str], check_types: bool = True) -> Overridden:
+    """Apply `[file:]key=value` overrides (DVC `-S` syntax) together, in memory.
+
+    Every key must exist in its params file (a typo says which key is unknown and what
+    its section holds); the result must parse and, for params.yaml, pass the typed
+    configs of the sections it touches. Nothing on disk changes: the caller writes
+    `texts` into a scratch checkout."""
     from dvc.utils.cli_parse import to_path_overrides
-    from dvc.utils.hydra import apply_overrides as dvc_apply
 
     for i, text in enumerate(overrides):
-        if not isinstance(text, str) or "=" not in text or text.startswith("="):
+        if not isinstance(text, str) or "=" not in text or text.startswith(("=", "+", "~")):
             raise OverrideError(f"overrides[{i}]={text!r} is not an override; write key=value, "
                                 f"e.g. scheme.weight.format=int3 (or file.yaml:key=value)")
-    by_file = to_path_overrides(overrides)
+    texts, data = {}, {}
+    for path, items in to_path_overrides(overrides).items():
+        src = root / path
+        if not src.is_file():
+            raise OverrideError(f"overrides {items}: params file {path!r} not found under {root}")
+        original_text = src.read_text()
+        original = yaml.safe_load(original_text) or {}
+        for item in items:
+            _check_key(path, original, item)
+        new = _merged(path, original, items)
+        texts[path] = _render(src, original_text, items, new)
+        data[path] = new
+        if check_types and Path(path).name == PARAMS_FILE:
+            _check_types(new, {item.split("=", 1)[0].split(".", 1)[0] for item in items})
+    return Overridden(list(overrides), texts, data)
+
+
+def _check_key(path: str, params: dict, item: str) -> None:
+    key = item.split("=", 1)[0].strip()
+    node: Any = params
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        if not isinstance(node, dict) or part not in node:
+            where = ".".join(parts[:depth]) or path
+            known = sorted(node) if isinstance(node, dict) else []
+            raise OverrideError(f"override {item!r}: unknown key {key!r} ({path} has no {part!r} under "
+                                f"{where}; known: {known})")
+        node = node[part]
+
+
+def _merged(path: str, original: dict, items: list[str]) -> dict:
+    """What DVC's `-S` computes (Hydra's override grammar over the file's data), all at once."""
+    from dvc.utils.hydra import to_hydra_overrides
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from omegaconf import OmegaConf
+
+    try:
+        cfg = OmegaConf.create(original, flags={"allow_objects": True})
+        OmegaConf.set_struct(cfg, True)
+        ConfigLoaderImpl._apply_overrides_to_config(to_hydra_overrides(items), cfg)
+        return OmegaConf.to_object(cfg)
+    except Exception as exc:  # hydra/omegaconf errors carry the reason in the cause
+        reason = str(exc.__cause__ or exc).splitlines()[0]
+        raise OverrideError(f"overrides {items} for {path}: {reason}") from None
+
+
+def _render(src: Path, original_text: str, items: list[str], new: dict) -> str:
+    """The new file's text: DVC's comment-preserving rewrite when it round-trips to `new`
+    (it does not always: flow lists emptied next to comments came out as invalid YAML),
+    else a plain dump of `new`."""
+    from dvc.utils.hydra import apply_overrides as dvc_apply
+
     with tempfile.TemporaryDirectory() as tmp:
-        for path, items in by_file.items():
-            src = root / path
-            if not src.is_file():
-                raise OverrideError(f"overrides {items}: params file {path!r} not found under {root}")
-            scratch = Path(tmp) / Path(path).name
-            shutil.copyfile(src, scratch)
-            for item in items:
-                try:
-                    dvc_apply(scratch, [item])
-                except Exception as exc:  # hydra/omegaconf errors carry the reason in the cause
-                    reason = exc.__cause__ or exc
-                    raise OverrideError(f"override {item!r} for {path}: {reason}".splitlines()[0]) from None
-        for path, items in by_file.items():
-            dvc_apply(root / path, items)
-    return list(overrides)
+        scratch = Path(tmp) / src.name
+        scratch.write_text(original_text)
+        try:
+            dvc_apply(scratch, items)
+            text = scratch.read_text()
+            if yaml.safe_load(text) == new:
+                return text
+        except Exception:  # noqa: S110 - the plain dump below is the fallback
+            pass
+    return yaml.safe_dump(new, sort_keys=False, default_flow_style=None)
+
+
+def _check_types(params: dict, sections: set[str]) -> None:
+    """The typed configs of the touched sections accept the new values (ConfigError -> OverrideError)."""
+    import importlib
+
+    from quant.config import ConfigError
+    from tasks.common import load_params
+
+    with tempfile.TemporaryDirectory() as tmp:
+        f = Path(tmp) / PARAMS_FILE
+        f.write_text(yaml.safe_dump(params, sort_keys=False))
+        try:
+            loaded = load_params(f)
+            for name in sorted(sections & set(SECTION_CONFIGS)):
+                module, cls = SECTION_CONFIGS[name].split(":")
+                loaded.section(name, getattr(importlib.import_module(module), cls))
+        except ConfigError as exc:
+            raise OverrideError(f"overrides rejected by the params checks: {exc}") from None
+
+
+def apply_overrides(root: Path, overrides: list[str]) -> list[str]:
+    """Write the overridden params files into `root` (a scratch checkout, never the user's:
+    see `scratch_checkout`). Returns the overrides applied."""
+    resolved = resolve_overrides(root, overrides)
+    for path, text in resolved.texts.items():
+        (root / path).write_text(text)
+    return resolved.overrides
+
+
+# ---------------------------------------------------------------------------
+# Scratch checkout
+
+
+SCRATCH_SKIP = {".git", ".venv", ".state", "artifacts", "mlflow/mlflow.db", "mlflow/mlartifacts",
+                ".dvc/cache", ".dvc/tmp", ".dvc/config.local", "__pycache__"}
+
+
+def scratch_checkout(root: Path, dest: Path, resolved: Overridden) -> Path:
+    """A copy of the checkout at `dest` that a flow run with overrides runs in.
+
+    The files git sees (tracked and untracked-not-ignored, as they are in the workspace:
+    local edits included) are copied; the DVC cache is the checkout's own (shared, so
+    stages whose deps and params did not change are checked out from it, not rerun, and
+    what the run produces is cached for later runs and `dvc exp`/`dvc checkout`); the
+    overridden params files are written last. DVC runs there without git (no_scm)."""
+    from dvc.repo import Repo
+
+    dest.mkdir(parents=True)
+    for rel in _checkout_files(root):
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / rel, target)
+    with Repo(str(root)) as repo:
+        cache_dir = repo.cache.local_cache_dir
+        uncached = [Path(o.fs_path).relative_to(root) for s in repo.index.stages for o in s.outs
+                    if not o.use_cache]
+    for rel in uncached:  # metrics, tables, plots: DVC has no cached copy of them
+        if (root / rel).is_file() and not (dest / rel).exists():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(root / rel, dest / rel)
+    (dest / ".dvc").mkdir(exist_ok=True)
+    (dest / ".dvc" / "config.local").write_text(
+        f"[core]\n    no_scm = true\n[cache]\n    dir = {cache_dir}\n    type = reflink,hardlink,copy\n")
+    for path, text in resolved.texts.items():
+        (dest / path).write_text(text)
+    # the outputs of dvc.lock as it stands, linked from the shared cache (missing ones are
+    # simply produced by the run)
+    subprocess.run([sys.executable, "-m", "dvc", "checkout", "--quiet"], cwd=dest, capture_output=True,
+                   env=stage_env(dict(os.environ)))
+    return dest
+
+
+def _checkout_files(root: Path) -> list[str]:
+    try:
+        out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=root, check=True,
+                             capture_output=True, text=True).stdout
+        files = [f for f in out.split("\0") if f]
+    except (OSError, subprocess.CalledProcessError):  # not a git checkout: everything but state
+        files = [str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()]
+    return [f for f in files if (root / f).is_file() and not _skipped(f)]
+
+
+def _skipped(rel: str) -> bool:
+    parts = Path(rel).parts
+    return any("/".join(parts[:i]) in SCRATCH_SKIP for i in range(1, len(parts) + 1)) or "__pycache__" in parts
+
+
+def keep_results(scratch: Path, dest: Path) -> list[Path]:
+    """Copy what a scratch run decided (params files, dvc.lock, metrics, uncached outputs)
+    to `dest`, so the run can be brought into a workspace later (`dvc checkout` after
+    copying params.yaml and dvc.lock): the outputs themselves are in the shared cache."""
+    from dvc.repo import Repo
+
+    keep = [scratch / PARAMS_FILE, scratch / "dvc.lock"]
+    with Repo(str(scratch)) as repo:
+        keep += [Path(o.fs_path) for s in repo.index.stages for o in s.outs if not o.use_cache]
+    out = []
+    for f in keep:
+        if f.is_file():
+            target = dest / f.relative_to(scratch)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, target)
+            out.append(target)
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -187,13 +386,16 @@ class ReproResult:
 
 
 def repro(stage: str, root: Path, env: dict[str, str], log: Path, force: bool = False,
-          echo: Callable[[str], None] | None = None) -> ReproResult:
-    """`dvc repro --single-item <stage>` in `root`; output to `log` (and `echo`, line by line)."""
+          echo: Callable[[str], None] | None = None,
+          progress: Callable[[float, str], None] | None = None) -> ReproResult:
+    """`dvc repro --single-item <stage>` in `root`; output to `log` as it comes (and to
+    `echo`, line by line; progress-bar updates go to `progress(percent, line)` instead,
+    and to `echo` only every 10%)."""
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage] + (["--force"] if force else [])
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     for _attempt in range(LOCK_RETRIES):
-        rc, text = _run(cmd, root, env, log, echo)
+        rc, text = _run(cmd, root, env, log, echo, progress)
         if rc == 0 or LOCK_ERROR not in text:
             break
         time.sleep(random.uniform(0.5, 2.0))
@@ -205,18 +407,38 @@ def repro(stage: str, root: Path, env: dict[str, str], log: Path, force: bool = 
     return ReproResult(stage, ran, round(time.time() - t0, 2), log)
 
 
-def _run(cmd: list[str], root: Path, env: dict[str, str], log: Path,
-         echo: Callable[[str], None] | None) -> tuple[int, str]:
+# a tqdm bar: "desc:  42%|####      | 21/50 [00:10<00:14,  2.0it/s]"
+PROGRESS = re.compile(r"(\d+)%\|[^|]*\|\s*(\d+)/(\d+)")
+PROGRESS_EVERY = 5.0  # seconds between progress callbacks
+
+
+def _run(cmd: list[str], root: Path, env: dict[str, str], log: Path, echo: Callable[[str], None] | None,
+         progress: Callable[[float, str], None] | None = None) -> tuple[int, str]:
+    """Run `cmd`, writing its output to `log` line by line as it comes (text mode splits
+    tqdm's carriage-return updates into lines too)."""
     lines = []
-    with open(log, "a") as f:
+    last_echo, last_call = -10, 0.0
+    with open(log, "a", buffering=1) as f:
         f.write(f"$ {' '.join(cmd[1:])}\n")
         proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, bufsize=1)
         assert proc.stdout is not None
         for line in proc.stdout:
             f.write(line)
-            lines.append(line)
-            if echo:
+            m = PROGRESS.search(line)
+            if m is None:
+                lines.append(line)
+                if echo:
+                    echo(line.rstrip())
+                continue
+            done, total = int(m.group(2)), int(m.group(3))
+            pct = 100.0 * done / total if total else 0.0
+            now = time.time()
+            if progress and (now - last_call >= PROGRESS_EVERY or done == total):
+                last_call = now
+                progress(pct, line.strip())
+            if echo and (pct - last_echo >= 10 or done == total):
+                last_echo = pct
                 echo(line.rstrip())
         rc = proc.wait()
     return rc, "".join(lines)

@@ -19,9 +19,24 @@ log) and hands its id to the stage processes ($QUANT_PARENT_RUN_ID), which nest 
 own runs under it. After the stages, the registered model is put up for promotion
 (`python -m tasks.register promote`): the gates in params.yaml decide.
 
-Params overrides (`overrides=["scheme.weight.format=int3"]`) go through DVC's own `-S`
-machinery (see flows/dvc_stages.py): like `dvc exp run -S`, they leave params.yaml
-changed in the workspace, so `dvc params diff` / `dvc metrics diff` show the effect.
+Params overrides (`overrides=["scheme.weight.format=int3"]`) never touch the user's
+params.yaml: they are checked all together first (known keys, the typed configs; a bad
+one fails the run before any stage, naming it), then the run happens in a scratch copy of
+the checkout (flows/dvc_stages.scratch_checkout) that shares the DVC cache, so stages the
+overrides do not affect are checked out, not rerun. Like `dvc exp run --temp -S`, but
+stage by stage under Prefect. The overrides are recorded on the MLflow parent run (param
+and tag `overrides`) and on the flow run (artifact `quant-overrides`); the run's
+params.yaml, dvc.lock and metrics stay in .state/flow-runs/<flow run id>/ (the outputs
+are in the DVC cache: copy those two files into a checkout and `dvc checkout`).
+A run without overrides runs in the checkout itself, as `dvc repro` would.
+
+Failures: the flow fails with `stage 'x' failed: <its one-line error>` (what
+`make flow-run` prints), and that text is the parent run's `error` tag. Crashes (the
+worker or the flow process killed): the zombie-flow automation that scripts/servers.py
+installs marks the flow run Crashed once its heartbeats stop, and `reap_crashed` (run at
+the start of every flow run and by `python -m flows.client reap`) marks the MLflow runs
+it left RUNNING as FAILED; the `on_crashed` hook does the same when the process lives
+long enough to run it.
 
 No math here. Run it through the deployment (prefect.yaml, `make deploy` then
 `make flow-run`) or directly: `python -m flows.pipeline -S scheme.weight.format=int3`.
@@ -32,6 +47,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from datetime import datetime
@@ -40,12 +56,18 @@ from typing import Any
 
 import yaml
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
 from prefect.runtime import flow_run
+from prefect.states import Completed
 
-from flows import dvc_stages
+from flows import dvc_stages, reaper
 from flows.tracking import (
     DEFAULT_EXPERIMENT,
     EXPERIMENT_ENV,
@@ -58,6 +80,8 @@ from flows.tracking import (
 
 FLOW_NAME = "quant-pipeline"
 REGISTER_STAGE = "register"
+PROMOTION_REFUSED = 3  # exit code of `python -m tasks.register promote` when a gate failed
+STAGE_NAME_ENV = "QUANT_STAGE_RUN_NAME"  # the MLflow stage run's name (`synthesize@0`), read by tasks/common
 TELEMETRY_OFF = {"DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1",
                  "HF_HUB_DISABLE_TELEMETRY": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
 
@@ -77,14 +101,36 @@ def _retry_unless_bad_params(task, task_run, state) -> bool:
 def run_stage(stage: str, root: str, extra_env: dict[str, str], log_dir: str, force: bool) -> dict[str, Any]:
     """One `dvc repro --single-item <stage>`; its output streams into the task's log."""
     logger = get_run_logger()
-    env = dvc_stages.stage_env(dict(os.environ), **extra_env)
+    env = dvc_stages.stage_env(dict(os.environ), **extra_env, **{STAGE_NAME_ENV: stage})
     started = datetime.now().isoformat(timespec="seconds")
     r = dvc_stages.repro(stage, Path(root), env, Path(log_dir) / f"{stage.replace('@', '-')}.log", force,
-                         echo=logger.info)
+                         echo=logger.info, progress=_ProgressArtifact(stage))
     status = "ran" if r.ran else "up to date"
     logger.info("stage %s: %s in %.1fs", stage, status, r.seconds)
     return {"stage": stage, "status": status, "started": started, "seconds": r.seconds,
             "gpu": extra_env.get("CUDA_VISIBLE_DEVICES", "")}
+
+
+class _ProgressArtifact:
+    """One Prefect progress artifact per stage, fed by the stage's progress bars."""
+
+    def __init__(self, stage: str):
+        self.stage, self.id = stage, None
+
+    def __call__(self, percent: float, line: str) -> None:
+        try:
+            if self.id is None:
+                self.id = create_progress_artifact(percent, key=f"progress-{_key(self.stage)}",
+                                                   description=f"{self.stage}: {line}"[:500])
+            else:
+                update_progress_artifact(self.id, percent, description=f"{self.stage}: {line}"[:500])
+        except Exception as exc:  # progress reporting never fails a stage
+            get_run_logger().debug("progress artifact: %s", exc)
+
+
+def _key(stage: str) -> str:
+    """Prefect artifact keys: lowercase letters, digits and dashes."""
+    return "".join(c if c.isalnum() else "-" for c in stage.lower())
 
 
 @task(cache_policy=NO_CACHE)
@@ -93,7 +139,7 @@ def promote_model(root: str, extra_env: dict[str, str]) -> dict[str, Any]:
     env = dvc_stages.stage_env(dict(os.environ), **extra_env)
     proc = subprocess.run([sys.executable, "-m", "tasks.register", "promote", "--json"], cwd=root, env=env,
                           capture_output=True, text=True)
-    if proc.returncode != 0:
+    if proc.returncode not in (0, PROMOTION_REFUSED):
         raise RuntimeError(f"promotion failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     decision = json.loads(proc.stdout.strip().splitlines()[-1])
     get_run_logger().info("promotion: %s", decision["message"])
@@ -131,7 +177,12 @@ def _run_wave(wave: list[str], root: Path, env: dict[str, str], gpus: list[str],
             failed[0].result()  # re-raise the first failure (all items finished first)
 
 
-@flow(name=FLOW_NAME, log_prints=True)
+def _crashed(flow, flow_run_, state) -> None:
+    """on_crashed: the MLflow runs this flow run left RUNNING become FAILED."""
+    reaper.fail_runs_of(Path.cwd(), str(flow_run_.id), f"flow run crashed: {state.message or state.name}")
+
+
+@flow(name=FLOW_NAME, log_prints=True, on_crashed=[_crashed])
 def pipeline(
     overrides: list[str] | None = None,
     targets: list[str] | None = None,
@@ -141,9 +192,9 @@ def pipeline(
     retry_delay_seconds: float = 10.0,
     max_parallel: int | None = None,
     experiment: str | None = None,
-) -> dict[str, Any]:
+):
     """Run every DVC stage (what is stale) in order, or only `targets` and what they depend
-    on; overrides use DVC's -S syntax (key=value)."""
+    on; overrides use DVC's -S syntax (key=value) and run in a scratch checkout."""
     if retries < 0:
         raise ValueError(f"retries={retries} must be >= 0")
     if max_parallel is not None and max_parallel < 1:
@@ -153,42 +204,93 @@ def pipeline(
         raise ValueError(f"no dvc.yaml in {root}: the flow runs in the repository root "
                          f"(the deployment's working directory)")
     logger = get_run_logger()
-    applied = dvc_stages.apply_overrides(root, list(overrides or []))
-    graph = dvc_stages.read_graph(root)
+    resolved = dvc_stages.resolve_overrides(root, list(overrides or []))  # all checked before any work
+    applied = resolved.overrides
+    run_id = str(flow_run.get_id() or "local")
+    experiment = experiment or os.environ.get(EXPERIMENT_ENV) or DEFAULT_EXPERIMENT
+    reaped = _reap_before_start(root, run_id, logger)
+    work = root
+    if applied:
+        work = root / ".state" / "scratch" / run_id
+        shutil.rmtree(work, ignore_errors=True)
+        dvc_stages.scratch_checkout(root, work, resolved)
+        logger.info("overrides %s: running in the scratch checkout %s (params.yaml untouched)", applied, work)
+        create_table_artifact(table=[{"override": o} for o in applied], key="quant-overrides",
+                              description="params overrides of this run (the checkout's params.yaml is untouched)")
+    graph = dvc_stages.read_graph(work)
     plan = dvc_stages.waves(dvc_stages.restrict(graph, list(targets)) if targets else graph)
     logger.info("stages: %s", " -> ".join("{" + ", ".join(w) + "}" if len(w) > 1 else w[0] for w in plan))
-    experiment = experiment or os.environ.get(EXPERIMENT_ENV) or DEFAULT_EXPERIMENT
-    run_id = str(flow_run.get_id() or "local")
     parent = ParentRun(root, experiment, run_name=flow_run.get_name() or FLOW_NAME,
-                       tags={"prefect.flow_run_id": run_id, "overrides": " ".join(applied)})
+                       tags={"prefect.flow_run_id": run_id, "overrides": " ".join(applied) or "none"})
     logger.info("MLflow parent run %s (experiment %r, %s)", parent.run_id, experiment, parent.uri)
     log_dir = root / ".state" / "logs" / "flow-runs" / run_id
     env = {**TELEMETRY_OFF, PARENT_RUN_ENV: parent.run_id, EXPERIMENT_ENV: experiment,
-           "MLFLOW_TRACKING_URI": parent.uri}
+           "MLFLOW_TRACKING_URI": parent.uri,
+           "QUANT_CACHE_DIR": str(root / "artifacts" / ".cache")}  # shared by scratch checkouts
     rows: list[dict[str, Any]] = []
     decision: dict[str, Any] | None = None
-    ok = False
+    error: str | None = None
     try:
-        params = yaml.safe_load((root / dvc_stages.PARAMS_FILE).read_text()) or {}
+        params = yaml.safe_load((work / dvc_stages.PARAMS_FILE).read_text()) or {}
         parent.log_params({**flatten(params), **git_state(root), "overrides": " ".join(applied) or "none"})
         gpus = dvc_stages.gpu_slots()
         stage_task = run_stage.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
         for wave in plan:
-            _run_wave(wave, root, env, gpus, log_dir, force, max_parallel, rows, stage_task)
+            _run_wave(wave, work, env, gpus, log_dir, force, max_parallel, rows, stage_task)
         if promote and any(REGISTER_STAGE in w for w in plan):
-            decision = promote_model(str(root), env)
-        ok = True
+            decision = promote_model(str(work), env)
+    except dvc_stages.StageFailed as exc:
+        error = f"stage {exc.stage!r} failed: {exc.reason}"
+        raise PipelineFailed(error) from exc
+    except BaseException as exc:
+        error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        raise
     finally:
-        summary = _report(parent, root, rows, decision, log_dir, ok, logger)
-        parent.end(ok)
+        summary = _report(parent, work, rows, decision, log_dir, error, logger)
+        parent.end(error is None)
+        if work != root:
+            _keep_and_remove(work, root / ".state" / "flow-runs" / run_id, logger)
+    summary["reaped"] = reaped
+    if decision is not None and decision["failed_gates"]:  # registered, not promoted: say so
+        return Completed(message=decision["message"], data=summary)
     return summary
 
 
+def _keep_and_remove(scratch: Path, dest: Path, logger) -> None:
+    """Keep a scratch run's params.yaml, dvc.lock and metrics (outputs are in the cache)."""
+    try:
+        kept = dvc_stages.keep_results(scratch, dest)
+        if kept:
+            logger.info("this run's params.yaml, dvc.lock and metrics: %s", dest)
+    except Exception as exc:  # e.g. the scratch dvc.yaml was what failed to parse
+        logger.warning("could not keep the scratch run's results: %s", exc)
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+class PipelineFailed(RuntimeError):
+    """A stage failed; the message names it and gives its one-line error."""
+
+
+def _reap_before_start(root: Path, run_id: str, logger) -> list[str]:
+    """MLflow runs left RUNNING by crashed flow runs become FAILED before this one starts."""
+    try:
+        changed = reaper.reap_crashed(root, exclude={run_id})
+    except Exception as exc:  # housekeeping must not stop a run
+        logger.warning("could not check for MLflow runs left RUNNING by crashed flow runs: %s", exc)
+        return []
+    if changed:
+        logger.info("marked %d MLflow run(s) of crashed flow runs FAILED", len(changed))
+    return changed
+
+
 def _report(parent: ParentRun, root: Path, rows: list[dict[str, Any]], decision: dict[str, Any] | None,
-            log_dir: Path, ok: bool, logger) -> dict[str, Any]:
+            log_dir: Path, error: str | None, logger) -> dict[str, Any]:
     """Metrics, files and logs to the parent run; table + markdown artifacts to Prefect."""
     summary: dict[str, Any] = {"mlflow_parent_run_id": parent.run_id, "stages": rows, "promotion": decision}
+    ok = error is None
     try:
+        if error is not None:  # first, so that a failing report below cannot lose it
+            parent.set_tags({"status_detail": "failed", "error": error})
         metrics = {}
         for path, data in dvc_stages.metrics(root).items():
             metrics.update(flatten(data, Path(path).stem, sep="/"))
@@ -199,7 +301,7 @@ def _report(parent: ParentRun, root: Path, rows: list[dict[str, Any]], decision:
         for f in dvc_stages.report_files(root):
             parent.log_artifact(f, str((f if f.is_dir() else f.parent).relative_to(root)))
         parent.log_artifact(log_dir, "logs")
-        tags = {"status_detail": "ok" if ok else "failed"}
+        tags = {"status_detail": "ok"} if ok else {}
         if decision is not None:
             tags["promotion"] = decision["message"]
         parent.set_tags(tags)

@@ -173,6 +173,34 @@ def services(s: Settings) -> list[Service]:
 
 
 # ---------------------------------------------------------------------------
+# Automations: Prefect's zombie detection (a flow run without heartbeats becomes Crashed)
+
+AUTOMATIONS = [ROOT / "flows" / "automations" / "crash-zombie-runs.json"]
+
+
+def install_automations(s: Settings) -> None:
+    """Create the automations of AUTOMATIONS that the server does not have yet (by name)."""
+    for f in AUTOMATIONS:
+        spec = json.loads(f.read_text())
+        body = json.dumps({"automations": {"name": {"any_": [spec["name"]]}}}).encode()
+        found = _http_ok(f"{s.prefect_api_url}/automations/filter", "POST", body)
+        if found is None:
+            raise ServerError(f"could not list automations at {s.prefect_api_url}")
+        if json.loads(found):
+            print(f"automation {spec['name']!r}: present")
+            continue
+        req = urllib.request.Request(f"{s.prefect_api_url}/automations/", data=json.dumps(spec).encode(),
+                                     method="POST", headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=10):
+                pass
+        except (urllib.error.URLError, OSError) as exc:
+            detail = exc.read().decode() if isinstance(exc, urllib.error.HTTPError) else str(exc)
+            raise ServerError(f"could not create automation {spec['name']!r} from {f}: {detail}") from None
+        print(f"automation {spec['name']!r}: created")
+
+
+# ---------------------------------------------------------------------------
 # Process bookkeeping
 
 
@@ -314,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.action == "up":
             for svc in svcs:
                 start(s, svc, args.timeout)
+            install_automations(s)
             print(f"Prefect API {s.prefect_api_url} (UI http://{HOST}:{s.prefect_port}), "
                   f"MLflow {s.mlflow_uri}, work pool {s.pool!r}, state {s.state}")
         elif args.action == "down":

@@ -17,11 +17,26 @@ footprint (quant.eval.footprint). Writes:
 - artifacts/evaluate/results.md: PPL and accuracy tables of this run.
 - artifacts/evaluate/report/: the comparison across the comparable `evaluate`
   runs of the MLflow experiment (tasks.reporting; see tasks/report.py).
+
+Scores reused (`evaluate.reuse_scores`, on by default): the full-precision model and
+the `compare` models rarely change between runs, yet scoring each is a third of the
+stage. A model's scores are kept in $QUANT_CACHE_DIR/evaluate/ (default
+artifacts/.cache/evaluate/) under a key that hashes every file of the model directory,
+the evaluation texts, every evaluation setting that changes a number, the device type
+and dtype, the versions of torch/transformers/lm-eval and the source of the code that
+scores (quant/eval, quant/modules, quant/models, quant/numerics, this file). Same key,
+same inputs, same numbers: nothing is approximated. `metrics/eval.json` lists the
+models whose scores were reused under `reused`; their `seconds` are those of the run
+that computed them.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -34,7 +49,16 @@ from quant.eval import lm_tasks
 from quant.eval.footprint import footprint
 from quant.eval.ppl import perplexity
 from quant.models.checkpoint import load_model, read_scheme
-from tasks.common import Params, log_artifact, main, setup_torch, stage_dir, write_json
+from tasks.common import (
+    ARTIFACTS,
+    Params,
+    log_artifact,
+    main,
+    read_json,
+    setup_torch,
+    stage_dir,
+    write_json,
+)
 
 log = logging.getLogger("quant")
 
@@ -56,6 +80,7 @@ class EvaluateConfig(Config):
     num_fewshot: int = 0
     task_batch_size: int | Literal["auto"] = "auto"  # auto: lm-eval's search on GPU, 8 on CPU
     report: bool = True  # comparison report across this experiment's evaluate runs
+    reuse_scores: bool = True  # reuse the scores of a model already scored with identical inputs
 
     def __post_init__(self) -> None:
         if self.seq_len < 2:
@@ -86,7 +111,80 @@ def ppl_table(model, tokenizer, texts: dict[str, str], cfg: EvaluateConfig) -> d
     for name, text in texts.items():
         r = perplexity(model, tokenize_text(tokenizer, text), cfg.seq_len, cfg.batch_size, cfg.max_windows)
         out[name] = {"ppl": r.ppl, "tokens": r.tokens}
+        _progress.step(f"PPL {name}")
     return out
+
+
+class _Progress:
+    """One progress bar (stderr) over the parts of the stage: each model's texts and tasks."""
+
+    bar: Any = None
+
+    def start(self, total: int) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc="evaluate", unit="part", file=sys.stderr)
+
+    def step(self, what: str, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(what, refresh=False)
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+_progress = _Progress()
+
+CACHE_ENV = "QUANT_CACHE_DIR"  # the flow points scratch checkouts at the checkout's cache
+SCORING_CODE = ("quant/eval", "quant/modules", "quant/models", "quant/numerics", "tasks/evaluate.py")
+# settings that cannot change a model's numbers (which models are scored, the report)
+NOT_SCORING = ("model", "compare", "include_base", "report", "reuse_scores")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or ARTIFACTS / ".cache") / "evaluate"
+
+
+def score_key(model_dir: Path, texts: dict[str, str], cfg: EvaluateConfig, device: str, dtype) -> str:
+    """Hash of everything a model's scores depend on (see the module docstring)."""
+    import lm_eval
+    import torch
+    import transformers
+
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in NOT_SCORING}
+    h.update(json.dumps({"settings": settings, "device": str(device).split(":")[0], "dtype": str(dtype),
+                         "versions": [torch.__version__, transformers.__version__, lm_eval.__version__]},
+                        sort_keys=True, default=str).encode())
+    for name in sorted(texts):
+        h.update(f"\0text {name}\0".encode() + texts[name].encode())
+    files = [f for f in sorted(model_dir.rglob("*")) if f.is_file()]
+    code = [f for c in SCORING_CODE for f in sorted((root / c).rglob("*.py") if (root / c).is_dir() else [root / c])]
+    for f in [*files, *code]:
+        h.update(f"\0file {f.name}\0".encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda fh=fh: fh.read(1 << 24), b""):
+                h.update(chunk)
+    return h.hexdigest()[:32]
+
+
+def scored_model(model_dir: Path, texts: dict[str, str], cfg: EvaluateConfig, device, dtype,
+                 work_dir: Path) -> dict[str, Any]:
+    """`evaluate_model`, or its stored result for exactly these inputs (`reused: True`)."""
+    if not cfg.reuse_scores:
+        return evaluate_model(model_dir, texts, cfg, device, dtype, work_dir)
+    f = cache_dir() / f"{score_key(model_dir, texts, cfg, device, dtype)}.json"
+    if f.is_file():
+        log.info("scores of %s reused from %s (same model files, texts, settings and code)", model_dir, f)
+        _progress.step(f"{model_dir.parent.name}: reused", len(texts) + (1 if cfg.tasks else 0))
+        return {**read_json(f), "reused": True}
+    res = evaluate_model(model_dir, texts, cfg, device, dtype, work_dir)
+    write_json(f, {**res, "model_dir": str(model_dir)})
+    return res
 
 
 def evaluate_model(model_dir: Path, texts: dict[str, str], cfg: EvaluateConfig, device, dtype,
@@ -102,6 +200,7 @@ def evaluate_model(model_dir: Path, texts: dict[str, str], cfg: EvaluateConfig, 
         results = lm_tasks.run_tasks(model, tokenizer, cfg.task_run(device), work_dir)
         out["tasks"] = lm_tasks.extract_metrics(results, cfg.tasks)
         out["tasks_seconds"] = time.perf_counter() - t0
+        _progress.step("tasks")
     out["footprint"] = footprint(model).to_dict()
     del model
     return out
@@ -204,20 +303,24 @@ def run(params: Params) -> dict[str, Any]:
     label = f"{cfg.model} {method} {scheme.name if scheme else 'fp'}"
     base = "full precision" if cfg.include_base else None
     results: dict[str, dict[str, Any]] = {}
+    n_models = 1 + len(compare) + (1 if base else 0)
+    _progress.start(n_models * (len(texts) + (1 if cfg.tasks else 0)))
     with tempfile.TemporaryDirectory(prefix="lm-tasks-") as work:
         if base:
-            results[base] = evaluate_model(stage_dir("prepare") / "model", texts, cfg, device, dtype,
-                                           Path(work) / "base")
+            results[base] = scored_model(stage_dir("prepare") / "model", texts, cfg, device, dtype,
+                                         Path(work) / "base")
         for stage, cdir in compare.items():
-            results[_label(stage, cdir)] = evaluate_model(cdir, texts, cfg, device, dtype,
-                                                          Path(work) / f"compare-{stage}")
-        results[label] = evaluate_model(qdir, texts, cfg, device, dtype, Path(work) / "quantized")
+            results[_label(stage, cdir)] = scored_model(cdir, texts, cfg, device, dtype,
+                                                        Path(work) / f"compare-{stage}")
+        results[label] = scored_model(qdir, texts, cfg, device, dtype, Path(work) / "quantized")
+    _progress.close()
     out = stage_dir("evaluate")
     out.mkdir(parents=True, exist_ok=True)
     table = results_markdown(results, list(texts), cfg)
     (out / "results.md").write_text(table)
     print("\n" + table)
     metrics = eval_metrics(results, label, base, list(texts), tuple(cfg.tasks))
+    metrics["reused"] = sorted(k for k, v in results.items() if v.get("reused"))
     if compare:
         metrics["compare"] = {
             st: {"ppl": {t: results[_label(st, cdir)]["ppl"][t]["ppl"] for t in texts},

@@ -46,6 +46,7 @@ from tasks.evaluate import EvaluateConfig
 
 EVAL_METRICS = Path("metrics/eval.json")
 REGISTER_METRICS = Path("metrics/register.json")
+PROMOTION_REFUSED = 3  # exit code of `promote` when a gate failed (flows/pipeline.py reads it)
 
 
 @dataclass(frozen=True)
@@ -385,9 +386,35 @@ def promote_cli(argv: list[str]) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     mlflow.set_tracking_uri(tracking_uri())  # as the stages: $MLFLOW_TRACKING_URI or the repo's sqlite store
+    missing = _missing_version(cfg, version)
+    if missing:
+        print(f"error: {missing}", file=sys.stderr)
+        return 2
     decision = promote(cfg, version)
     print(json.dumps(decision) if args.json else decision["message"])
-    return 0
+    return PROMOTION_REFUSED if decision["failed_gates"] else 0
+
+
+def _missing_version(cfg: RegisterConfig, version: str) -> str | None:
+    """Why `version` cannot be promoted (no such model or version), or None."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    if not version.isdigit():
+        return f"--version {version!r} must be a version number"
+    if not _registered_model_exists(client, cfg.name):
+        return f"no registered model {cfg.name!r} at {mlflow_uri()}: run the register stage first"
+    versions = sorted(int(v.version) for v in client.search_model_versions(f"name = '{cfg.name}'"))
+    if int(version) not in versions:
+        have = ", ".join(map(str, versions)) or "none"
+        return f"{cfg.name} has no version {version} (versions: {have})"
+    return None
+
+
+def mlflow_uri() -> str:
+    import mlflow
+
+    return mlflow.get_tracking_uri()
 
 
 if __name__ == "__main__":

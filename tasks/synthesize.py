@@ -138,18 +138,25 @@ def run_shard(
 
 
 def _generate_pending(writer: ShardWriter, model, tokenizer, items, cfg, seed, eos) -> int:
-    """Generate every batch not yet fully on disk; returns the new tokens written."""
+    """Generate every batch not yet fully on disk; returns the new tokens written.
+    A progress bar (stderr, decode steps of every pending batch) shows how far it is."""
+    from tqdm import tqdm
+
     new_tokens = 0
-    for batch in batches(items, cfg.batch_size):
-        if batch[-1].index < writer.done:
-            continue
-        gen = generate(model, batch, cfg, seed, eos)
+    pending = [b for b in batches(items, cfg.batch_size) if b[-1].index >= writer.done]
+    bar = tqdm(total=len(pending) * (cfg.seq_len - 1), desc="synthesize (decode steps)", unit="step",
+               mininterval=2.0, file=sys.stderr)
+    for batch in pending:
+        done_before = bar.n
+        gen = generate(model, batch, cfg, seed, eos, on_step=lambda t: bar.update(1))
+        bar.update(done_before + cfg.seq_len - 1 - bar.n)  # rows that all stopped early end the batch
         texts = tokenizer.batch_decode([g.ids for g in gen])
         records = [_record(g, text) for g, text in zip(gen, texts, strict=True)]
         _check_regenerated(writer, records)
         fresh = [r for r in records if r["index"] >= writer.done]
         writer.append(fresh)
         new_tokens += sum(len(r["ids"]) - 1 for r in fresh)
+    bar.close()
     return new_tokens
 
 

@@ -225,7 +225,8 @@ def _start(stage: str) -> Any:
     parent = os.environ.get(PARENT_RUN_ENV) or None
     if parent:
         tags["mlflow.parentRunId"] = parent
-    mlflow.start_run(run_name=stage, tags=tags)
+    # the flow names the run after the DVC stage item it runs (`synthesize@0`)
+    mlflow.start_run(run_name=os.environ.get("QUANT_STAGE_RUN_NAME") or stage, tags=tags)
     return mlflow
 
 

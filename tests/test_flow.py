@@ -160,3 +160,128 @@ def test_metrics_and_report_files(toy):
         dvc_stages.repro(stage, toy, env, toy / "log.txt")
     assert [p.name for p in dvc_stages.report_files(toy)] == ["report.md"]
     assert dvc_stages.metrics(toy) == {}
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_overrides_on_the_real_params_apply_together_and_write_nothing():
+    before = (ROOT / "params.yaml").read_bytes()
+    r = dvc_stages.resolve_overrides(ROOT, ["evaluate.max_windows=2"])
+    assert yaml.safe_load(r.texts["params.yaml"])["evaluate"]["max_windows"] == 2
+    # the sequence that once wrote invalid YAML, one run after the other and both at once
+    for overrides in (["scheme.weight.format=int3"], ["evaluate.tasks=[]"],
+                      ["scheme.weight.format=int3", "evaluate.tasks=[]", "evaluate.max_windows=2"]):
+        r = dvc_stages.resolve_overrides(ROOT, overrides)
+        new = yaml.safe_load(r.texts["params.yaml"])  # parses
+        old = yaml.safe_load(before)
+        for o in overrides:
+            key, value = o.split("=")
+            section, *rest = key.split(".")
+            node_new, node_old = new[section], old[section]
+            for part in rest[:-1]:
+                node_new, node_old = node_new[part], node_old[part]
+            node_old[rest[-1]] = yaml.safe_load(value)
+        assert new == old  # exactly the overridden keys changed
+    with pytest.raises(OverrideError, match=r"unknown key 'evaluate\.max_windowz'.*known: \[.*'max_windows'"):
+        dvc_stages.resolve_overrides(ROOT, ["evaluate.max_windows=2", "evaluate.max_windowz=2"])
+    with pytest.raises(OverrideError, match=r"scheme\.weight\.format='int9'.*2\.\.8 bits"):
+        dvc_stages.resolve_overrides(ROOT, ["scheme.weight.format=int9"])
+    with pytest.raises(OverrideError, match=r"evaluate\.batch_size=0 must be >= 1"):
+        dvc_stages.resolve_overrides(ROOT, ["evaluate.batch_size=0"])
+    assert (ROOT / "params.yaml").read_bytes() == before
+
+
+def test_scratch_checkout_reuses_the_cache_and_leaves_the_checkout_alone(toy, tmp_path):
+    import os
+
+    env = dvc_stages.stage_env(dict(os.environ))
+    assert dvc_stages.repro("prep", toy, env, tmp_path / "prep.log").ran
+    before = (toy / "params.yaml").read_bytes()
+    resolved = dvc_stages.resolve_overrides(toy, ["nested.lr=0.5", "shards=[0,1,2]"])
+    assert (toy / "params.yaml").read_bytes() == before
+    scratch = dvc_stages.scratch_checkout(toy, tmp_path / "scratch", resolved)
+    assert yaml.safe_load((scratch / "params.yaml").read_text()) == {"shards": [0, 1, 2], "nested": {"lr": 0.5}}
+    assert [s for s in dvc_stages.read_graph(scratch).order if s.startswith("shard@")] == [
+        "shard@0", "shard@1", "shard@2"]
+    # prep is unaffected by the overrides: checked out of the shared cache, not rerun
+    assert not dvc_stages.repro("prep", scratch, env, tmp_path / "s.log").ran
+    assert dvc_stages.repro("shard@2", scratch, env, tmp_path / "s.log").ran
+    assert not (toy / "shard-2.txt").exists() and (scratch / "shard-2.txt").read_text() == "2"
+    kept = dvc_stages.keep_results(scratch, tmp_path / "kept")
+    assert {p.name for p in kept} == {"params.yaml", "dvc.lock"}
+    assert "shard@2" in (tmp_path / "kept" / "dvc.lock").read_text()
+    assert (toy / "params.yaml").read_bytes() == before and "shard@2" not in (toy / "dvc.lock").read_text()
+
+
+def test_a_failed_stage_says_in_one_line_what_went_wrong():
+    tb = ("Running stage 'evaluate':\n> python -m tasks.evaluate\nTraceback (most recent call last):\n"
+          '  File "x.py", line 1\nRuntimeError: CUDA out of memory\n'
+          "ERROR: failed to reproduce 'evaluate': failed to run: python -m tasks.evaluate, exited with 1\n")
+    assert dvc_stages.one_line_error(tb) == "RuntimeError: CUDA out of memory"
+    bad = "Running stage 'calibrate':\nerror: calibrate.samples=-1 must be positive\nERROR: failed to reproduce\n"
+    assert dvc_stages.one_line_error(bad) == "error: calibrate.samples=-1 must be positive"
+    assert dvc_stages.one_line_error("Killed\nERROR: failed to reproduce 'x': exited with -9\n") == "Killed"
+    err = StageFailed("evaluate", 1, tb, False)
+    assert err.reason == "RuntimeError: CUDA out of memory" and "stage 'evaluate' failed (exit code 1)" in str(err)
+
+
+def test_stage_output_reaches_the_log_file_while_the_stage_runs(tmp_path):
+    """Line-buffered log; tqdm bars (carriage returns) go to the progress callback."""
+    import os
+    import threading
+    import time
+
+    script = tmp_path / "slow.py"
+    script.write_text(textwrap.dedent("""\
+        import sys, time
+        print("started", flush=True)
+        for i in range(1, 5):
+            sys.stderr.write(f"\\rshard:  {25 * i}%|##  | {i}/4 [00:01<00:01,  1.0it/s]"); sys.stderr.flush()
+        sys.stderr.write("\\n")  # tqdm's close()
+        time.sleep(3)
+        print("done")
+        """))
+    log, seen, calls = tmp_path / "s.log", [], []
+    env = dvc_stages.stage_env(dict(os.environ))
+    t = threading.Thread(target=lambda: seen.append(dvc_stages._run(
+        [sys.executable, str(script)], tmp_path, env, log, echo=None, progress=lambda p, ln: calls.append(p))))
+    t.start()
+    deadline = time.time() + 20
+    while "started" not in (log.read_text() if log.exists() else "") and time.time() < deadline:
+        time.sleep(0.1)
+    assert "started" in log.read_text() and t.is_alive()  # written before the process ended
+    t.join()
+    rc, text = seen[0]
+    assert rc == 0 and "done" in text and "4/4" not in text  # bars are not part of the error text
+    assert calls[0] == 25.0 and calls[-1] == 100.0
+
+
+def test_client_says_make_servers_up_when_the_servers_are_down(monkeypatch, capsys):
+    import socket
+
+    from flows import client
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    monkeypatch.setenv("PREFECT_API_URL", f"http://127.0.0.1:{port}/api")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert client.main(["run", "-S", "a=1"]) == 2
+    err = capsys.readouterr().err
+    assert f"the Prefect server is not reachable at http://127.0.0.1:{port}/api" in err
+    assert "make servers-up" in err and "Traceback" not in err and "ConnectError" not in err
+
+
+def test_client_prints_the_failing_stage_and_a_refused_promotion(capsys):
+    from prefect.states import Completed, Failed
+
+    from flows import client
+
+    msg = ("Flow run encountered an exception: PipelineFailed: stage 'evaluate' failed: "
+           "RuntimeError: CUDA out of memory")
+    assert client.report("00000000-0000-0000-0000-000000000000", Failed(message=msg)) == 1
+    assert "Flow run Failed: stage 'evaluate' failed: RuntimeError: CUDA out of memory" in capsys.readouterr().err
+    refused = "quant-pipeline v2 not promoted; @champion stays v1: gate 'ppl_ratio' failed: ..."
+    assert client.report("x", Completed(message=refused)) == 0
+    assert f"Flow run finished: Completed ({refused})" in capsys.readouterr().out

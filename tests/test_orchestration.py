@@ -184,7 +184,7 @@ TOY_DVC = """\
         outs: [out/flaky.json]
 """
 TOY_FILES = {
-    "params.yaml": "shards: [0]\nmode: ok\n",
+    "params.yaml": "shards: [0, 1]\nmode: ok\n",
     # a shard waits (up to 120 s) until every shard has started: run one after the other,
     # the first would time out and fail
     "rec.py": """\
@@ -202,10 +202,12 @@ TOY_FILES = {
         json.dump({"start": t0, "end": time.time(), "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"),
                    "parent": os.environ.get("QUANT_PARENT_RUN_ID")}, open(f"out/{name}.json", "w"))
         """,
+    # attempts counted outside the checkout: runs with overrides happen in a scratch copy
     "flaky.py": """\
-        import sys, yaml
-        n = int(open("attempts.txt").read()) + 1 if __import__("os").path.exists("attempts.txt") else 1
-        open("attempts.txt", "w").write(str(n))
+        import os, sys, yaml
+        f = os.environ["ATTEMPTS_FILE"]
+        n = int(open(f).read()) + 1 if os.path.exists(f) else 1
+        open(f, "w").write(str(n))
         if yaml.safe_load(open("params.yaml"))["mode"] == "bad":
             print("error: mode='bad' is not accepted"); sys.exit(2)
         if n == 1:
@@ -230,9 +232,10 @@ def test_flow_maps_shards_concurrently_pins_gpus_and_retries(servers, mlflow_cli
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", servers.mlflow)
     monkeypatch.setenv("QUANT_EXPERIMENT", "toy")
+    monkeypatch.setenv("ATTEMPTS_FILE", str(tmp_path / "attempts.txt"))
+    params_before = (proj / "params.yaml").read_bytes()
     with temporary_settings(updates={PREFECT_API_URL: servers.api}):
-        state = pipeline(overrides=["shards=[0,1]"], retries=1, retry_delay_seconds=0, promote=False,
-                         return_state=True)
+        state = pipeline(retries=1, retry_delay_seconds=0, promote=False, return_state=True)
         assert state.is_completed(), state.message
         summary = state.result()
         rec = {n: json.loads((proj / "out" / f"{n}.json").read_text()) for n in ("prep", "shard-0", "shard-1")}
@@ -240,22 +243,79 @@ def test_flow_maps_shards_concurrently_pins_gpus_and_retries(servers, mlflow_cli
         assert max(rec["shard-0"]["start"], rec["shard-1"]["start"]) < min(rec["shard-0"]["end"], rec["shard-1"]["end"])
         assert (rec["shard-0"]["cuda"], rec["shard-1"]["cuda"], rec["prep"]["cuda"]) == ("3", "5", "3,5")
         assert {r["parent"] for r in rec.values()} == {summary["mlflow_parent_run_id"]}
-        assert (proj / "attempts.txt").read_text() == "2"  # failed once, retried, passed
+        assert (tmp_path / "attempts.txt").read_text() == "2"  # failed once, retried, passed
         assert [(r["stage"], r["status"], r["gpu"]) for r in summary["stages"]] == [
             ("prep", "ran", ""), ("shard@0", "ran", "3"), ("shard@1", "ran", "5"), ("flaky", "ran", "")]
         parent = mlflow_client.get_run(summary["mlflow_parent_run_id"])
         assert parent.info.status == "FINISHED" and parent.data.params["shards"] == "[0, 1]"
         logs = {a.path for a in mlflow_client.list_artifacts(parent.info.run_id, "logs")}
         assert logs == {"logs/prep.log", "logs/shard-0.log", "logs/shard-1.log", "logs/flaky.log"}
+        stage_runs = mlflow_client.search_runs([parent.info.experiment_id],
+                                               f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+        assert stage_runs == []  # the toy stages open no MLflow runs of their own
 
-        # a stage that rejects its params (exit 2) fails the flow at once: no retry
-        state = pipeline(overrides=["mode=bad"], retries=3, retry_delay_seconds=0, promote=False,
-                         return_state=True)
+        # overrides run in a scratch checkout: a stage that rejects its params (exit 2)
+        # fails the flow at once (no retry), naming the stage and its error line
+        state = pipeline(overrides=["mode=bad", "shards=[0,1,2]"], retries=3, retry_delay_seconds=0,
+                         promote=False, return_state=True)
         assert state.is_failed()
-        assert (proj / "attempts.txt").read_text() == "3"
+        assert "stage 'flaky' failed: error: mode='bad' is not accepted" in state.message
+        assert (tmp_path / "attempts.txt").read_text() == "3"
+        assert (proj / "params.yaml").read_bytes() == params_before
+        assert not (proj / "out" / "shard-2.json").exists()  # the third shard ran in the scratch copy
         failed = mlflow_client.search_runs([parent.info.experiment_id], "tags.stage = 'pipeline'",
                                            order_by=["attributes.start_time DESC"], max_results=1)[0]
         assert failed.info.status == "FAILED" and failed.data.tags["status_detail"] == "failed"
+        assert failed.data.tags["error"] == "stage 'flaky' failed: error: mode='bad' is not accepted"
+        assert failed.data.params["overrides"] == "mode=bad shards=[0,1,2]"
+        assert failed.data.params["shards"] == "[0, 1, 2]" and failed.data.params["mode"] == "bad"
+
+        # an unknown key fails before any stage and says so; then a plain run: nothing to redo
+        state = pipeline(overrides=["modee=ok"], promote=False, return_state=True)
+        assert state.is_failed() and "unknown key 'modee'" in state.message
+        state = pipeline(promote=False, return_state=True)
+        assert state.is_completed(), state.message
+        assert {r["status"] for r in state.result()["stages"]} == {"up to date"}
+        assert (proj / "params.yaml").read_bytes() == params_before
+        assert not (proj / ".state" / "scratch").exists() or not any((proj / ".state" / "scratch").iterdir())
+
+
+def test_crashed_flow_run_mlflow_runs_are_failed(servers, mlflow_client, tmp_path, monkeypatch):
+    """What the zombie automation + reaper do after a worker kill, driven directly: a flow
+    run Prefect holds Crashed while its MLflow parent and stage runs still say RUNNING."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed, Running
+
+    from flows import reaper
+    from flows.pipeline import pipeline
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", servers.mlflow)
+    with prefect_api(servers), get_client(sync_client=True) as client:
+        flow_id = client.create_flow(pipeline)
+        fr = client.create_flow_run(pipeline, state=Running())
+        exp = mlflow_client.get_experiment_by_name("toy") or mlflow_client.get_experiment(
+            mlflow_client.create_experiment("toy"))
+        exp_id = getattr(exp, "experiment_id", exp)
+        parent = mlflow_client.create_run(exp_id, tags={"stage": "pipeline", "prefect.flow_run_id": str(fr.id)})
+        stage = mlflow_client.create_run(exp_id, tags={"stage": "evaluate",
+                                                       "mlflow.parentRunId": parent.info.run_id})
+        assert reaper.reap_crashed(tmp_path) == []  # still running in Prefect: left alone
+        client.set_flow_run_state(fr.id, Crashed(message="no heartbeat for 90 s"), force=True)
+        changed = reaper.reap_crashed(tmp_path)
+        assert flow_id and set(changed) == {parent.info.run_id, stage.info.run_id}
+    for run_id in changed:
+        run = mlflow_client.get_run(run_id)
+        assert run.info.status == "FAILED" and "Crashed: no heartbeat for 90 s" in run.data.tags["error"]
+
+
+def test_zombie_automation_is_installed(servers):
+    """`servers.py up` installed the heartbeat automation that crashes silent flow runs."""
+    from prefect.client.orchestration import get_client
+
+    spec = json.loads((ROOT / "flows" / "automations" / "crash-zombie-runs.json").read_text())
+    with prefect_api(servers), get_client(sync_client=True) as client:
+        (auto,) = client.read_automations_by_name(spec["name"])
+    assert auto.enabled and auto.trigger.posture == "Proactive" and auto.actions[0].type == "change-flow-run-state"
 
 
 # ---------------------------------------------------------------------------
@@ -315,12 +375,13 @@ def first_run(servers, deployed):
 
 @pytest.fixture(scope="module")
 def second_run(servers, deployed, first_run):
-    """A stricter PPL-ratio gate through run_deployment: DVC reruns only `register`."""
+    """A stricter PPL-ratio gate through run_deployment: DVC reruns only `register` (the
+    rest is checked out of the shared cache into the run's scratch checkout)."""
     from prefect.deployments import run_deployment
 
     with prefect_api(servers):
         fr = run_deployment(DEPLOYMENT, timeout=1500, parameters={
-            "overrides": ["register.gates.max_ppl_ratio=1.01"], "targets": ["register"]})
+            "overrides": [*deployed.overrides, "register.gates.max_ppl_ratio=1.01"], "targets": ["register"]})
     return SimpleNamespace(id=str(fr.id), **flow_artifacts(servers, str(fr.id)))
 
 
@@ -338,7 +399,8 @@ def test_deployment_run_completes_with_parent_and_nested_runs(first_run, deploye
     stages = table(first_run.artifacts["quant-stages"])
     assert stages and all(r["status"] == "ran" for r in stages), stages
     names = [r["stage"] for r in stages]
-    assert names == dvc_stages.restrict(dvc_stages.read_graph(deployed.repo), ["register"]).order
+    # the chain of the run's own params (evaluate.model=calibrate), not the checkout's
+    assert not any(dvc_stages.family(n) in ("synthesize", "merge", "block_ap", "e2e") for n in names), names
     assert names[0] == "prepare" and names[-1] == "register" and {"calibrate", "evaluate"} <= set(names)
     results = {r["metric"]: r["value"] for r in table(first_run.artifacts["quant-results"])}
     assert results["eval/ppl/embedded-wiki"] > 1 and "promoted" in results["promotion"]
@@ -379,21 +441,29 @@ def test_model_version_registered_with_tags_and_promoted(first_run, mlflow_clien
 def test_stricter_gate_reruns_only_register_and_is_refused(second_run, mlflow_client, deployed):
     assert second_run.state.is_completed()
     status = {r["stage"]: r["status"] for r in table(second_run.artifacts["quant-stages"])}
-    assert status.pop("register") == "ran" and set(status.values()) == {"up to date"}, status
+    assert status.pop("register") == "ran", status
+    # the scratch checkout got prepare and calibrate from the shared DVC cache; evaluate,
+    # if DVC reran it, reused both models' scores from the first run
+    assert status.pop("prepare") == status.pop("calibrate") == "up to date", status
+    kept_eval = json.loads((deployed.repo / ".state" / "flow-runs" / second_run.id / "metrics" / "eval.json")
+                           .read_text())
+    assert status.pop("evaluate") == "up to date" or len(kept_eval["reused"]) == 2, kept_eval.get("reused")
+    assert set(status.values()) <= {"up to date"}, status
     parent = _parent(mlflow_client, second_run.id)
     msg = parent.data.tags["promotion"]
     assert "v2 not promoted; @champion stays v1" in msg
     assert "gate 'ppl_ratio' failed" in msg and "> 1.01" in msg and "gate 'champion' failed" in msg
     assert mlflow_client.get_model_version(MODEL, "2").tags["promotion"] == "refused: ppl_ratio; champion"
     assert str(mlflow_client.get_model_version_by_alias(MODEL, "champion").version) == "1"
-    # the override went through DVC's -S machinery: params.yaml changed, DVC shows it
-    diff = subprocess.run([PY, "-m", "dvc", "params", "diff", "--json"], cwd=deployed.repo, capture_output=True,
-                          text=True, check=True).stdout
-    change = json.loads(diff)["params.yaml"]["register.gates.max_ppl_ratio"]
-    assert (change["old"], change["new"]) == (1.5, 1.01)
-    diff = subprocess.run([PY, "-m", "dvc", "metrics", "diff", "--json"], cwd=deployed.repo, capture_output=True,
-                          text=True, check=True).stdout
-    assert "ppl.embedded-wiki" in json.loads(diff)["metrics/eval.json"]  # tiny run vs the committed one
+    assert "v2 not promoted" in second_run.state.message  # the flow run says so too
+    # the overrides ran in a scratch checkout: params.yaml is git's, byte for byte, and the
+    # run's own params.yaml / dvc.lock are kept under .state/flow-runs/<flow run id>/
+    committed = subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=deployed.repo, capture_output=True,
+                               check=True).stdout
+    assert (deployed.repo / "params.yaml").read_bytes() == committed
+    kept = deployed.repo / ".state" / "flow-runs" / second_run.id
+    assert yaml.safe_load((kept / "params.yaml").read_text())["register"]["gates"]["max_ppl_ratio"] == 1.01
+    assert "register" in yaml.safe_load((kept / "dvc.lock").read_text())["stages"]
 
 
 def test_champion_loads_and_generates(second_run, servers):
@@ -420,6 +490,11 @@ def test_dvc_push_then_pull_restores_outputs(second_run, deployed):
 
     def dvc(*args):
         return subprocess.run([PY, "-m", "dvc", *args], cwd=repo, capture_output=True, text=True, check=True).stdout
+
+    # bring the last run into the workspace: its params.yaml, dvc.lock and metrics as kept,
+    # the cached outputs from the shared cache
+    shutil.copytree(repo / ".state" / "flow-runs" / second_run.id, repo, dirs_exist_ok=True)
+    dvc("checkout", "--with-deps", "register")  # the lock also lists stages this chain never ran
 
     with Repo(str(repo)) as r:
         outs = sorted(Path(o.fs_path) for o in r.index.outs if o.use_cache)
@@ -478,3 +553,103 @@ def test_full_graph_deployment_run(servers, deployed, second_run, request):
         start = [datetime.fromisoformat(r["started"]) for r in shards]
         ends = [t + timedelta(seconds=r["seconds"]) for t, r in zip(start, shards, strict=True)]
         assert max(start) < min(ends), shards
+
+
+# ---------------------------------------------------------------------------
+# A real crash: worker and flow process killed while a stage runs
+
+
+CRASH_PREFECT_YAML = """\
+name: crash-test
+prefect-version: 3.8.8
+build: null
+push: null
+deployments:
+  - name: crash-test
+    entrypoint: flows/pipeline.py:pipeline
+    parameters: {promote: false, retries: 0}
+    concurrency_limit: 1
+    work_pool:
+      name: quant-process
+      work_queue_name: default
+      job_variables:
+        env: {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: "30", QUANT_EXPERIMENT: crash-test}
+"""
+
+
+def _tree(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        try:
+            ppid = int(Path(d, "stat").read_text().rsplit(") ", 1)[1].split()[1]) if d.name.isdigit() else None
+        except (OSError, IndexError):
+            continue
+        if ppid is not None:
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def test_killed_worker_run_becomes_crashed_mlflow_failed_and_a_rerun_starts_at_once(servers, mlflow_client,
+                                                                                     tmp_path, monkeypatch):
+    import signal
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    from flows import reaper
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", servers.mlflow)
+    proj = tmp_path / "crash"
+    shutil.copytree(ROOT / "flows", proj / "flows", ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([PY, "-m", "dvc", "init", "--no-scm", "-q"], cwd=proj, check=True)
+    (proj / "dvc.yaml").write_text(textwrap.dedent("""\
+        stages:
+          slow:
+            cmd: python -c "import time, yaml; open('started', 'w').close(); time.sleep(yaml.safe_load(open('params.yaml'))['sleep'])"
+            params: [sleep]
+        """))
+    (proj / "params.yaml").write_text("sleep: 900\n")
+    (proj / "prefect.yaml").write_text(CRASH_PREFECT_YAML)
+    r = subprocess.run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"], cwd=proj, env=servers.client,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    with prefect_api(servers):
+        fr = run_deployment("quant-pipeline/crash-test", timeout=0)
+        deadline = time.time() + 600
+        while not (proj / "started").exists():
+            assert time.time() < deadline, "the stage never started"
+            time.sleep(1)
+        worker = json.loads((servers.state / "pids" / "prefect-worker.pid").read_text())["pid"]
+        for pid in reversed(_tree(worker)):  # the worker, the flow run process, dvc, the stage
+            with __import__("contextlib").suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        killed = time.time()
+        with get_client(sync_client=True) as client:
+            while (state := client.read_flow_run(fr.id).state).is_running():
+                assert time.time() - killed < 420, "still Running 7 min after the kill"
+                time.sleep(5)
+        crashed_after = time.time() - killed
+        print(f"flow run {state.name} {crashed_after:.0f} s after the kill: {state.message}")
+        assert state.is_crashed(), (state.name, state.message)
+        parents = mlflow_client.search_runs([mlflow_client.get_experiment_by_name("crash-test").experiment_id],
+                                            f"tags.`prefect.flow_run_id` = '{fr.id}'")
+        assert [p.info.status for p in parents] == ["RUNNING"]  # what the kill left behind
+        assert reaper.reap_crashed(tmp_path)  # what the next run / make flow-run does first
+        parent = mlflow_client.get_run(parents[0].info.run_id)
+        assert parent.info.status == "FAILED" and "Crashed" in parent.data.tags["error"]
+
+        # a new worker; the next run starts at once (the crash freed the concurrency slot)
+        up = subprocess.run([PY, str(ROOT / "scripts" / "servers.py"), "up"], env=servers.env,
+                            capture_output=True, text=True, timeout=600)
+        assert up.returncode == 0, up.stdout + up.stderr
+        t0 = time.time()
+        again = run_deployment("quant-pipeline/crash-test", timeout=600, parameters={"overrides": ["sleep=0"]})
+        assert again.state.is_completed(), again.state.message
+    print(f"crashed {crashed_after:.0f} s after the kill; re-run done in {time.time() - t0:.0f} s")
+    assert time.time() - t0 < 300

@@ -34,6 +34,11 @@ def test_prefect_yaml_deployments_match_the_flows():
         assert dep["work_pool"]["name"] == "quant-process"
         assert "pull" not in dep  # the deployment runs where `prefect deploy` ran
     assert "pull" not in spec
+    # heartbeats for the zombie automation (flows/automations/crash-zombie-runs.json);
+    # the optional schedule is off
+    for d in spec["deployments"]:
+        assert d["work_pool"]["job_variables"]["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30", d["name"]
+    assert [s["active"] for s in deps["embedded-default"].get("schedules", [])] == [False]
 
 
 def _lock() -> dict[str, Version]:

@@ -47,7 +47,7 @@ Design notes
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, Literal
@@ -313,8 +313,10 @@ def generate(
     cfg: SynthesisConfig,
     seed: int,
     eos_ids: Sequence[int] = (),
+    on_step: Callable[[int], None] | None = None,
 ) -> list[Generated]:
-    """Generate one batch: every item decodes together, from its start token to seq_len."""
+    """Generate one batch: every item decodes together, from its start token to seq_len.
+    `on_step(t)` is called after decode step t (progress reporting)."""
     device = next(model.parameters()).device
     n = cfg.seq_len
     state = _BatchState(items, cfg, seed, device)
@@ -324,6 +326,8 @@ def generate(
     eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
     for t in range(n - 1):
         decoder.step()  # writes token t + 1 of every row
+        if on_step is not None:
+            on_step(t)
         if stop and (t + 1) % EOS_CHECK_EVERY == 0 and t + 2 < n:
             done = state.finished(t + 1, eos)
             n_done = int(done.sum())
