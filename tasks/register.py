@@ -238,6 +238,27 @@ def fold_saved_rotations(model, model_dir: Path) -> int:
     return fold_input_rotations(model)
 
 
+def check_finite(metrics: dict[str, Any], model_dir: Path) -> None:
+    """Refuse (ConfigError: exit 2, not retried) metrics or a model holding NaN/inf, so a
+    diverged run can never reach the registry, whichever stage produced it."""
+    import math
+
+    from safetensors import safe_open
+
+    bad = [k for k, v in flatten(metrics, sep="/").items()
+           if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise ConfigError(f"register: {EVAL_METRICS} has non-finite values {bad[:5]}; the evaluated "
+                          "model diverged or is broken, it is not registered")
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for key in st.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                x = st.get_tensor(key)
+                if x.is_floating_point() and not bool(x.isfinite().all()):
+                    raise ConfigError(f"register: {f.name} tensor {key!r} holds NaN/inf; the model "
+                                      f"in {model_dir} diverged or is broken, it is not registered")
+
+
 def run(params: Params) -> dict[str, Any]:
     import mlflow
     import torch
@@ -253,7 +274,9 @@ def run(params: Params) -> dict[str, Any]:
         raise ConfigError(f"evaluate.model={source!r}: {model_dir} does not exist; run that stage first")
     if not EVAL_METRICS.is_file():
         raise ConfigError(f"{EVAL_METRICS} not found; run the evaluate stage first")
-    cand = candidate_from_metrics(json.loads(EVAL_METRICS.read_text()), cfg, eval_fingerprint(params))
+    metrics = json.loads(EVAL_METRICS.read_text())
+    check_finite(metrics, model_dir)  # whatever produced them: never register NaN/inf
+    cand = candidate_from_metrics(metrics, cfg, eval_fingerprint(params))
     scheme = read_scheme(model_dir)
     run_ = mlflow.active_run()
     if run_ is None:

@@ -124,3 +124,23 @@ def test_promote_sets_the_alias_only_when_gates_pass(registry):
     assert registry.get_model_version_by_alias("m", "champion").version == v3
     again = promote(config, v3, registry)
     assert not again["promoted"] and "already @champion" in again["message"]
+
+
+def test_register_refuses_non_finite_metrics_or_weights(tmp_path):
+    """Whatever produced them, NaN/inf metrics or weights never reach the registry."""
+    import math
+
+    import torch
+    from safetensors.torch import save_file
+
+    from quant.config import ConfigError
+    from tasks.register import check_finite
+
+    good = {"ppl": {"lee": 30.0}, "base_ppl": {"lee": 26.0}}
+    save_file({"w": torch.ones(3), "q": torch.zeros(2, dtype=torch.int32)}, str(tmp_path / "model.safetensors"))
+    check_finite(good, tmp_path)  # passes
+    with pytest.raises(ConfigError, match=r"non-finite values \['ppl/lee'\]"):
+        check_finite({"ppl": {"lee": math.nan}}, tmp_path)
+    save_file({"scale": torch.tensor([1.0, float("inf")])}, str(tmp_path / "qparams.safetensors"))
+    with pytest.raises(ConfigError, match=r"qparams.safetensors tensor 'scale' holds NaN/inf"):
+        check_finite(good, tmp_path)
