@@ -187,7 +187,7 @@ def _check_types(params: dict, sections: set[str]) -> None:
         f = Path(tmp) / PARAMS_FILE
         f.write_text(yaml.safe_dump(params, sort_keys=False))
         try:
-            loaded = load_params(f)
+            loaded = load_params(f, check_sections=False)  # keys were checked one by one above
             for name in sorted(sections & set(SECTION_CONFIGS)):
                 module, cls = SECTION_CONFIGS[name].split(":")
                 loaded.section(name, getattr(importlib.import_module(module), cls))

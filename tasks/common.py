@@ -112,7 +112,10 @@ def known_sections(dvc_file: str | Path = ROOT / "dvc.yaml") -> set[str] | None:
     return names
 
 
-def load_params(path: str | Path = PARAMS_FILE) -> Params:
+def load_params(path: str | Path = PARAMS_FILE, check_sections: bool = True) -> Params:
+    """params.yaml as typed shared sections + raw stage sections. `check_sections=False`
+    skips the unknown-top-level-section check (for callers that validate a params file
+    of another project, whose dvc.yaml is not this repository's)."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path} not found; run from the repository root")
@@ -127,7 +130,7 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
         raise ConfigError(f"{path} is empty; it must hold the sections {list(SHARED_SECTIONS)} and the stages'")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping of sections")
-    known = known_sections()
+    known = known_sections() if check_sections else None
     unknown = sorted(set(raw) - known) if known is not None else []
     if unknown:
         raise ConfigError(f"unknown section(s) {unknown} in {path}; accepted sections: {sorted(known)}")

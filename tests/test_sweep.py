@@ -105,14 +105,6 @@ def test_pareto_front_and_promotion_on_a_hand_made_table():
     assert 2 not in chosen
 
 
-@pytest.fixture(scope="module")
-def prefect_api():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 def _sweep_repo(tmp: Path, grid: dict, **sweep) -> Path:
     shutil.copy2(ROOT / "params.yaml", tmp / "params.yaml")
     p = yaml.safe_load((tmp / "params.yaml").read_text())
@@ -122,45 +114,72 @@ def _sweep_repo(tmp: Path, grid: dict, **sweep) -> Path:
     return tmp
 
 
-def test_interrupted_sweep_resumes_with_only_the_rest(prefect_api, tmp_path, monkeypatch):
-    """Recipes are faked (no DVC): the first run loses one recipe, a re-run runs only it."""
-    from flows import sweep as S
+# Runs the real flow in its own process (its own temporary Prefect API and database) with
+# the recipe runner faked: no DVC, the numbers made up per bit width.
+FAKE_DRIVER = """
+import json, sys
+from pathlib import Path
+from flows import recipes as R
+from flows import sweep as S
 
+calls, fail = Path(sys.argv[1]), set(json.loads(sys.argv[2]))
+
+def fake_execute(recipe, root, env, log):
+    with calls.open("a") as f:
+        f.write(recipe.overrides[0] + "\\n")
+    if recipe.overrides[0] in fail:
+        raise RuntimeError("simulated crash")
+
+def fake_collect(client, experiment_id, run_id, recipe, text):
+    bits = R.weight_bits(recipe.effective)
+    ppl = {4: 22.0, 3: 30.0, 2: 400.0}[bits]
+    return {"recipe": recipe.name, "digest": recipe.digest, "bits": bits, "status": "finished",
+            "rank_ppl": ppl, "ppl_ratio": ppl / 20, "bits_per_weight": bits + 0.5, "seconds": 1.0,
+            "stage_seconds": {"calibrate": 1.0}, "ppl": {text: ppl}}
+
+S.execute_recipe, S.collect_row = fake_execute, fake_collect
+S.main(sys.argv[3:])
+"""
+
+
+def _sweep_env(tmp: Path, repo: Path) -> dict:
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}", MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'mlflow.db'}",
+               DO_NOT_TRACK="true", MLFLOW_DISABLE_TELEMETRY="true", PREFECT_HOME=str(tmp / "prefect"),
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="300")
+    for var in ("QUANT_PARENT_RUN_ID", "PREFECT_API_URL"):  # its own temporary Prefect API and database
+        env.pop(var, None)
+    return env
+
+
+def test_interrupted_sweep_resumes_with_only_the_rest(tmp_path):
+    """The first run loses one recipe (retries 0), a re-run runs only that one; the table
+    names the ranking text and the failed gate of the W2 recipe."""
     repo = _sweep_repo(tmp_path, {"axes": {"scheme.weight.format": ["int4", "int3", "int2"]}}, retries=0)
-    monkeypatch.chdir(repo)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    calls: list[str] = []
-    fail = {"scheme.weight.format=int3"}
+    (tmp_path / "driver.py").write_text(FAKE_DRIVER)
+    calls = tmp_path / "calls.txt"
 
-    def fake_execute(recipe, root, env, log):
-        calls.append(recipe.overrides[0])
-        if recipe.overrides[0] in fail:
-            raise RuntimeError("simulated crash")
+    def run(fail: list[str]) -> dict:
+        calls.write_text("")
+        proc = subprocess.run([sys.executable, str(tmp_path / "driver.py"), str(calls), json.dumps(fail)],
+                              cwd=repo, env=_sweep_env(tmp_path, repo), capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        return json.loads((repo / ".state/sweep/t/report/sweep.json").read_text())
 
-    def fake_collect(client, experiment_id, run_id, recipe, text):
-        bits = R.weight_bits(recipe.effective)
-        ppl = {4: 22.0, 3: 30.0, 2: 400.0}[bits]
-        return {"recipe": recipe.name, "digest": recipe.digest, "bits": bits, "status": "finished",
-                "rank_ppl": ppl, "ppl_ratio": ppl / 20, "bits_per_weight": bits + 0.5, "seconds": 1.0,
-                "stage_seconds": {"calibrate": 1.0}, "ppl": {text: ppl}}
-
-    monkeypatch.setattr(S, "execute_recipe", fake_execute)
-    monkeypatch.setattr(S, "collect_row", fake_collect)
-    first = S.sweep()
-    assert sorted(calls) == sorted(f"scheme.weight.format={f}" for f in ("int4", "int3", "int2"))
+    first = run(["scheme.weight.format=int3"])
+    assert sorted(calls.read_text().split()) == sorted(f"scheme.weight.format={f}" for f in ("int4", "int3", "int2"))
     status = {r["recipe"]: r["status"] for r in first["rows"]}
     assert status == {"defaults": "finished", "scheme.weight.format=int3": "failed",
                       "scheme.weight.format=int2": "finished"}
-    calls.clear()
-    fail.clear()
-    second = S.sweep()
-    assert calls == ["scheme.weight.format=int3"]
+    second = run([])
+    assert calls.read_text().split() == ["scheme.weight.format=int3"]
     assert all(r["status"] == "finished" for r in second["rows"])
-    md = Path(second["report"]["markdown"]).read_text()
+    report = repo / ".state/sweep/t/report"
+    md = (report / "sweep.md").read_text()
     assert "Ranked on `lee`" in md and "scheme.weight.format=int2" in md
     assert "ppl_ratio 20.0 > 1.5" in md  # the W2 recipe's failed gate is in the table
-    for key in ("csv", "ppl_plot", "acc_plot", "time_plot"):
-        assert Path(second["report"][key]).is_file()
+    for name in ("sweep.csv", "ppl_vs_bits.png", "acc_vs_bits.png", "time_vs_quality.png"):
+        assert (report / name).is_file()
 
 
 def _git_repo(dest: Path) -> Path:
