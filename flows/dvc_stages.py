@@ -270,7 +270,8 @@ def keep_results(scratch: Path, dest: Path) -> list[Path]:
 
     keep = [scratch / PARAMS_FILE, scratch / "dvc.lock"]
     with Repo(str(scratch)) as repo:
-        keep += [Path(o.fs_path) for s in repo.index.stages for o in s.outs if not o.use_cache]
+        # uncached outputs, and the metrics files (small; cached by DVC since issue 17)
+        keep += [Path(o.fs_path) for s in repo.index.stages for o in s.outs if not o.use_cache or o.metric]
     out = []
     for f in keep:
         if f.is_file():
