@@ -457,3 +457,29 @@ def test_gpu_kernels_match_the_reference(backend, bits, rows):
     ref = pl(x.float()).float()
     y = pl.use_backend(backend)(x).float()
     assert (y - ref).norm() / ref.norm() < 1e-2
+
+
+def test_dequantize_once_is_bit_identical_and_only_for_inference(tmp_path):
+    """Evaluation caches each layer's dequantized weight: same logits bit for bit, for the
+    trainable and the frozen fake-quant model (with activation quantizers) and the packed
+    model; with gradients on, layers dequantize as usual; the copies are gone afterwards."""
+    from quant.config.scheme import ActivationSpec
+    from quant.modules.linear import QuantLinear
+    from quant.modules.runtime import dequantize_once
+
+    trainable = make_tiny_llama()
+    quantize_linears(trainable, QuantScheme(weight=WeightSpec(IntFormat(3), 32, False),
+                                            activation=ActivationSpec(IntFormat(8), "per_token", False)))
+    model, scheme = quantized(4, 32, False)
+    export(model, tiny_tokenizer(), scheme, "gptq", tmp_path / "out")
+    packed, _ = load_packed(tmp_path / "out", torch.float32)
+    for m in (trainable, model.float(), packed):
+        ref = logits(m)
+        with dequantize_once(m) as n:
+            assert n == 14
+            assert torch.equal(logits(m), ref)
+            ids = torch.arange(3, 20).reshape(1, -1)
+            if any(p.requires_grad for p in m.parameters()):  # training inside still gets gradients
+                m(ids).logits.sum().backward()
+                assert all(q.scale.grad is not None for q in m.modules() if isinstance(q, QuantLinear))
+        assert all(q.cached_weight is None for q in m.modules() if isinstance(q, QuantLinear | PackedLinear))

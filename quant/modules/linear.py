@@ -38,6 +38,9 @@ from quant.numerics.formats import FPFormat, IntFormat
 
 
 class QuantLinear(nn.Module):
+    # inference only: the dequantized weight, set by quant.modules.runtime.dequantize_once
+    cached_weight: torch.Tensor | None = None
+
     def __init__(
         self,
         in_features: int,
@@ -179,7 +182,9 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
-        w = self.dequantized_weight()
+        w = self.cached_weight
+        if w is None or torch.is_grad_enabled():
+            w = self.dequantized_weight()
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     @torch.no_grad()

@@ -48,6 +48,9 @@ GEMLITE_INSTALL = "pip install 'gemlite==0.6.0.post2' (or: pip install '.[gpu]')
 
 
 class PackedLinear(nn.Module):
+    # inference only, torch backend: the dequantized weight (quant.modules.runtime.dequantize_once)
+    cached_weight: torch.Tensor | None = None
+
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int,
                  symmetric: bool, bias: bool = False, scale_dtype: torch.dtype = torch.float16,
                  device: torch.device | str | None = None) -> None:
@@ -149,7 +152,10 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., K] -> [..., N]
         if self.backend == "torch":
-            w = self.dequantized_weight().to(x.dtype)
+            w = self.cached_weight
+            if w is None or torch.is_grad_enabled():
+                w = self.dequantized_weight()
+            w = w.to(x.dtype)
             return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
         if self.backend == "gemlite":
             return self._kernel(x)

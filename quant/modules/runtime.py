@@ -9,10 +9,17 @@ is idempotent and every path that builds a quantized model (calibrate, a
 loaded checkpoint, training stages, evaluation, generation) ends with the same
 quantizers. Call it after the weight quantizers are in place: it attaches to
 the modules present at that moment.
+
+`dequantize_once` is for scoring many batches with one model (evaluation): each
+quantized linear dequantizes its weight once instead of on every forward.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
 from torch import nn
 
 from quant.config.scheme import QuantScheme
@@ -33,3 +40,27 @@ def apply_runtime_quantizers(model: nn.Module, scheme: QuantScheme) -> dict[str,
         "act_quantized_linears": n_act if scheme.activation is not None else 0,
         "kv_quantized_projections": n_kv if scheme.kv_cache is not None else 0,
     }
+
+
+@contextmanager
+def dequantize_once(model: nn.Module) -> Iterator[int]:
+    """Inside the block, every QuantLinear and every PackedLinear on the `torch` backend
+    computes its dequantized weight once, on entry, and reuses it in every forward run
+    without gradients (with gradients enabled they dequantize as usual). The weight is
+    the same tensor the forward pass would compute, so outputs are bit for bit those
+    of the plain forward; the cost is one float copy of the quantized weights in memory
+    (what the full-precision model takes). Dynamic activation and KV-cache quantizers
+    are unaffected. Yields the number of layers cached; the copies are dropped on exit."""
+    from quant.modules.linear import QuantLinear
+    from quant.modules.packed import PackedLinear
+
+    layers = [m for m in model.modules()
+              if isinstance(m, QuantLinear) or (isinstance(m, PackedLinear) and m.backend == "torch")]
+    try:
+        with torch.no_grad():
+            for m in layers:
+                m.cached_weight = m.dequantized_weight()
+        yield len(layers)
+    finally:
+        for m in layers:
+            m.cached_weight = None
