@@ -250,6 +250,19 @@ def die_with_parent() -> str:
     return how
 
 
+def peak_memory() -> dict[str, float]:
+    """Peak resident host memory of this process and, when CUDA was used, the peak memory
+    torch allocated on each visible GPU (GiB; logged with every stage run's metrics)."""
+    import resource
+
+    out = {"peak_host_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        peaks = [torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())]
+        out["peak_gpu_gib"] = round(max(peaks) / 2**30, 3)
+    return out
+
+
 def main(stage: str, run: Callable[[Params], dict[str, Any]], sections: tuple[str, ...] = ()) -> None:
     """`python -m tasks.<stage>`: load params, run the stage inside its MLflow run."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -267,7 +280,7 @@ def main(stage: str, run: Callable[[Params], dict[str, Any]], sections: tuple[st
         t0 = time.time()
         with stage_run(stage, flat) as mlflow:
             metrics = run(params) or {}
-            metrics = {**metrics, "wall_seconds": round(time.time() - t0, 2)}
+            metrics = {**metrics, "wall_seconds": round(time.time() - t0, 2), **peak_memory()}
             log_metrics(mlflow, metrics)
             mlflow.set_tag("status_detail", "ok")
     except (ConfigError, MissingDependencyError) as exc:

@@ -423,6 +423,7 @@ def test_deployment_run_completes_with_parent_and_nested_runs(first_run, deploye
     for run in nested:
         assert run.info.status == "FINISHED", run.info.run_name
         assert run.data.params and "wall_seconds" in run.data.metrics, run.info.run_name
+        assert run.data.metrics["peak_host_gib"] > 0.05, run.info.run_name  # resident memory of a stage
     by_name = {r.info.run_name: r for r in nested}
     assert {a.path for a in mlflow_client.list_artifacts(by_name["evaluate"].info.run_id)} >= {"eval.json"}
 
