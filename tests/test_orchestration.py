@@ -670,7 +670,7 @@ SHARD_DVC = """\
         do:
           cmd: python rec.py shard-${item}
           deps: [out/prep.json]
-          params: [hold]
+          params: [hold, fail]
           outs: ["out/shard-${item}.json"]
       merge:
         cmd: python rec.py merge
@@ -680,9 +680,9 @@ SHARD_DVC = """\
 # Each attempt of a stage leaves $SHARD_TEST_MARKS/<name>.<attempt> (outside the checkout)
 # with its process ancestry, which names the worker that ran it. A shard waits until every
 # shard has started (so they ran at once); the first attempt of a shard listed in `hold`
-# sleeps until its worker is killed.
+# sleeps until its worker is killed; a shard listed in `fail` rejects its params (exit 2).
 SHARD_FILES = {
-    "params.yaml": "shards: [0, 1]\nhold: []\n",
+    "params.yaml": "shards: [0, 1]\nhold: []\nfail: []\n",
     "rec.py": """\
         import json, os, sys, time, yaml
         name, t0 = sys.argv[1], time.time()
@@ -697,6 +697,9 @@ SHARD_FILES = {
         os.replace(f"{marks}/{name}.{attempt}.tmp", f"{marks}/{name}.{attempt}")
         params = yaml.safe_load(open("params.yaml"))
         if name.startswith("shard-"):
+            if int(name.split("-")[1]) in params["fail"]:
+                print(f"error: fail={params['fail']} is not accepted")
+                sys.exit(2)
             if int(name.split("-")[1]) in params["hold"] and attempt == 1:
                 time.sleep(900)
             while not all(os.path.exists(f"{marks}/shard-{k}.1") for k in params["shards"]):
@@ -800,6 +803,19 @@ def test_two_workers_of_the_pool_take_the_shards_of_one_pipeline_run(servers, sh
     assert len({fr.infrastructure_pid for fr in runs}) == 2
     assert {rows[s]["flow_run"] for s in ("shard@0", "shard@1")} == {fr.name for fr in runs}
     assert {str(rows[s]["pid"]) for s in ("shard@0", "shard@1")} == {fr.infrastructure_pid for fr in runs}
+
+    # overrides: the shards run in the run's scratch checkout; a shard that rejects its
+    # params fails the pipeline with its error line, and is not submitted again
+    with prefect_api(servers):
+        state = pipeline(overrides=["fail=[1]"], shard_deployment=SHARD_TEST_DEPLOYMENT, promote=False, retries=1,
+                         retry_delay_seconds=0, return_state=True)
+    assert state.is_failed()
+    assert "stage 'shard@1' failed: error: fail=[1] is not accepted" in state.message
+    assert sorted(p.name for p in marks.iterdir() if p.name.startswith("shard-")) == [
+        "shard-0.1", "shard-0.2", "shard-1.1", "shard-1.2"]
+    assert (proj / "params.yaml").read_text() == SHARD_FILES["params.yaml"]
+    failed = [fr for fr in _shard_runs(servers) if fr.name.endswith("/shard@1") and fr.state.is_failed()]
+    assert len(failed) == 1 and "bad params" in failed[0].state.message
 
 
 @pytest.mark.slow
