@@ -13,6 +13,12 @@ script `make servers-up` runs) on free ports with their state in a temporary dir
   model version is registered and promoted; a second run with a stricter gate reruns only
   `register` and is refused with the failed gates named; `models:/quant-pipeline@champion`
   loads and generates; `dvc push` / `dvc pull` restore the outputs.
+- Shards on a work pool: two shard workers (`servers.py shard-worker`, one run at a time
+  each) take one shard each of one pipeline run with `shard_deployment` (the repository's
+  `shard` deployment, on a toy project), with the pipeline's environment; a shard that
+  rejects its params fails the run and is not resubmitted. (slow, opt-in) The worker
+  holding a shard is SIGKILLed: the zombie automation crashes its run, the pipeline
+  resubmits it, the other worker runs it, the pipeline completes.
 - (slow, opt-in) The same deployment over the whole graph with params.yaml's own
   `evaluate.model` (synthesis shards, merge, block_ap, e2e, evaluate, register): completes,
   shards overlap in time, stages that already ran stay up to date, a version is registered.
