@@ -21,7 +21,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run test lint clean servers-up servers-down servers-status deploy flow-run promote lock sweep
+.PHONY: setup run test lint clean servers-up servers-down servers-status shard-worker deploy flow-run promote lock sweep
 
 setup: $(STAMP)
 
@@ -62,6 +62,12 @@ servers-down:
 servers-status:
 	$(SERVERS) status
 
+# one more process worker, on the shard pool (quant-shards): one synthesis shard at a time,
+# on GPUS (its CUDA_VISIBLE_DEVICES); one per GPU, e.g. `make shard-worker NAME=gpu1 GPUS=1`.
+# Used by `make flow-run SHARDS=quant-shard/shard`; `make servers-down` stops them too.
+shard-worker: setup
+	$(SERVERS) shard-worker $(if $(NAME),--name $(NAME)) $(if $(GPUS),--gpus $(GPUS))
+
 # register the deployment of prefect.yaml; it runs the flow in this checkout
 # (servers down: says to run `make servers-up`)
 deploy: setup
@@ -69,10 +75,11 @@ deploy: setup
 
 # run the deployment and wait; S="key=value ..." are params overrides (DVC -S syntax; the
 # run happens in a scratch checkout, params.yaml is never rewritten), T="stage ..."
-# restricts the run to those stages and what they depend on. On failure: the failing
-# stage and its one-line error, exit 1.
+# restricts the run to those stages and what they depend on, SHARDS=quant-shard/shard runs
+# the synthesis shards as flow runs on the shard pool (`make shard-worker`). On failure:
+# the failing stage and its one-line error, exit 1.
 flow-run: setup
-	$(SERVER_ENV) && $(PY) -m flows.client run -S '$(S)' -T '$(T)'
+	$(SERVER_ENV) && $(PY) -m flows.client run -S '$(S)' -T '$(T)' $(if $(SHARDS),--shards $(SHARDS))
 
 # the recipe sweep in-process (or `prefect deployment run 'quant-sweep/sweep'` after make deploy);
 # GRID=name picks one of params.yaml sweep.grids, S="key=value ..." is added to every recipe

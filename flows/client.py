@@ -1,7 +1,7 @@
 """What `make deploy`, `make flow-run` and `make promote` run on the user's side.
 
     python -m flows.client check            # servers reachable? else say `make servers-up`
-    python -m flows.client run [-S k=v ...] [-T stage ...]   # run the deployment, watch it
+    python -m flows.client run [-S k=v ...] [-T stage ...] [--shards quant-shard/shard]   # run it, watch it
 
 `run` submits the deployment, follows its state and, at the end, prints what the user
 needs: on success the final state (and its message: a refused promotion says so); on
@@ -46,13 +46,14 @@ def unreachable() -> str | None:
     return None
 
 
-def run(overrides: list[str], targets: list[str] | None, timeout: float) -> int:
+def run(overrides: list[str], targets: list[str] | None, timeout: float, shards: str | None = None) -> int:
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
 
     try:
-        fr = run_deployment(DEPLOYMENT, parameters={"overrides": overrides, "targets": targets}, timeout=0)
+        params = {"overrides": overrides, "targets": targets, **({"shard_deployment": shards} if shards else {})}
+        fr = run_deployment(DEPLOYMENT, parameters=params, timeout=0)
     except ObjectNotFound:
         print(f"error: deployment {DEPLOYMENT!r} not found on this Prefect server: run `make deploy` first",
               file=sys.stderr)
@@ -103,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("run", help="run the deployment and wait for it")
     r.add_argument("-S", dest="overrides", default="", help="params overrides, space separated (key=value ...)")
     r.add_argument("-T", dest="targets", default="", help="stages to run (and what they depend on), space separated")
+    r.add_argument("--shards", default=None,
+                   help="run the foreach items (synthesis shards) as flow runs of this deployment on its work "
+                        "pool, e.g. quant-shard/shard (start workers with `make shard-worker`)")
     r.add_argument("--timeout", type=float, default=6 * 3600)
     args = ap.parse_args(argv)
     down = unreachable()
@@ -111,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.cmd == "check":
         return 0
-    return run(args.overrides.split(), args.targets.split() or None, args.timeout)
+    return run(args.overrides.split(), args.targets.split() or None, args.timeout, args.shards)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ class OverrideError(ValueError):
 
 class StageFailed(RuntimeError):
     def __init__(self, stage: str, returncode: int, tail: str, config_error: bool):
-        self.stage, self.returncode, self.config_error = stage, returncode, config_error
+        self.stage, self.returncode, self.config_error, self.tail = stage, returncode, config_error, tail
         self.reason = one_line_error(tail)
         kind = "bad params (not retried)" if config_error else f"exit code {returncode}"
         super().__init__(f"stage {stage!r} failed ({kind}): {self.reason}; last lines:\n{tail}")

@@ -30,6 +30,14 @@ params.yaml, dvc.lock and metrics stay in .state/flow-runs/<flow run id>/ (the o
 are in the DVC cache: copy those two files into a checkout and `dvc checkout`).
 A run without overrides runs in the checkout itself, as `dvc repro` would.
 
+Several machines: with `shard_deployment="quant-shard/shard"` the items of a `foreach`
+stage are not run in this process but submitted as flow runs of that deployment
+(flows/shard.py, prefect.yaml `shard`) on its work pool (`quant-shards`): each worker of
+the pool with a free slot takes one (one worker per GPU, `make shard-worker GPUS=k`, each
+`--limit 1`), on this machine or another that sees this checkout at the same path. This
+flow waits for them; a shard run that Crashed (its worker killed: the zombie automation
+below) or Failed is submitted again (`retries`), so a live worker picks it up.
+
 Failures: the flow fails with `stage 'x' failed: <its one-line error>` (what
 `make flow-run` prints), and that text is the parent run's `error` tag. Crashes (the
 worker or the flow process killed): the zombie-flow automation that scripts/servers.py
@@ -50,6 +58,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -82,16 +91,33 @@ FLOW_NAME = "quant-pipeline"
 REGISTER_STAGE = "register"
 PROMOTION_REFUSED = 3  # exit code of `python -m tasks.register promote` when a gate failed
 STAGE_NAME_ENV = "QUANT_STAGE_RUN_NAME"  # the MLflow stage run's name (`synthesize@0`), read by tasks/common
+SHARD_FLOW = "quant-shard"  # the flow of the shard deployment (flows/shard.py)
+SHARD_DEPLOYMENT = f"{SHARD_FLOW}/shard"  # prefect.yaml
+SHARD_ARTIFACT = "quant-shard"  # the table artifact a shard run leaves: its stage row, or its failure
+SHARD_POLL_SECONDS = 2.0
 TELEMETRY_OFF = {"DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1",
                  "HF_HUB_DISABLE_TELEMETRY": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
 
 
+class ShardRunEnded(RuntimeError):
+    """A shard's flow run ended without a stage result: Crashed (its worker or process died),
+    Failed before its stage ran (retried: another worker may take it), or Cancelled (not)."""
+
+    def __init__(self, stage: str, run_name: str, state_name: str, message: str | None, retry: bool):
+        self.stage, self.retry = stage, retry
+        super().__init__(f"stage {stage!r}: shard flow run {run_name!r} ended {state_name}"
+                         + (f": {message}" if message else ""))
+
+
 def _retry_unless_bad_params(task, task_run, state) -> bool:
-    """Retry a failed stage unless it rejected its params (exit 2): that never heals."""
+    """Retry a failed stage unless it rejected its params (exit 2): that never heals; nor
+    a cancelled shard run."""
     try:
         state.result()
     except dvc_stages.StageFailed as exc:
         return not exc.config_error
+    except ShardRunEnded as exc:
+        return exc.retry
     except Exception:
         return True
     return False
@@ -133,6 +159,84 @@ def _key(stage: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in stage.lower())
 
 
+@task(task_run_name="{stage} on {deployment}", cache_policy=NO_CACHE,
+      retry_condition_fn=_retry_unless_bad_params)
+def run_stage_on_pool(stage: str, deployment: str, parameters: dict[str, Any]) -> dict[str, Any]:
+    """One foreach item as a flow run of the shard deployment (flows/shard.py), taken by
+    whichever worker of its pool has a free slot; waits for the run to end. Its row (or its
+    stage's failure) comes back through the run's `quant-shard` artifact. A crashed run
+    raises ShardRunEnded, and this task's retries submit a new one."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    logger = get_run_logger()
+    fr = run_deployment(deployment, parameters={"stage": stage, **parameters}, timeout=0, as_subflow=True,
+                        flow_run_name=f"{flow_run.get_name() or FLOW_NAME}/{stage}")
+    logger.info("stage %s: flow run %r of %s submitted", stage, fr.name, deployment)
+    last = None
+    with get_client(sync_client=True) as client:
+        while True:
+            run = client.read_flow_run(fr.id)
+            if run.state is not None and run.state.name != last:
+                last = run.state.name
+                pid = f" (process {run.infrastructure_pid})" if run.infrastructure_pid else ""
+                logger.info("stage %s: flow run %r %s%s", stage, fr.name, last, pid)
+            if run.state is not None and run.state.is_final():
+                break
+            time.sleep(SHARD_POLL_SECONDS)
+        row = _shard_row(client, fr.id)
+    state = run.state
+    if state.is_completed() and row is not None and row["status"] != "failed":
+        return {**row, "flow_run": fr.name}
+    if row is not None and row["status"] == "failed":  # the stage itself failed: as if it ran here
+        raise dvc_stages.StageFailed(stage, int(row["returncode"]), row["tail"], bool(row["config_error"]))
+    raise ShardRunEnded(stage, fr.name, state.name, state.message, retry=not state.is_cancelled())
+
+
+def _shard_row(client, flow_run_id) -> dict[str, Any] | None:
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterKey,
+        FlowRunFilter,
+        FlowRunFilterId,
+    )
+
+    arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[SHARD_ARTIFACT])),
+                                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    if not arts:
+        return None
+    data = arts[-1].data
+    return (json.loads(data) if isinstance(data, str) else data)[0]
+
+
+def _check_shard_deployment(name: str, logger) -> None:
+    """The shard deployment exists and runs the shard flow (else fail before any stage,
+    saying how to deploy it); warn when no worker of its pool is online."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import WorkerStatus
+    from prefect.exceptions import ObjectNotFound
+
+    if name.count("/") != 1 or not all(name.split("/")):
+        raise ValueError(f"shard_deployment={name!r} must be '<flow>/<deployment>', e.g. {SHARD_DEPLOYMENT!r}")
+    with get_client(sync_client=True) as client:
+        try:
+            dep = client.read_deployment_by_name(name)
+        except ObjectNotFound:
+            raise ValueError(f"shard_deployment={name!r} is not a deployment of the Prefect server at "
+                             f"{client.api_url}: `make deploy` registers {SHARD_DEPLOYMENT!r} (prefect.yaml)") from None
+        flow_name = client.read_flow(dep.flow_id).name
+        if flow_name != SHARD_FLOW:
+            raise ValueError(f"shard_deployment={name!r} runs the flow {flow_name!r}, not {SHARD_FLOW!r} "
+                             f"(flows/shard.py:run_shard)")
+        workers = client.read_workers_for_work_pool(dep.work_pool_name) if dep.work_pool_name else []
+    online = sorted(w.name for w in workers if w.status == WorkerStatus.ONLINE)
+    if online:
+        logger.info("shards go to work pool %r (workers online: %s)", dep.work_pool_name, ", ".join(online))
+    else:
+        logger.warning("no worker of work pool %r is online: the shard runs wait for one (`make shard-worker`)",
+                       dep.work_pool_name)
+
+
 @task(cache_policy=NO_CACHE)
 def promote_model(root: str, extra_env: dict[str, str]) -> dict[str, Any]:
     """`python -m tasks.register promote --json`: the gates decide; a refusal is not a failure."""
@@ -147,24 +251,34 @@ def promote_model(root: str, extra_env: dict[str, str]) -> dict[str, Any]:
 
 
 def _run_wave(wave: list[str], root: Path, env: dict[str, str], gpus: list[str], log_dir: Path,
-              force: bool, max_parallel: int | None, rows: list[dict[str, Any]], stage_task) -> None:
+              force: bool, max_parallel: int | None, rows: list[dict[str, Any]], stage_task,
+              on_pool=None) -> None:
     """A single stage runs alone (with every GPU); a wave of foreach items runs concurrently,
     item i pinned to GPU i mod n, at most `max_parallel` (default: the number of GPUs, or all
-    items without GPUs) at a time."""
-    if len(wave) == 1:
+    items without GPUs) at a time. With `on_pool` (stage -> future), foreach items go to the
+    shard deployment's work pool instead: its workers decide where they run and how many at
+    a time (`max_parallel`, when set, still caps the runs in flight)."""
+    if on_pool is not None and "@" in wave[0]:
+        limit = max_parallel or len(wave)
+
+        def submit(i: int, stage: str):
+            return on_pool(stage)
+    elif len(wave) == 1:
         try:
             rows.append(stage_task(wave[0], str(root), env, str(log_dir), force))
         except Exception:
             rows.append({"stage": wave[0], "status": "failed", "started": "", "seconds": None, "gpu": ""})
             raise
         return
-    limit = max_parallel or len(gpus) or len(wave)
+    else:
+        limit = max_parallel or len(gpus) or len(wave)
+
+        def submit(i: int, stage: str):
+            pin = {"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]} if gpus else {}
+            return stage_task.submit(stage, str(root), {**env, **pin}, str(log_dir), force)
     for start in range(0, len(wave), limit):
         chunk = wave[start : start + limit]
-        futures = []
-        for i, stage in enumerate(chunk):
-            pin = {"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]} if gpus else {}
-            futures.append(stage_task.submit(stage, str(root), {**env, **pin}, str(log_dir), force))
+        futures = [submit(i, stage) for i, stage in enumerate(chunk)]
         wait(futures)
         failed = []
         for stage, fut in zip(chunk, futures, strict=True):
@@ -175,6 +289,21 @@ def _run_wave(wave: list[str], root: Path, env: dict[str, str], gpus: list[str],
                 failed.append(fut)
         if failed:
             failed[0].result()  # re-raise the first failure (all items finished first)
+
+
+def _pool_submitter(deployment: str, root: Path, work: Path, env: dict[str, str], log_dir: Path, force: bool,
+                    retries: int, retry_delay_seconds: float):
+    """stage -> future of its run on the shard deployment. Paths go relative to the checkout
+    (the shard deployment runs in its own working directory: this checkout, shared), with
+    the md5 of the run's params.yaml, which the shard checks it sees too."""
+    pool_task = run_stage_on_pool.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
+    parameters = {"workdir": str(work.relative_to(root)), "env": env, "log_dir": str(log_dir.relative_to(root)),
+                  "force": force, "params_md5": file_md5(work / dvc_stages.PARAMS_FILE)}
+
+    def submit(stage: str):
+        return pool_task.submit(stage, deployment, parameters)
+
+    return submit
 
 
 def _crashed(flow, flow_run_, state) -> None:
@@ -192,9 +321,12 @@ def pipeline(
     retry_delay_seconds: float = 10.0,
     max_parallel: int | None = None,
     experiment: str | None = None,
+    shard_deployment: str | None = None,
 ):
     """Run every DVC stage (what is stale) in order, or only `targets` and what they depend
-    on; overrides use DVC's -S syntax (key=value) and run in a scratch checkout."""
+    on; overrides use DVC's -S syntax (key=value) and run in a scratch checkout. With
+    `shard_deployment` (e.g. "quant-shard/shard"), foreach items run as flow runs of that
+    deployment on its work pool instead of in this process."""
     if retries < 0:
         raise ValueError(f"retries={retries} must be >= 0")
     if max_parallel is not None and max_parallel < 1:
@@ -205,6 +337,8 @@ def pipeline(
                          f"(the deployment's working directory)")
     logger = get_run_logger()
     resolved = dvc_stages.resolve_overrides(root, list(overrides or []))  # all checked before any work
+    if shard_deployment:
+        _check_shard_deployment(shard_deployment, logger)
     applied = resolved.overrides
     run_id = str(flow_run.get_id() or "local")
     experiment = experiment or os.environ.get(EXPERIMENT_ENV) or DEFAULT_EXPERIMENT
@@ -235,8 +369,10 @@ def pipeline(
         parent.log_params({**flatten(params), **git_state(root), "overrides": " ".join(applied) or "none"})
         gpus = dvc_stages.gpu_slots()
         stage_task = run_stage.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
+        on_pool = (_pool_submitter(shard_deployment, root, work, env, log_dir, force, retries, retry_delay_seconds)
+                   if shard_deployment else None)
         for wave in plan:
-            _run_wave(wave, work, env, gpus, log_dir, force, max_parallel, rows, stage_task)
+            _run_wave(wave, work, env, gpus, log_dir, force, max_parallel, rows, stage_task, on_pool)
         if promote and any(REGISTER_STAGE in w for w in plan):
             decision = promote_model(str(work), env)
     except dvc_stages.StageFailed as exc:
@@ -342,9 +478,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--force", action="store_true", help="rerun every stage (dvc repro --force)")
     ap.add_argument("--retries", type=int, default=2)
     ap.add_argument("--max-parallel", type=int, default=None)
+    ap.add_argument("--shard-deployment", default=None,
+                    help=f"run foreach items as flow runs of this deployment (e.g. {SHARD_DEPLOYMENT}) on its work pool")
     args = ap.parse_args(argv)
     pipeline(overrides=args.overrides, targets=args.targets, promote=args.promote, force=args.force,
-             retries=args.retries, max_parallel=args.max_parallel)
+             retries=args.retries, max_parallel=args.max_parallel, shard_deployment=args.shard_deployment)
 
 
 if __name__ == "__main__":

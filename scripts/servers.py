@@ -1,9 +1,16 @@
 """Start, stop and inspect the local servers: Prefect server, Prefect process worker, MLflow server.
 
     python scripts/servers.py up       # start what is not running, wait until healthy
-    python scripts/servers.py down     # stop them (SIGTERM to each one's process group, then SIGKILL)
+    python scripts/servers.py down     # stop them and the shard workers (SIGTERM to each one's process group, then SIGKILL)
     python scripts/servers.py status   # what runs, where
     eval "$(python scripts/servers.py env)"   # point prefect/mlflow clients at them
+    python scripts/servers.py shard-worker --name gpu1 --gpus 1   # one more worker, for shards
+
+Shard workers: `up` creates the work pool of the shard deployment ($QUANT_SHARD_POOL,
+quant-shards; prefect.yaml `shard`); `shard-worker` starts a process worker on it that runs
+one flow run at a time (`--limit 1`) with CUDA_VISIBLE_DEVICES=--gpus, so one worker per GPU
+takes one synthesis shard each. On another machine (same checkout path on a shared
+filesystem, the servers reached through an SSH tunnel to 127.0.0.1) it is the same command.
 
 Why a script and not `prefect server start -b` + `mlflow server &`: the three must
 share one state directory, one set of telemetry switches and one notion of "is it up"
@@ -45,6 +52,8 @@ HOST = "127.0.0.1"
 BIN = Path(sys.executable).parent
 MLFLOW_CONFIG = ROOT / "mlflow" / "server.toml"
 DEFAULT_POOL = "quant-process"
+DEFAULT_SHARD_POOL = "quant-shards"
+SHARD_WORKER = "shard-worker-"  # pid file / log name prefix of a shard worker
 
 # Every switch each tool reads (MLflow wants DO_NOT_TRACK=true, not 1; its own
 # switch is MLFLOW_DISABLE_TELEMETRY; Prefect accepts 1/true/yes).
@@ -67,6 +76,7 @@ class Settings:
     prefect_port: int
     mlflow_port: int
     pool: str
+    shard_pool: str
     mlflow: dict = field(default_factory=dict)
 
     @classmethod
@@ -81,6 +91,7 @@ class Settings:
             prefect_port=_port("QUANT_PREFECT_PORT", 4200),
             mlflow_port=_port("QUANT_MLFLOW_PORT", int(mlflow["port"])),
             pool=os.environ.get("QUANT_WORK_POOL") or DEFAULT_POOL,
+            shard_pool=os.environ.get("QUANT_SHARD_POOL") or DEFAULT_SHARD_POOL,
             mlflow=mlflow,
         )
 
@@ -129,13 +140,13 @@ def _http_ok(url: str, method: str = "GET", body: bytes | None = None) -> bytes 
         return None
 
 
-def _worker_online(s: Settings, since: float) -> bool:
+def _worker_online(s: Settings, since: float, pool: str, name: str) -> bool:
     """Our worker sent a heartbeat after `since` (a record left by an earlier worker does not count)."""
-    raw = _http_ok(f"{s.prefect_api_url}/work_pools/{s.pool}/workers/filter", "POST", b"{}")
+    raw = _http_ok(f"{s.prefect_api_url}/work_pools/{pool}/workers/filter", "POST", b"{}")
     if not raw:
         return False
     return any(
-        w.get("name") == f"{s.pool}-worker" and w.get("status") == "ONLINE" and w.get("last_heartbeat_time")
+        w.get("name") == name and w.get("status") == "ONLINE" and w.get("last_heartbeat_time")
         and datetime.fromisoformat(w["last_heartbeat_time"]).timestamp() >= since
         for w in json.loads(raw)
     )
@@ -167,9 +178,46 @@ def services(s: Settings) -> list[Service]:
             [str(BIN / "prefect"), "worker", "start", "--pool", s.pool, "--type", "process",
              "--name", f"{s.pool}-worker", "--install-policy", "never"],
             None,
-            lambda since: _worker_online(s, since),
+            lambda since: _worker_online(s, since, s.pool, f"{s.pool}-worker"),
         ),
     ]
+
+
+def shard_worker(s: Settings, name: str, gpus: str | None = None, limit: int = 1) -> Service:
+    """A process worker on the shard pool running `limit` flow runs at a time, on `gpus`."""
+    if not name or not all(c.isalnum() or c in "-_" for c in name):
+        raise ServerError(f"--name {name!r} must be letters, digits, '-' or '_' (it names the worker and its pid file)")
+    if gpus is not None and not all(g.strip().isdigit() for g in gpus.split(",")):
+        raise ServerError(f"--gpus {gpus!r} must be GPU indices separated by commas, e.g. 0 or 0,1")
+    if limit < 1:
+        raise ServerError(f"--limit {limit} must be >= 1 (flow runs at a time)")
+    worker = f"{s.shard_pool}-{name}"
+    return Service(
+        f"{SHARD_WORKER}{name}",
+        [str(BIN / "prefect"), "worker", "start", "--pool", s.shard_pool, "--type", "process", "--name", worker,
+         "--limit", str(limit), "--install-policy", "never"],
+        None,
+        lambda since: _worker_online(s, since, s.shard_pool, worker),
+        {"CUDA_VISIBLE_DEVICES": gpus} if gpus is not None else {},
+    )
+
+
+def shard_workers(s: Settings) -> list[Service]:
+    """The shard workers that have a pid file (started by `shard-worker`)."""
+    return [shard_worker(s, f.stem.removeprefix(SHARD_WORKER))
+            for f in sorted((s.state / "pids").glob(f"{SHARD_WORKER}*.pid"))]
+
+
+def ensure_pool(s: Settings, pool: str) -> None:
+    """Create the process work pool `pool` unless the server has it (so that `prefect deploy`
+    of a deployment on it works before any of its workers started)."""
+    if _http_ok(f"{s.prefect_api_url}/work_pools/{pool}") is not None:
+        return
+    r = subprocess.run([str(BIN / "prefect"), "work-pool", "create", pool, "--type", "process"],
+                       env={**os.environ, **s.client_env()}, capture_output=True, text=True, timeout=120)
+    if r.returncode != 0 and _http_ok(f"{s.prefect_api_url}/work_pools/{pool}") is None:
+        raise ServerError(f"could not create work pool {pool!r}: {(r.stdout + r.stderr)[-2000:]}")
+    print(f"work pool {pool!r}: created")
 
 
 # ---------------------------------------------------------------------------
@@ -333,8 +381,11 @@ def _alive(pid: int) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("action", choices=["up", "down", "status", "env"])
+    ap.add_argument("action", choices=["up", "down", "status", "env", "shard-worker"])
     ap.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for each service")
+    ap.add_argument("--name", default="1", help="shard-worker: its name (worker <shard pool>-<name>)")
+    ap.add_argument("--gpus", default=None, help="shard-worker: its CUDA_VISIBLE_DEVICES, e.g. 1 (default: inherited)")
+    ap.add_argument("--limit", type=int, default=1, help="shard-worker: flow runs at a time (default 1)")
     args = ap.parse_args(argv)
     try:
         s = Settings.from_env()
@@ -343,10 +394,17 @@ def main(argv: list[str] | None = None) -> int:
             for svc in svcs:
                 start(s, svc, args.timeout)
             install_automations(s)
+            ensure_pool(s, s.shard_pool)
             print(f"Prefect API {s.prefect_api_url} (UI http://{HOST}:{s.prefect_port}), "
-                  f"MLflow {s.mlflow_uri}, work pool {s.pool!r}, state {s.state}")
+                  f"MLflow {s.mlflow_uri}, work pools {s.pool!r} and {s.shard_pool!r} (shards), state {s.state}")
+        elif args.action == "shard-worker":
+            svc = shard_worker(s, args.name, args.gpus, args.limit)
+            if _http_ok(f"{s.prefect_api_url}/health") != b"true":
+                raise ServerError(f"the Prefect server is not up at {s.prefect_api_url}: run `make servers-up` "
+                                  f"first (on another machine: tunnel its port {s.prefect_port} here)")
+            start(s, svc, args.timeout)
         elif args.action == "down":
-            for svc in reversed(svcs):
+            for svc in [*shard_workers(s), *reversed(svcs)]:
                 stop(s, svc)
         elif args.action == "status":
             up = True
@@ -355,6 +413,9 @@ def main(argv: list[str] | None = None) -> int:
                 ok = pid is not None and svc.healthy(0.0)
                 up &= ok
                 print(f"{svc.name}: {'up' if ok else 'down'}" + (f" (pid {pid})" if pid else ""))
+            for svc in shard_workers(s):  # optional: not part of "up"
+                pid = _running(s, svc)
+                print(f"{svc.name}: {'running' if pid else 'down'}" + (f" (pid {pid})" if pid else ""))
             return 0 if up else 1
         else:
             for k, v in s.client_env().items():

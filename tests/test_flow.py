@@ -285,3 +285,25 @@ def test_client_prints_the_failing_stage_and_a_refused_promotion(capsys):
     refused = "quant-pipeline v2 not promoted; @champion stays v1: gate 'ppl_ratio' failed: ..."
     assert client.report("x", Completed(message=refused)) == 0
     assert f"Flow run finished: Completed ({refused})" in capsys.readouterr().out
+
+
+def test_shard_refuses_a_checkout_it_does_not_share_and_bad_names(toy, tmp_path, monkeypatch):
+    """A shard worker that does not see the pipeline's checkout (no shared filesystem) fails
+    saying so, before running anything; so do a non-foreach stage and a malformed deployment."""
+    from flows.pipeline import _check_shard_deployment
+    from flows.shard import ShardCheckoutError, _check_checkout, run_shard
+    from flows.tracking import file_md5
+
+    md5 = file_md5(toy / "params.yaml")
+    _check_checkout(toy, toy, ".", md5)  # the same checkout: fine
+    other = make_project(tmp_path / "other", TOY_DVC, "shards: [0, 1, 2]\n")
+    with pytest.raises(ShardCheckoutError, match=r"params\.yaml .* has md5 .*another checkout"):
+        _check_checkout(other, other, ".", md5)
+    with pytest.raises(ShardCheckoutError, match=r"no dvc.yaml at workdir='.state/scratch/x'.*shared filesystem"):
+        _check_checkout(toy, toy / ".state" / "scratch" / "x", ".state/scratch/x", md5)
+    monkeypatch.chdir(toy)
+    with pytest.raises(ValueError, match=r"stage='shard' is not an item of a foreach stage"):
+        run_shard.fn("shard")
+    for bad in ("shard", "quant-shard/", "a/b/c"):
+        with pytest.raises(ValueError, match=rf"shard_deployment='{bad}' must be '<flow>/<deployment>'"):
+            _check_shard_deployment(bad, None)

@@ -13,6 +13,12 @@ script `make servers-up` runs) on free ports with their state in a temporary dir
   model version is registered and promoted; a second run with a stricter gate reruns only
   `register` and is refused with the failed gates named; `models:/quant-pipeline@champion`
   loads and generates; `dvc push` / `dvc pull` restore the outputs.
+- Shards on a work pool: two shard workers (`servers.py shard-worker`, one run at a time
+  each) take one shard each of one pipeline run with `shard_deployment` (the repository's
+  `shard` deployment, on a toy project), with the pipeline's environment; a shard that
+  rejects its params fails the run and is not resubmitted. (slow, opt-in) The worker
+  holding a shard is SIGKILLed: the zombie automation crashes its run, the pipeline
+  resubmits it, the other worker runs it, the pipeline completes.
 - (slow, opt-in) The same deployment over the whole graph with params.yaml's own
   `evaluate.model` (synthesis shards, merge, block_ap, e2e, evaluate, register): completes,
   shards overlap in time, stages that already ran stay up to date, a version is registered.
@@ -655,3 +661,227 @@ def test_killed_worker_run_becomes_crashed_mlflow_failed_and_a_rerun_starts_at_o
         assert again.state.is_completed(), again.state.message
     print(f"crashed {crashed_after:.0f} s after the kill; re-run done in {time.time() - t0:.0f} s")
     assert time.time() - t0 < 300
+
+
+# ---------------------------------------------------------------------------
+# Shards on a work pool: two shard workers, one pipeline run; a killed worker's shard
+
+
+SHARD_DVC = """\
+    stages:
+      prep:
+        cmd: python rec.py prep
+        outs: [out/prep.json]
+      shard:
+        foreach: ${shards}
+        do:
+          cmd: python rec.py shard-${item}
+          deps: [out/prep.json]
+          params: [hold, fail]
+          outs: ["out/shard-${item}.json"]
+      merge:
+        cmd: python rec.py merge
+        deps: [out/shard-0.json, out/shard-1.json]
+        outs: [out/merge.json]
+"""
+# Each attempt of a stage leaves $SHARD_TEST_MARKS/<name>.<attempt> (outside the checkout)
+# with its process ancestry, which names the worker that ran it. A shard waits until every
+# shard has started (so they ran at once); the first attempt of a shard listed in `hold`
+# sleeps until its worker is killed; a shard listed in `fail` rejects its params (exit 2).
+SHARD_FILES = {
+    "params.yaml": "shards: [0, 1]\nhold: []\nfail: []\n",
+    "rec.py": """\
+        import json, os, sys, time, yaml
+        name, t0 = sys.argv[1], time.time()
+        marks = os.environ["SHARD_TEST_MARKS"]
+        os.makedirs(marks, exist_ok=True)
+        attempt = 1 + sum(f.startswith(name + ".") for f in os.listdir(marks))
+        chain, pid = [], os.getpid()
+        while pid > 1:
+            chain.append(pid)
+            pid = int(open(f"/proc/{pid}/stat").read().rsplit(") ", 1)[1].split()[1])
+        json.dump({"chain": chain}, open(f"{marks}/{name}.{attempt}.tmp", "w"))
+        os.replace(f"{marks}/{name}.{attempt}.tmp", f"{marks}/{name}.{attempt}")
+        params = yaml.safe_load(open("params.yaml"))
+        if name.startswith("shard-"):
+            if int(name.split("-")[1]) in params["fail"]:
+                print(f"error: fail={params['fail']} is not accepted")
+                sys.exit(2)
+            if int(name.split("-")[1]) in params["hold"] and attempt == 1:
+                time.sleep(900)
+            while not all(os.path.exists(f"{marks}/shard-{k}.1") for k in params["shards"]):
+                if time.time() - t0 > 120:
+                    sys.exit(f"{name}: the other shards never started")
+                time.sleep(0.2)
+        os.makedirs("out", exist_ok=True)
+        env = {k: os.environ.get(k) for k in ("QUANT_PARENT_RUN_ID", "QUANT_CACHE_DIR", "QUANT_STAGE_RUN_NAME")}
+        json.dump({"start": t0, "end": time.time(), "attempt": attempt, **env}, open(f"out/{name}.json", "w"))
+        """,
+}
+SHARD_TEST_DEPLOYMENT = "quant-shard/shard-test"
+
+
+def _shard_project(servers, proj: Path, marks: Path) -> Path:
+    """The toy project with flows/ and a prefect.yaml holding the repository's own `shard`
+    deployment (renamed) and a pipeline deployment, both with $SHARD_TEST_MARKS."""
+    shutil.copytree(ROOT / "flows", proj / "flows", ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([PY, "-m", "dvc", "init", "--no-scm", "-q"], cwd=proj, check=True)
+    (proj / "dvc.yaml").write_text(textwrap.dedent(SHARD_DVC))
+    for name, text in SHARD_FILES.items():
+        (proj / name).write_text(textwrap.dedent(text))
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    shard = next(d for d in spec["deployments"] if d["name"] == "shard")
+    shard["name"] = SHARD_TEST_DEPLOYMENT.split("/")[1]
+    pipe = yaml.safe_load(textwrap.dedent(CRASH_PREFECT_YAML))["deployments"][0]
+    pipe["name"] = "shard-pool-test"
+    for d in (shard, pipe):
+        d["work_pool"]["job_variables"]["env"].update(SHARD_TEST_MARKS=str(marks), QUANT_EXPERIMENT="shard-pool")
+    spec["deployments"] = [pipe, shard]
+    (proj / "prefect.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    r = subprocess.run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"], cwd=proj, env=servers.client,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and SHARD_TEST_DEPLOYMENT in r.stdout, r.stdout + r.stderr
+    return proj
+
+
+@pytest.fixture(scope="module")
+def shard_workers(servers):
+    """Two shard workers (`servers.py shard-worker`, one flow run at a time each): {pid: name}."""
+    script = [PY, str(ROOT / "scripts" / "servers.py"), "shard-worker"]
+    pids = {}
+    for name in ("a", "b"):
+        r = subprocess.run([*script, "--name", name], env=servers.env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout + r.stderr
+        pids[json.loads((servers.state / "pids" / f"shard-worker-{name}.pid").read_text())["pid"]] = name
+    return pids
+
+
+def _worker_of(marks: Path, mark: str, workers: dict[int, str]) -> str:
+    """The shard worker among whose descendants that attempt of a stage ran."""
+    chain = json.loads((marks / mark).read_text())["chain"]
+    (name,) = [workers[p] for p in chain if p in workers]
+    return name
+
+
+def _shard_runs(servers) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with prefect_api(servers), get_client(sync_client=True) as client:
+        dep = client.read_deployment_by_name(SHARD_TEST_DEPLOYMENT)
+        return client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])),
+                                     sort=FlowRunSort.START_TIME_ASC)
+
+
+def test_two_workers_of_the_pool_take_the_shards_of_one_pipeline_run(servers, shard_workers, mlflow_client,
+                                                                      tmp_path, monkeypatch):
+    from flows.pipeline import pipeline
+
+    marks = tmp_path / "marks"
+    proj = _shard_project(servers, tmp_path / "proj", marks)
+    monkeypatch.chdir(proj)
+    monkeypatch.setenv("SHARD_TEST_MARKS", str(marks))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", servers.mlflow)
+    monkeypatch.setenv("QUANT_EXPERIMENT", "shard-pool")
+    with prefect_api(servers):
+        state = pipeline(shard_deployment=SHARD_TEST_DEPLOYMENT, promote=False, retries=0, return_state=True)
+    assert state.is_completed(), state.message
+    summary = state.result()
+    rows = {r["stage"]: r for r in summary["stages"]}
+    assert [(s, r["status"]) for s, r in rows.items()] == [
+        ("prep", "ran"), ("shard@0", "ran"), ("shard@1", "ran"), ("merge", "ran")]
+    # one shard on each worker, at the same time; prep and merge in the flow's own process
+    assert {_worker_of(marks, f"shard-{k}.1", shard_workers) for k in (0, 1)} == {"a", "b"}
+    assert _worker_of(marks, "prep.1", {os.getpid(): "here"}) == "here"
+    rec = {k: json.loads((proj / "out" / f"shard-{k}.json").read_text()) for k in (0, 1)}
+    assert max(r["start"] for r in rec.values()) < min(r["end"] for r in rec.values())
+    # the stages got the pipeline's environment, and their logs are on the parent run
+    for k, r in rec.items():
+        assert r["QUANT_PARENT_RUN_ID"] == summary["mlflow_parent_run_id"]
+        assert r["QUANT_CACHE_DIR"] == str(proj / "artifacts" / ".cache")
+        assert r["QUANT_STAGE_RUN_NAME"] == f"shard@{k}"
+    logs = {a.path for a in mlflow_client.list_artifacts(summary["mlflow_parent_run_id"], "logs")}
+    assert logs == {"logs/prep.log", "logs/shard-0.log", "logs/shard-1.log", "logs/merge.log"}
+    # the shard runs: flow runs of the shard deployment, linked to this run, in two processes
+    runs = _shard_runs(servers)
+    assert sorted(fr.name.rsplit("/", 1)[1] for fr in runs) == ["shard@0", "shard@1"]
+    assert all(fr.state.is_completed() and fr.parent_task_run_id for fr in runs)
+    assert len({fr.infrastructure_pid for fr in runs}) == 2
+    assert {rows[s]["flow_run"] for s in ("shard@0", "shard@1")} == {fr.name for fr in runs}
+    assert {str(rows[s]["pid"]) for s in ("shard@0", "shard@1")} == {fr.infrastructure_pid for fr in runs}
+
+    # overrides: the shards run in the run's scratch checkout; a shard that rejects its
+    # params fails the pipeline with its error line, and is not submitted again
+    with prefect_api(servers):
+        state = pipeline(overrides=["fail=[1]"], shard_deployment=SHARD_TEST_DEPLOYMENT, promote=False, retries=1,
+                         retry_delay_seconds=0, return_state=True)
+    assert state.is_failed()
+    assert "stage 'shard@1' failed: error: fail=[1] is not accepted" in state.message
+    assert sorted(p.name for p in marks.iterdir() if p.name.startswith("shard-")) == [
+        "shard-0.1", "shard-0.2", "shard-1.1", "shard-1.2"]
+    assert (proj / "params.yaml").read_text() == SHARD_FILES["params.yaml"]
+    failed = [fr for fr in _shard_runs(servers) if fr.name.endswith("/shard@1") and fr.state.is_failed()]
+    assert len(failed) == 1 and "bad params" in failed[0].state.message
+
+
+@pytest.mark.slow
+def test_a_killed_shard_worker_s_shard_is_retried_on_the_other(servers, shard_workers, tmp_path, request):
+    """The pipeline deployment (on the main worker) hands its two shards to the pool; the
+    worker holding shard@0 is SIGKILLed with its processes; the zombie automation sets that
+    shard run Crashed (no heartbeat for 90 s), the pipeline submits it again and the other
+    worker runs it; the run completes. About 3 minutes, so only when asked for (-m slow)."""
+    if "slow" not in (request.config.getoption("markexpr") or "").replace("not slow", ""):
+        pytest.skip("killed shard worker (waits for the 90 s zombie detection): select it with -m slow")
+    import signal
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    marks = tmp_path / "marks"
+    _shard_project(servers, tmp_path / "proj", marks)
+    alive = {pid: name for pid, name in shard_workers.items() if _alive_pid(pid)}
+    assert len(alive) == 2, "both shard workers must run"
+    with prefect_api(servers):
+        fr = run_deployment("quant-pipeline/shard-pool-test", timeout=0, parameters={
+            "overrides": ["hold=[0]"], "shard_deployment": SHARD_TEST_DEPLOYMENT, "retries": 1,
+            "retry_delay_seconds": 0})
+        deadline = time.time() + 300
+        while not (marks / "shard-0.1").exists() or not (marks / "shard-1.1").exists():
+            assert time.time() < deadline, "the shards never started"
+            time.sleep(1)
+        victim = _worker_of(marks, "shard-0.1", alive)
+        victim_pid = next(p for p, n in alive.items() if n == victim)
+        for pid in reversed(_tree(victim_pid)):  # the worker, the shard's flow run process, dvc, the stage
+            with __import__("contextlib").suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        killed = time.time()
+        with get_client(sync_client=True) as client:
+            while not (state := client.read_flow_run(fr.id).state).is_final():
+                assert time.time() - killed < 480, f"pipeline still {state.name} 8 min after the kill"
+                time.sleep(5)
+    print(f"pipeline {state.name} {time.time() - killed:.0f} s after the kill")
+    assert state.is_completed(), state.message
+    survivor = next(n for n in alive.values() if n != victim)
+    assert _worker_of(marks, "shard-0.2", alive) == survivor  # the retry ran on the other worker
+    assert sorted(p.name for p in marks.iterdir() if p.name.startswith("shard-")) == [
+        "shard-0.1", "shard-0.2", "shard-1.1"]
+    runs = [r for r in _shard_runs(servers) if r.parent_task_run_id and r.name.startswith(f"{fr.name}/")]
+    states = {}
+    for r in runs:
+        states.setdefault(r.name.rsplit("/", 1)[1], []).append(r.state)
+    assert [s.name for s in states["shard@0"]] == ["Crashed", "Completed"], states
+    assert "no heartbeat" in states["shard@0"][0].message
+    assert [s.name for s in states["shard@1"]] == ["Completed"]
+    stages = table(flow_artifacts(servers, str(fr.id))["artifacts"]["quant-stages"])
+    assert [(r["stage"], r["status"]) for r in stages] == [
+        ("prep", "ran"), ("shard@0", "ran"), ("shard@1", "ran"), ("merge", "ran")]
+
+
+def _alive_pid(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -20,20 +20,28 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_prefect_yaml_deployments_match_the_flows():
-    from flows.pipeline import FLOW_NAME, pipeline
+    from flows.pipeline import FLOW_NAME, SHARD_DEPLOYMENT, pipeline
+    from flows.shard import run_shard
     from flows.sweep import FLOW_NAME as SWEEP_NAME
     from flows.sweep import sweep
 
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     deps = {d["name"]: d for d in spec["deployments"]}
-    assert set(deps) == {"embedded-default", "sweep"}
-    for dep, fl, flow_name in ((deps["embedded-default"], pipeline, FLOW_NAME), (deps["sweep"], sweep, SWEEP_NAME)):
+    assert set(deps) == {"embedded-default", "sweep", "shard"}
+    assert f"{run_shard.name}/shard" == SHARD_DEPLOYMENT
+    for dep, fl, flow_name, pool in ((deps["embedded-default"], pipeline, FLOW_NAME, "quant-process"),
+                                     (deps["sweep"], sweep, SWEEP_NAME, "quant-process"),
+                                     (deps["shard"], run_shard, run_shard.name, "quant-shards")):
         path, name = dep["entrypoint"].split(":")
         assert (ROOT / path).is_file() and name == fl.fn.__name__ and fl.name == flow_name
-        assert set(dep["parameters"]) <= set(inspect.signature(fl.fn).parameters)
-        assert dep["work_pool"]["name"] == "quant-process"
+        assert set(dep.get("parameters", {})) <= set(inspect.signature(fl.fn).parameters)
+        assert dep["work_pool"]["name"] == pool
         assert "pull" not in dep  # the deployment runs where `prefect deploy` ran
     assert "pull" not in spec
+    # the shard pool is the one scripts/servers.py creates and starts shard workers on
+    servers = (ROOT / "scripts" / "servers.py").read_text()
+    assert 'DEFAULT_SHARD_POOL = "quant-shards"' in servers
+    assert "concurrency_limit" not in deps["shard"]  # the workers' slots decide
     # heartbeats for the zombie automation (flows/automations/crash-zombie-runs.json);
     # the optional schedule is off
     for d in spec["deployments"]:
@@ -79,3 +87,19 @@ def test_servers_script_rejects_a_bad_port_naming_the_variable(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 1 and "$QUANT_MLFLOW_PORT='50x0' must be a TCP port" in r.stderr
     assert not (tmp_path / "pids").exists()  # nothing was started
+
+
+def test_servers_script_rejects_a_bad_shard_worker_naming_the_flag(tmp_path):
+    env = {**os.environ, "QUANT_STATE_DIR": str(tmp_path)}
+    for args, message in ((["--name", "a b"], "--name 'a b' must be letters, digits"),
+                          (["--gpus", "0,x"], "--gpus '0,x' must be GPU indices"),
+                          (["--limit", "0"], "--limit 0 must be >= 1")):
+        r = subprocess.run([sys.executable, str(ROOT / "scripts" / "servers.py"), "shard-worker", *args], env=env,
+                           capture_output=True, text=True)
+        assert r.returncode == 1 and message in r.stderr, r.stderr
+    # a good one without servers: says to start them first
+    env["QUANT_PREFECT_PORT"] = "1"
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "servers.py"), "shard-worker", "--gpus", "1"],
+                       env=env, capture_output=True, text=True)
+    assert r.returncode == 1 and "the Prefect server is not up at http://127.0.0.1:1/api" in r.stderr, r.stderr
+    assert "make servers-up" in r.stderr and not (tmp_path / "pids").exists()
