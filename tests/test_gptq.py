@@ -490,3 +490,22 @@ def test_hessian_that_is_not_positive_definite_names_the_layer():
     h = -torch.eye(8)
     with pytest.raises(RuntimeError, match=r"Hessian of blk.q is not positive definite .* percdamp"):
         gptq_quantize(torch.randn(4, 8), h, WeightSpec(IntFormat(4), -1), GPTQOptions(), "blk.q")
+
+
+@pytest.mark.gpu
+def test_gptq_on_cuda_one_block_at_a_time():
+    """The device path: the host model comes back on the host, on its grid, as good as on CPU
+    (same codes up to rounding-boundary flips between the two BLAS)."""
+    model = make_tiny_llama(layers=2)
+    cpu = copy.deepcopy(model)
+    calib = _ids(8, 32)
+    spec = W3G32.weight
+    results = G.run_gptq(model, spec, calib, GPTQOptions(batch_size=4, act_order=True), "fp", False,
+                         torch.device("cuda"))
+    ref = G.run_gptq(cpu, spec, calib, GPTQOptions(batch_size=4, act_order=True), "fp", False,
+                     torch.device("cpu"))
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    for name, lay in results.layers.items():
+        assert (lay.codes.cpu() != ref.layers[name].codes).float().mean() < 0.02, name
+    for ql in (m for m in model.modules() if isinstance(m, QuantLinear)):
+        assert torch.equal(ql.dequantized_weight(), ql.weight)
