@@ -9,6 +9,9 @@ on every text of DATA/eval. Writes raw JSON to --out after every step.
 CPU (embedded model, small):  python benches/calibrate_methods.py --model DIR --data DIR
     --out docs/results/calibrate_methods_cpu.json --samples 32 --seq-len 512
 GPU: the same with --device cuda and the full settings of docs/issues/issue-11-awq.md.
+A method may be listed twice with other options as NAME@TAG, e.g.
+    --methods rtn,gptq,gptq@act,quarot,quarot@gptq
+    --options '{"gptq@act": {"act_order": true}, "quarot@gptq": {"weights": "gptq"}}'
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--eval-seq-len", type=int, default=2048)
     ap.add_argument("--eval-windows", type=int, default=None, help="per text (default: all)")
-    ap.add_argument("--options", default="{}", help='JSON {method: {option: value}}')
+    ap.add_argument("--options", default="{}", help='JSON {method or method@tag: {option: value}}')
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--tasks", default="", help="zero-shot tasks (quant.eval.lm_tasks), e.g. all")
@@ -63,6 +66,7 @@ def main() -> None:
     evals = {p.stem: tokenize_text(tok, p.read_text()) for p in sorted((args.data / "eval").glob("*.txt"))}
     method_options = json.loads(args.options)
     results: dict[str, object] = {
+        "command": " ".join(sys.argv),
         "settings": {k: str(v) for k, v in vars(args).items()},
         "torch": torch.__version__, "threads": torch.get_num_threads(),
     }
@@ -91,9 +95,10 @@ def main() -> None:
     dump()
     for bits in (int(b) for b in args.bits.split(",")):
         scheme = QuantScheme.from_name(f"W{bits}A16KV16", preset="efficientqat", group_size=args.group)
-        for name in args.methods.split(","):
+        for label in args.methods.split(","):  # NAME or NAME@TAG (one method, other options)
+            name = label.partition("@")[0]
             entry = CALIBRATE.get(name, "--methods")
-            opts = entry.options.from_dict(method_options.get(name, {}), f"--options.{name}")
+            opts = entry.options.from_dict(method_options.get(label, {}), f"--options.{label}")
             model = copy.deepcopy(fp).to(args.device)
             t = time.time()
             metrics = entry.fn(model, scheme, calib, opts) or {}
@@ -101,8 +106,8 @@ def main() -> None:
             metrics.pop("files", None)
             r = {"seconds": round(seconds, 1), "metrics": metrics, "ppl": ppl(model)}
             r["ppl_ratio"] = {k: round(r["ppl"][k] / results["fp"][k], 4) for k in evals}
-            results[f"{scheme.name}/{name}"] = r
-            print(scheme.name, name, r, flush=True)
+            results[f"{scheme.name}/{label}"] = r
+            print(scheme.name, label, r, flush=True)
             dump()
     results["wall_seconds"] = round(time.time() - t0, 1)
     dump()

@@ -12,4 +12,5 @@ quantized model directory (written atomically with it), e.g. AWQ's scales.
 from quant.config.registry import Registry
 
 CALIBRATE = Registry("calibrate", modules=("quant.calibrate.rtn", "quant.calibrate.awq",
-                                            "quant.calibrate.quarot", "quant.calibrate.fp_search"))
+                                            "quant.calibrate.quarot", "quant.calibrate.fp_search",
+                                            "quant.calibrate.gptq"))
