@@ -432,7 +432,7 @@ def test_bad_options_name_the_field(options, match):
 
 def test_bad_quarot_options_name_the_field():
     opts = CALIBRATE.get("quarot").options
-    with pytest.raises(ConfigError, match=r"calibrate.options.weights='awq' is not accepted; use one of \['rtn', 'gptq'\]"):
+    with pytest.raises(ConfigError, match=r"calibrate.options.weights='awq' is not accepted; use one of \['rtn', 'gptq', 'fp-search'\]"):
         opts.from_dict({"weights": "awq"}, "calibrate.options")
     with pytest.raises(ConfigError, match=r"calibrate.options.gptq.percdamp=0.0 must be in"):
         opts.from_dict({"weights": "gptq", "gptq": {"percdamp": 0.0}}, "calibrate.options")

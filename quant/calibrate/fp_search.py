@@ -59,6 +59,7 @@ from quant.models.arch import decoder_layers, get_module, mapping_for, set_modul
 from quant.models.checkpoint import quantizable_linears
 from quant.modules.activation import CalibratedFPQuantizer, set_input_quantizer
 from quant.modules.linear import QuantLinear
+from quant.modules.rotation import move_input_rotation
 from quant.numerics import fp as FP
 from quant.numerics.formats import FPFormat, parse_format
 
@@ -93,12 +94,13 @@ class FPSearchOptions(Config):
             raise ConfigError(f"search_tokens={self.search_tokens} must be >= 0 (0 = all)")
 
 
-def check_scheme(scheme: QuantScheme) -> None:
-    """fp-search needs FP weights per output channel and FP (or no) per-tensor activations."""
+def check_scheme(scheme: QuantScheme, method: str = "fp-search") -> None:
+    """fp-search needs FP weights per output channel and FP (or no) per-tensor activations.
+    `method` names the setting in the errors (QuaRot: "quarot with weights: fp-search")."""
     w, a = scheme.weight, scheme.activation
     if w is None or not isinstance(w.format, FPFormat):
         got = None if w is None else w.format.spec()
-        raise ConfigError(f"scheme.weight.format={got!r}: calibrate.method=fp-search searches "
+        raise ConfigError(f"scheme.weight.format={got!r}: calibrate.method={method} searches "
                           "FP formats; use one of fp4-e2m1, fp4-e3m0, fp4-e1m2, fp6-e2m3, "
                           "fp6-e3m2, fp8-e4m3, fp8-e5m2 (mxfp4/nvfp4/int: use rtn)")
     if w.group_size != -1:
@@ -106,10 +108,19 @@ def check_scheme(scheme: QuantScheme) -> None:
                           "per output channel; use -1")
     if a is not None and not isinstance(a.format, FPFormat):
         raise ConfigError(f"scheme.activation.format={a.format.spec()!r}: fp-search calibrates FP "
-                          "activations; use an fp*-e*m* format or no activation quantization")
+                          f"activations ({method}); use an fp*-e*m* format or no activation "
+                          "quantization")
     if a is not None and a.granularity != "per_tensor":
         raise ConfigError(f"scheme.activation.granularity={a.granularity!r}: fp-search calibrates a "
-                          "static per-tensor activation bias; use per_tensor")
+                          f"static per-tensor activation bias ({method}); use per_tensor")
+
+
+def check_inputs(scheme: QuantScheme, calib_ids, method: str = "fp-search") -> None:
+    """Everything fp-search refuses, before any change to the model."""
+    check_scheme(scheme, method)
+    if calib_ids is None:
+        raise ConfigError(f"calibrate.method={method} needs calibration data (calib_ids: "
+                          "calibrate.samples x calibrate.seq_len windows)")
 
 
 # ---------------------------------------------------------------------------
@@ -241,7 +252,10 @@ class LayerSearch:
 
 def apply_result(model: nn.Module, name: str, lin: nn.Linear, scheme: QuantScheme,
                  res: LayerResult, fold: str = "weight") -> QuantLinear:
-    """Replace `lin` by a QuantLinear holding the searched state (weight folded by 2^-shift)."""
+    """Replace `lin` by a QuantLinear holding the searched state (weight folded by 2^-shift).
+    An online input rotation (QuaRot) moves to the QuantLinear: it runs first (a pre-hook),
+    so the searched quantizer and its shift act on the rotated input, the basis the search
+    saw and the (rotation-fused) weight's columns are in."""
     spec = replace(scheme.weight, format=res.w_fmt)
     ql = QuantLinear.from_linear(lin, spec, name)
     dev = ql.weight.device
@@ -254,6 +268,7 @@ def apply_result(model: nn.Module, name: str, lin: nn.Linear, scheme: QuantSchem
         shift = None if res.shift is None else res.shift.to(dev)
         set_input_quantizer(ql, CalibratedFPQuantizer(res.a_fmt, res.rho.to(dev), shift,
                                                       unshift=fold == "quantized"))
+    move_input_rotation(lin, ql)
     set_module(model, name, ql)
     return ql
 
@@ -262,10 +277,13 @@ def apply_result(model: nn.Module, name: str, lin: nn.Linear, scheme: QuantSchem
 # Cache of finished blocks
 
 
-def fingerprint(scheme: QuantScheme, opts: FPSearchOptions, calib_ids: torch.Tensor) -> str:
+def fingerprint(scheme: QuantScheme, opts: FPSearchOptions, calib_ids: torch.Tensor,
+                context: dict | None = None) -> str:
+    """`context`: what else changed the searched model (QuaRot: its rotation options)."""
     h = hashlib.sha256()
     keep = {k: v for k, v in opts.to_dict().items() if k not in ("cache_dir", "device", "batch_size")}
-    h.update(json.dumps([scheme.to_dict(), keep], sort_keys=True).encode())
+    parts = [scheme.to_dict(), keep] + ([context] if context else [])
+    h.update(json.dumps(parts, sort_keys=True).encode())
     h.update(calib_ids.cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
@@ -327,25 +345,31 @@ def _capture_linear_inputs(block: nn.Module, paths: tuple[str, ...], cache: Acti
 @torch.no_grad()
 def fp_search(model: nn.Module, scheme: QuantScheme, calib_ids: torch.Tensor | None,
               options: FPSearchOptions) -> dict[str, float]:
-    check_scheme(scheme)
-    if calib_ids is None:
-        raise ConfigError("calibrate.method=fp-search needs calibration data (calib_ids)")
+    check_inputs(scheme, calib_ids)
+    return fp_search_model(model, scheme, calib_ids, options)
+
+
+def fp_search_model(model: nn.Module, scheme: QuantScheme, calib_ids: torch.Tensor,
+                    options: FPSearchOptions, context: dict | None = None) -> dict[str, float]:
+    """The search on every quantizable linear of `model`, in place. Callers check first
+    (`check_inputs`), before changing the model (QuaRot rotates in between); `context` goes
+    into the cache fingerprint."""
     prev = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = options.tf32
     try:
-        return _search_model(model, scheme, calib_ids, options)
+        return _search_model(model, scheme, calib_ids, options, context)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev
 
 
 def _search_model(model: nn.Module, scheme: QuantScheme, calib_ids: torch.Tensor,
-                  options: FPSearchOptions) -> dict[str, float]:
+                  options: FPSearchOptions, context: dict | None) -> dict[str, float]:
     targets = dict(quantizable_linears(model, scheme))
     mapping = mapping_for(model)
     device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     home = next(model.parameters()).device
     layers = decoder_layers(model, mapping)
-    cache = BlockCache(options.cache_dir, fingerprint(scheme, options, calib_ids))
+    cache = BlockCache(options.cache_dir, fingerprint(scheme, options, calib_ids, context))
     names = [[f"{mapping.layers}.{i}.{p}" for p in mapping.block_linears] for i in range(len(layers))]
     done = {i: r for i in range(len(layers)) if (r := cache.load(i, names[i])) is not None}
     todo = [i for i in range(len(layers)) if i not in done]
@@ -384,7 +408,9 @@ def _search_model(model: nn.Module, scheme: QuantScheme, calib_ids: torch.Tensor
             apply_result(model, name, targets[name], scheme, res, options.fold)
     rest = [n for n in targets if n not in {n for r in done.values() for n in r}]  # e.g. lm_head
     for n in rest:
-        set_module(model, n, QuantLinear.from_linear(targets[n], scheme.weight, n))
+        ql = QuantLinear.from_linear(targets[n], scheme.weight, n)
+        move_input_rotation(targets[n], ql)
+        set_module(model, n, ql)
     model.to(home)
     fmts: dict[str, int] = {}
     for r in done.values():

@@ -40,6 +40,20 @@ Steps, each leaving the full-precision function unchanged:
    unquantised activations, as in QuaRot's GPTQ. Everything GPTQ refuses (no
    data, a non-integer or dynamic weight grid, ...) is refused before the
    rotation starts.
+   `fp-search`: the LLM-FP4 search (quant.calibrate.fp_search, options under
+   `fp_search`) on the rotated model: FP weight biases / formats per output
+   channel and a static per-tensor FP activation bias (with its pre-shift)
+   per linear. Like GPTQ it runs after the online rotations are installed:
+   the search captures each linear's input with a forward pre-hook appended
+   after the rotation's (prepended) one, so it scores the rotated inputs of
+   o_proj / down_proj against their rotation-fused weights. The searched
+   QuantLinear keeps the rotation, which runs before its searched activation
+   quantizer; the pre-shift 2^k_c therefore scales rotated channel c, and the
+   2^-k_c it folds into weight column c lands on the fused weight's column c,
+   the column that multiplies rotated channel c: the fold stays exact in full
+   precision (tests/test_quarot_fp.py proves it on the model). Everything
+   fp-search refuses (no data, a non-FP weight format, grouped weights, a
+   non-FP or per-token activation quantizer) is refused before the rotation.
 
 Not implemented from the paper: the fused low-bit kernels (here everything is
 fake-quant).
@@ -54,6 +68,7 @@ import torch
 from torch import nn
 
 from quant.calibrate import CALIBRATE
+from quant.calibrate import fp_search as fps
 from quant.calibrate.gptq import GPTQOptions, check_inputs, gptq_model
 from quant.calibrate.rtn import quantize_linears
 from quant.config import Config, ConfigError
@@ -72,18 +87,23 @@ class QuaRotOptions(Config):
     fuse_dtype: Literal["float64", "float32"] = "float64"  # arithmetic of the weight fusion
     online_fp32: bool = True  # online Hadamards in float32 whatever the activation dtype
     clip_ratio: float = 1.0  # RTN after rotation
-    weights: Literal["rtn", "gptq"] = "rtn"  # how the rotated weights are quantised
+    weights: Literal["rtn", "gptq", "fp-search"] = "rtn"  # how the rotated weights are quantised
     gptq: GPTQOptions = field(default_factory=GPTQOptions)  # with weights: gptq
+    fp_search: fps.FPSearchOptions = field(default_factory=fps.FPSearchOptions)  # weights: fp-search
 
     def __post_init__(self) -> None:
         if not 0.0 < self.clip_ratio <= 1.0:
             raise ConfigError(f"clip_ratio={self.clip_ratio} must be in (0, 1]")
-        if self.weights == "gptq" and self.clip_ratio != 1.0:
-            raise ConfigError(f"clip_ratio={self.clip_ratio} applies to weights: rtn; GPTQ takes "
-                              "min-max qparams per group (leave clip_ratio at 1.0)")
-        if self.weights == "rtn" and self.gptq != GPTQOptions():
-            raise ConfigError("gptq options are set but weights=rtn ignores them; set weights: gptq "
-                              "or remove gptq")
+        if self.weights != "rtn" and self.clip_ratio != 1.0:
+            why = ("GPTQ takes min-max qparams per group" if self.weights == "gptq"
+                   else "fp-search searches the weight biases")
+            raise ConfigError(f"clip_ratio={self.clip_ratio} applies to weights: rtn; {why} "
+                              "(leave clip_ratio at 1.0)")
+        for key, default, method in (("gptq", GPTQOptions(), "gptq"),
+                                     ("fp_search", fps.FPSearchOptions(), "fp-search")):
+            if self.weights != method and getattr(self, key) != default:
+                raise ConfigError(f"{key} options are set but weights={self.weights} ignores them; "
+                                  f"set weights: {method} or remove {key}")
 
 
 @dataclass(frozen=True)
@@ -264,6 +284,12 @@ def quarot(model: nn.Module, scheme: QuantScheme, calib_ids, options: QuaRotOpti
         check_inputs(model, scheme, calib_ids, options.gptq, "quarot", where)  # before rotating
         metrics = rotate(model, scheme, options)
         return {**gptq_model(model, scheme, calib_ids, options.gptq, where), **metrics}
+    if options.weights == "fp-search":
+        fps.check_inputs(scheme, calib_ids, "quarot with weights: fp-search")  # before rotating
+        metrics = rotate(model, scheme, options)
+        rotation = {k: v for k, v in options.to_dict().items() if k not in ("fp_search", "gptq")}
+        return {**fps.fp_search_model(model, scheme, calib_ids, options.fp_search,
+                                      context={"quarot": rotation}), **metrics}
     metrics = rotate(model, scheme, options)
     rotations = {}
     for name, mod in model.named_modules():  # carried over to the QuantLinears below
