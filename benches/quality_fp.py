@@ -7,6 +7,12 @@ Rows, for every scheme of --schemes (W4A4, W4A8, W8A8; weights per output channe
                   bias, dynamic); 4 bits = E2M1, 8 bits = E4M3
   search          calibrate.method fp-search without pre-shift (static per-tensor act bias)
   search-preshift fp-search with the pre-shifted per-channel activation bias
+with --rotate, QuaRot (calibrate.method quarot: residual + online Hadamard rotations, seed 0,
+online: auto) followed by
+  quarot-minmax-fp         min-max FP weights (weights: rtn) + dynamic per-tensor FP activations
+  quarot+search            weights: fp-search without pre-shift (the search sees the rotated
+                           inputs of o_proj / down_proj)
+  quarot+search-preshift   weights: fp-search with the pre-shift
 and (--block) weight-only and W4A4 round-to-nearest rows of MXFP4 (g32), NVFP4 (g16) beside
 symmetric INT4 g32 / g16 (W4A4 INT rows use per-token INT4 activations: the activation
 quantizer has no group granularity).
@@ -54,8 +60,9 @@ def _act(fmt: str, granularity: str = "per_tensor") -> dict:
     return {"format": fmt, "granularity": granularity}
 
 
-def rows(schemes: list[str], block: bool) -> dict[str, tuple[str, dict, dict]]:
-    """key -> (method, scheme dict, search options overrides)."""
+def rows(schemes: list[str], block: bool, rotate: bool = False) -> dict[str, tuple[str, dict, dict]]:
+    """key -> (method, scheme dict, options: fp-search overrides, or quarot options whose
+    `fp_search` holds fp-search overrides)."""
     out: dict[str, tuple[str, dict, dict]] = {}
     for name in schemes:
         w, a = (int(v) for v in name.upper().lstrip("W").split("A"))
@@ -66,6 +73,11 @@ def rows(schemes: list[str], block: bool) -> dict[str, tuple[str, dict, dict]]:
         out[f"{name}/minmax-fp"] = ("rtn", fp, {})
         out[f"{name}/search"] = ("fp-search", fp, {"pre_shift": False})
         out[f"{name}/search-preshift"] = ("fp-search", fp, {"pre_shift": True})
+        if rotate:
+            out[f"{name}/quarot-minmax-fp"] = ("quarot", fp, {})
+            for key, pre_shift in (("quarot+search", False), ("quarot+search-preshift", True)):
+                out[f"{name}/{key}"] = ("quarot", fp, {"weights": "fp-search",
+                                                       "fp_search": {"pre_shift": pre_shift}})
     if block:
         weights = {"mxfp4": {"format": "mxfp4", "group_size": 32},
                    "nvfp4": {"format": "nvfp4", "group_size": 16},
@@ -124,11 +136,23 @@ def timing_7b(args) -> dict[str, object]:
             "device": torch.cuda.get_device_name() if DEV.type == "cuda" else "cpu", **out}
 
 
+def search_dict(args, extra: dict) -> dict:
+    return {"rounds": args.rounds, "candidates": args.candidates, "search_tokens": args.search_tokens,
+            "search_format": not args.no_format_search, "device": str(DEV), "fold": args.fold, **extra}
+
+
 def search_options(args, extra: dict):
-    return CALIBRATE.get("fp-search").options.from_dict({
-        "rounds": args.rounds, "candidates": args.candidates, "search_tokens": args.search_tokens,
-        "search_format": not args.no_format_search, "device": str(DEV), "fold": args.fold, **extra},
-        "options")
+    return CALIBRATE.get("fp-search").options.from_dict(search_dict(args, extra), "options")
+
+
+def method_options(args, method: str, extra: dict):
+    """The options of one row: the command line's search settings under its overrides."""
+    entry = CALIBRATE.get(method)
+    if method == "fp-search":
+        return search_options(args, extra)
+    if method == "quarot" and extra.get("weights") == "fp-search":
+        extra = {**extra, "fp_search": search_dict(args, extra.get("fp_search", {}))}
+    return entry.options.from_dict(extra, "options")
 
 
 def main() -> None:
@@ -139,6 +163,8 @@ def main() -> None:
     ap.add_argument("--schemes", default="W4A4,W4A8,W8A8")
     ap.add_argument("--only", default="", help="comma-separated row keys (default: all)")
     ap.add_argument("--block", action="store_true", help="add the MXFP4/NVFP4 vs INT4 rows")
+    ap.add_argument("--rotate", action="store_true",
+                    help="add the QuaRot rows (quarot-minmax-fp, quarot+search, quarot+search-preshift)")
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--calib-len", type=int, default=1024)
     ap.add_argument("--rounds", type=int, default=3)
@@ -186,13 +212,13 @@ def main() -> None:
         say("fp", table["fp"])
         dump()
     wanted = set(filter(None, args.only.split(",")))
-    for key, (method, scheme_dict, extra) in rows(args.schemes.split(","), args.block).items():
+    for key, (method, scheme_dict, extra) in rows(args.schemes.split(","), args.block, args.rotate).items():
         if key in table or (wanted and key not in wanted):
             continue
         scheme = QuantScheme.from_dict(scheme_dict, "scheme")
         model = copy.deepcopy(fp)
         entry = CALIBRATE.get(method)
-        opts = search_options(args, extra) if method == "fp-search" else entry.options()
+        opts = method_options(args, method, extra)
         t = time.time()
         metrics = entry.fn(model, scheme, calib, opts)
         row = {"method": method, "scheme": scheme.to_dict(), "calibrate_s": round(time.time() - t, 1),
