@@ -68,7 +68,11 @@ def launcher_args(processes: int, target: list[str], port: int | None = None) ->
 
 
 def _exit_status(exc: Any) -> int:
-    """The exit status of the first process that failed (torchrun's ChildFailedError)."""
+    """The stage's exit status from torchrun's ChildFailedError: 2 when any process met bad
+    params or unusable inputs (torchrun then stops the others, which fail too), else the
+    status of the first process that failed."""
+    if any(f.exitcode == 2 for f in exc.failures.values()):
+        return 2
     _, failure = exc.get_first_failure()
     code = int(failure.exitcode)
     return 128 - code if code < 0 else code  # negative: killed by signal -code
@@ -81,6 +85,7 @@ def relaunch(module: str, processes: int) -> NoReturn:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     common.die_with_parent()  # a killed `dvc repro` takes the launcher, which stops its processes
     argv = launcher_args(processes, ["-m", module])
     log.info("launching %d processes: accelerate launch %s", processes, " ".join(argv))
