@@ -77,6 +77,8 @@ def main() -> None:
     work = Path(work)
     acc = accelerator(strategy, device)
     torch.set_num_threads(1)
+    if device == "cuda":  # the resumed run must repeat the uninterrupted one (embedding backward uses atomics)
+        torch.use_deterministic_algorithms(True, warn_only=True)
     ref, ref_result = train(acc, teacher_dir, work / "ref")
     ref_model = ref.unwrapped_model()
     try:

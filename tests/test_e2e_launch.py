@@ -277,6 +277,36 @@ def test_stage_two_process_ddp_through_its_own_command(project):
     assert runs[0].data.metrics["processes"] == 2
 
 
+@pytest.mark.slow
+def test_a_failure_inside_the_processes_keeps_its_exit_status(project, embedded_tokenizer):
+    """KD with lr 1e30 diverges in both DDP processes at the same step (the logged loss is
+    averaged over processes): the stage exits 2 like a one-process run, its run is FAILED
+    and nothing is written."""
+    import mlflow
+
+    teacher = project / "artifacts" / "prepare" / "model"
+    make_tiny_llama(vocab=len(embedded_tokenizer), layers=2).save_pretrained(teacher)
+    embedded_tokenizer.save_pretrained(teacher)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["base"].update(device="cpu", threads=1)
+    params["e2e"].update(method="kd", model="calibrate", options={"lr": 1e30},
+                         data={"source": "calib", "train_samples": 8, "val_samples": 0, "seq_len": 32},
+                         train={"epochs": 1, "batch_size": 1, "log_every": 1, "save_every": 2},
+                         distributed={"processes": 2, "strategy": "ddp"})
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    env = _cpu_env(MLFLOW_TRACKING_URI=f"sqlite:///{project / 'mlflow.db'}", QUANT_EXPERIMENT="test-fail")
+    env.pop("QUANT_PARENT_RUN_ID", None)
+    proc = subprocess.run([sys.executable, "-m", "tasks.e2e"], cwd=project, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    assert re.search(r"^error: e2e: training diverged at step 2: loss (nan|inf)", proc.stderr, re.M), \
+        proc.stderr[-3000:]
+    assert not (project / "artifacts" / "e2e").exists() and not (project / "metrics" / "e2e.json").exists()
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("test-fail").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+
+
 def _launch_worker(tmp_path: Path, strategy: str, device: str, env: dict[str, str]) -> dict:
     from tests.test_kd import _peaky_tiny_llama, save_teacher
 
@@ -333,14 +363,14 @@ two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUD
 @pytest.mark.gpu
 @two_gpus
 def test_fsdp2_on_two_gpus_resumes_and_matches_ddp(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": "0,1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": "0,1", "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
     ddp = _launch_worker(tmp_path, "ddp", "cuda", env)
     fsdp = _launch_worker(tmp_path, "fsdp", "cuda", env)
     for r, sharded in ((ddp, False), (fsdp, True)):
         assert (r["world"], r["sharded"], r["backend"]) == (2, sharded, "nccl")
         assert r["killed_steps"] == ["step-000002"] and (r["resumed_from"], r["steps"]) == (2, 8)
         assert r["val_loss_after"] < r["val_loss_before"]
-        assert r["max_diff_resumed_vs_ref"] <= 1e-6, r  # GPU kernels: equal up to reduction order
+        assert r["max_diff_resumed_vs_ref"] <= 1e-5, r  # deterministic kernels (tests/dist_worker.py)
         assert {"model.safetensors", "qparams.safetensors"} <= set(r["saved_files"])
     assert fsdp["param_types"] == ["DTensor"]
     for key in ("norm_weight", "q_proj_row0"):  # bf16 compute: the same training up to rounding

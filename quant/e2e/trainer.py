@@ -17,9 +17,11 @@ Training bf16 parameters directly would lose most updates: at lr 2e-5 an
 AdamW step is far below a bf16 weight's rounding step.
 
 Divergence: the loss and gradient norm are read on the host only at log
-points (no sync per step); a non-finite value there, or a non-finite
-trainable parameter before any save, stops training with `NonFiniteLossError`
-naming the stage, the step and the loss, before anything is written.
+points (no sync per step; averaged over the processes, so every process logs the
+same numbers and stops at the same step); a non-finite value there, or a
+non-finite trainable parameter before any save, stops training with
+`NonFiniteLossError` naming the stage, the step and the loss, before anything is
+written.
 
 The loss hook
 -------------
@@ -497,7 +499,7 @@ class Trainer:
                 self.step += 1
                 if self.step % cfg.log_every == 0 or self.step == total:
                     n = cfg.log_every if self.step % cfg.log_every == 0 else self.step % cfg.log_every
-                    w = (window / n).tolist()  # the only host sync of the interval
+                    w = self._window_mean(window, n)  # the only host sync of the interval
                     self._check_finite(w[0], w[1])
                     last_loss = w[0]
                     entry = {"step": self.step, "loss": w[0], "grad_norm": w[1],
@@ -508,11 +510,18 @@ class Trainer:
                     window.zero_()
                 if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == total:
                     if self.step % cfg.log_every:  # not checked at a log point just now
-                        self._check_finite(*(window / (self.step % cfg.log_every)).tolist())
+                        self._check_finite(*self._window_mean(window, self.step % cfg.log_every))
                     self.save()
         val_after = self.evaluate(val) if val is not None else None
         self.phase = "finished"
         return TrainResult(self.step, self.resumed_from, last_loss, val_before, val_after, self.history)
+
+    def _window_mean(self, window: torch.Tensor, n: int) -> list[float]:
+        """[mean loss, mean grad norm] over the last `n` steps and over all processes: every
+        process logs the same numbers and stops together on a non-finite one."""
+        if self.acc.num_processes > 1:
+            window = self.acc.reduce(window, "mean")  # a copy
+        return (window / n).tolist()
 
     def _train_step(self, micro: Iterator[Batch], params: list[nn.Parameter]) -> torch.Tensor:
         """One optimizer step over grad_accum micro batches; returns [loss, grad-norm] on device."""
