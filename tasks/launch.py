@@ -128,8 +128,8 @@ def stage_entry(stage: str, module: str, run: Callable[[common.Params], Any],
         return
     try:
         n = processes(common.load_params())
-    except (ConfigError, MissingDependencyError):
-        n = 1  # `main` meets the same error in `run` and reports it: a FAILED run, exit 2
+    except Exception:  # noqa: BLE001 (whatever it is, `main` meets it again in `run` and reports it)
+        n = 1  # bad params: a FAILED run and exit 2, from the same checks, before any work
     if n == 1:
         common.main(stage, run)
     else:

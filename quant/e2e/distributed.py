@@ -152,7 +152,7 @@ def make_accelerator(device: str = "auto", strategy: str = "ddp"):
     if fsdp != (strategy == "fsdp" and acc.num_processes > 1) or (fsdp and not acc.is_fsdp2):
         raise ConfigError(
             f"the launcher set up {acc.distributed_type.value} (FSDP version "
-            f"{getattr(acc.state.fsdp_plugin, 'fsdp_version', None)}) but e2e.distributed.strategy="
+            f"{getattr(getattr(acc.state, 'fsdp_plugin', None), 'fsdp_version', None)}) but e2e.distributed.strategy="
             f"{strategy!r}; launch with `python -m tasks.e2e` (it starts the processes) instead of "
             "passing FSDP flags to accelerate")
     return acc
