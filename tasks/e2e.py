@@ -4,16 +4,27 @@ Reads artifacts/<e2e.model>/model (default: block_ap, frozen on the integer
 grid) and the training data (see tasks.training_data.training_sequences); writes
 artifacts/e2e/model and metrics/e2e.json; the training loss, learning rate and
 gradient norm go to MLflow as step metrics. Saved steps live in .state/e2e; a
-killed run continues from the last one.
+killed run continues from the last one (with the same processes and strategy).
 
-Several GPUs: `accelerate launch -m tasks.e2e` (DDP). Every process trains;
-only the main process opens the MLflow run and writes outputs.
+Several processes: `e2e.distributed` (quant.e2e.distributed.DistributedConfig).
+`python -m tasks.e2e` (what dvc.yaml and the Prefect flow run) stays the command:
+with `processes: 1` it trains in this process as always; with N > 1 (or `auto`, one
+per visible GPU) it checks the params here, then starts N copies of itself through
+accelerate's launcher (tasks/launch.py). `strategy: ddp` replicates the student on
+every process; `strategy: fsdp` (GPUs only) shards the student's parameters,
+gradients and AdamW state with FSDP2, for students whose training state does not fit
+one GPU (KD of a 7B model); the teacher is replicated. Every process trains; only
+rank 0 opens the MLflow run and writes the outputs (under FSDP the model is
+gathered whole to rank 0 first). `train.batch_size` is per process.
+
+Bad values fail before any process starts or any model is loaded (`plan`): processes
+< 1, more processes than visible GPUs, FSDP on a CPU run or on one process, an
+unknown strategy, a sample count that makes no full step over the processes.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -21,24 +32,28 @@ from pathlib import Path
 from typing import Any
 
 from quant.config import Config, ConfigError
+from quant.config.registry import Entry
+from quant.config.scheme import QuantScheme
+from quant.e2e.distributed import DistributedConfig, resolve_processes
 from quant.e2e.trainer import (
     E2EContext,
     TrainConfig,
     Trainer,
     e2e_methods,
     make_accelerator,
+    no_full_step,
     split_samples,
 )
 from quant.models.checkpoint import load_model, read_scheme, save_quantized
+from quant.models.hub import resolve_device
 from tasks.common import (
     Params,
-    load_params,
     log_artifact,
-    main,
     setup_torch,
     stage_dir,
     write_json,
 )
+from tasks.launch import stage_entry
 from tasks.tracking import log_step
 from tasks.training_data import DataConfig, fingerprint, training_sequences
 
@@ -51,17 +66,35 @@ class E2EStageConfig(Config):
     model: str = "block_ap"  # the stage whose quantized model is trained
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     options: dict[str, Any] = field(default_factory=dict)  # validated by the method
 
     def __post_init__(self) -> None:
         e2e_methods().get(self.method, "method")
 
 
-def run(params: Params) -> dict[str, Any]:
-    t0 = time.time()
+@dataclass(frozen=True)
+class Plan:
+    """What `plan` checked: everything the run needs that costs no model or data."""
+
+    cfg: E2EStageConfig
+    entry: Entry
+    options: Config
+    src: Path
+    scheme: QuantScheme
+    processes: int
+
+
+def plan(params: Params) -> Plan:
+    """Check the params and the inputs' presence (no model, no data, no process group).
+    Runs in the launching process too, so bad values fail before any process starts."""
     cfg = params.section("e2e", E2EStageConfig)
     entry = e2e_methods().get(cfg.method, "e2e.method")
     options = entry.options.from_dict(cfg.options, "e2e.options")
+    processes = resolve_processes(cfg.distributed, resolve_device(params.base.device), params.base.device)
+    msg = no_full_step(cfg.data.train_samples, processes, cfg.train)
+    if msg is not None:
+        raise ConfigError(msg)
     src = stage_dir(cfg.model) / "model"
     if not src.exists():
         raise ConfigError(f"e2e.model={cfg.model!r}: {src} does not exist; run that stage first")
@@ -69,8 +102,19 @@ def run(params: Params) -> dict[str, Any]:
     if scheme is None:
         raise ConfigError(f"e2e.model={cfg.model!r}: {src} is not a quantized model")
     scheme.require_integer_weights("e2e")
+    return Plan(cfg, entry, options, src, scheme, processes)
+
+
+def run(params: Params) -> dict[str, Any]:
+    t0 = time.time()
+    p = plan(params)
+    cfg, src, scheme = p.cfg, p.src, p.scheme
     device, dtype = setup_torch(params.base)
-    acc = make_accelerator(device)
+    acc = make_accelerator(device, cfg.distributed.strategy)
+    if acc.num_processes != p.processes:
+        raise ConfigError(
+            f"e2e.distributed.processes={cfg.distributed.processes!r} gives {p.processes} process(es) but this "
+            f"run has {acc.num_processes}; start the stage with `python -m tasks.e2e`, which launches them")
     from transformers import AutoTokenizer
 
     seqs, source = training_sequences(AutoTokenizer.from_pretrained(src), cfg.data, "e2e")
@@ -78,7 +122,7 @@ def run(params: Params) -> dict[str, Any]:
                                        params.base.seed, "e2e.data")
     model, tokenizer = load_model(src, dtype, "cpu")
     ctx = E2EContext(scheme, acc.device, dtype, stage_dir("prepare") / "model", params.base.seed)
-    objective = entry.fn(model, options, ctx)
+    objective = p.entry.fn(model, p.options, ctx)
     fp = fingerprint(cfg.to_dict(), scheme.to_dict(), params.base.seed, acc.num_processes,
                      files=(src / "quantization.json", src / "qparams.safetensors"),
                      tensors=(train_ids, val_ids))
@@ -92,15 +136,17 @@ def run(params: Params) -> dict[str, Any]:
     metrics = {
         "method": cfg.method, "scheme": scheme.name, "input_model": cfg.model, "data": source,
         "train_samples": len(train_ids), "val_samples": len(val_ids), "seq_len": int(train_ids.shape[1]),
-        "processes": acc.num_processes, "steps": result.steps, "resumed_from_step": result.resumed_from,
+        "processes": acc.num_processes, "strategy": cfg.distributed.strategy,
+        "global_batch": cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes,
+        "steps": result.steps, "resumed_from_step": result.resumed_from,
         "train_loss": result.train_loss, "seconds": round(time.time() - t0, 2),
     }
     if result.val_loss_before is not None:
         metrics.update(val_loss_before=result.val_loss_before, val_loss=result.val_loss_after,
                        val_ppl_before=math.exp(result.val_loss_before), val_ppl=math.exp(result.val_loss_after))
+    student = trainer.unwrapped_model()  # every process takes part (FSDP gathers to rank 0)
     if acc.is_main_process:
         out = stage_dir("e2e")
-        student = acc.unwrap_model(trainer.model, keep_fp32_wrapper=False)
         save_quantized(student, tokenizer, scheme, out / "model", extra={"method": cfg.method})
         write_json("metrics/e2e.json", metrics)
         log_artifact("metrics/e2e.json")
@@ -109,12 +155,10 @@ def run(params: Params) -> dict[str, Any]:
     return metrics
 
 
-def _is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+def launch_processes(params: Params) -> int:
+    """How many processes `python -m tasks.e2e` starts (raises on bad params)."""
+    return plan(params).processes
 
 
 if __name__ == "__main__":
-    if _is_main_process():
-        main("e2e", run)
-    else:  # other `accelerate launch` processes train without an MLflow run of their own
-        run(load_params())
+    stage_entry("e2e", "tasks.e2e", run, launch_processes)

@@ -3,9 +3,10 @@
 What the trainer owns: a data loader over packed token tensors, AdamW, a
 linear-warmup + cosine schedule, gradient accumulation and clipping, gradient
 checkpointing, fp32 master weights with bf16 autocast, multi-process training
-through `accelerate` (`accelerate launch -m tasks.e2e`, DDP), a divergence
-check, and save/resume per step. What a *method* owns: which parameters train,
-and the loss.
+through `accelerate` (DDP, or FSDP2 when the Accelerator is made with
+`quant.e2e.distributed.make_accelerator(strategy="fsdp")`; the processes are started
+by accelerate's launcher, see tasks/e2e.py), a divergence check, and save/resume
+per step. What a *method* owns: which parameters train, and the loss.
 
 Precision: whatever dtype the stage loaded the model in (bf16 on GPU), the
 trainable parameters are made fp32 before the optimizer is built (fp32 master
@@ -16,9 +17,11 @@ Training bf16 parameters directly would lose most updates: at lr 2e-5 an
 AdamW step is far below a bf16 weight's rounding step.
 
 Divergence: the loss and gradient norm are read on the host only at log
-points (no sync per step); a non-finite value there, or a non-finite
-trainable parameter before any save, stops training with `NonFiniteLossError`
-naming the stage, the step and the loss, before anything is written.
+points (no sync per step; averaged over the processes, so every process logs the
+same numbers and stops at the same step); a non-finite value there, or a
+non-finite trainable parameter before any save, stops training with
+`NonFiniteLossError` naming the stage, the step and the loss, before anything is
+written.
 
 The loss hook
 -------------
@@ -35,7 +38,7 @@ step sizes train; KD: add activation/KV quantizers, load the teacher from
   (`weight_decay` defaults to the trainer's). Only these parameters train and
   only these are saved in a step checkpoint.
 - `loss(model, batch) -> (loss, logs)`: `model` is the student as prepared by
-  accelerate (possibly DDP-wrapped: call it, do not reach into it);
+  accelerate (possibly DDP-wrapped or FSDP-sharded: call it, do not reach into it);
   `batch` is a dict of device tensors, at least `input_ids` [B, L] (long) and,
   when the data has it, `attention_mask` [B, L]. Return the scalar mean loss of
   this micro batch (the trainer scales it for accumulation) and a dict of
@@ -44,28 +47,28 @@ step sizes train; KD: add activation/KV quantizers, load the teacher from
   The loss runs under the trainer's autocast (bf16 on GPU; see Precision).
 - `frozen_modules`: modules the loss uses but that never train (a teacher). The
   trainer moves them to the device and puts them in eval mode; they are not
-  wrapped by DDP and not checkpointed.
+  wrapped by DDP or FSDP (every process holds its own copy) and not checkpointed.
 
 Methods are found through `e2e_methods()`, which imports the known method
 modules listed in `E2E` (a missing one is an error), so a new method is a new module + one entry.
 
 Resume: every `save_every` optimizer steps (and at the end) the trainer writes
-`<work_dir>/step-XXXXXX/` atomically: trainable parameters (safetensors),
-optimizer state (safetensors + json), scheduler, RNG states and the step, then
-points `<work_dir>/latest` at it. A restarted run with the same `fingerprint`
-continues from there and ends with the same parameters as an uninterrupted one
-(bitwise on CPU): the data order is a pure function of (seed, epoch, position).
-Checkpoints are written by the main process; with DDP every rank holds the same
-parameters and optimizer state. FSDP-sharded optimizer state is not handled.
+`<work_dir>/step-XXXXXX/` atomically (quant/e2e/checkpoint.py): trainable
+parameters and optimizer state (safetensors; under FSDP each process's shards
+through torch.distributed.checkpoint), scheduler, every process's RNG states and
+the step, then points `<work_dir>/latest` at it. A restarted run with the same
+`fingerprint` (which should name the process count and strategy: a checkpoint
+is resumed by the same layout) continues from there and ends with the same
+parameters as an uninterrupted one (bitwise on CPU): the data order is a pure
+function of (seed, epoch, position, rank). The finished model of an FSDP run is
+gathered whole to the main process (`Trainer.unwrapped_model`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
-import random
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -73,13 +76,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from quant.config import Config, ConfigError
 from quant.config.registry import Registry
 from quant.config.scheme import QuantScheme
-from quant.io import atomic_dir, write_text_atomic
+from quant.e2e import checkpoint as ckpt
+from quant.e2e import distributed as D
+from quant.e2e.distributed import make_accelerator  # noqa: F401 (re-exported: stages and benches import it from here)
+from quant.io import write_text_atomic
 
 log = logging.getLogger("quant.e2e.trainer")
 
@@ -164,20 +169,22 @@ class TrainConfig(Config):
             )
 
 
-def make_accelerator(device: str = "auto"):
-    """An Accelerator with bf16 autocast on GPU and plain fp32 on CPU."""
-    from accelerate import Accelerator
-
-    cpu = device == "cpu" or not torch.cuda.is_available()
-    return Accelerator(cpu=cpu, mixed_precision="no" if cpu else "bf16")
-
-
 class NonFiniteLossError(ConfigError):
     """Training diverged (a non-finite loss, gradient norm or parameter).
 
     A ConfigError because it follows from the inputs and settings (the run is
     deterministic): retrying the same params cannot help, so it is reported like
     a bad value, as one line naming the stage, the step and the loss."""
+
+
+def no_full_step(samples: int, processes: int, cfg: TrainConfig, stage: str = "e2e") -> str | None:
+    """The error when `samples` rows over `processes` make no optimizer step (None when they do)."""
+    if samples // processes // (cfg.batch_size * cfg.grad_accum) >= 1:
+        return None
+    return (f"{stage}: {samples} training samples over {processes} process(es) "
+            f"({stage}.distributed.processes) make no full step of {stage}.train.batch_size x grad_accum = "
+            f"{cfg.batch_size} x {cfg.grad_accum} per process; use more {stage}.data.train_samples, "
+            "a smaller batch or fewer processes")
 
 
 def check_lr(lr: float, path: str) -> None:
@@ -285,45 +292,6 @@ def upcast_trainable(params) -> None:
 
 
 # ---------------------------------------------------------------------------
-# Checkpoints
-
-
-def _optimizer_to_files(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    sd = opt.state_dict()
-    tensors, scalars = {}, {}
-    for pid, st in sd["state"].items():
-        for k, v in st.items():
-            if isinstance(v, torch.Tensor):
-                tensors[f"{pid}.{k}"] = v.detach().cpu().contiguous()
-            else:
-                scalars[f"{pid}.{k}"] = v
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
-
-
-def _optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
-    for key, v in list(tensors.items()) + list(meta["scalars"].items()):
-        pid, k = key.split(".", 1)
-        state.setdefault(int(pid), {})[k] = v
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def _rng_state() -> tuple[dict[str, torch.Tensor], Any]:
-    tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        tensors["cuda"] = torch.cuda.get_rng_state()
-    return tensors, random.getstate()
-
-
-def _set_rng_state(tensors: dict[str, torch.Tensor], py_state: Any) -> None:
-    torch.set_rng_state(tensors["torch"])
-    if "cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["cuda"])
-    v, internal, gauss = py_state
-    random.setstate((v, tuple(internal), gauss))
-
-
-# ---------------------------------------------------------------------------
 # Trainer
 
 
@@ -368,9 +336,16 @@ class Trainer:
         for m in objective.frozen_modules.values():
             m.to(self.acc.device).eval().requires_grad_(False)
         model.train()
+        self.sharded = D.is_sharded(self.acc)
+        self._skeleton: nn.Module | None = None
+        if self.sharded:  # FSDP2 shards `model` in place: keep its structure to gather into at the end
+            D.set_wrap_class(self.acc, model)
+            self._skeleton = D.meta_skeleton(model) if self.acc.is_main_process else None
         fused = self.acc.device.type == "cuda"
         optimizer = torch.optim.AdamW(objective.param_groups, betas=cfg.adam_betas, fused=fused or None)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        if self.sharded:  # the same names, now sharded DTensor parameters
+            self.trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
 
     # -- state -------------------------------------------------------------
@@ -383,23 +358,18 @@ class Trainer:
         f = self.work_dir / LATEST
         return f.read_text().strip() if f.exists() else None
 
+    def _torch_optimizer(self) -> torch.optim.Optimizer:
+        return self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
+
     def save(self) -> Path:
-        """Checkpoint the current step (main process writes; all ranks wait)."""
+        """Checkpoint the current step (quant/e2e/checkpoint.py; every process takes part)."""
         name = f"step-{self.step:06d}"
         self._check_params_finite()
+        meta = {"step": self.step, "fingerprint": self.fingerprint,
+                "scheduler": self.scheduler.state_dict(), "history": self.history}
+        ckpt.save_step(self.work_dir / name, self.acc, self.model, self._torch_optimizer(), self.trainable,
+                       meta, self.sharded)
         if self.acc.is_main_process:
-            with atomic_dir(self.work_dir / name) as tmp:
-                save_file({n: p.detach().cpu().contiguous() for n, p in self.trainable.items()},
-                          str(tmp / "trainable.safetensors"))
-                opt = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
-                opt_t, opt_meta = _optimizer_to_files(opt)
-                save_file(opt_t, str(tmp / "optimizer.safetensors"))
-                rng_t, py_rng = _rng_state()
-                save_file(rng_t, str(tmp / "rng.safetensors"))
-                meta = {"step": self.step, "fingerprint": self.fingerprint, "optimizer": opt_meta,
-                        "scheduler": self.scheduler.state_dict(), "python_rng": py_rng,
-                        "history": self.history}
-                (tmp / "trainer.json").write_text(json.dumps(meta))
             write_text_atomic(self.work_dir / LATEST, name)
             for old in self.work_dir.glob("step-*"):
                 if old.name != name:
@@ -417,10 +387,13 @@ class Trainer:
                 f"{grad_norm}; nothing was saved for this step (lower {self.stage}.options.lr)")
 
     def _check_params_finite(self) -> None:
-        """Refuse to checkpoint non-finite parameters (one device reduction per save)."""
-        ok = torch.stack([p.detach().isfinite().all() for p in self.trainable.values()]).all()
-        if not ok.item():
-            bad = next(n for n, p in self.trainable.items() if not p.detach().isfinite().all())
+        """Refuse to checkpoint non-finite parameters (one device reduction per save; under
+        FSDP each process checks its shards and the flags are summed over processes)."""
+        bad_flags = torch.stack([~D.local(p.detach()).isfinite().all() for p in self.trainable.values()])
+        if self.sharded:
+            bad_flags = self.acc.reduce(bad_flags.int(), "sum")
+        if bad_flags.any().item():
+            bad = list(self.trainable)[int(bad_flags.nonzero()[0, 0])]
             raise NonFiniteLossError(
                 f"{self.stage}: training diverged by step {self.step}: parameter {bad} is not finite; "
                 f"nothing was saved (lower {self.stage}.options.lr)")
@@ -436,25 +409,26 @@ class Trainer:
         name = self._latest_name()
         if name is None:
             return
-        ckpt = self.work_dir / name
-        meta = json.loads((ckpt / "trainer.json").read_text())
-        if meta["fingerprint"] != self.fingerprint:
-            log.warning("ignoring checkpoint %s: it was made for other inputs or settings", ckpt)
+        path = self.work_dir / name
+        if ckpt.read_meta(path)["fingerprint"] != self.fingerprint:
+            log.warning("ignoring checkpoint %s: it was made for other inputs or settings", path)
             return
-        params = load_file(str(ckpt / "trainable.safetensors"))
-        if set(params) != set(self.trainable):
-            raise RuntimeError(f"checkpoint {ckpt} holds other trainable parameters than this model")
-        with torch.no_grad():
-            for n, p in self.trainable.items():
-                p.copy_(params[n])
-        sd = _optimizer_from_files(load_file(str(ckpt / "optimizer.safetensors")), meta["optimizer"])
-        self.optimizer.load_state_dict(sd)
+        meta = ckpt.load_step(path, self.acc, self.model, self._torch_optimizer(), self.trainable, self.sharded)
         self.scheduler.load_state_dict(meta["scheduler"])
-        _set_rng_state(load_file(str(ckpt / "rng.safetensors")), meta["python_rng"])
         self.step = self.resumed_from = meta["step"]
         self.history = meta["history"]
         self.phase = "resumed"
-        log.info("resumed from %s (step %d)", ckpt, self.step)
+        log.info("resumed from %s (step %d)", path, self.step)
+
+    def unwrapped_model(self) -> nn.Module | None:
+        """The trained student as a plain module on the main process (None on the others).
+        Under FSDP the parameters are gathered whole to the main process's CPU: every
+        process must call this."""
+        if self.sharded:
+            return D.gather_full_model(self.model, self._skeleton, self.acc.is_main_process)
+        if not self.acc.is_main_process:
+            return None
+        return self.acc.unwrap_model(self.model, keep_fp32_wrapper=False)
 
     # -- loop --------------------------------------------------------------
 
@@ -470,17 +444,21 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, data: dict[str, torch.Tensor]) -> float:
-        """Mean loss over `data` (every process scores its shard; one host sync)."""
+        """Mean loss over `data` (every process scores its shard; one host sync).
+
+        Every process runs the same number of forward passes (FSDP all-gathers inside each):
+        one that has no rows left in the last round scores one row with weight 0."""
         self.model.eval()
-        n = len(data["input_ids"])
+        n, bs = len(data["input_ids"]), self.cfg.batch_size
         rank, world = self.acc.process_index, self.acc.num_processes
         total = torch.zeros(2, device=self.acc.device)
-        for i in range(rank * self.cfg.batch_size, n, self.cfg.batch_size * world):
-            batch = self._to_device({k: v[i : i + self.cfg.batch_size] for k, v in data.items()})
+        for r in range(math.ceil(n / (bs * world))):
+            start = (r * world + rank) * bs
+            rows = min(bs, max(0, n - start))
+            batch = self._to_device({k: v[start : start + rows] if rows else v[:1] for k, v in data.items()})
             with self._autocast():
                 loss, _ = self.objective.loss(self.model, batch)
-            total += torch.stack([loss.float() * len(batch["input_ids"]), torch.tensor(
-                float(len(batch["input_ids"])), device=self.acc.device)])
+            total += torch.stack([loss.float() * rows, torch.tensor(float(rows), device=self.acc.device)])
         self.model.train()
         total = self.acc.reduce(total, "sum")
         return (total[0] / total[1].clamp(min=1)).item()
@@ -492,11 +470,7 @@ class Trainer:
         per_rank = len(train["input_ids"]) // self.acc.num_processes
         steps_per_epoch = per_rank // (cfg.batch_size * cfg.grad_accum)
         if steps_per_epoch < 1:
-            raise ConfigError(
-                f"e2e: {len(train['input_ids'])} training samples over {self.acc.num_processes} "
-                f"process(es) make no full step of batch_size x grad_accum = "
-                f"{cfg.batch_size} x {cfg.grad_accum}; use more samples or a smaller batch"
-            )
+            raise ConfigError(no_full_step(len(train["input_ids"]), self.acc.num_processes, cfg, self.stage))
         total = cfg.epochs * steps_per_epoch
         if cfg.max_steps is not None:
             total = min(total, cfg.max_steps)
@@ -525,7 +499,7 @@ class Trainer:
                 self.step += 1
                 if self.step % cfg.log_every == 0 or self.step == total:
                     n = cfg.log_every if self.step % cfg.log_every == 0 else self.step % cfg.log_every
-                    w = (window / n).tolist()  # the only host sync of the interval
+                    w = self._window_mean(window, n)  # the only host sync of the interval
                     self._check_finite(w[0], w[1])
                     last_loss = w[0]
                     entry = {"step": self.step, "loss": w[0], "grad_norm": w[1],
@@ -536,11 +510,18 @@ class Trainer:
                     window.zero_()
                 if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == total:
                     if self.step % cfg.log_every:  # not checked at a log point just now
-                        self._check_finite(*(window / (self.step % cfg.log_every)).tolist())
+                        self._check_finite(*self._window_mean(window, self.step % cfg.log_every))
                     self.save()
         val_after = self.evaluate(val) if val is not None else None
         self.phase = "finished"
         return TrainResult(self.step, self.resumed_from, last_loss, val_before, val_after, self.history)
+
+    def _window_mean(self, window: torch.Tensor, n: int) -> list[float]:
+        """[mean loss, mean grad norm] over the last `n` steps and over all processes: every
+        process logs the same numbers and stops together on a non-finite one."""
+        if self.acc.num_processes > 1:
+            window = self.acc.reduce(window, "mean")  # a copy
+        return (window / n).tolist()
 
     def _train_step(self, micro: Iterator[Batch], params: list[nn.Parameter]) -> torch.Tensor:
         """One optimizer step over grad_accum micro batches; returns [loss, grad-norm] on device."""
@@ -555,7 +536,7 @@ class Trainer:
                 self.acc.backward(loss / cfg.grad_accum)
             loss_sum += loss.detach().float() / cfg.grad_accum
         if cfg.max_grad_norm > 0:
-            norm = self.acc.clip_grad_norm_(params, cfg.max_grad_norm)
+            norm = D.full(self.acc.clip_grad_norm_(params, cfg.max_grad_norm))  # FSDP: a DTensor
         else:
             norm = torch.zeros((), device=self.acc.device)
         self.optimizer.step()
