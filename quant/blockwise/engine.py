@@ -108,7 +108,7 @@ class EngineOptions(Config):
     batch_size: int = 2
     cache: Literal["auto", "gpu", "cpu", "disk"] = "auto"  # where cached activations live (auto: planner)
     cache_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    compile: Literal["auto", "on", "off"] = "auto"  # torch.compile of the block step (auto: on GPU)
+    compile: Literal["auto", "on", "off"] = "auto"  # torch.compile of the block step and forward passes (auto: on GPU)
     amp: bool = True  # bf16 autocast on GPU (master weights stay fp32)
 
     def __post_init__(self) -> None:

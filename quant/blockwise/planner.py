@@ -103,9 +103,10 @@ def step_reserve(block_params: int, batch: int, seq: int, hidden: int, mlp: int)
 
 
 def host_reserve(host_total: int) -> int:
-    """Host memory left unpinned: 4 GiB plus 5% of the machine (the stage's own buffers,
-    read-ahead staging, the page cache of disk caches, the OS)."""
-    return 4 * GIB + host_total // 20
+    """Host memory left free: 2 GiB plus 5% of the machine (the stage's own buffers, one
+    block's checkpoint, read-ahead staging, the page cache of disk caches, the OS). The
+    model itself is already loaded when the room is measured."""
+    return 2 * GIB + host_total // 20
 
 
 def _cgroup_room() -> int | None:
