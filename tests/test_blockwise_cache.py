@@ -180,7 +180,7 @@ def test_read_ahead_stops_with_its_consumer_and_reports_read_errors(tmp_path):
     ref, disk = _pair(tmp_path)
     batches = Prefetcher(CPU).batches([disk], [slice(i, i + 1) for i in range(11)])
     next(batches)
-    assert _read_ahead_threads() == 1
+    assert _read_ahead_threads() >= 1  # 11 batches, at most ~6 read: the readers wait
     batches.close()  # a consumer that stops early (an exception in a step) ends the thread
     assert _read_ahead_threads() == 0
     with open(disk.path, "r+b") as f:
@@ -194,7 +194,7 @@ def test_read_ahead_stops_with_its_consumer_and_reports_read_errors(tmp_path):
 def test_copy_from_into_a_disk_cache(tmp_path):
     ref, _ = _pair(tmp_path)
     other = ActivationCache(tuple(ref.data.shape), ref.data.dtype, "disk", CPU, tmp_path / "d.bin")
-    other.copy_from(ref, batch=4)
+    other.copy_from(ref, chunk_rows=4)
     assert torch.equal(other.data, ref.data)
     assert (tmp_path / "d.bin").stat().st_size == ref.nbytes
 
@@ -347,7 +347,7 @@ def test_gpu_disk_read_ahead_returns_the_pinned_batches(tmp_path):
     host = ActivationCache((9, 16, 32), torch.bfloat16, "cpu", cuda)
     host.data.copy_(torch.randn(9, 16, 32))
     disk = ActivationCache((9, 16, 32), torch.bfloat16, "disk", cuda, tmp_path / "d.bin")
-    disk.copy_from(host, batch=2)
+    disk.copy_from(host, chunk_rows=2)
     g = torch.Generator().manual_seed(0)
     for plan in ([slice(i, i + 2) for i in range(0, 9, 2)], [torch.randperm(9, generator=g)[:4] for _ in range(5)]):
         for k, (a, b) in enumerate(Prefetcher(cuda).batches([host, disk], plan)):

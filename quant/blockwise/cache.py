@@ -9,7 +9,8 @@ quant.blockwise.planner decides which. Design notes:
   batch order) or index rows (TesseraQ's random batches). The next batch is
   copied to the device on a side CUDA stream while the current one computes.
 - Host work that would stall a step (reading rows of a disk cache, gathering
-  random rows of a host cache into pinned memory) runs on a read-ahead thread
+  random rows of a host cache into pinned memory) runs on read-ahead threads
+  (`READ_WORKERS` per cache, so several reads are in flight) up to
   `READ_AHEAD` batches ahead; torch copies and os.preadv release the GIL. Disk
   rows are read with preadv straight into the (pinned) batch buffer: one large
   read per row, where page faults on a memory map would read 4 KiB at a time.
@@ -40,7 +41,9 @@ from pathlib import Path
 import torch
 
 READ_AHEAD = 4  # host batches read ahead per cache
+READ_WORKERS = 2  # reader threads per cache (reads in flight at once)
 WRITE_BEHIND = 4  # disk batches in flight behind a pass
+COPY_CHUNK = 256 * 2**20  # bytes per chunk of copy_from into a disk cache (pinned staging)
 WHERE = ("gpu", "cpu", "disk")
 Rows = slice | torch.Tensor  # a contiguous range, or row indices (a CPU int64 tensor)
 
@@ -182,13 +185,14 @@ class ActivationCache:
         with self.writer() as w:
             w.put(i, x)
 
-    def copy_from(self, other: ActivationCache, batch: int = 64) -> None:
+    def copy_from(self, other: ActivationCache, chunk_rows: int | None = None) -> None:
         if self.where != "disk":
             self.data.copy_(other.data)
             return
+        rows = chunk_rows or max(1, COPY_CHUNK // max(self.row_bytes, 1))
         with self.writer() as w:  # chunks through the writer: pwrite, no read-before-write faults
-            for i in range(0, len(other), batch):
-                w.put(i, other.data[i : i + batch])
+            for i in range(0, len(other), rows):
+                w.put(i, other.data[i : i + rows])
 
 
 class CacheWriter:
@@ -262,36 +266,47 @@ class _Failed:
 
 
 class ReadAhead:
-    """Host batches of one cache for a whole plan, read on a thread `depth` batches ahead."""
+    """Host batches of one cache for a whole plan, read ahead on `workers` threads (batch k on
+    thread k mod workers, so several reads are in flight at once; handed over in plan order),
+    at most about `depth` batches ahead."""
 
-    def __init__(self, cache: ActivationCache, plan: Sequence[Rows], depth: int = READ_AHEAD) -> None:
+    def __init__(self, cache: ActivationCache, plan: Sequence[Rows], depth: int = READ_AHEAD,
+                 workers: int = READ_WORKERS) -> None:
         self.cache, self.plan = cache, plan
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        dev = cache.device  # the threads' current device (pinned buffers, CUDA calls)
+        self._cuda = None if dev.type != "cuda" else dev.index if dev.index is not None else torch.cuda.current_device()
+        n = max(1, min(workers, len(plan)))
+        self._queues = [queue.Queue(maxsize=max(1, depth // n)) for _ in range(n)]
+        self._next = 0
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="cache-read-ahead", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, args=(w,), name="cache-read-ahead", daemon=True)
+                         for w in range(n)]
+        for t in self._threads:
+            t.start()
 
-    def _offer(self, item) -> bool:
+    def _offer(self, q: queue.Queue, item) -> bool:
         while not self._stop.is_set():
             try:
-                self._queue.put(item, timeout=0.05)
+                q.put(item, timeout=0.05)
                 return True
             except queue.Full:
                 continue
         return False
 
-    def _run(self) -> None:
-        if self.cache.device.type == "cuda":
-            torch.cuda.set_device(self.cache.device)
+    def _run(self, w: int) -> None:
+        if self._cuda is not None:
+            torch.cuda.set_device(self._cuda)
+        q = self._queues[w]
         try:
-            for rows in self.plan:
-                if not self._offer(self.cache.read_host(rows)):
+            for k in range(w, len(self.plan), len(self._queues)):
+                if not self._offer(q, self.cache.read_host(self.plan[k])):
                     return
         except BaseException as exc:  # noqa: BLE001  (re-raised by next())
-            self._offer(_Failed(exc))
+            self._offer(q, _Failed(exc))
 
     def next(self) -> torch.Tensor:
-        item = self._queue.get()
+        item = self._queues[self._next % len(self._queues)].get()
+        self._next += 1
         if isinstance(item, _Failed):
             raise RuntimeError(f"reading the {self.cache.where} cache {self.cache.path or ''} failed") \
                 from item.error
@@ -299,7 +314,8 @@ class ReadAhead:
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join()
+        for t in self._threads:
+            t.join()
 
 
 class Prefetcher:
@@ -317,7 +333,7 @@ class Prefetcher:
             return
         if self.stream is not None:  # the side stream reads what the current stream wrote
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        ahead = [ReadAhead(c, plan) if c.staged(plan[0]) else None for c in caches]
+        ahead = [ReadAhead(c, plan) if any(c.staged(r) for r in plan) else None for c in caches]
         rows_dev = self._index_rows_on_device(caches, plan)
 
         def fetch(k: int) -> list[torch.Tensor]:

@@ -235,15 +235,18 @@ class BlockwiseEngine:
 
     # -- caches ------------------------------------------------------------
 
+    def _requests(self) -> list[planner.CacheRequest]:
+        """The four caches, in the planner's order of preference (read every step first)."""
+        row = (self.train_ids.shape[1], self.model.config.hidden_size)
+        n_tr, n_va = len(self.train_ids), len(self.val_ids)
+        return [planner.CacheRequest("fp_train", n_tr, row, self.cache_dtype, True),
+                planner.CacheRequest("q_train", n_tr, row, self.cache_dtype, True),
+                planner.CacheRequest("fp_val", n_va, row, self.cache_dtype, False),
+                planner.CacheRequest("q_val", n_va, row, self.cache_dtype, False)]
+
     def _plan(self) -> list[planner.Placement]:
         """Where each cache goes (options.cache, the measured room); logged with the reasons."""
-        cfg, seq = self.model.config, self.train_ids.shape[1]
-        row = (seq, cfg.hidden_size)
-        reqs = [planner.CacheRequest(name, n, row, self.cache_dtype, train)
-                for name, n, train in (("fp_train", len(self.train_ids), True),
-                                       ("q_train", len(self.train_ids), True),
-                                       ("fp_val", len(self.val_ids), False),
-                                       ("q_val", len(self.val_ids), False))]
+        cfg, seq, reqs = self.model.config, self.train_ids.shape[1], self._requests()
         params = sum(p.numel() for p in self.layers[0].parameters())
         mlp = getattr(cfg, "intermediate_size", None) or 4 * cfg.hidden_size
         reserve = planner.step_reserve(params, self.opt.batch_size, seq, cfg.hidden_size, mlp)
@@ -261,11 +264,9 @@ class BlockwiseEngine:
         return {p.name: p.to_dict() for p in self.placements}
 
     def _caches(self) -> None:
-        shape = (self.train_ids.shape[1], self.model.config.hidden_size)
-        made = {p.name: ActivationCache((len(self.val_ids if p.name.endswith("val") else self.train_ids), *shape),
-                                        self.cache_dtype, p.where, self.ctx.device,
-                                        self._cache_dir() / f"{p.name}.bin")
-                for p in self.placements}
+        made = {r.name: ActivationCache((r.rows, *r.row_shape), r.dtype, p.where, self.ctx.device,
+                                        self._cache_dir() / f"{r.name}.bin")
+                for r, p in zip(self._requests(), self.placements, strict=True)}
         self.fp_train, self.q_train = made["fp_train"], made["q_train"]
         self.fp_val, self.q_val = made["fp_val"], made["q_val"]
 

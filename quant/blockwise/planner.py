@@ -48,7 +48,8 @@ WHERE_NAMES = {"gpu": "GPU memory", "cpu": "host memory", "disk": "disk"}
 
 
 def gib(n: float) -> str:
-    return f"{n / GIB:.2f} GiB"
+    """Bytes for a person: GiB with two decimals, MiB below 1 GiB."""
+    return f"{n / GIB:.2f} GiB" if abs(n) >= GIB else f"{n / 2**20:.2f} MiB"
 
 
 @dataclass(frozen=True)
