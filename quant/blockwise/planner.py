@@ -8,8 +8,8 @@ fits a machine at all. `cache: auto` measures the room and puts each cache in
 the fastest place that still holds it:
 
 1. `gpu`, device memory: a batch is a view, no copy at all. Room: free device
-   memory (torch.cuda.mem_get_info) minus `step_reserve`, what a training step
-   needs besides the caches.
+   memory (torch.cuda.mem_get_info, plus what torch's caching allocator holds
+   unused) minus `step_reserve`, what a training step needs besides the caches.
 2. `cpu`, host memory (pinned on a GPU machine: one non_blocking copy per batch).
    Room: available host memory (psutil), capped by the cgroup's limit (pinned
    pages count against it and can never be swapped out), minus `host_reserve`.
@@ -137,7 +137,10 @@ def measure(device: torch.device, cache_dir: Path, names: tuple[str, ...] = ()) 
     `cache_dir` (a killed run's caches, about to be overwritten) count as free."""
     import psutil
 
-    gpu = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    gpu = None
+    if device.type == "cuda":  # free memory, plus what torch's allocator holds but does not use
+        gpu = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) \
+            - torch.cuda.memory_allocated(device)
     vm = psutil.virtual_memory()
     host = vm.available
     room = _cgroup_room()
