@@ -9,11 +9,12 @@ asymmetric, random init, batch 2. Three parts, each timed with CUDA syncs:
     copy back after every batch, no prefetch. After (the engine now): a
     device-resident fp workspace with bf16 linears loaded per block
     (`load_float_weights`), the next batch prefetched on a side stream, results
-    written back non_blocking (one sync per pass), the block call compiled; with
-    the caches in pinned host memory and on the GPU. The per-block set-up costs
-    are reported apart from the per-batch times (the old bench divided the
-    set-up by only 32 batches, which made the fp pass look 5x slower than it
-    was). The fp outputs of both paths are compared (eager: bitwise equal).
+    copied back non_blocking on a write stream (one sync per pass), the block
+    call compiled; with the caches in pinned host memory and on the GPU. The
+    per-block set-up costs are reported apart from the per-batch times
+    (bench_block_ap.py divides the old set-up by its 32 batches, which inflates
+    its fp pass figure; docs/issues/issue-4.md says as much). The fp outputs of
+    both paths are compared (eager: expected bitwise equal).
 (b) A 2-block Llama-2-7B-shaped model through the engine (the block_ap stage's
     code) at --samples x 2048 tokens (paper: 4096), --epochs (paper: 2), with
     `cache: auto`: seconds of the input capture and of each block, split into

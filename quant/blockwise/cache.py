@@ -14,10 +14,11 @@ quant.blockwise.planner decides which. Design notes:
   `READ_AHEAD` batches ahead; torch copies and os.preadv release the GIL. Disk
   rows are read with preadv straight into the (pinned) batch buffer: one large
   read per row, where page faults on a memory map would read 4 KiB at a time.
-- Writes go through a `CacheWriter` (one per pass): device-to-pinned copies are
-  non_blocking and synchronised once when the pass ends; disk writes are copied
-  non_blocking into pinned staging buffers and written by a thread (pwrite), at
-  most `WRITE_BEHIND` batches behind, so a forward pass never waits on the disk.
+- Writes go through a `CacheWriter` (one per pass): device-to-pinned copies run
+  non_blocking on a write stream (overlapping the next batch's compute) and are
+  synchronised once when the pass ends; disk writes are copied that way into
+  pinned staging buffers and written by a thread (pwrite), at most
+  `WRITE_BEHIND` batches behind, so a forward pass never waits on the disk.
   Rows written by a pass are only read after its writer closed.
 - Pinned caches are allocated pageable and registered with cudaHostRegister:
   the caching host allocator (`pin_memory=True`) rounds every block up to a
@@ -198,11 +199,16 @@ class ActivationCache:
 class CacheWriter:
     """The writes of one pass into a cache: `put` returns at once; `close()` (the end of a
     with-block) returns when every row is in place. `put` takes ownership of `x`: the
-    caller must not modify it afterwards."""
+    caller must not modify it afterwards.
+
+    Device-to-host copies run on a stream of their own (after an event on the computing
+    stream), so the copy back of batch k overlaps the compute of batch k+1; the source
+    is marked as used by that stream so the allocator does not hand it out early."""
 
     def __init__(self, cache: ActivationCache, depth: int = WRITE_BEHIND) -> None:
         self.cache = cache
-        self.sync_stream = cache.device.type == "cuda" and cache.where == "cpu"
+        host = cache.where != "gpu"
+        self.stream = torch.cuda.Stream(cache.device) if host and cache.device.type == "cuda" else None
         self._error: BaseException | None = None
         self._queue: queue.Queue | None = None
         if cache.where == "disk":
@@ -210,19 +216,31 @@ class CacheWriter:
             self._thread = threading.Thread(target=self._run, name="cache-writer", daemon=True)
             self._thread.start()
 
+    def _to_host(self, dst: torch.Tensor, x: torch.Tensor) -> torch.cuda.Event:
+        """dst = x (device to pinned host), non_blocking on the write stream."""
+        self.stream.wait_stream(torch.cuda.current_stream(self.cache.device))
+        with torch.cuda.stream(self.stream):
+            dst.copy_(x, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        x.record_stream(self.stream)
+        return done
+
     def put(self, i: int, x: torch.Tensor) -> None:
         c = self.cache
-        if self._queue is None:  # device cache: on the stream; pinned: non_blocking, synced at close
-            c.data[i : i + x.shape[0]].copy_(x, non_blocking=self.sync_stream and x.is_cuda)
+        if self._queue is None:  # device cache: on the stream; pinned: the write stream, synced at close
+            rows = c.data[i : i + x.shape[0]]
+            if self.stream is not None and x.is_cuda:
+                self._to_host(rows, x)
+            else:
+                rows.copy_(x)
             return
         if self._error is not None:
             raise RuntimeError(f"writing {c.path} failed") from self._error
         event = None
         if x.is_cuda:
             host = torch.empty(x.shape, dtype=c.data.dtype, pin_memory=True)
-            host.copy_(x, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
+            event = self._to_host(host, x)
         else:
             host = x.to(c.data.dtype).contiguous()
         self._queue.put((i, host, event))  # blocks while WRITE_BEHIND batches are in flight
@@ -244,8 +262,8 @@ class CacheWriter:
             self._queue.put(None)
             self._thread.join()
             self._queue = None
-        elif self.sync_stream:
-            torch.cuda.current_stream(self.cache.device).synchronize()  # the one sync of a pass
+        if self.stream is not None:
+            self.stream.synchronize()  # the one sync of a pass
         if self._error is not None:
             raise RuntimeError(f"writing {self.cache.path} failed") from self._error
 
