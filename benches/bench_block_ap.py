@@ -17,6 +17,10 @@ asymmetric, random init. Everything is measured in one run, on one device:
   so this is the peak of a whole 7B run apart from the first block's input
   capture (embedding + one block forward).
 
+The forward passes at scale (set-up apart from per-batch cost, before/after
+issue 15), a 2-block 7B-shaped run through the engine at the paper's sample
+count and disk vs pinned caches: benches/bench_block_ap_scale.py.
+
 Usage: python benches/bench_block_ap.py [--samples 64] [--no-compile] [--json out.json]
 Imports only quant.*, torch and transformers.
 """

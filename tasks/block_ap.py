@@ -53,6 +53,7 @@ def _metrics(result, method: str, scheme: str, source: str, train_ids, val_ids) 
         "val_mse_last_block": final[-1], "blocks_improved": sum(f < i for f, i in zip(final, init, strict=True)),
         "blocks_kept_init": sum(b["kept"] == "init" for b in per),
         "block_seconds_total": round(sum(b["seconds"] for b in per), 2),
+        "caches": result.caches,  # where each activation cache went and why (the cache planner)
     }
 
 

@@ -49,6 +49,9 @@ def test_tesseraq_through_the_stage(stage_dir):  # noqa: F811
     assert metrics["method"] == "tesseraq" and metrics["blocks"] == 2
     saved = json.loads((stage_dir / "metrics" / "block_ap.json").read_text())
     assert saved["blocks_kept_init"] == metrics["blocks_kept_init"]
+    # cache: auto (the default) on a CPU machine keeps every cache in host memory, and says so
+    assert {c["where"] for c in saved["caches"].values()} == {"cpu"} and len(saved["caches"]) == 4
+    assert all("fits in host memory" in c["reason"] for c in saved["caches"].values())
     assert (stage_dir / "artifacts" / "block_ap" / "block_loss.png").stat().st_size > 0
     assert not (stage_dir / ".state" / "block_ap").exists()
     with mock.patch("transformers.AutoTokenizer.from_pretrained", return_value=None):

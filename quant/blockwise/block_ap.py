@@ -100,7 +100,9 @@ def fit_block(block: nn.Module, loss_fn: Callable, inputs: ActivationCache, targ
     """AdamW (wd 0) + cosine over `opt.epochs` epochs of (inputs -> targets) batches.
 
     Batches are contiguous slices in a seeded random order, fetched one step
-    ahead; the loss accumulates on the device and is read once per epoch."""
+    ahead (an epoch's order is handed to the prefetcher whole, so disk caches
+    are read ahead on a thread); the loss accumulates on the device and is read
+    once per epoch."""
     block.train()
     fused = inputs.device.type == "cuda"
     optimizer = torch.optim.AdamW(_param_groups(block, weight_lr, qparam_lr), weight_decay=0.0,
@@ -119,11 +121,8 @@ def fit_block(block: nn.Module, loss_fn: Callable, inputs: ActivationCache, targ
         order = (torch.randperm(n_batches, generator=g) * bs).tolist()
         acc = torch.zeros((), device=inputs.device)
         step_losses = torch.zeros(n_batches, device=inputs.device)  # to name a diverging step
-        pending = prefetch.issue(caches, order[0], order[0] + bs)
-        for k in range(n_batches):
-            x, y = Prefetcher.wait(pending)
-            if k + 1 < n_batches:
-                pending = prefetch.issue(caches, order[k + 1], order[k + 1] + bs)
+        plan = [slice(o, o + bs) for o in order]  # known up front: disk caches are read ahead
+        for k, (x, y) in enumerate(prefetch.batches(caches, plan)):
             loss = loss_fn(x, y)
             loss.backward()
             optimizer.step()

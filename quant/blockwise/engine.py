@@ -15,12 +15,22 @@ returns its per-block metrics. The engine does the rest:
   weights, bf16 autocast on GPU) and hands them back. Reusing one module object
   lets `torch.compile` compile a method's step once for all blocks. The
   full-precision block (QuantLinears replaced by plain linears holding the
-  float weights) visits the device only to produce targets.
+  float weights) is a second device-resident workspace, built once and loaded
+  with each block's float weights, its linear weights cast to bf16 once when
+  amp is on: autocast would cast them for every batch, to the same values (a
+  round to nearest), so the targets are the same numbers, made faster; the
+  norms stay fp32 as under autocast.
 - Two activation chains: the *targets* of block i come from the full-precision
   chain, its *inputs* from the quantized chain (block i-1 as trained). Cached
-  activations ([N, L, D]) live on the device, in pinned host memory, or in
-  memory-mapped files (`cache`, quant.blockwise.cache); batches are fetched one
-  step ahead on a side stream.
+  activations ([N, L, D]) live on the device, in pinned host memory or in files
+  on disk (quant.blockwise.cache), each where `cache` and the cache planner put
+  it (quant.blockwise.planner: `auto` measures the free GPU memory, host memory
+  and disk and says in the log where each cache went and why).
+- Forward-only passes (targets, next inputs, validation losses) are pipelined
+  like training steps: the next batch is fetched on a side stream (read ahead
+  on a thread from disk), results go back to pinned memory without waiting
+  (one synchronisation per pass) or to disk through a writer thread, and with
+  `compile` the block call is compiled once for all blocks.
 - Keep the better state: the validation loss of the block as it came in
   (`val_loss_init`) and as trained (`val_loss_trained`) are both measured; when
   training made it worse the engine warns and keeps the incoming state
@@ -54,14 +64,27 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.nn import functional as F
 
+from quant.blockwise import planner
 from quant.blockwise.cache import ActivationCache, Prefetcher
+from quant.blockwise.passes import (  # noqa: F401  (re-exported: methods and older code import them here)
+    autocast,
+    call_block,
+    capture_block_inputs,
+    cast_linears,
+    first_nonfinite,
+    float_block,
+    forward_pass,
+    load_float_weights,
+    make_forward_fn,
+    make_loss_fn,
+    mean_loss,
+    run_block,
+)
 from quant.config import Config, ConfigError
 from quant.config.registry import Registry
-from quant.models.arch import ArchMapping, decoder_layers, get_module, mapping_for, set_module
+from quant.models.arch import decoder_layers, mapping_for
 from quant.modules.linear import QuantLinear
-from quant.modules.rotation import drop_key_quantizers, move_input_rotation
 
 log = logging.getLogger("quant.blockwise")
 
@@ -83,9 +106,9 @@ class EngineOptions(Config):
     """What every block-wise method shares: batching, cache placement, compile, precision."""
 
     batch_size: int = 2
-    cache: Literal["gpu", "cpu", "disk"] = "cpu"  # where cached activations live
+    cache: Literal["auto", "gpu", "cpu", "disk"] = "auto"  # where cached activations live (auto: planner)
     cache_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    compile: Literal["auto", "on", "off"] = "auto"  # torch.compile of the block step (auto: on GPU)
+    compile: Literal["auto", "on", "off"] = "auto"  # torch.compile of the block step and forward passes (auto: on GPU)
     amp: bool = True  # bf16 autocast on GPU (master weights stay fp32)
 
     def __post_init__(self) -> None:
@@ -100,6 +123,7 @@ class BlockwiseContext:
     seed: int = 0
     fingerprint: str = ""  # a different fingerprint discards old checkpoints
     on_block: Callable[[int, dict[str, Any]], None] | None = None
+    measure: Callable[..., planner.Capacity] = planner.measure  # free memory/disk (tests fake it)
 
 
 @dataclass
@@ -107,128 +131,7 @@ class BlockwiseResult:
     blocks: int
     resumed_at: int
     per_block: list[dict[str, Any]] = field(default_factory=list)
-
-
-# ---------------------------------------------------------------------------
-# Block plumbing
-
-
-def _decoder(model: nn.Module, mapping: ArchMapping) -> nn.Module:
-    """The module that owns the decoder layer list (LlamaModel for LlamaForCausalLM)."""
-    parent = mapping.layers.rpartition(".")[0]
-    return get_module(model, parent) if parent else model
-
-
-def _layers_attr(mapping: ArchMapping) -> str:
-    return mapping.layers.rpartition(".")[2]
-
-
-@torch.no_grad()
-def capture_block_inputs(model: nn.Module, ids: torch.Tensor, cache: ActivationCache, batch_size: int,
-                         device: torch.device, mapping: ArchMapping | None = None) -> dict[str, Any]:
-    """Fill `cache` with the inputs of decoder block 0 for `ids` [N, L]; return the block's
-    other keyword inputs (position embeddings, mask), captured for a batch of one so that
-    they broadcast over any batch size. Only the embedding part and block 0 run."""
-    mapping = mapping or mapping_for(model)
-    decoder, attr = _decoder(model, mapping), _layers_attr(mapping)
-    layers = decoder_layers(model, mapping)
-    first = layers[0]
-    captured: dict[str, Any] = {}
-
-    def hook(_module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        captured["hidden"] = hidden
-        if "kwargs" not in captured:
-            captured["kwargs"] = {k: v for k, v in kwargs.items()
-                                  if k not in ("hidden_states", "past_key_values", "past_key_value", "use_cache")}
-        return None
-
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
-    setattr(decoder, attr, nn.ModuleList([first]))
-    moved = [m for m in decoder.children() if m is not first]
-    try:
-        decoder.to(device)
-        decoder(input_ids=ids[:1].to(device), use_cache=False)  # kwargs for a batch of one
-        for i in range(0, ids.shape[0], batch_size):
-            decoder(input_ids=ids[i : i + batch_size].to(device), use_cache=False)
-            cache.put(i, captured["hidden"].to(cache.data.dtype))
-    finally:
-        handle.remove()
-        setattr(decoder, attr, layers)
-        for m in [*moved, first]:
-            m.to("cpu")
-    return captured["kwargs"]
-
-
-def float_block(block: nn.Module) -> nn.Module:
-    """A copy of `block` in full precision: every QuantLinear becomes a plain linear holding
-    its float weight (the function block-wise training reconstructs)."""
-    fp = copy.deepcopy(block)
-    for name, m in list(fp.named_modules()):
-        if isinstance(m, QuantLinear):
-            if m.frozen:
-                raise RuntimeError(f"{name} is frozen: its float weight is gone; block-wise training "
-                                   "needs the calibrated (trainable) model")
-            lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None,
-                            device=m.weight.device, dtype=m.weight.dtype)
-            lin.weight = m.weight
-            if m.bias is not None:
-                lin.bias = m.bias
-            move_input_rotation(m, lin)  # QuaRot's online rotation is part of the fp function
-            set_module(fp, name, lin)
-    drop_key_quantizers(fp)  # QuaRot: keys rotated after RoPE, but not quantized, in the target
-    return fp
-
-
-def call_block(block: nn.Module, x: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
-    out = block(x, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
-
-
-def autocast(device: torch.device, enabled: bool):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
-
-
-@torch.no_grad()
-def run_block(block: nn.Module, src: ActivationCache, dst: ActivationCache, kwargs: dict[str, Any],
-              batch_size: int, amp: bool) -> None:
-    """dst[i] = block(src[i]) for every sample, in batches (dst may be src)."""
-    device = src.device
-    for i in range(0, len(src), batch_size):
-        with autocast(device, amp):
-            y = call_block(block, src.get(i, i + batch_size), kwargs)
-        dst.put(i, y.to(dst.data.dtype))
-
-
-def make_loss_fn(block: nn.Module, kwargs: dict[str, Any], device: torch.device, amp: bool,
-                 compile: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """loss(x, y) = MSE(block(x), y) in fp32, optionally through torch.compile (one graph for
-    fake-quant, the block and the loss, so fake-quant fuses into a few kernels)."""
-
-    def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with autocast(device, amp):
-            out = call_block(block, x, kwargs)
-        return F.mse_loss(out.float(), y.float())
-
-    return torch.compile(loss, dynamic=False) if compile else loss
-
-
-@torch.no_grad()
-def mean_loss(loss_fn: Callable, inputs: ActivationCache, targets: ActivationCache, batch_size: int) -> float:
-    """Sample-weighted mean of loss_fn over all rows (one host sync); nan without rows."""
-    if not len(inputs):
-        return float("nan")
-    total = torch.zeros((), device=inputs.device)
-    for i in range(0, len(inputs), batch_size):
-        x, y = inputs.get(i, i + batch_size), targets.get(i, i + batch_size)
-        total += loss_fn(x, y) * x.shape[0]
-    return (total / len(inputs)).item()
-
-
-def first_nonfinite(losses: torch.Tensor) -> int | None:
-    """Index of the first non-finite entry of a 1-d loss record (host sync), or None."""
-    bad = torch.nonzero(~torch.isfinite(losses.detach())).flatten()
-    return int(bad[0]) if len(bad) else None
+    caches: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> where, bytes, reason
 
 
 # ---------------------------------------------------------------------------
@@ -318,8 +221,12 @@ class BlockwiseEngine:
         self.per_block: list[dict[str, Any]] = []
         self.kwargs: dict[str, Any] = {}
         self.workspace: nn.Module | None = None
+        self.fp_workspace: nn.Module | None = None
         self._eval_fn: Callable | None = None
+        self._q_fn: Callable | None = None
+        self._fp_fn: Callable | None = None
         self.prefetch = Prefetcher(dev)
+        self.placements = self._plan()  # before any heavy work: a cache that cannot fit fails here
 
     def state(self) -> dict[str, Any]:
         return {"phase": self.phase, "blocks": len(self.layers), "done": self.next_block,
@@ -328,27 +235,50 @@ class BlockwiseEngine:
 
     # -- caches ------------------------------------------------------------
 
-    def _caches(self) -> None:
-        hidden = self.model.config.hidden_size
-        dev, where = self.ctx.device, self.opt.cache
-        d = self.ctx.work_dir / "cache"
-
-        def make(name: str, n: int) -> ActivationCache:
-            return ActivationCache((n, self.train_ids.shape[1], hidden), self.cache_dtype, where, dev,
-                                   d / f"{name}.bin")
-
+    def _requests(self) -> list[planner.CacheRequest]:
+        """The four caches, in the planner's order of preference (read every step first)."""
+        row = (self.train_ids.shape[1], self.model.config.hidden_size)
         n_tr, n_va = len(self.train_ids), len(self.val_ids)
-        self.fp_train, self.q_train = make("fp_train", n_tr), make("q_train", n_tr)
-        self.fp_val, self.q_val = make("fp_val", n_va), make("q_val", n_va)
+        return [planner.CacheRequest("fp_train", n_tr, row, self.cache_dtype, True),
+                planner.CacheRequest("q_train", n_tr, row, self.cache_dtype, True),
+                planner.CacheRequest("fp_val", n_va, row, self.cache_dtype, False),
+                planner.CacheRequest("q_val", n_va, row, self.cache_dtype, False)]
+
+    def _plan(self) -> list[planner.Placement]:
+        """Where each cache goes (options.cache, the measured room); logged with the reasons."""
+        cfg, seq, reqs = self.model.config, self.train_ids.shape[1], self._requests()
+        params = sum(p.numel() for p in self.layers[0].parameters())
+        mlp = getattr(cfg, "intermediate_size", None) or 4 * cfg.hidden_size
+        reserve = planner.step_reserve(params, self.opt.batch_size, seq, cfg.hidden_size, mlp)
+        cap = self.ctx.measure(self.ctx.device, self._cache_dir(), tuple(r.name for r in reqs))
+        plan = planner.plan_caches(reqs, self.opt.cache, cap, reserve)
+        for p in plan:
+            log.info("%s: cache %s -> %s: %s", self.method.name, p.name, p.where, p.reason)
+        return plan
+
+    def _cache_dir(self) -> Path:
+        return self.ctx.work_dir / "cache"
+
+    def cache_placements(self) -> dict[str, dict[str, Any]]:
+        """Where each cache went and why (the planner's placements)."""
+        return {p.name: p.to_dict() for p in self.placements}
+
+    def _caches(self) -> None:
+        made = {r.name: ActivationCache((r.rows, *r.row_shape), r.dtype, p.where, self.ctx.device,
+                                        self._cache_dir() / f"{r.name}.bin")
+                for r, p in zip(self._requests(), self.placements, strict=True)}
+        self.fp_train, self.q_train = made["fp_train"], made["q_train"]
+        self.fp_val, self.q_val = made["fp_val"], made["q_val"]
 
     def capture(self) -> None:
         if self.phase != "created":
             raise RuntimeError(f"capture() in phase {self.phase!r}; it runs once, first")
         self._caches()
         dev, bs = self.ctx.device, self.opt.batch_size
-        self.kwargs = capture_block_inputs(self.model, self.train_ids, self.fp_train, bs, dev, self.mapping)
+        self.kwargs = capture_block_inputs(self.model, self.train_ids, self.fp_train, bs, dev, self.mapping,
+                                           self.amp)
         if len(self.val_ids):
-            capture_block_inputs(self.model, self.val_ids, self.fp_val, bs, dev, self.mapping)
+            capture_block_inputs(self.model, self.val_ids, self.fp_val, bs, dev, self.mapping, self.amp)
         self.q_train.copy_from(self.fp_train)
         self.q_val.copy_from(self.fp_val)
         self.phase = "captured"
@@ -397,23 +327,32 @@ class BlockwiseEngine:
 
     # -- per block ---------------------------------------------------------
 
+    def _load_fp(self, i: int) -> None:
+        """The full-precision workspace holds block i's float weights (built on first use)."""
+        if self.fp_workspace is None:
+            fp = float_block(self.layers[i]).to(self.ctx.device)
+            self.fp_workspace = cast_linears(fp, torch.bfloat16) if self.amp else fp
+            self._fp_fn = make_forward_fn(self.fp_workspace, self.kwargs, self.ctx.device, self.amp, self.compile)
+        else:
+            load_float_weights(self.fp_workspace, self.layers[i])
+
     def _advance_fp(self, i: int) -> None:
-        fp = float_block(self.layers[i]).to(self.ctx.device)
-        run_block(fp, self.fp_train, self.fp_train, self.kwargs, self.opt.batch_size, self.amp)
+        self._load_fp(i)
+        forward_pass(self._fp_fn, self.fp_train, self.fp_train, self.opt.batch_size, self.prefetch)
         if len(self.val_ids):
-            run_block(fp, self.fp_val, self.fp_val, self.kwargs, self.opt.batch_size, self.amp)
-        del fp
+            forward_pass(self._fp_fn, self.fp_val, self.fp_val, self.opt.batch_size, self.prefetch)
 
     def _advance_q(self) -> None:
-        run_block(self.workspace, self.q_train, self.q_train, self.kwargs, self.opt.batch_size, self.amp)
+        forward_pass(self._q_fn, self.q_train, self.q_train, self.opt.batch_size, self.prefetch)
         if len(self.val_ids):
-            run_block(self.workspace, self.q_val, self.q_val, self.kwargs, self.opt.batch_size, self.amp)
+            forward_pass(self._q_fn, self.q_val, self.q_val, self.opt.batch_size, self.prefetch)
 
     def _load_workspace(self, i: int) -> None:
         block = self.layers[i]
         if self.workspace is None:
             self.workspace = copy.deepcopy(block).to(self.ctx.device, torch.float32)
             self._eval_fn = make_loss_fn(self.workspace, self.kwargs, self.ctx.device, self.amp, False)
+            self._q_fn = make_forward_fn(self.workspace, self.kwargs, self.ctx.device, self.amp, self.compile)
         with torch.no_grad():
             for (n, w), (_, b) in zip(self.workspace.state_dict().items(), block.state_dict().items(),
                                       strict=True):
@@ -422,7 +361,7 @@ class BlockwiseEngine:
 
     def val_loss(self) -> float:
         """Mean MSE of the workspace block on the validation samples (one host sync)."""
-        return mean_loss(self._eval_fn, self.q_val, self.fp_val, self.opt.batch_size)
+        return mean_loss(self._eval_fn, self.q_val, self.fp_val, self.opt.batch_size, self.prefetch)
 
     def _data(self, i: int) -> BlockData:
         return BlockData(self.q_train, self.fp_train, self.q_val, self.fp_val, self.kwargs, self.ctx.device,
@@ -482,7 +421,7 @@ class BlockwiseEngine:
                      len(self.layers), info["val_loss_init"], info["val_loss_final"], info["kept"],
                      info["seconds"])
         self.finish()
-        return BlockwiseResult(len(self.layers), start, self.per_block)
+        return BlockwiseResult(len(self.layers), start, self.per_block, self.cache_placements())
 
     def finish(self) -> None:
         """Freeze every QuantLinear on its integer grid; release the device."""
@@ -491,6 +430,6 @@ class BlockwiseEngine:
         for m in self.model.modules():
             if isinstance(m, QuantLinear):
                 m.freeze()
-        self.workspace = self._eval_fn = None
+        self.workspace = self.fp_workspace = self._eval_fn = self._q_fn = self._fp_fn = None
         self.fp_train = self.q_train = self.fp_val = self.q_val = None  # type: ignore[assignment]
         self.phase = "finished"

@@ -69,7 +69,6 @@ from quant.blockwise.engine import (
     BlockwiseEngine,
     BlockwiseResult,
     EngineOptions,
-    Prefetcher,
     SubSteps,
     first_nonfinite,
     make_loss_fn,
@@ -280,7 +279,7 @@ class TesseraQStep(BlockMethod):
             loss = self._train_step(data, block, k)
             steps.append({"step": k, "threshold": t, "hardened": self.hardened_fraction(), "loss": loss,
                           "val_loss": mean_loss(self._eval_fn, data.val_inputs, data.val_targets,
-                                                self.opt.batch_size)})
+                                                self.opt.batch_size, data.prefetch)})
             substeps.save(k, self._variables(), {"steps": steps})
         for m in self.layers(self.soft):
             m.harden(0.0)
@@ -302,23 +301,11 @@ class TesseraQStep(BlockMethod):
         n, bs, iters = len(data.inputs), self.opt.batch_size, self.opt.iterations
         g = torch.Generator().manual_seed(data.seed + 7919 * (k + 1))
         idx = torch.stack([torch.randperm(n, generator=g)[:bs] for _ in range(iters)])  # [iters, bs]
-        idx_dev = idx.to(data.device) if data.inputs.data.device.type != "cpu" else None
-        if data.prefetch.stream is not None:  # the side stream reads idx_dev and the caches
-            data.prefetch.stream.wait_stream(torch.cuda.current_stream(data.device))
-        caches = (data.inputs, data.targets)
-
-        def fetch(it: int) -> list[torch.Tensor]:
-            d = None if idx_dev is None else idx_dev[it]
-            return [c.gather(idx[it], d) for c in caches]
-
+        plan = list(idx)  # every step's rows known up front: host gathers and disk reads run ahead
         optimizer = self._optimizer(data.device)  # fresh per step, as published
         losses = torch.zeros(iters, device=data.device)
         self.soft.train()
-        pending = data.prefetch.issue_fetch(lambda: fetch(0))
-        for it in range(iters):
-            x, y = Prefetcher.wait(pending)
-            if it + 1 < iters:
-                pending = data.prefetch.issue_fetch(lambda it=it: fetch(it + 1))
+        for it, (x, y) in enumerate(data.prefetch.batches((data.inputs, data.targets), plan)):
             loss = self._step_fn(x, y)
             loss.backward()
             optimizer.step()
