@@ -48,7 +48,7 @@ def test_grid_expands_to_the_cartesian_product_plus_explicit_recipes(params):
 
 @pytest.mark.parametrize("grid, match", [
     ({"axes": {"scheme.weight.formt": ["int4"]}}, r"unknown knob 'scheme.weight.formt'"),
-    ({"axes": {"calibrate.method": ["rtn", "gptq"]}}, r"calibrate.method='gptq' is not a known method; known: \["),
+    ({"axes": {"calibrate.method": ["rtn", "omniquant"]}}, r"calibrate.method='omniquant' is not a known method; known: \["),
     ({"axes": {"block_ap.method": ["omniquant"]}}, r"block_ap.method='omniquant' is not a known method"),
     ({"axes": {"scheme.weight.format": ["int9"]}}, r"bits=9 is not supported"),
     ({}, r"sweep.grids.g is empty"),
