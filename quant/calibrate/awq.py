@@ -57,12 +57,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from quant.blockwise.block_ap import ActivationCache, capture_block_inputs
 from quant.calibrate import CALIBRATE
+from quant.calibrate.saved import read_results, spec_dict
 from quant.config import Config, ConfigError
 from quant.config.scheme import QuantScheme, WeightSpec
 from quant.models.arch import (
@@ -129,37 +129,15 @@ class AWQResults:
     @classmethod
     def load(cls, path: str | Path, fingerprint: str, spec: WeightSpec) -> AWQResults:
         """Read saved results, refusing a file of another model or weight scheme."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / RESULTS_FILE
-        if not path.is_file():
-            raise ConfigError(f"calibrate.options.results={str(path)!r} does not exist; give an "
-                              f"{RESULTS_FILE} written by calibrate.method=awq, or null to search")
-        try:
-            with safe_open(str(path), "pt") as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is no dict
-        except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
-            raise ConfigError(f"{path}: not a readable AWQ results file ({exc})") from None
-        if meta.get("awq_version") != RESULTS_VERSION:
-            raise ConfigError(f"{path}: not an AWQ results file of version {RESULTS_VERSION}")
-        if meta["fingerprint"] != fingerprint:
-            raise ConfigError(f"{path}: AWQ results of another model (fingerprint "
-                              f"{meta['fingerprint']}, this model {fingerprint}); set "
-                              "calibrate.options.results: null to search again")
+        _, meta, tensors = read_results(
+            path, RESULTS_FILE, "AWQ", "awq_version", RESULTS_VERSION, fingerprint, spec, "calibrate.options",
+            missing=f"an {RESULTS_FILE} written by calibrate.method=awq, or null to search", redo="search again")
         saved_spec = json.loads(meta["weight_scheme"])
-        if saved_spec != _spec_dict(spec):
-            raise ConfigError(f"{path}: AWQ results for weight scheme {saved_spec}, this run "
-                              f"quantizes {_spec_dict(spec)}; set calibrate.options.results: null")
         out = cls(fingerprint, saved_spec, ratios=json.loads(meta.get("ratios", "{}")))
         for key, t in tensors.items():
             kind, _, name = key.partition(":")
             (out.scales if kind == "scale" else out.clips)[name] = t
         return out
-
-
-def _spec_dict(spec: WeightSpec) -> dict:
-    return json.loads(json.dumps(spec.to_dict(), sort_keys=True))
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -455,7 +433,7 @@ def run_awq(model: nn.Module, spec: WeightSpec, calib_ids: torch.Tensor | None, 
     device = device or _device()
     layers = decoder_layers(model, mapping)
     home = next(model.parameters()).device
-    results = saved or AWQResults(fingerprint, _spec_dict(spec))
+    results = saved or AWQResults(fingerprint, spec_dict(spec))
     x = kwargs = None
     t = _clock(device)
     if saved is None:

@@ -65,7 +65,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -73,6 +72,7 @@ from quant.blockwise.cache import ActivationCache
 from quant.blockwise.engine import call_block, capture_block_inputs, run_block
 from quant.calibrate import CALIBRATE
 from quant.calibrate.awq import model_fingerprint
+from quant.calibrate.saved import read_results, spec_dict
 from quant.config import Config, ConfigError
 from quant.config.scheme import QuantScheme, WeightSpec
 from quant.models.arch import ArchMapping, decoder_layers, get_module, mapping_for, set_module
@@ -242,10 +242,6 @@ def to_quant_linear(lin: nn.Linear, spec: WeightSpec, name: str, layer: Quantize
 # Saved results
 
 
-def _spec_dict(spec: WeightSpec) -> dict:
-    return json.loads(json.dumps(spec.to_dict(), sort_keys=True))
-
-
 @dataclass
 class GPTQResults:
     """Per qualified linear name: codes, step sizes and zero points, of one model and scheme."""
@@ -275,28 +271,10 @@ class GPTQResults:
     def load(cls, path: str | Path, fingerprint: str, spec: WeightSpec,
              where: str = "calibrate.options") -> GPTQResults:
         """Read saved results, refusing a file of another model or weight scheme."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / RESULTS_FILE
-        if not path.is_file():
-            raise ConfigError(f"{where}.results={str(path)!r} does not exist; give a "
-                              f"{RESULTS_FILE} written by GPTQ, or null to quantise")
-        try:
-            with safe_open(str(path), "pt") as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is no dict
-        except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
-            raise ConfigError(f"{path}: not a readable GPTQ results file ({exc})") from None
-        if meta.get("gptq_version") != RESULTS_VERSION:
-            raise ConfigError(f"{path}: not a GPTQ results file of version {RESULTS_VERSION}")
-        if meta["fingerprint"] != fingerprint:
-            raise ConfigError(f"{path}: GPTQ results of another model (fingerprint "
-                              f"{meta['fingerprint']}, this model {fingerprint}); set "
-                              f"{where}.results: null to quantise again")
+        _, meta, tensors = read_results(
+            path, RESULTS_FILE, "GPTQ", "gptq_version", RESULTS_VERSION, fingerprint, spec, where,
+            missing=f"a {RESULTS_FILE} written by GPTQ, or null to quantise", redo="quantise again")
         saved_spec = json.loads(meta["weight_scheme"])
-        if saved_spec != _spec_dict(spec):
-            raise ConfigError(f"{path}: GPTQ results for weight scheme {saved_spec}, this run "
-                              f"quantizes {_spec_dict(spec)}; set {where}.results: null")
         losses = json.loads(meta.get("losses", "{}"))
         out = cls(fingerprint, saved_spec, json.loads(meta.get("options", "{}")))
         for key in tensors:
@@ -430,7 +408,7 @@ def run_gptq(model: nn.Module, spec: WeightSpec, calib_ids: torch.Tensor, option
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     layers = decoder_layers(model, mapping)
     home = next(model.parameters()).device
-    results = GPTQResults(fingerprint, _spec_dict(spec), options.to_dict())
+    results = GPTQResults(fingerprint, spec_dict(spec), options.to_dict())
     t = _clock(device)
     dtype = next(layers[0].parameters()).dtype
     x = ActivationCache((*calib_ids.shape, model.config.hidden_size), dtype,
