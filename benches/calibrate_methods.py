@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from quant.calibrate import CALIBRATE  # noqa: E402
 from quant.config.scheme import QuantScheme  # noqa: E402
-from quant.e2e.data import sample_windows, tokenize_text  # noqa: E402
+from quant.data import sample_windows, tokenize_text  # noqa: E402
 from quant.eval import lm_tasks  # noqa: E402
 from quant.eval.ppl import perplexity  # noqa: E402
 

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from quant.calibrate.gptq import GPTQOptions, Hessian, gptq_quantize  # noqa: E402
 from quant.config.scheme import WeightSpec  # noqa: E402
-from quant.e2e.data import sample_windows, tokenize_text  # noqa: E402
+from quant.data import sample_windows, tokenize_text  # noqa: E402
 from quant.numerics import grid as P  # noqa: E402
 from quant.numerics.formats import IntFormat  # noqa: E402
 

@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from quant.blockwise.engine import BlockwiseContext, blockwise_methods  # noqa: E402
 from quant.calibrate import CALIBRATE  # noqa: E402
 from quant.config.scheme import QuantScheme  # noqa: E402
-from quant.e2e.data import sample_windows, tokenize_text, windows  # noqa: E402
+from quant.data import sample_windows, tokenize_text, windows  # noqa: E402
 from quant.e2e.trainer import (  # noqa: E402
     E2EContext,
     TrainConfig,

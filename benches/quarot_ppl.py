@@ -28,10 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from quant.calibrate import CALIBRATE  # noqa: E402
 from quant.config.scheme import QuantScheme  # noqa: E402
-from quant.e2e.data import tokenize_text  # noqa: E402
+from quant.data import tokenize_text  # noqa: E402
 from quant.eval.ppl import perplexity  # noqa: E402
 from quant.models.arch import set_module  # noqa: E402
-from quant.models.checkpoint import quant_linears  # noqa: E402
+from quant.modules.linear import quant_linears  # noqa: E402
 from quant.modules.rotation import move_input_rotation  # noqa: E402
 from quant.modules.runtime import apply_runtime_quantizers  # noqa: E402
 

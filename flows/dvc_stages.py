@@ -74,21 +74,6 @@ def one_line_error(text: str) -> str:
 # ---------------------------------------------------------------------------
 # Overrides
 
-# The typed config of each params section (besides base/model/scheme, which
-# tasks.common.load_params checks): an override is checked against it before any
-# stage runs. A section missing here is checked for known keys only.
-SECTION_CONFIGS = {
-    "prepare": "tasks.prepare:PrepareConfig",
-    "synthesize": "quant.synth.sampling:SynthesisConfig",
-    "merge": "quant.synth.merge:MergeConfig",
-    "calibrate": "tasks.calibrate:CalibrateConfig",
-    "block_ap": "tasks.block_ap:BlockAPStageConfig",
-    "e2e": "tasks.e2e:E2EStageConfig",
-    "evaluate": "tasks.evaluate:EvaluateConfig",
-    "register": "tasks.register:RegisterConfig",
-}
-
-
 @dataclass(frozen=True)
 class Overridden:
     """Params files with every override applied at once, not yet written anywhere."""
@@ -178,19 +163,16 @@ def _render(src: Path, original_text: str, items: list[str], new: dict) -> str:
 
 def _check_types(params: dict, sections: set[str]) -> None:
     """The typed configs of the touched sections accept the new values (ConfigError -> OverrideError)."""
-    import importlib
-
     from quant.config import ConfigError
     from tasks.common import load_params
+    from tasks.params_check import check_params
 
     with tempfile.TemporaryDirectory() as tmp:
         f = Path(tmp) / PARAMS_FILE
         f.write_text(yaml.safe_dump(params, sort_keys=False))
         try:
             loaded = load_params(f, check_sections=False)  # keys were checked one by one above
-            for name in sorted(sections & set(SECTION_CONFIGS)):
-                module, cls = SECTION_CONFIGS[name].split(":")
-                loaded.section(name, getattr(importlib.import_module(module), cls))
+            check_params(loaded, sections)
         except ConfigError as exc:
             raise OverrideError(f"overrides rejected by the params checks: {exc}") from None
 

@@ -42,7 +42,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
 
-from flows import recipes as R
+from flows import grid as R
 from flows.dvc_stages import gpu_slots, stage_env
 from flows.tracking import EXPERIMENT_ENV, PARENT_RUN_ENV, ParentRun, git_state
 from quant.config import Config, ConfigError
@@ -86,33 +86,21 @@ class SweepConfig(Config):
 
 
 def validate_params(effective: dict[str, Any], where: str) -> None:
-    """Build every stage's typed config (and method options) from the effective params."""
-    from quant.blockwise.engine import blockwise_methods
-    from quant.calibrate import CALIBRATE
-    from quant.e2e.trainer import e2e_methods
-    from tasks.block_ap import BlockAPStageConfig
-    from tasks.calibrate import CalibrateConfig
+    """Every stage's typed config, method options and the recipe as a whole, as the stages
+    check them (tasks.common.check_params), from the effective params."""
     from tasks.common import load_params
-    from tasks.e2e import E2EStageConfig
-    from tasks.evaluate import EvaluateConfig
+    from tasks.params_check import check_params
 
     with tempfile.TemporaryDirectory() as d:
         f = Path(d) / "params.yaml"
         f.write_text(yaml.safe_dump(effective, sort_keys=False))
         try:
-            params = load_params(f)
-            cal = params.section("calibrate", CalibrateConfig)
-            CALIBRATE.get(cal.method, "calibrate.method").options.from_dict(cal.options, "calibrate.options")
-            bap = params.section("block_ap", BlockAPStageConfig)
-            blockwise_methods().get(bap.method, "block_ap.method")
-            e2e = params.section("e2e", E2EStageConfig)
-            e2e_methods().get(e2e.method, "e2e.method")
-            params.section("evaluate", EvaluateConfig)
+            check_params(load_params(f))
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
 
 
-def load_grid(root: Path, grid: str | None, extra: list[str]) -> tuple[SweepConfig, list[R.Recipe], dict]:
+def load_grid(root: Path, grid: str | None, extra: list[str]) -> tuple[SweepConfig, list[R.GridPoint], dict]:
     params = yaml.safe_load((root / "params.yaml").read_text()) or {}
     raw = dict(params.get("sweep") or {})
     if grid is not None:
@@ -136,7 +124,7 @@ def load_grid(root: Path, grid: str | None, extra: list[str]) -> tuple[SweepConf
 # One recipe
 
 
-def execute_recipe(recipe: R.Recipe, root: Path, env: dict[str, str], log: Path) -> None:
+def execute_recipe(recipe: R.GridPoint, root: Path, env: dict[str, str], log: Path) -> None:
     """`dvc exp run --temp` of the recipe; raises with the tail of its log on failure."""
     subprocess.run(["dvc", "exp", "remove", recipe.exp_name], cwd=root, env=env, capture_output=True)
     cmd = ["dvc", "exp", "run", "--temp", "--name", recipe.exp_name]
@@ -153,7 +141,7 @@ def execute_recipe(recipe: R.Recipe, root: Path, env: dict[str, str], log: Path)
         raise RuntimeError(f"recipe {recipe.name} failed (dvc exit {proc.returncode}); log {log}:\n{tail}")
 
 
-def collect_row(client, experiment_id: str, run_id: str, recipe: R.Recipe, text: str) -> dict[str, Any]:
+def collect_row(client, experiment_id: str, run_id: str, recipe: R.GridPoint, text: str) -> dict[str, Any]:
     """The recipe's numbers from its nested stage runs."""
     runs = client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}'",
                               max_results=1000)
@@ -186,7 +174,7 @@ def collect_row(client, experiment_id: str, run_id: str, recipe: R.Recipe, text:
 
 
 @task(cache_policy=NO_CACHE)
-def run_recipe(recipe: R.Recipe, root: str, env: dict[str, str], parent_run_id: str, experiment_id: str,
+def run_recipe(recipe: R.GridPoint, root: str, env: dict[str, str], parent_run_id: str, experiment_id: str,
                uri: str, text: str, log: str) -> dict[str, Any]:
     from mlflow.tracking import MlflowClient
 
@@ -218,7 +206,7 @@ class SweepState:
         self.path = path
         self.rows: dict[str, dict[str, Any]] = json.loads(path.read_text()) if path.exists() else {}
 
-    def done(self, recipe: R.Recipe) -> bool:
+    def done(self, recipe: R.GridPoint) -> bool:
         return self.rows.get(recipe.digest, {}).get("status") == "finished"
 
     def put(self, row: dict[str, Any]) -> None:

@@ -104,7 +104,7 @@ def _sample_loop(model, starts, prefix, seq_len, gen):
 
 
 def real_windows(stream: torch.Tensor, n: int, seq_len: int, seed: int) -> torch.Tensor:
-    from quant.e2e.data import windows
+    from quant.data import windows
 
     w = windows(stream, seq_len)
     if len(w) < n:
@@ -117,7 +117,7 @@ def real_windows(stream: torch.Tensor, n: int, seq_len: int, seed: int) -> torch
 
 
 def load_fp(model_dir: Path, device: str, with_tokenizer: bool = False):
-    from quant.models.checkpoint import load_model
+    from quant.load import load_model
 
     model, tokenizer = load_model(model_dir, torch.float32, device)
     return (model, tokenizer) if with_tokenizer else model
@@ -182,10 +182,10 @@ def run(args) -> None:
     t_start = time.time()
     model_dir = Path(args.model)
     if args.gguf:
-        from quant.models.hub import _convert_gguf
+        from quant.models.hub import resolve_model
 
         if not (model_dir / "model.safetensors").exists():
-            _convert_gguf(Path(args.gguf), model_dir)
+            resolve_model(args.gguf, model_dir)
     tokens = {k: v.long() for k, v in load_file(args.tokens).items()}
     evals = {k[len("eval/"):]: v for k, v in tokens.items() if k.startswith("eval/")}
     results: dict = {"settings": vars(args), "rows": {}, "device": torch.cuda.get_device_name()
@@ -311,7 +311,7 @@ def tokens(args) -> None:
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
-    from quant.e2e.data import tokenize_text
+    from quant.data import tokenize_text
 
     prep = ROOT / "artifacts" / "prepare"
     tok = AutoTokenizer.from_pretrained(prep / "model")

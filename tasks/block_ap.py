@@ -1,4 +1,5 @@
-"""block_ap: block-wise reconstruction of the calibrated model (`block-ap` or `tesseraq`).
+"""block_ap: block-wise reconstruction of the calibrated model (the recipe's block-wise step:
+`block-ap` or `tesseraq`; with `steps: []` the calibrated model passes through unchanged).
 
 Reads artifacts/calibrate/model (QuantLinears with float weights and initial
 qparams) and the training data (tasks.training_data: merged synthetic
@@ -19,11 +20,27 @@ from typing import Any
 
 import torch
 
-from quant.blockwise.engine import BlockwiseContext, blockwise_methods
+from quant.blockwise.engine import BlockwiseContext, reconstruct
+from quant.checkpoint import (
+    FLOAT_WEIGHTS_FILE,
+    load_quantized,
+    read_scheme,
+    read_steps,
+    save_quantized,
+    steps_record,
+)
 from quant.config import Config, ConfigError
-from quant.e2e.trainer import split_samples
-from quant.models.checkpoint import FLOAT_WEIGHTS_FILE, load_model, read_scheme, save_quantized
-from tasks.common import Params, log_artifact, main, setup_torch, stage_dir, write_json
+from quant.data import split_samples
+from quant.recipe import Step, check_steps
+from tasks.common import (
+    Params,
+    log_artifact,
+    main,
+    pass_through,
+    setup_torch,
+    stage_dir,
+    write_json,
+)
 from tasks.reporting import plot_block_losses
 from tasks.tracking import log_step
 from tasks.training_data import DataConfig, fingerprint, training_sequences
@@ -33,12 +50,11 @@ STATE_DIR = Path(".state") / "block_ap"
 
 @dataclass(frozen=True)
 class BlockAPStageConfig(Config):
-    method: str = "block-ap"
+    steps: tuple[Step, ...] = field(default_factory=lambda: (Step("block-ap"),))  # none or one
     data: DataConfig = field(default_factory=DataConfig)
-    options: dict[str, Any] = field(default_factory=dict)  # validated by the method
 
     def __post_init__(self) -> None:
-        blockwise_methods().get(self.method, "method")
+        check_steps("blockwise", self.steps, "steps")
 
 
 def _metrics(result, method: str, scheme: str, source: str, train_ids, val_ids) -> dict[str, Any]:
@@ -59,13 +75,19 @@ def _metrics(result, method: str, scheme: str, source: str, train_ids, val_ids) 
 
 def run(params: Params) -> dict[str, Any]:
     cfg = params.section("block_ap", BlockAPStageConfig)
-    entry = blockwise_methods().get(cfg.method, "block_ap.method")
-    options = entry.options.from_dict(cfg.options, "block_ap.options")
     src = stage_dir("calibrate") / "model"
+    out = stage_dir("block_ap")
     scheme = read_scheme(src)
-    if scheme is None or scheme.weight is None:
-        raise ConfigError(f"block_ap needs a weight-quantized model in {src}; run calibrate first")
-    scheme.require_integer_weights("block_ap")
+    if scheme is None:
+        raise ConfigError(f"block_ap needs a quantized model in {src}; run calibrate first")
+    check_steps("blockwise", cfg.steps, "block_ap.steps", scheme)
+    if not cfg.steps:  # the recipe has no block-wise step
+        pass_through(src, out / "model")
+        plot_block_losses([], out / "block_loss.png", "no block-wise step: the calibrated model passed through")
+        metrics = {"method": "none", "scheme": scheme.name, "passed_through": "calibrate"}
+        write_json("metrics/block_ap.json", metrics)
+        return metrics
+    method = cfg.steps[0].method
     if not (src / FLOAT_WEIGHTS_FILE).exists():
         raise ConfigError(f"{src} holds no {FLOAT_WEIGHTS_FILE} (the float weights block-wise training "
                           "reconstructs); re-run calibrate with this version")
@@ -75,7 +97,7 @@ def run(params: Params) -> dict[str, Any]:
     seqs, source = training_sequences(AutoTokenizer.from_pretrained(src), cfg.data, "block_ap")
     train_ids, val_ids = split_samples(seqs, cfg.data.train_samples, cfg.data.val_samples,
                                        params.base.seed, "block_ap.data")
-    model, tokenizer = load_model(src, torch.float32, "cpu")  # fp32 master weights on the host
+    model, tokenizer = load_quantized(src, torch.float32, "cpu")  # fp32 master weights on the host
     fp = fingerprint(cfg.to_dict(), scheme.to_dict(), params.base.seed,
                      files=(src / "quantization.json", src / "qparams.safetensors"),
                      tensors=(train_ids, val_ids))
@@ -88,12 +110,12 @@ def run(params: Params) -> dict[str, Any]:
             m["block_train_mse"] = info["train_loss"][-1]
         log_step(m, i)
 
-    ctx = BlockwiseContext(torch.device(device), STATE_DIR, params.base.seed, fp, on_block)
-    result = entry.fn(model, train_ids, val_ids, options, ctx, scheme.weight.bits)
-    out = stage_dir("block_ap")
-    save_quantized(model, tokenizer, scheme, out / "model", extra={"method": cfg.method})
-    png = plot_block_losses(result.per_block, out / "block_loss.png", f"{cfg.method} {scheme.name}")
-    metrics = _metrics(result, cfg.method, scheme.name, source, train_ids, val_ids)
+    ctx = BlockwiseContext(torch.device(device), STATE_DIR, params.base.seed, fp, on_block,
+                           train_ids=train_ids, val_ids=val_ids, scheme=scheme)
+    result = reconstruct(model, cfg.steps, ctx)
+    save_quantized(model, tokenizer, scheme, out / "model", extra=steps_record(read_steps(src), cfg.steps))
+    png = plot_block_losses(result.per_block, out / "block_loss.png", f"{method} {scheme.name}")
+    metrics = _metrics(result, method, scheme.name, source, train_ids, val_ids)
     write_json("metrics/block_ap.json", metrics)
     log_artifact(png)
     log_artifact("metrics/block_ap.json")

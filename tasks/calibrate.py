@@ -1,7 +1,7 @@
 """calibrate: initialise the quantized model with a registered method (rtn, ...).
 
 Reads artifacts/prepare/{model,data}; writes artifacts/calibrate/model (a
-quantized checkpoint, see quant.models.checkpoint.save_quantized) and metrics/calibrate.json.
+quantized checkpoint, see quant.checkpoint.save_quantized) and metrics/calibrate.json.
 """
 
 from __future__ import annotations
@@ -11,29 +11,30 @@ from typing import Any
 
 import torch
 
-from quant.calibrate import CALIBRATE
-from quant.config import Config, ConfigError
-from quant.e2e.data import sample_windows, tokenize_text
-from quant.models.checkpoint import (
+from quant.calibrate import calibrate
+from quant.checkpoint import (
     check_scheme_fits,
-    load_model,
-    quantizable_linears,
+    load_quantized,
     save_quantized,
     source_dtype,
+    steps_record,
 )
-from quant.modules.runtime import apply_runtime_quantizers
+from quant.config import Config, ConfigError
+from quant.data import sample_windows, tokenize_text
+from quant.models.arch import quantizable_linears
+from quant.recipe import Step, check_steps
 from tasks.common import Params, log_artifact, main, setup_torch, stage_dir, write_json
 
 
 @dataclass(frozen=True)
 class CalibrateConfig(Config):
-    method: str = "rtn"
-    options: dict[str, Any] = field(default_factory=dict)  # validated by the method
+    # transforms, then one weight quantizer (quant.recipe); options checked by each method
+    steps: tuple[Step, ...] = field(default_factory=lambda: (Step("rtn"),))
     samples: int = 128  # calibration windows (methods that need data)
     seq_len: int = 512
 
     def __post_init__(self) -> None:
-        CALIBRATE.get(self.method, "method")
+        check_steps("calibrate", self.steps, "steps")
         if self.samples < 1:
             raise ConfigError(f"samples={self.samples} must be >= 1")
         if self.seq_len < 2:
@@ -47,22 +48,19 @@ def calibration_ids(tokenizer, params: Params, samples: int, seq_len: int) -> to
 
 def run(params: Params) -> dict[str, Any]:
     cfg = params.section("calibrate", CalibrateConfig)
-    entry = CALIBRATE.get(cfg.method, "calibrate.method")
-    options = entry.options.from_dict(cfg.options, "calibrate.options")
+    check_steps("calibrate", cfg.steps, "calibrate.steps", params.scheme)  # the scheme fits the steps
     device, _ = setup_torch(params.base)
     # the float weights keep the source precision (not base.dtype): Block-AP trains them and
     # takes its full-precision targets from them
     src = stage_dir("prepare") / "model"
     check_scheme_fits(src, params.scheme)  # config.json only: before the weights
-    model, tokenizer = load_model(src, source_dtype(src), device)
+    model, tokenizer = load_quantized(src, source_dtype(src), device)
     quantizable_linears(model, params.scheme)  # validate group sizes before any work
     calib = calibration_ids(tokenizer, params, cfg.samples, cfg.seq_len)
-    metrics = entry.fn(model, params.scheme, calib, options) or {}
-    files = metrics.pop("files", None)  # search results kept beside the model (awq)
-    metrics.update(apply_runtime_quantizers(model, params.scheme))  # activation / KV quantizers
+    result = calibrate(model, params.scheme, cfg.steps, calib, params.base.seed)
     save_quantized(model, tokenizer, params.scheme, stage_dir("calibrate") / "model",
-                   extra={"method": cfg.method, "options": options.to_dict()}, files=files)
-    metrics = {"method": cfg.method, "scheme": params.scheme.name, **metrics}
+                   extra=steps_record([], cfg.steps), files=result.files)
+    metrics = {"method": result.metrics.pop("steps"), "scheme": params.scheme.name, **result.metrics}
     write_json("metrics/calibrate.json", metrics)
     log_artifact(stage_dir("calibrate") / "model" / "quantization.json")
     return metrics

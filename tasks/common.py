@@ -37,10 +37,9 @@ from typing import Any, Literal
 
 import yaml
 
-from quant.config import Config, ConfigError, flatten
+from quant.config import Config, ConfigError, MissingDependencyError, flatten
 from quant.config.scheme import QuantScheme
 from quant.io import atomic_file, remove_stale_temporaries, write_json_atomic  # noqa: F401 (atomic_file: stages use it from here)
-from quant.models.hub import MissingDependencyError
 from tasks import tracking
 from tasks.tracking import DEFAULT_EXPERIMENT, EXPERIMENT_ENV, PARENT_RUN_ENV  # noqa: F401 (re-exported)
 
@@ -181,6 +180,20 @@ def clean_stale_temporaries(stage: str) -> list[Path]:
     for p in removed:
         log.warning("removed %s, left by a killed run", p)
     return removed
+
+
+def pass_through(src: Path, out: Path) -> Path:
+    """A stage whose recipe part has no step hands its input model on unchanged (a copy,
+    written atomically: DVC tracks each stage's output on its own)."""
+    import shutil
+
+    from quant.io import atomic_dir
+
+    if not src.is_dir():
+        raise ConfigError(f"{src} does not exist; run the stage that writes it first")
+    with atomic_dir(out) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+    return out
 
 
 def write_json(path: str | Path, data: Any) -> Path:

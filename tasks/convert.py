@@ -39,12 +39,12 @@ class ConvertConfig(Config):
     dtype: Literal["float16", "bfloat16"] = "float16"
 
     def __post_init__(self) -> None:
-        from quant.export.base import FORMATS
+        from quant.export.base import exporter, formats
 
         if not self.formats:
-            raise ConfigError(f"formats=[] is not accepted; use a non-empty list of {FORMATS.names()}")
+            raise ConfigError(f"formats=[] is not accepted; use a non-empty list of {formats()}")
         for i, fmt in enumerate(self.formats):
-            FORMATS.get(fmt, f"formats[{i}]")
+            exporter(fmt, f"formats[{i}]")
         if len(set(self.formats)) != len(self.formats):
             raise ConfigError(f"formats={list(self.formats)} lists a format twice")
 
@@ -56,10 +56,11 @@ def dir_bytes(path: Path) -> int:
 def run(params: Params) -> dict[str, Any]:
     import torch
 
+    from quant.checkpoint import SCHEME_FILE, load_quantized, read_scheme
     from quant.export.base import export, exporter
     from quant.export.half import to_half
     from quant.export.loader import load_packed, packed_format
-    from quant.models.checkpoint import SCHEME_FILE, load_model, quant_linears, read_scheme
+    from quant.modules.linear import quant_linears
 
     t0 = time.time()
     cfg = params.section("convert", ConvertConfig)
@@ -76,7 +77,7 @@ def run(params: Params) -> dict[str, Any]:
                           "with calibrate.options.online=off (or method rtn/awq)")
     setup_torch(params.base)
     dtype = getattr(torch, cfg.dtype)
-    model, tokenizer = load_model(src, torch.float32, "cpu")
+    model, tokenizer = load_quantized(src, torch.float32, "cpu")
     layers = dict(quant_linears(model))
     for fmt in cfg.formats:  # every format refuses what it cannot hold before anything is written
         exporter(fmt).check(scheme, layers)
@@ -104,7 +105,7 @@ def run(params: Params) -> dict[str, Any]:
                 diff = (packed(ids).logits.float() - ref).abs().max().item()
             del packed
         else:
-            diff = 0.0  # this project's own format: restored exactly by load_model
+            diff = 0.0  # this project's own format: restored exactly by load_quantized
         entry = {**fp.to_dict(), "size_bytes": dir_bytes(target), "max_logit_diff": diff,
                  "path": str(target), "ratio_to_input": dir_bytes(target) / metrics["size_before_bytes"]}
         metrics["formats"][fmt] = entry

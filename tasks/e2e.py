@@ -1,4 +1,5 @@
-"""e2e: end-to-end training of the quantized model (method `e2e-qp`; `kd` from quant/kd.py).
+"""e2e: end-to-end training of the quantized model (the recipe's e2e step: `e2e-qp` or `kd`;
+with `steps: []` the input model passes through unchanged).
 
 Reads artifacts/<e2e.model>/model (default: block_ap, frozen on the integer
 grid) and the training data (see tasks.training_data.training_sequences); writes
@@ -31,28 +32,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from quant.checkpoint import load_quantized, read_scheme, read_steps, save_quantized, steps_record
 from quant.config import Config, ConfigError
-from quant.config.registry import Entry
 from quant.config.scheme import QuantScheme
-from quant.e2e.distributed import DistributedConfig, resolve_processes
-from quant.e2e.trainer import (
-    E2EContext,
-    TrainConfig,
-    Trainer,
-    e2e_methods,
-    make_accelerator,
-    no_full_step,
-    split_samples,
-)
-from quant.models.checkpoint import load_model, read_scheme, save_quantized
+from quant.data import split_samples
+from quant.e2e.distributed import DistributedConfig, make_accelerator, resolve_processes
+from quant.e2e.trainer import E2EContext, TrainConfig, no_full_step, train
 from quant.models.hub import resolve_device
-from tasks.common import (
-    Params,
-    log_artifact,
-    setup_torch,
-    stage_dir,
-    write_json,
-)
+from quant.recipe import Step, check_steps
+from tasks.common import Params, log_artifact, pass_through, setup_torch, stage_dir, write_json
 from tasks.launch import stage_entry
 from tasks.tracking import log_step
 from tasks.training_data import DataConfig, fingerprint, training_sequences
@@ -62,15 +50,14 @@ STATE_DIR = Path(".state") / "e2e"
 
 @dataclass(frozen=True)
 class E2EStageConfig(Config):
-    method: str = "e2e-qp"
+    steps: tuple[Step, ...] = field(default_factory=lambda: (Step("e2e-qp"),))  # none or one
     model: str = "block_ap"  # the stage whose quantized model is trained
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
-    options: dict[str, Any] = field(default_factory=dict)  # validated by the method
 
     def __post_init__(self) -> None:
-        e2e_methods().get(self.method, "method")
+        check_steps("e2e", self.steps, "steps")
 
 
 @dataclass(frozen=True)
@@ -78,8 +65,6 @@ class Plan:
     """What `plan` checked: everything the run needs that costs no model or data."""
 
     cfg: E2EStageConfig
-    entry: Entry
-    options: Config
     src: Path
     scheme: QuantScheme
     processes: int
@@ -89,26 +74,41 @@ def plan(params: Params) -> Plan:
     """Check the params and the inputs' presence (no model, no data, no process group).
     Runs in the launching process too, so bad values fail before any process starts."""
     cfg = params.section("e2e", E2EStageConfig)
-    entry = e2e_methods().get(cfg.method, "e2e.method")
-    options = entry.options.from_dict(cfg.options, "e2e.options")
+    if not cfg.steps:  # passes its input through: one process
+        return Plan(cfg, _source(cfg), _scheme(cfg), 1)
     processes = resolve_processes(cfg.distributed, resolve_device(params.base.device), params.base.device)
     msg = no_full_step(cfg.data.train_samples, processes, cfg.train)
     if msg is not None:
         raise ConfigError(msg)
+    scheme = _scheme(cfg)
+    check_steps("e2e", cfg.steps, "e2e.steps", scheme)
+    return Plan(cfg, _source(cfg), scheme, processes)
+
+
+def _source(cfg: E2EStageConfig) -> Path:
     src = stage_dir(cfg.model) / "model"
     if not src.exists():
         raise ConfigError(f"e2e.model={cfg.model!r}: {src} does not exist; run that stage first")
-    scheme = read_scheme(src)
+    return src
+
+
+def _scheme(cfg: E2EStageConfig) -> QuantScheme:
+    scheme = read_scheme(_source(cfg))
     if scheme is None:
-        raise ConfigError(f"e2e.model={cfg.model!r}: {src} is not a quantized model")
-    scheme.require_integer_weights("e2e")
-    return Plan(cfg, entry, options, src, scheme, processes)
+        raise ConfigError(f"e2e.model={cfg.model!r}: {_source(cfg)} is not a quantized model")
+    return scheme
 
 
 def run(params: Params) -> dict[str, Any]:
     t0 = time.time()
     p = plan(params)
     cfg, src, scheme = p.cfg, p.src, p.scheme
+    if not cfg.steps:  # the recipe has no e2e step
+        pass_through(src, stage_dir("e2e") / "model")
+        metrics = {"method": "none", "scheme": scheme.name, "input_model": cfg.model,
+                   "passed_through": cfg.model}
+        write_json("metrics/e2e.json", metrics)
+        return metrics
     device, dtype = setup_torch(params.base)
     acc = make_accelerator(device, cfg.distributed.strategy)
     if acc.num_processes != p.processes:
@@ -120,9 +120,8 @@ def run(params: Params) -> dict[str, Any]:
     seqs, source = training_sequences(AutoTokenizer.from_pretrained(src), cfg.data, "e2e")
     train_ids, val_ids = split_samples(seqs, cfg.data.train_samples, cfg.data.val_samples,
                                        params.base.seed, "e2e.data")
-    model, tokenizer = load_model(src, dtype, "cpu")
+    model, tokenizer = load_quantized(src, dtype, "cpu")
     ctx = E2EContext(scheme, acc.device, dtype, stage_dir("prepare") / "model", params.base.seed)
-    objective = p.entry.fn(model, p.options, ctx)
     fp = fingerprint(cfg.to_dict(), scheme.to_dict(), params.base.seed, acc.num_processes,
                      files=(src / "quantization.json", src / "qparams.safetensors"),
                      tensors=(train_ids, val_ids))
@@ -130,11 +129,10 @@ def run(params: Params) -> dict[str, Any]:
     def log_fn(step: int, entry: dict[str, float]) -> None:
         log_step({f"train_{k}": v for k, v in entry.items() if k != "step"}, step)
 
-    trainer = Trainer(model, objective, cfg.train, STATE_DIR, acc, params.base.seed, fp, log_fn)
-    val = {"input_ids": val_ids} if len(val_ids) else None
-    result = trainer.fit({"input_ids": train_ids}, val)
+    result, student = train(model, cfg.steps, train_ids, val_ids, cfg.train, ctx, STATE_DIR, acc, fp, log_fn)
+    method = cfg.steps[0].method
     metrics = {
-        "method": cfg.method, "scheme": scheme.name, "input_model": cfg.model, "data": source,
+        "method": method, "scheme": scheme.name, "input_model": cfg.model, "data": source,
         "train_samples": len(train_ids), "val_samples": len(val_ids), "seq_len": int(train_ids.shape[1]),
         "processes": acc.num_processes, "strategy": cfg.distributed.strategy,
         "global_batch": cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes,
@@ -144,10 +142,9 @@ def run(params: Params) -> dict[str, Any]:
     if result.val_loss_before is not None:
         metrics.update(val_loss_before=result.val_loss_before, val_loss=result.val_loss_after,
                        val_ppl_before=math.exp(result.val_loss_before), val_ppl=math.exp(result.val_loss_after))
-    student = trainer.unwrapped_model()  # every process takes part (FSDP gathers to rank 0)
     if acc.is_main_process:
         out = stage_dir("e2e")
-        save_quantized(student, tokenizer, scheme, out / "model", extra={"method": cfg.method})
+        save_quantized(student, tokenizer, scheme, out / "model", extra=steps_record(read_steps(src), cfg.steps))
         write_json("metrics/e2e.json", metrics)
         log_artifact("metrics/e2e.json")
         shutil.rmtree(STATE_DIR, ignore_errors=True)

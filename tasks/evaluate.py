@@ -1,7 +1,7 @@
 """evaluate: perplexity and zero-shot commonsense tasks of the base and the quantized model.
 
 Reads artifacts/prepare/{model,data/eval} and artifacts/<evaluate.model>/model.
-The quantized model is loaded with `quant.models.checkpoint.load_model`, which rebuilds
+The quantized model is loaded with `quant.load_model`, which rebuilds
 its quantized linears and switches on the activation / KV-cache quantizers its
 scheme has, so it is scored as it will be deployed.
 
@@ -43,12 +43,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from quant.checkpoint import read_scheme
 from quant.config import Config, ConfigError
-from quant.e2e.data import tokenize_text
+from quant.data import tokenize_text
 from quant.eval import lm_tasks
 from quant.eval.footprint import footprint
 from quant.eval.ppl import perplexity
-from quant.models.checkpoint import load_model, read_scheme
+from quant.load import load_model
 from quant.modules.runtime import dequantize_once
 from tasks.common import (
     ARTIFACTS,

@@ -30,8 +30,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from quant.config import ConfigError
-from quant.models.hub import MissingDependencyError
+from quant.config import ConfigError, MissingDependencyError
 from tasks import common
 
 log = logging.getLogger("quant.launch")

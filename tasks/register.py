@@ -227,7 +227,7 @@ def pip_requirements() -> list[str]:
 def fold_saved_rotations(model, model_dir: Path) -> int:
     """A checkpoint with online rotations (QuaRot) is a plain transformers model only once
     they are folded back into the weights (quant.modules.rotation.fold_input_rotations)."""
-    from quant.models.checkpoint import SCHEME_FILE
+    from quant.checkpoint import SCHEME_FILE
     from quant.modules.rotation import fold_input_rotations, install_rotations
 
     f = model_dir / SCHEME_FILE
@@ -265,7 +265,7 @@ def run(params: Params) -> dict[str, Any]:
     from mlflow.tracking import MlflowClient
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from quant.models.checkpoint import QPARAMS_FILE, SCHEME_FILE, read_scheme
+    from quant.checkpoint import QPARAMS_FILE, SCHEME_FILE, read_scheme
 
     cfg = params.section("register", RegisterConfig)
     source = params.section("evaluate", EvaluateConfig).model

@@ -31,8 +31,8 @@ from typing import Any
 
 import torch
 
+from quant.checkpoint import load_quantized
 from quant.config import ConfigError
-from quant.models.checkpoint import load_model
 from quant.synth import sampling as synth
 from quant.synth.sampling import (
     SynthesisConfig,
@@ -123,7 +123,7 @@ def run_shard(
                      shard, resumed_from, len(items), work_dir, resumed_from - 1)
         else:
             log.info("synthesize shard %d: starting fresh, %d records", shard, len(items))
-        model, _ = load_model(model_dir, dtype, device)
+        model, _ = load_quantized(model_dir, dtype, device)
         t0 = time.perf_counter()
         new_tokens = _generate_pending(writer, model, tokenizer, items, cfg, seed, eos)
         seconds = time.perf_counter() - t0

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from quant.config import Config, ConfigError
-from quant.e2e.data import tokenize_text, windows
+from quant.data import tokenize_text, windows
 from tasks.common import ARTIFACTS, stage_dir
 
 MERGED = ARTIFACTS / "merge" / "train.safetensors"

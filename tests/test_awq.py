@@ -28,7 +28,7 @@ from quant.config import ConfigError
 from quant.config.scheme import QuantScheme, WeightSpec
 from quant.models import arch
 from quant.models.arch import ScaleGroup, set_module
-from quant.models.checkpoint import save_quantized
+from quant.checkpoint import save_quantized
 from quant.modules.linear import QuantLinear
 from quant.numerics import grid as P
 from quant.numerics.formats import IntFormat

@@ -15,7 +15,7 @@ from quant.config import ConfigError
 from quant.config.scheme import QuantScheme
 from quant.e2e.trainer import split_samples
 from quant.models.arch import decoder_layers
-from quant.models.checkpoint import load_model, save_quantized
+from quant.checkpoint import load_model, save_quantized
 from quant.modules.linear import QuantLinear
 
 SCHEME = QuantScheme.from_name("W2A16KV16", preset="efficientqat", group_size=32)

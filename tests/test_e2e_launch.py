@@ -21,7 +21,7 @@ from quant.config import ConfigError
 from quant.config.scheme import QuantScheme
 from quant.e2e import distributed as D
 from quant.e2e.distributed import DistributedConfig, resolve_processes
-from quant.models.checkpoint import save_quantized
+from quant.checkpoint import save_quantized
 from tasks import launch
 from tasks.common import BaseParams, ModelParams, Params
 

@@ -15,11 +15,12 @@ from quant.config.scheme import ActivationSpec, KVCacheSpec, QuantScheme, Weight
 from quant.export.base import CheckpointError, export
 from quant.export.half import to_half
 from quant.export.loader import load_packed
-from quant.export.packing import pack, unpack
-from quant.models.checkpoint import load_model, quant_linears
-from quant.models.hub import MissingDependencyError
+from quant.checkpoint import load_model
+from quant.config import MissingDependencyError
+from quant.modules.linear import quant_linears
 from quant.modules.packed import PackedLinear
 from quant.numerics.formats import IntFormat
+from quant.numerics.packing import pack, unpack
 
 BITS = (2, 3, 4, 8)
 
@@ -361,7 +362,7 @@ def test_packed_model_generates_and_loads_through_load_model(tmp_path):
 
 
 def _stage_params(tmp_path, monkeypatch, convert: dict, bits=4, group=32):
-    from quant.models.checkpoint import save_quantized
+    from quant.checkpoint import save_quantized
     from tasks.common import BaseParams, ModelParams, Params
 
     model = make_tiny_llama()
@@ -375,7 +376,7 @@ def _stage_params(tmp_path, monkeypatch, convert: dict, bits=4, group=32):
 
 def test_convert_stage_writes_every_format_and_evaluate_loads_the_first(tmp_path, monkeypatch):
     from quant.eval.footprint import footprint
-    from quant.models.checkpoint import read_scheme
+    from quant.checkpoint import read_scheme
     from tasks import convert
 
     params = _stage_params(tmp_path, monkeypatch, {"model": "e2e", "formats": ["gptq", "compressed-tensors",
@@ -406,7 +407,7 @@ def test_convert_stage_refuses_bad_params_before_writing(tmp_path, monkeypatch):
     params = _stage_params(tmp_path, monkeypatch, {"formats": ["compressed-tensors", "gptq"]}, group=-1)
     params = type(params)(params.base, params.model, QuantScheme(
         weight=WeightSpec(IntFormat(4), -1), kv_cache=KVCacheSpec(IntFormat(4))), params.sections)
-    from quant.models.checkpoint import save_quantized
+    from quant.checkpoint import save_quantized
 
     model = make_tiny_llama()
     quantize_linears(model, params.scheme)

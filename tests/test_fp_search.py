@@ -15,7 +15,7 @@ from quant.calibrate import CALIBRATE
 from quant.calibrate.fp_search import FPSearchOptions, LayerSearch, _fold
 from quant.config import ConfigError
 from quant.config.scheme import QuantScheme
-from quant.models.checkpoint import load_model, save_quantized
+from quant.checkpoint import load_model, save_quantized
 from quant.modules.activation import CalibratedFPQuantizer
 from quant.modules.linear import QuantLinear
 from quant.modules.runtime import apply_runtime_quantizers

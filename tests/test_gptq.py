@@ -22,7 +22,7 @@ from quant.calibrate.rtn import quantize_linears
 from quant.config import ConfigError
 from quant.config.scheme import QuantScheme, WeightSpec
 from quant.models.arch import get_module
-from quant.models.checkpoint import load_model, save_quantized
+from quant.checkpoint import load_model, save_quantized
 from quant.modules.linear import QuantLinear
 from quant.numerics import grid as P
 from quant.numerics import hadamard as had

@@ -123,7 +123,7 @@ def test_kv_bits_change_the_cache(tiny_llama):
 def test_loaded_checkpoint_gets_the_runtime_quantizers_back(tiny_llama, tmp_path, weights):
     """evaluate / generate load checkpoints with load_model: the A/KV quantizers must come back."""
     from quant.config.scheme import ActivationSpec
-    from quant.models.checkpoint import load_model, save_quantized
+    from quant.checkpoint import load_model, save_quantized
     from tests.test_kd import save_teacher
 
     tok_dir = save_teacher(tiny_llama, tmp_path / "fp")  # any tokenizer will do

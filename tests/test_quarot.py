@@ -13,7 +13,7 @@ from quant.calibrate import CALIBRATE
 from quant.calibrate.quarot import QuaRotOptions, rotate
 from quant.config import ConfigError
 from quant.config.scheme import QuantScheme
-from quant.models.checkpoint import load_model, save_quantized
+from quant.checkpoint import load_model, save_quantized
 from quant.modules.runtime import apply_runtime_quantizers
 from quant.numerics import hadamard as had
 

@@ -20,7 +20,7 @@ from quant.calibrate import fp_search as fps
 from quant.calibrate.quarot import QuaRotOptions, rotate
 from quant.config import ConfigError
 from quant.config.scheme import QuantScheme
-from quant.models.checkpoint import load_model, save_quantized
+from quant.checkpoint import load_model, save_quantized
 from quant.modules.activation import CalibratedFPQuantizer, set_input_quantizer
 from quant.modules.linear import QuantLinear
 from quant.modules.rotation import HadamardRotation, set_input_rotation

@@ -12,7 +12,7 @@ from conftest import make_tiny_llama
 from quant.calibrate import CALIBRATE
 from quant.calibrate.quarot import QuaRotOptions
 from quant.config.scheme import QuantScheme
-from quant.models.checkpoint import load_model, save_quantized
+from quant.checkpoint import load_model, save_quantized
 from quant.modules.linear import QuantLinear
 from quant.modules.runtime import apply_runtime_quantizers
 from tasks.common import BaseParams, ModelParams, Params

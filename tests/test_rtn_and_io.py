@@ -17,7 +17,7 @@ from quant.config import ConfigError
 from quant.config.scheme import QuantScheme, WeightSpec
 from quant.eval.ppl import perplexity
 from quant.models.arch import iter_block_linears, mapping_for
-from quant.models.checkpoint import load_model, read_scheme, save_quantized
+from quant.checkpoint import load_model, read_scheme, save_quantized
 from quant.modules.linear import QuantLinear
 from quant.numerics.formats import IntFormat
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows import recipes as R
+from flows import grid as R
 from quant.config import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,7 +119,7 @@ def _sweep_repo(tmp: Path, grid: dict, **sweep) -> Path:
 FAKE_DRIVER = """
 import json, sys
 from pathlib import Path
-from flows import recipes as R
+from flows import grid as R
 from flows import sweep as S
 
 calls, fail = Path(sys.argv[1]), set(json.loads(sys.argv[2]))

@@ -35,9 +35,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from quant.blockwise.cache import ActivationCache, Prefetcher
 from quant.blockwise.engine import (
-    BLOCKWISE,
-    ActivationCache,
     BlockData,
     BlockDivergedError,
     BlockMethod,
@@ -45,22 +44,11 @@ from quant.blockwise.engine import (
     BlockwiseEngine,
     BlockwiseResult,
     EngineOptions,
-    Prefetcher,
     SubSteps,
-    blockwise_methods,
-    capture_block_inputs,
-    first_nonfinite,
-    float_block,
-    make_loss_fn,
-    run_block,
 )
+from quant.blockwise.passes import first_nonfinite, make_loss_fn
 from quant.config import ConfigError
-
-# the engine's plumbing stays importable from here for code written before the split
-__all__ = ["ActivationCache", "BlockAP", "BlockAPOptions", "BlockwiseContext", "Prefetcher", "blockwise_methods",
-           "capture_block_inputs", "fit_block", "float_block", "make_loss_fn", "run_block"]
-
-BlockAPResult = BlockwiseResult
+from quant.methods import register
 
 
 @dataclass(frozen=True)
@@ -172,8 +160,13 @@ class BlockAP(BlockwiseEngine):
         super().__init__(model, train_ids, val_ids, BlockAPStep(options, bits), options, ctx)
 
 
-@BLOCKWISE.register("block-ap", BlockAPOptions)
-def block_ap(model: nn.Module, train_ids: torch.Tensor, val_ids: torch.Tensor, options: BlockAPOptions,
-             ctx: BlockwiseContext, bits: int) -> BlockwiseResult:
-    """Run Block-AP over every decoder block of `model` (in place; model on the host, fp32)."""
-    return BlockAP(model, train_ids, val_ids, options, ctx, bits).run()
+def check_scheme(scheme, options: BlockAPOptions, where: str = "block-ap") -> None:
+    """Block-AP trains integer step sizes and zero points."""
+    scheme.require_integer_weights(where)
+
+
+@register("block-ap", kind="blockwise", options=BlockAPOptions, check=check_scheme)
+def block_ap(model: nn.Module, options: BlockAPOptions, ctx: BlockwiseContext) -> BlockwiseResult:
+    """Block-AP (EfficientQAT): every block's weights and qparams trained on the block-output MSE."""
+    train_ids, val_ids = ctx.data()
+    return BlockAP(model, train_ids, val_ids, options, ctx, ctx.bits).run()

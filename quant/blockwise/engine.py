@@ -67,34 +67,24 @@ from torch import nn
 
 from quant.blockwise import planner
 from quant.blockwise.cache import ActivationCache, Prefetcher
-from quant.blockwise.passes import (  # noqa: F401  (re-exported: methods and older code import them here)
-    autocast,
-    call_block,
+from quant.blockwise.passes import (
     capture_block_inputs,
     cast_linears,
-    first_nonfinite,
     float_block,
     forward_pass,
     load_float_weights,
     make_forward_fn,
     make_loss_fn,
     mean_loss,
-    run_block,
 )
 from quant.config import Config, ConfigError
-from quant.config.registry import Registry
+from quant.config.scheme import QuantScheme
 from quant.models.arch import decoder_layers, mapping_for
 from quant.modules.linear import QuantLinear
 
 log = logging.getLogger("quant.blockwise")
 
-BLOCKWISE = Registry("block_ap", modules=("quant.blockwise.block_ap", "quant.blockwise.tesseraq"))
 STATE_FILE = "state.json"
-
-
-def blockwise_methods() -> Registry:
-    """The block-wise registry with every method module imported."""
-    return BLOCKWISE.discover()
 
 
 class BlockDivergedError(RuntimeError):
@@ -118,12 +108,30 @@ class EngineOptions(Config):
 
 @dataclass
 class BlockwiseContext:
+    """What a block-wise method (`fn(model, options, ctx)`) sees beyond the model and options."""
+
     device: torch.device
     work_dir: Path  # checkpoints + state.json (resume)
     seed: int = 0
     fingerprint: str = ""  # a different fingerprint discards old checkpoints
     on_block: Callable[[int, dict[str, Any]], None] | None = None
     measure: Callable[..., planner.Capacity] = planner.measure  # free memory/disk (tests fake it)
+    train_ids: torch.Tensor | None = None  # [N, L] training sequences
+    val_ids: torch.Tensor | None = None  # [M, L] validation sequences (may be empty)
+    scheme: QuantScheme | None = None  # the model's scheme (bit width for learning rates)
+    where: str = "block_ap.steps[0]"  # the step's field, for errors
+
+    @property
+    def bits(self) -> int:
+        if self.scheme is None or self.scheme.weight is None:
+            raise ConfigError(f"{self.where}: block-wise training needs a weight-quantized scheme")
+        return self.scheme.weight.bits
+
+    def data(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.train_ids is None:
+            raise ConfigError(f"{self.where}: no training sequences (ctx.train_ids)")
+        val = self.val_ids if self.val_ids is not None else self.train_ids[:0]
+        return self.train_ids, val
 
 
 @dataclass
@@ -433,3 +441,19 @@ class BlockwiseEngine:
         self.workspace = self.fp_workspace = self._eval_fn = self._q_fn = self._fp_fn = None
         self.fp_train = self.q_train = self.fp_val = self.q_val = None  # type: ignore[assignment]
         self.phase = "finished"
+
+
+def reconstruct(model: nn.Module, steps, ctx: BlockwiseContext,
+                path: str = "block_ap.steps") -> BlockwiseResult | None:
+    """Run the block-wise `steps` of a recipe (none or one) on `model` (on the host, fp32), in
+    place; None when there is no step."""
+    from quant import methods
+    from quant.recipe import check_steps
+
+    steps = tuple(steps)
+    check_steps("blockwise", steps, path, ctx.scheme)
+    if not steps:
+        return None
+    (step,) = steps
+    ctx.where = f"{path}[0] ({step.method})"
+    return methods.method(step.method, "blockwise").fn(model, step.options, ctx)

@@ -61,7 +61,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from quant.blockwise.engine import (
-    BLOCKWISE,
     BlockData,
     BlockDivergedError,
     BlockMethod,
@@ -70,11 +69,10 @@ from quant.blockwise.engine import (
     BlockwiseResult,
     EngineOptions,
     SubSteps,
-    first_nonfinite,
-    make_loss_fn,
-    mean_loss,
 )
+from quant.blockwise.passes import first_nonfinite, make_loss_fn, mean_loss
 from quant.config import ConfigError
+from quant.methods import register
 from quant.models.arch import get_module, set_module
 from quant.modules.linear import QuantLinear
 from quant.modules.rotation import move_input_rotation
@@ -361,8 +359,13 @@ class TesseraQ(BlockwiseEngine):
         super().__init__(model, train_ids, val_ids, TesseraQStep(options), options, ctx)
 
 
-@BLOCKWISE.register("tesseraq", TesseraQOptions)
-def tesseraq(model: nn.Module, train_ids: torch.Tensor, val_ids: torch.Tensor, options: TesseraQOptions,
-             ctx: BlockwiseContext, bits: int) -> BlockwiseResult:
-    """Run TesseraQ over every decoder block of `model` (in place; model on the host, fp32)."""
+def check_scheme(scheme, options: TesseraQOptions, where: str = "tesseraq") -> None:
+    """TesseraQ rounds onto integer grids."""
+    scheme.require_integer_weights(where)
+
+
+@register("tesseraq", kind="blockwise", options=TesseraQOptions, check=check_scheme)
+def tesseraq(model: nn.Module, options: TesseraQOptions, ctx: BlockwiseContext) -> BlockwiseResult:
+    """TesseraQ: progressive adaptive rounding (PAR) plus dequantisation-scale tuning, per block."""
+    train_ids, val_ids = ctx.data()
     return TesseraQ(model, train_ids, val_ids, options, ctx).run()

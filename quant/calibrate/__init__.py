@@ -1,16 +1,66 @@
-"""Calibration (initialisation) methods: one module per method, found by name.
+"""Calibration: initialise the quantized model, in memory, with the calibrate steps of a recipe.
 
-`CALIBRATE` imports its method modules on first lookup (`Registry.discover`).
-A method has the signature
-`fn(model, scheme, calib_ids: Tensor | None, options) -> dict[str, float]`:
-it replaces the model's quantizable linears by `QuantLinear`s in place and
-returns metrics worth logging. The returned dict may also hold `files`:
-{file name: writer(path)} for search results the stage stores inside the
-quantized model directory (written atomically with it), e.g. AWQ's scales.
+A calibrate method (registered in `quant.methods` with kind `calibrate`) is called as
+`fn(model, options, ctx: CalibrationContext) -> metrics`. A *transform* (QuaRot)
+changes the weights without quantizing them; the *quantizer* that ends the steps (rtn,
+awq, gptq, fp-search) replaces every quantizable linear by a `QuantLinear`, keeping an
+online input rotation a transform installed on it. Metrics may hold `files`:
+{file name: writer(path)}, search results the stage stores inside the quantized model
+directory (AWQ's scales, GPTQ's integer weights) so a later run can reuse them.
+
+`calibrate` runs the steps: every step's `check_inputs` first (on the loaded model and
+data), so nothing is changed when any step would refuse; then each step in order; then the
+scheme's activation / KV-cache quantizers are attached (`quant.modules.runtime`).
 """
 
-from quant.config.registry import Registry
+from __future__ import annotations
 
-CALIBRATE = Registry("calibrate", modules=("quant.calibrate.rtn", "quant.calibrate.awq",
-                                            "quant.calibrate.quarot", "quant.calibrate.fp_search",
-                                            "quant.calibrate.gptq"))
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from quant.config.scheme import QuantScheme
+
+
+@dataclass
+class CalibrationContext:
+    """What a calibrate step sees beyond the model and its options."""
+
+    scheme: QuantScheme
+    calib_ids: Any = None  # LongTensor [samples, seq_len] of calibration text, or None
+    seed: int = 0
+    where: str = "calibrate.steps[0]"  # the step's field, for errors
+    history: tuple = ()  # the recipe Steps that ran before this one (e.g. QuaRot before GPTQ)
+
+
+@dataclass
+class Calibrated:
+    metrics: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, Callable[[Any], None]] = field(default_factory=dict)  # name -> writer(path)
+
+
+def calibrate(model, scheme: QuantScheme, steps: Sequence, calib_ids=None, seed: int = 0,
+              path: str = "calibrate.steps") -> Calibrated:
+    """Run the calibrate `steps` (recipe `Step`s) on `model`, in place."""
+    from quant import methods
+    from quant.modules.runtime import apply_runtime_quantizers
+    from quant.recipe import check_steps
+
+    steps = tuple(steps)
+    check_steps("calibrate", steps, path, scheme)
+    plan = []
+    for i, step in enumerate(steps):
+        m = methods.method(step.method, "calibrate")
+        ctx = CalibrationContext(scheme, calib_ids, seed, f"{path}[{i}] ({step.method})", steps[:i])
+        plan.append((m, step.options, ctx))
+    for m, options, ctx in plan:
+        if m.check_inputs is not None:
+            m.check_inputs(model, options, ctx)
+    out = Calibrated()
+    for m, options, ctx in plan:
+        metrics = dict(m.fn(model, options, ctx) or {})
+        out.files.update(metrics.pop("files", {}))
+        out.metrics.update(metrics)
+    out.metrics.update(apply_runtime_quantizers(model, scheme))  # activation / KV quantizers
+    out.metrics["steps"] = "+".join(s.method for s in steps)
+    return out

@@ -49,7 +49,6 @@ for bit). A file of another model or scheme is refused before any work.
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import time
@@ -60,20 +59,22 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from quant.blockwise.block_ap import ActivationCache, capture_block_inputs
-from quant.calibrate import CALIBRATE
-from quant.calibrate.saved import read_results, spec_dict
+from quant.blockwise.cache import ActivationCache
+from quant.blockwise.passes import capture_block_inputs
+from quant.calibrate import CalibrationContext
+from quant.calibrate.saved import clock, model_fingerprint, read_results, spec_dict
 from quant.config import Config, ConfigError
 from quant.config.scheme import QuantScheme, WeightSpec
+from quant.methods import register
 from quant.models.arch import (
     ArchMapping,
     ScaleGroup,
     decoder_layers,
     get_module,
     mapping_for,
+    quantizable_linears,
     set_module,
 )
-from quant.models.checkpoint import quantizable_linears
 from quant.modules.linear import QuantLinear
 from quant.numerics import grid as P
 from quant.numerics.formats import IntFormat
@@ -140,22 +141,6 @@ class AWQResults:
         return out
 
 
-def model_fingerprint(model: nn.Module) -> str:
-    """Hash of the config's shape fields and a strided sample (~4K values) of every parameter,
-    rounded to bf16 so an fp32 and a bf16 load of the same checkpoint agree."""
-    h = hashlib.sha256()
-    cfg = getattr(model, "config", None)
-    keys = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
-            "num_attention_heads", "num_key_value_heads", "vocab_size")
-    h.update(json.dumps({k: getattr(cfg, k, None) for k in keys}).encode())
-    for name, p in model.named_parameters():
-        flat = p.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 4096)].to(torch.bfloat16).float().cpu()
-        h.update(name.encode())
-        h.update(sample.numpy().tobytes())
-    return h.hexdigest()[:20]
-
-
 # ---------------------------------------------------------------------------
 # Checks before any work
 
@@ -183,27 +168,32 @@ def check_mapping(model: nn.Module, mapping: ArchMapping) -> None:
                 raise ConfigError(f"block {i}: {g.prev} has no weight to fold scales into")
 
 
-def _check(model, scheme: QuantScheme, calib_ids, options: AWQOptions) -> WeightSpec:
+def check_scheme(scheme: QuantScheme, options: AWQOptions, where: str = "awq") -> None:
+    """What AWQ refuses before any model is loaded."""
     if scheme.weight is None:
-        raise ConfigError("calibrate.method=awq quantizes weights but scheme.weight is null; "
-                          "set scheme.weight or use calibrate.method: rtn")
+        raise ConfigError(f"{where} quantizes weights but scheme.weight is null; set scheme.weight")
     if not isinstance(scheme.weight.format, IntFormat):
-        raise ConfigError(f"scheme.weight.format={scheme.weight.format.spec()}: AWQ supports "
+        raise ConfigError(f"scheme.weight.format={scheme.weight.format.spec()}: {where} supports "
                           "integer formats int2..int8")
     if scheme.weight.dynamic_minmax:
-        raise ConfigError("scheme.weight.dynamic_minmax=true recomputes qparams every forward, "
-                          "which would discard AWQ's clip search; use false with calibrate.method=awq")
-    quantizable_linears(model, scheme)  # group sizes divide every width
+        raise ConfigError(f"scheme.weight.dynamic_minmax=true recomputes qparams every forward, which "
+                          f"would discard AWQ's clip search ({where}); use dynamic_minmax: false")
+
+
+def check_inputs(model: nn.Module, options: AWQOptions, ctx: CalibrationContext) -> None:
+    """What AWQ refuses on the loaded model and data, before any step changes the model."""
+    check_scheme(ctx.scheme, options, ctx.where)
+    quantizable_linears(model, ctx.scheme)  # group sizes divide every width
     check_mapping(model, mapping_for(model))
+    calib_ids = ctx.calib_ids
     if options.results is None:
         if calib_ids is None:
-            raise ConfigError("calibrate.method=awq needs calibration data (calibrate.samples x "
-                              "calibrate.seq_len windows of the calibration text), or "
-                              "calibrate.options.results naming saved AWQ results")
+            raise ConfigError(f"{ctx.where} needs calibration data (calibrate.samples x calibrate.seq_len "
+                              "windows of the calibration text), or the option results naming saved "
+                              "AWQ results")
         if calib_ids.dim() != 2 or calib_ids.shape[1] < 2 or calib_ids.dtype.is_floating_point:
             raise ConfigError(f"AWQ calibration ids must be integer [samples, seq_len >= 2], got "
                               f"{calib_ids.dtype} {tuple(calib_ids.shape)}")
-    return scheme.weight
 
 
 # ---------------------------------------------------------------------------
@@ -418,12 +408,6 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _clock(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
 def run_awq(model: nn.Module, spec: WeightSpec, calib_ids: torch.Tensor | None, options: AWQOptions,
             fingerprint: str, saved: AWQResults | None = None,
             device: torch.device | None = None) -> AWQResults:
@@ -435,17 +419,17 @@ def run_awq(model: nn.Module, spec: WeightSpec, calib_ids: torch.Tensor | None, 
     home = next(model.parameters()).device
     results = saved or AWQResults(fingerprint, spec_dict(spec))
     x = kwargs = None
-    t = _clock(device)
+    t = clock(device)
     if saved is None:
         dtype = next(layers[0].parameters()).dtype
         shape = (*calib_ids.shape, model.config.hidden_size)
         cache = ActivationCache(shape, dtype, "gpu" if device.type == "cuda" else "cpu", device)
         kwargs = capture_block_inputs(model, calib_ids, cache, options.batch_size, device, mapping)
         x = cache.data.to(device)
-    results.capture_seconds = _clock(device) - t
+    results.capture_seconds = clock(device) - t
     results.block_seconds = []
     for i, block in enumerate(layers):
-        t = _clock(device)
+        t = clock(device)
         prefix = f"{mapping.layers}.{i}"
         block.to(device)
         if saved is None:
@@ -461,7 +445,7 @@ def run_awq(model: nn.Module, spec: WeightSpec, calib_ids: torch.Tensor | None, 
             apply_scales(block, groups, scales)
         quantize_block(block, prefix, mapping, spec, {k: v.to(device) for k, v in clips.items()})
         block.to(home)
-        results.block_seconds.append(_clock(device) - t)
+        results.block_seconds.append(clock(device) - t)
     model.to(home)  # capture_block_inputs parks the embedding on the host
     return results
 
@@ -480,14 +464,17 @@ def _check_saved(model: nn.Module, saved: AWQResults, path: str) -> None:
                                   "does not match this model")
 
 
-@CALIBRATE.register("awq", AWQOptions)
+@register("awq", kind="calibrate", options=AWQOptions, role="quantizer", check=check_scheme,
+          check_inputs=check_inputs)
 @torch.no_grad()
-def awq(model: nn.Module, scheme: QuantScheme, calib_ids, options: AWQOptions) -> dict:
+def awq(model: nn.Module, options: AWQOptions, ctx: CalibrationContext) -> dict:
     """AWQ scale + clip search, then QuantLinears with the searched qparams (in place).
 
     Returns metrics plus `files`: {RESULTS_FILE: writer(path)} for the stage to store
     beside the quantized model."""
-    spec = _check(model, scheme, calib_ids, options)
+    scheme = ctx.scheme
+    check_inputs(model, options, ctx)
+    spec, calib_ids = scheme.weight, ctx.calib_ids
     fingerprint = model_fingerprint(model)
     saved = None
     if options.results is not None:

@@ -50,13 +50,20 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from quant.blockwise.block_ap import ActivationCache, capture_block_inputs
-from quant.calibrate import CALIBRATE
+from quant.blockwise.cache import ActivationCache
+from quant.blockwise.passes import capture_block_inputs
+from quant.calibrate import CalibrationContext
 from quant.config import Config, ConfigError
 from quant.config.scheme import QuantScheme
 from quant.io import atomic_dir
-from quant.models.arch import decoder_layers, get_module, mapping_for, set_module
-from quant.models.checkpoint import quantizable_linears
+from quant.methods import register
+from quant.models.arch import (
+    decoder_layers,
+    get_module,
+    mapping_for,
+    quantizable_linears,
+    set_module,
+)
 from quant.modules.activation import CalibratedFPQuantizer, set_input_quantizer
 from quant.modules.linear import QuantLinear
 from quant.modules.rotation import move_input_rotation
@@ -94,33 +101,31 @@ class FPSearchOptions(Config):
             raise ConfigError(f"search_tokens={self.search_tokens} must be >= 0 (0 = all)")
 
 
-def check_scheme(scheme: QuantScheme, method: str = "fp-search") -> None:
-    """fp-search needs FP weights per output channel and FP (or no) per-tensor activations.
-    `method` names the setting in the errors (QuaRot: "quarot with weights: fp-search")."""
+def check_scheme(scheme: QuantScheme, options: FPSearchOptions | None = None, where: str = "fp-search") -> None:
+    """fp-search needs FP weights per output channel and FP (or no) per-tensor activations."""
     w, a = scheme.weight, scheme.activation
     if w is None or not isinstance(w.format, FPFormat):
         got = None if w is None else w.format.spec()
-        raise ConfigError(f"scheme.weight.format={got!r}: calibrate.method={method} searches "
-                          "FP formats; use one of fp4-e2m1, fp4-e3m0, fp4-e1m2, fp6-e2m3, "
-                          "fp6-e3m2, fp8-e4m3, fp8-e5m2 (mxfp4/nvfp4/int: use rtn)")
+        raise ConfigError(f"scheme.weight.format={got!r}: {where} searches FP formats; use one of "
+                          "fp4-e2m1, fp4-e3m0, fp4-e1m2, fp6-e2m3, fp6-e3m2, fp8-e4m3, fp8-e5m2 "
+                          "(mxfp4/nvfp4/int: use rtn)")
     if w.group_size != -1:
-        raise ConfigError(f"scheme.weight.group_size={w.group_size}: fp-search searches one bias "
+        raise ConfigError(f"scheme.weight.group_size={w.group_size}: {where} searches one bias "
                           "per output channel; use -1")
     if a is not None and not isinstance(a.format, FPFormat):
-        raise ConfigError(f"scheme.activation.format={a.format.spec()!r}: fp-search calibrates FP "
-                          f"activations ({method}); use an fp*-e*m* format or no activation "
-                          "quantization")
+        raise ConfigError(f"scheme.activation.format={a.format.spec()!r}: {where} calibrates FP "
+                          "activations; use an fp*-e*m* format or no activation quantization")
     if a is not None and a.granularity != "per_tensor":
-        raise ConfigError(f"scheme.activation.granularity={a.granularity!r}: fp-search calibrates a "
-                          f"static per-tensor activation bias ({method}); use per_tensor")
+        raise ConfigError(f"scheme.activation.granularity={a.granularity!r}: {where} calibrates a "
+                          "static per-tensor activation bias; use per_tensor")
 
 
-def check_inputs(scheme: QuantScheme, calib_ids, method: str = "fp-search") -> None:
-    """Everything fp-search refuses, before any change to the model."""
-    check_scheme(scheme, method)
-    if calib_ids is None:
-        raise ConfigError(f"calibrate.method={method} needs calibration data (calib_ids: "
-                          "calibrate.samples x calibrate.seq_len windows)")
+def check_inputs(model: nn.Module, options: FPSearchOptions, ctx: CalibrationContext) -> None:
+    """Everything fp-search refuses, before any step changes the model."""
+    check_scheme(ctx.scheme, options, ctx.where)
+    if ctx.calib_ids is None:
+        raise ConfigError(f"{ctx.where} needs calibration data (calibrate.samples x calibrate.seq_len "
+                          "windows)")
 
 
 # ---------------------------------------------------------------------------
@@ -341,23 +346,23 @@ def _capture_linear_inputs(block: nn.Module, paths: tuple[str, ...], cache: Acti
     return {p: torch.cat(v) for p, v in seen.items()}
 
 
-@CALIBRATE.register("fp-search", FPSearchOptions)
+@register("fp-search", kind="calibrate", options=FPSearchOptions, role="quantizer", after=("quarot",),
+          check=check_scheme, check_inputs=check_inputs)
 @torch.no_grad()
-def fp_search(model: nn.Module, scheme: QuantScheme, calib_ids: torch.Tensor | None,
-              options: FPSearchOptions) -> dict[str, float]:
-    check_inputs(scheme, calib_ids)
-    return fp_search_model(model, scheme, calib_ids, options)
+def fp_search(model: nn.Module, options: FPSearchOptions, ctx: CalibrationContext) -> dict[str, float]:
+    """LLM-FP4 search of FP formats and exponent biases per layer (weights and activations).
 
-
-def fp_search_model(model: nn.Module, scheme: QuantScheme, calib_ids: torch.Tensor,
-                    options: FPSearchOptions, context: dict | None = None) -> dict[str, float]:
-    """The search on every quantizable linear of `model`, in place. Callers check first
-    (`check_inputs`), before changing the model (QuaRot rotates in between); `context` goes
-    into the cache fingerprint."""
+    After QuaRot it runs on the rotated model with the online rotations installed: each
+    linear's input is captured after its rotation, so the search scores the rotated inputs
+    of o_proj / down_proj against their rotation-fused weights, and the pre-shift folded
+    into weight column c lands on the column that multiplies rotated channel c. The steps
+    before it (their options) go into the cache fingerprint."""
+    check_inputs(model, options, ctx)
+    context = {s.method: s.options.to_dict() for s in ctx.history} or None
     prev = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = options.tf32
     try:
-        return _search_model(model, scheme, calib_ids, options, context)
+        return _search_model(model, ctx.scheme, ctx.calib_ids, options, context)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev
 

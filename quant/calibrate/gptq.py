@@ -69,14 +69,20 @@ from safetensors.torch import save_file
 from torch import nn
 
 from quant.blockwise.cache import ActivationCache
-from quant.blockwise.engine import call_block, capture_block_inputs, run_block
-from quant.calibrate import CALIBRATE
-from quant.calibrate.awq import model_fingerprint
-from quant.calibrate.saved import read_results, spec_dict
+from quant.blockwise.passes import call_block, capture_block_inputs, run_block
+from quant.calibrate import CalibrationContext
+from quant.calibrate.saved import clock, model_fingerprint, read_results, spec_dict
 from quant.config import Config, ConfigError
 from quant.config.scheme import QuantScheme, WeightSpec
-from quant.models.arch import ArchMapping, decoder_layers, get_module, mapping_for, set_module
-from quant.models.checkpoint import quantizable_linears
+from quant.methods import register
+from quant.models.arch import (
+    ArchMapping,
+    decoder_layers,
+    get_module,
+    mapping_for,
+    quantizable_linears,
+    set_module,
+)
 from quant.modules.linear import QuantLinear
 from quant.modules.rotation import move_input_rotation
 from quant.numerics import grid as P
@@ -309,19 +315,24 @@ def input_groups(mapping: ArchMapping) -> list[tuple[str, ...]]:
     return groups
 
 
-def check_inputs(model: nn.Module, scheme: QuantScheme, calib_ids, options: GPTQOptions,
-                 method: str = "gptq", where: str = "calibrate.options") -> WeightSpec:
-    """Refuse what GPTQ cannot do, naming the field (no change to the model)."""
+def check_scheme(scheme: QuantScheme, options: GPTQOptions, where: str = "gptq") -> None:
+    """What GPTQ refuses before any model is loaded."""
     w = scheme.weight
     if w is None:
-        raise ConfigError(f"calibrate.method={method} quantizes weights with GPTQ but scheme.weight "
-                          "is null; set scheme.weight or use calibrate.method: rtn")
+        raise ConfigError(f"{where} quantizes weights but scheme.weight is null; set scheme.weight")
     if not isinstance(w.format, IntFormat):
-        raise ConfigError(f"scheme.weight.format={w.format.spec()}: GPTQ supports integer formats "
-                          "int2..int8")
+        raise ConfigError(f"scheme.weight.format={w.format.spec()}: GPTQ ({where}) supports integer "
+                          "formats int2..int8")
     if w.dynamic_minmax:
-        raise ConfigError("scheme.weight.dynamic_minmax=true recomputes qparams every forward, "
-                          f"which would discard GPTQ's; use false with calibrate.method={method}")
+        raise ConfigError(f"scheme.weight.dynamic_minmax=true recomputes qparams every forward, which "
+                          f"would discard GPTQ's ({where}); use dynamic_minmax: false")
+
+
+def check_inputs(model: nn.Module, options: GPTQOptions, ctx: CalibrationContext) -> WeightSpec:
+    """Refuse what GPTQ cannot do on this model and data, naming the field (no change to the
+    model; the calibrate runner calls it before any step runs: QuaRot rotates after it)."""
+    scheme, calib_ids = ctx.scheme, ctx.calib_ids
+    check_scheme(scheme, options, ctx.where)
     for name, lin in quantizable_linears(model, scheme):  # group sizes divide every width
         if type(lin) is not nn.Linear:
             raise ConfigError(f"{name} is a {type(lin).__name__}, GPTQ needs a plain nn.Linear "
@@ -329,23 +340,17 @@ def check_inputs(model: nn.Module, scheme: QuantScheme, calib_ids, options: GPTQ
     input_groups(mapping_for(model))
     if options.results is None:
         if calib_ids is None:
-            raise ConfigError(f"calibrate.method={method} with GPTQ needs calibration data "
-                              "(calibrate.samples x calibrate.seq_len windows of the calibration "
-                              f"text), or {where}.results naming saved GPTQ results")
+            raise ConfigError(f"{ctx.where} needs calibration data (calibrate.samples x calibrate.seq_len "
+                              "windows of the calibration text), or the option results naming saved "
+                              "GPTQ results")
         if calib_ids.dim() != 2 or calib_ids.shape[1] < 2 or calib_ids.dtype.is_floating_point:
             raise ConfigError(f"GPTQ calibration ids must be integer [samples, seq_len >= 2], got "
                               f"{calib_ids.dtype} {tuple(calib_ids.shape)}")
-    return w
+    return scheme.weight
 
 
 # ---------------------------------------------------------------------------
 # The model, block by block
-
-
-def _clock(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 @torch.no_grad()
@@ -409,19 +414,19 @@ def run_gptq(model: nn.Module, spec: WeightSpec, calib_ids: torch.Tensor, option
     layers = decoder_layers(model, mapping)
     home = next(model.parameters()).device
     results = GPTQResults(fingerprint, spec_dict(spec), options.to_dict())
-    t = _clock(device)
+    t = clock(device)
     dtype = next(layers[0].parameters()).dtype
     x = ActivationCache((*calib_ids.shape, model.config.hidden_size), dtype,
                         "gpu" if device.type == "cuda" else "cpu", device)
     kwargs = capture_block_inputs(model, calib_ids, x, options.batch_size, device, mapping)
-    results.capture_seconds = _clock(device) - t
+    results.capture_seconds = clock(device) - t
     for i, block in enumerate(layers):
-        t = _clock(device)
+        t = clock(device)
         block.to(device)
         results.layers |= quantize_block(block, f"{mapping.layers}.{i}", x, kwargs, mapping, spec, options)
         run_block(block, x, x, kwargs, options.batch_size, amp=False)  # next block's inputs
         block.to(home)
-        results.block_seconds.append(_clock(device) - t)
+        results.block_seconds.append(clock(device) - t)
     if lm_head:
         results.layers[mapping.lm_head] = _quantize_lm_head(model, mapping, x, spec, options, device)
     model.to(home)  # capture_block_inputs parks the embedding on the host
@@ -434,11 +439,17 @@ def apply_results(model: nn.Module, spec: WeightSpec, saved: GPTQResults, names:
         set_module(model, name, to_quant_linear(get_module(model, name), spec, name, saved.layers[name]))
 
 
-def gptq_model(model: nn.Module, scheme: QuantScheme, calib_ids, options: GPTQOptions,
-               where: str = "calibrate.options") -> dict:
-    """GPTQ (or reuse of saved GPTQ results) on every quantizable linear of `model`, in place.
-    Returns metrics plus `files`: {RESULTS_FILE: writer(path)}. Callers check first
-    (`check_inputs`), before changing the model (QuaRot rotates in between)."""
+@register("gptq", kind="calibrate", options=GPTQOptions, role="quantizer", after=("quarot",),
+          check=check_scheme, check_inputs=check_inputs)
+@torch.no_grad()
+def gptq(model: nn.Module, options: GPTQOptions, ctx: CalibrationContext) -> dict:
+    """GPTQ on the weights, block by block with calibration data (in place).
+
+    After QuaRot it runs on the rotated model with the online rotations installed, so the
+    Hessians of o_proj / down_proj are of their rotated inputs (QuaRot's GPTQ variant).
+    Returns metrics plus `files`: {RESULTS_FILE: writer(path)}."""
+    scheme, where = ctx.scheme, ctx.where
+    check_inputs(model, options, ctx)
     spec = scheme.weight
     targets = dict(quantizable_linears(model, scheme))
     fingerprint = model_fingerprint(model)
@@ -448,7 +459,7 @@ def gptq_model(model: nn.Module, scheme: QuantScheme, calib_ids, options: GPTQOp
         results.check_covers(targets, options.results)
         apply_results(model, spec, results, list(targets))
     else:
-        results = run_gptq(model, spec, calib_ids, options, fingerprint, scheme.quantize_lm_head)
+        results = run_gptq(model, spec, ctx.calib_ids, options, fingerprint, scheme.quantize_lm_head)
     losses = [lay.loss for lay in results.layers.values()]
     return {
         "quantized_linears": float(len(targets)),
@@ -458,11 +469,3 @@ def gptq_model(model: nn.Module, scheme: QuantScheme, calib_ids, options: GPTQOp
         "gptq_mean_loss": sum(losses) / max(1, len(losses)),
         "files": {RESULTS_FILE: results.save},
     }
-
-
-@CALIBRATE.register("gptq", GPTQOptions)
-@torch.no_grad()
-def gptq(model: nn.Module, scheme: QuantScheme, calib_ids, options: GPTQOptions) -> dict:
-    """GPTQ on the weights, block by block with calibration data (in place)."""
-    check_inputs(model, scheme, calib_ids, options)
-    return gptq_model(model, scheme, calib_ids, options)

@@ -29,31 +29,16 @@ Steps, each leaving the full-precision function unchanged:
    `auto`: down/o when activations are quantized, V/O when activations or the
    KV cache are, q/k when the KV cache is. Online rotations are deterministic
    (H / sqrt(n)); only Q is random, as in QuaRot.
-5. Weights (`weights`): `rtn` (default): every quantizable linear becomes a
-   min-max QuantLinear (`clip_ratio`); `gptq`: GPTQ on the rotated model
-   (quant.calibrate.gptq, options under `gptq`), QuaRot's strongest published
-   variant. GPTQ needs calibration data (`calibrate.samples` x `seq_len`
-   windows) unless `gptq.results` names saved results. It runs after the
-   online rotations are installed, so the Hessians of o_proj / down_proj are
-   of their rotated inputs (the inputs their fused weights multiply); the
-   activation / KV quantizers are attached later by the stage, so H is of
-   unquantised activations, as in QuaRot's GPTQ. Everything GPTQ refuses (no
-   data, a non-integer or dynamic weight grid, ...) is refused before the
-   rotation starts.
-   `fp-search`: the LLM-FP4 search (quant.calibrate.fp_search, options under
-   `fp_search`) on the rotated model: FP weight biases / formats per output
-   channel and a static per-tensor FP activation bias (with its pre-shift)
-   per linear. Like GPTQ it runs after the online rotations are installed:
-   the search captures each linear's input with a forward pre-hook appended
-   after the rotation's (prepended) one, so it scores the rotated inputs of
-   o_proj / down_proj against their rotation-fused weights. The searched
-   QuantLinear keeps the rotation, which runs before its searched activation
-   quantizer; the pre-shift 2^k_c therefore scales rotated channel c, and the
-   2^-k_c it folds into weight column c lands on the fused weight's column c,
-   the column that multiplies rotated channel c: the fold stays exact in full
-   precision (tests/test_quarot_fp.py proves it on the model). Everything
-   fp-search refuses (no data, a non-FP weight format, grouped weights, a
-   non-FP or per-token activation quantizer) is refused before the rotation.
+5. The weights are quantized by the calibrate step that follows QuaRot in the recipe
+   (`quarot+rtn`, `quarot+gptq`: QuaRot's strongest published variant, `quarot+fp-search`:
+   the LLM-FP4 search on the rotated model). It runs after the online rotations are
+   installed, so GPTQ's Hessians and fp-search's captured inputs of o_proj / down_proj
+   are of their rotated inputs (the inputs their fused weights multiply), and every
+   quantizer keeps a linear's online rotation on the QuantLinear that replaces it. The
+   activation / KV quantizers are attached later by the stage, so GPTQ's H is of
+   unquantised activations, as in QuaRot's GPTQ. What the quantizer refuses (no data, a
+   non-integer grid, ...) is refused before the rotation starts (the calibrate runner
+   checks every step first).
 
 Not implemented from the paper: the fused low-bit kernels (here everything is
 fake-quant).
@@ -61,18 +46,16 @@ fake-quant).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
 
-from quant.calibrate import CALIBRATE
-from quant.calibrate import fp_search as fps
-from quant.calibrate.gptq import GPTQOptions, check_inputs, gptq_model
-from quant.calibrate.rtn import quantize_linears
+from quant.calibrate import CalibrationContext
 from quant.config import Config, ConfigError
 from quant.config.scheme import QuantScheme
+from quant.methods import register
 from quant.models.arch import ArchMapping, decoder_layers, get_module, mapping_for
 from quant.modules.rotation import HadamardRotation, install_qk_rotation, set_input_rotation
 from quant.numerics import hadamard as had
@@ -86,24 +69,6 @@ class QuaRotOptions(Config):
     online: Literal["auto", "on", "off"] = "auto"  # online rotations (see module docstring)
     fuse_dtype: Literal["float64", "float32"] = "float64"  # arithmetic of the weight fusion
     online_fp32: bool = True  # online Hadamards in float32 whatever the activation dtype
-    clip_ratio: float = 1.0  # RTN after rotation
-    weights: Literal["rtn", "gptq", "fp-search"] = "rtn"  # how the rotated weights are quantised
-    gptq: GPTQOptions = field(default_factory=GPTQOptions)  # with weights: gptq
-    fp_search: fps.FPSearchOptions = field(default_factory=fps.FPSearchOptions)  # weights: fp-search
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.clip_ratio <= 1.0:
-            raise ConfigError(f"clip_ratio={self.clip_ratio} must be in (0, 1]")
-        if self.weights != "rtn" and self.clip_ratio != 1.0:
-            why = ("GPTQ takes min-max qparams per group" if self.weights == "gptq"
-                   else "fp-search searches the weight biases")
-            raise ConfigError(f"clip_ratio={self.clip_ratio} applies to weights: rtn; {why} "
-                              "(leave clip_ratio at 1.0)")
-        for key, default, method in (("gptq", GPTQOptions(), "gptq"),
-                                     ("fp_search", fps.FPSearchOptions(), "fp-search")):
-            if self.weights != method and getattr(self, key) != default:
-                raise ConfigError(f"{key} options are set but weights={self.weights} ignores them; "
-                                  f"set weights: {method} or remove {key}")
 
 
 @dataclass(frozen=True)
@@ -276,26 +241,14 @@ def rotate(model: nn.Module, scheme: QuantScheme, options: QuaRotOptions) -> dic
             "online_rotations": float(n_online), "vo_rotated": float(plan.vo)}
 
 
-@CALIBRATE.register("quarot", QuaRotOptions)
+def check_inputs(model: nn.Module, options: QuaRotOptions, ctx: CalibrationContext) -> None:
+    """Every size has a Hadamard construction and every norm is a plain RMSNorm (no change)."""
+    make_plan(model, ctx.scheme, options.online)
+    check_rms_norms(model, mapping_for(model))
+
+
+@register("quarot", kind="calibrate", options=QuaRotOptions, role="transform", check_inputs=check_inputs)
 @torch.no_grad()
-def quarot(model: nn.Module, scheme: QuantScheme, calib_ids, options: QuaRotOptions) -> dict:
-    if options.weights == "gptq":
-        where = "calibrate.options.gptq"
-        check_inputs(model, scheme, calib_ids, options.gptq, "quarot", where)  # before rotating
-        metrics = rotate(model, scheme, options)
-        return {**gptq_model(model, scheme, calib_ids, options.gptq, where), **metrics}
-    if options.weights == "fp-search":
-        fps.check_inputs(scheme, calib_ids, "quarot with weights: fp-search")  # before rotating
-        metrics = rotate(model, scheme, options)
-        rotation = {k: v for k, v in options.to_dict().items() if k not in ("fp_search", "gptq")}
-        return {**fps.fp_search_model(model, scheme, calib_ids, options.fp_search,
-                                      context={"quarot": rotation}), **metrics}
-    metrics = rotate(model, scheme, options)
-    rotations = {}
-    for name, mod in model.named_modules():  # carried over to the QuantLinears below
-        if getattr(mod, "input_rotation", None) is not None:
-            rotations[name] = mod.input_rotation
-    n = quantize_linears(model, scheme, options.clip_ratio)
-    for name, rot in rotations.items():
-        set_input_rotation(get_module(model, name), rot)
-    return {"quantized_linears": float(n), **metrics}
+def quarot(model: nn.Module, options: QuaRotOptions, ctx: CalibrationContext) -> dict:
+    """Hadamard rotations of the residual stream (and online ones), function-preserving."""
+    return rotate(model, ctx.scheme, options)

@@ -7,12 +7,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from quant.calibrate import CALIBRATE
+from quant.calibrate import CalibrationContext
 from quant.config import Config, ConfigError
 from quant.config.scheme import QuantScheme
-from quant.models.arch import set_module
-from quant.models.checkpoint import quantizable_linears
+from quant.methods import register
+from quant.models.arch import quantizable_linears, set_module
 from quant.modules.linear import QuantLinear
+from quant.modules.rotation import move_input_rotation
 
 
 @dataclass(frozen=True)
@@ -25,17 +26,21 @@ class RTNOptions(Config):
 
 
 def quantize_linears(model: nn.Module, scheme: QuantScheme, clip_ratio: float = 1.0) -> int:
-    """Replace every quantizable linear by a min-max-initialised QuantLinear; returns the count."""
+    """Replace every quantizable linear by a min-max-initialised QuantLinear (keeping an online
+    input rotation a transform installed); returns the count."""
     if scheme.weight is None:
         return 0
     targets = quantizable_linears(model, scheme)  # validates every layer before any change
     for name, lin in targets:
-        set_module(model, name, QuantLinear.from_linear(lin, scheme.weight, name, clip_ratio))
+        ql = QuantLinear.from_linear(lin, scheme.weight, name, clip_ratio)
+        move_input_rotation(lin, ql)
+        set_module(model, name, ql)
     return len(targets)
 
 
-@CALIBRATE.register("rtn", RTNOptions)
+@register("rtn", kind="calibrate", options=RTNOptions, role="quantizer", after=("quarot",))
 @torch.no_grad()
-def rtn(model: nn.Module, scheme: QuantScheme, calib_ids, options: RTNOptions) -> dict[str, float]:
-    n = quantize_linears(model, scheme, options.clip_ratio)
+def rtn(model: nn.Module, options: RTNOptions, ctx: CalibrationContext) -> dict[str, float]:
+    """Round to nearest with min-max (optionally clipped) step sizes; no data."""
+    n = quantize_linears(model, ctx.scheme, options.clip_ratio)
     return {"quantized_linears": float(n)}

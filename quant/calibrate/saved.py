@@ -1,4 +1,5 @@
-"""Search results a calibration method saves beside its model and a re-run reuses.
+"""Search results a calibration method saves beside its model and a re-run reuses, and what
+the searching methods share: the fingerprint of the model searched, a device-synchronised clock.
 
 AWQ's scales/clips and GPTQ's codes are safetensors files whose metadata carries a
 format version, the fingerprint of the model they were searched on and the weight
@@ -8,12 +9,15 @@ scheme before the caller changes anything.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
+from torch import nn
 
 from quant.config import ConfigError
 from quant.config.scheme import WeightSpec
@@ -53,3 +57,26 @@ def read_results(path: str | Path, file_name: str, method: str, version_key: str
         raise ConfigError(f"{path}: {method} results for weight scheme {saved}, this run "
                           f"quantizes {spec_dict(spec)}; set {where}.results: null")
     return path, meta, tensors
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """Hash of the config's shape fields and a strided sample (~4K values) of every parameter,
+    rounded to bf16 so an fp32 and a bf16 load of the same checkpoint agree."""
+    h = hashlib.sha256()
+    cfg = getattr(model, "config", None)
+    keys = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "num_key_value_heads", "vocab_size")
+    h.update(json.dumps({k: getattr(cfg, k, None) for k in keys}).encode())
+    for name, p in model.named_parameters():
+        flat = p.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)].to(torch.bfloat16).float().cpu()
+        h.update(name.encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
+def clock(device: torch.device) -> float:
+    """Wall time after the device's queued work is done (per-block timings on a GPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()

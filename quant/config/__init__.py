@@ -6,6 +6,6 @@ scheme lives in `quant.config.scheme` and the method registries in
 formats of `quant.numerics`, which themselves are `Config`s).
 """
 
-from quant.config.base import Config, ConfigError, InputError, flatten
+from quant.config.base import Config, ConfigError, InputError, MissingDependencyError, flatten
 
-__all__ = ["Config", "ConfigError", "InputError", "flatten"]
+__all__ = ["Config", "ConfigError", "InputError", "MissingDependencyError", "flatten"]

@@ -28,6 +28,10 @@ class InputError(ConfigError):
     line: re-running the same command cannot heal it."""
 
 
+class MissingDependencyError(RuntimeError):
+    """An optional package is not installed; the message gives the install command."""
+
+
 def _qualify(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 
@@ -120,15 +124,17 @@ class Config:
             raise ConfigError(f"{path or cls.__name__}: {exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, Config):
-                v = v.to_dict() if not hasattr(v, "spec") else v.spec()
-            elif isinstance(v, tuple):
-                v = list(v)
-            out[f.name] = v
-        return out
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+def _plain(v: Any) -> Any:
+    """A config value as plain data: nested configs by their `spec()` (a number format's short
+    string, a recipe step's params form) or `to_dict()`, sequences as lists."""
+    if isinstance(v, Config):
+        return v.spec() if hasattr(v, "spec") else v.to_dict()
+    if isinstance(v, list | tuple):
+        return [_plain(x) for x in v]
+    return v
 
 
 def flatten(d: Any, prefix: str = "", sep: str = ".") -> dict[str, Any]:

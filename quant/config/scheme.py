@@ -67,6 +67,9 @@ class KVCacheSpec(Config):
 
 
 _SCHEME_RE = re.compile(r"^W(\d+)A(\d+)KV(\d+)$", re.IGNORECASE)
+# the compact text of a scheme in a recipe: W4g64 (weight-only, efficientqat preset),
+# W4A8KV4 / W4A8KV4g64 (llm-qat preset); no g = one group per output channel
+_TEXT_RE = re.compile(r"^W(\d+)(A\d+KV\d+)?(?:g(\d+))?$")
 
 # Named schemes: the bit widths come from a name like W4A8KV4, the rest from the preset.
 # llm-qat: the published LLM-QAT scheme (symmetric min-max everywhere; weights per output
@@ -105,13 +108,15 @@ class QuantScheme(Config):
             )
 
     def require_integer_weights(self, stage: str) -> None:
-        """Stages that train integer step sizes / zero points (block_ap, e2e) or pack integer
-        codes cannot carry FP weight formats: say so before any work."""
-        if self.weight is not None and not isinstance(self.weight.format, IntFormat):
+        """Steps that train integer step sizes / zero points (block-wise, end-to-end) or pack
+        integer codes cannot carry FP weight formats: say so before any work."""
+        if self.weight is None:
+            raise ConfigError(f"scheme.weight=null: {stage} trains quantized weights; set scheme.weight")
+        if not isinstance(self.weight.format, IntFormat):
             raise ConfigError(
-                f"scheme.weight.format={self.weight.format.spec()!r}: the {stage} stage trains and "
-                "stores integer grids; accepted: int2..int8 (FP formats are calibrated by "
-                "calibrate.method rtn or fp-search and evaluated from the calibrate stage)"
+                f"scheme.weight.format={self.weight.format.spec()!r}: {stage} trains and stores "
+                "integer grids; accepted: int2..int8 (FP formats are calibrated by rtn or "
+                "fp-search, with no block_ap or e2e steps)"
             )
 
     @property
@@ -142,6 +147,37 @@ class QuantScheme(Config):
                                   f"{list(PRESETS)}) and {where}name (e.g. W4A8KV4)")
             return cls.from_name(name, preset=preset, group_size=group_size, path=path)
         return super().from_dict(data, path)
+
+    @classmethod
+    def parse(cls, text: str, path: str = "scheme") -> QuantScheme:
+        """The compact text form: `W<w>[g<group>]` is weight-only with the `efficientqat`
+        preset (asymmetric, learned step sizes and zero points); `W<w>A<a>KV<kv>[g<group>]`
+        uses the `llm-qat` preset (symmetric min-max). Without `g`: per output channel."""
+        m = _TEXT_RE.match(text.strip()) if isinstance(text, str) else None
+        if not m:
+            raise ConfigError(f"{path}={text!r} is not a scheme text; accepted: W<w>[g<group>] "
+                              "(weight-only, e.g. W4g64) or W<w>A<a>KV<kv>[g<group>] (e.g. W4A8KV4)")
+        w, akv, g = m.groups()
+        group = int(g) if g else -1
+        if akv is None:
+            return cls.from_name(f"W{w}A16KV16", preset="efficientqat", group_size=group, path=path)
+        return cls.from_name(f"W{w}{akv}", preset="llm-qat", group_size=group, path=path)
+
+    @property
+    def text(self) -> str | None:
+        """The compact text (`parse`) of this scheme, or None when no text spells it."""
+        if self.weight is None:
+            return None
+        g = "" if self.weight.group_size == -1 else f"g{self.weight.group_size}"
+        a = self.activation.format.bits if self.activation else 16
+        kv = self.kv_cache.format.bits if self.kv_cache else 16
+        for candidate in (f"W{self.weight.bits}{g}", f"W{self.weight.bits}A{a}KV{kv}{g}"):
+            try:
+                if QuantScheme.parse(candidate) == self:
+                    return candidate
+            except ConfigError:
+                continue
+        return None
 
     @classmethod
     def from_name(cls, name: str, preset: str = "llm-qat", group_size: int | None = None,

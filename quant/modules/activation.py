@@ -23,7 +23,7 @@ MXFP4/NVFP4 block scales, taken from the tensor at every call). A layer
 calibrated by `fp-search` instead carries a `CalibratedFPQuantizer`: a static,
 searched per-tensor bias (and the integer pre-shifts of LLM-FP4's pre-shifted
 exponent bias); `apply_activation_quantizers` keeps such a quantizer in place,
-and the checkpoint stores its state (`quant.models.checkpoint`).
+and the checkpoint stores its state (`quant.checkpoint`).
 
 Where the hook goes: a `QuantLinear` has an `input_quantizer` slot that its
 forward applies; a plain `nn.Linear` (weights not quantized, e.g. W16A8) gets

@@ -27,6 +27,8 @@ dynamic activation quantization) is kept separate from the weight math.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -206,3 +208,10 @@ class QuantLinear(nn.Module):
             f"group={self.spec.group_size}, {'sym' if self.spec.symmetric else 'asym'}, "
             f"{'frozen' if self.frozen else 'trainable'}"
         )
+
+
+def quant_linears(model: nn.Module) -> Iterator[tuple[str, QuantLinear]]:
+    """(qualified name, module) of every QuantLinear in `model` (the one listing of them)."""
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            yield name, module

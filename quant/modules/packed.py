@@ -35,10 +35,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from quant.export.packing import PACK_BITS, WORD, unpack
-from quant.models.hub import MissingDependencyError
+from quant.config import MissingDependencyError
 from quant.numerics import grid as P
 from quant.numerics.formats import IntFormat
+from quant.numerics.packing import PACK_BITS, WORD, unpack
 
 BACKENDS = ("torch", "triton", "gemlite", "torch-int4")
 TRITON_MAX_ROWS = 16  # above this (prefill) the triton backend dequantises and calls cuBLAS

@@ -29,7 +29,7 @@ The modules hold no persistent state (the Hadamard base matrix is a
 non-persistent buffer rebuilt from the size), so `state_dict` and the saved
 checkpoint are those of the plain model; `rotation_config(model)` describes
 what is installed and `install_rotations(model, config)` puts it back, which
-`quant.models.checkpoint` does on save/load.
+`quant.checkpoint` does on save/load.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Token data for training, calibration and perplexity: tokenising a text, cutting or sampling windows."""
+"""Token data for calibration, training and perplexity: tokenise a text, cut or sample windows,
+split rows into training and validation sets. Every stage and method takes its tokens from here."""
 
 from __future__ import annotations
 
@@ -39,3 +40,18 @@ def sample_windows(ids, n: int, seq_len: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seq_len, (n,), generator=g)
     return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+
+
+def split_samples(ids, n_train: int, n_val: int, seed: int, path: str = "samples"):
+    """Disjoint (train [n_train, L], val [n_val, L]) rows of `ids`, chosen by a seeded permutation."""
+    import torch
+
+    if n_train < 1 or n_val < 0:
+        raise ConfigError(f"{path}: train_samples={n_train} must be >= 1 and val_samples={n_val} >= 0")
+    if n_train + n_val > ids.shape[0]:
+        raise ConfigError(
+            f"{path}: train_samples + val_samples = {n_train} + {n_val} is more than the "
+            f"{ids.shape[0]} sequences of length {ids.shape[1]} the training data holds"
+        )
+    perm = torch.randperm(ids.shape[0], generator=torch.Generator().manual_seed(seed))
+    return ids[perm[:n_train]].contiguous(), ids[perm[n_train : n_train + n_val]].contiguous()

@@ -8,9 +8,10 @@ A grid is data (params.yaml `sweep.grids.<name>`):
     recipes: [{key: value}, ...]      and/or an explicit list (each merged over base)
     targets: [register]               DVC targets of each recipe's run (and their upstream)
 
-Keys are params.yaml paths (`calibrate.method`, `scheme.weight.format`); a key that is
-not in params.yaml is an error unless it lies under a free-form `options` mapping (method
-options are checked by the method). Every recipe's effective params are validated as the
+Keys are params.yaml paths (`calibrate.steps`, `scheme.weight.format`), or `recipe`: a
+recipe's text (`awq+tesseraq+e2e-qp:W3g64`, quant.recipe) or `{text: ..., options: {method:
+{...}}}`, which sets the scheme and every stage's steps at once. A key that is not in
+params.yaml is an error unless it lies under a free-form `options` mapping. Every recipe's effective params are validated as the
 stages would validate them (`validate` callback) before any recipe runs, and two recipes
 whose effective params are equal are an error: they would be the same experiment.
 
@@ -38,10 +39,11 @@ from quant.config import ConfigError
 # prepare.calib_source / eval_sets names -> the corpus they come from
 TEXT_SOURCE = {"embedded-wiki": "wikipedia", "wikitext2": "wikipedia", "lee": "news", "c4": "web"}
 FREE_FORM = "options"  # mappings whose keys the method checks, not params.yaml
+RECIPE_KEY = "recipe"  # a whole recipe (quant.recipe text) as one grid key
 
 
 @dataclass(frozen=True)
-class Recipe:
+class GridPoint:
     name: str  # readable and unique: the overrides that differ from params.yaml
     overrides: tuple[str, ...]  # key=value, values as YAML (DVC's -S syntax)
     targets: tuple[str, ...]
@@ -87,7 +89,7 @@ def _value_text(value: Any) -> str:
 
 
 def expand(grid: dict[str, Any], params: dict[str, Any], grid_name: str,
-           validate: Callable[[dict[str, Any], str], None] | None = None) -> list[Recipe]:
+           validate: Callable[[dict[str, Any], str], None] | None = None) -> list[GridPoint]:
     """The grid's recipes, each checked; raises ConfigError before anything runs."""
     path = f"sweep.grids.{grid_name}"
     if not isinstance(grid, dict):
@@ -108,27 +110,56 @@ def expand(grid: dict[str, Any], params: dict[str, Any], grid_name: str,
     if not raw:
         raise ConfigError(f"{path} is empty: give `axes` (a cartesian product) and/or `recipes`")
     targets = tuple(grid.get("targets") or ("register",))
-    recipes: list[Recipe] = []
+    recipes: list[GridPoint] = []
     seen: dict[str, str] = {}
     for i, rec in enumerate(raw):
         where = f"{path} recipe {i} ({rec})"
         effective = copy.deepcopy(params)
         effective.pop("sweep", None)
         overrides = {**base, **rec}
+        overrides = _recipe_keys(overrides, where)
         for k, v in overrides.items():
             _set(effective, k, v, where)
         if validate is not None:
             validate(effective, where)
         # named by its own overrides that differ from params.yaml (the grid's base is common)
-        differing = [(k, v) for k, v in rec.items() if _get(params, k) != v]
+        differing = [(k, v) for k, v in rec.items() if k == RECIPE_KEY or _get(params, k) != v]
         name = ",".join(f"{k}={_value_text(v)}" for k, v in differing) or "defaults"
-        r = Recipe(name, tuple(f"{k}={_value_text(v)}" for k, v in overrides.items()), targets, effective)
+        r = GridPoint(name, tuple(f"{k}={_value_text(v)}" for k, v in overrides.items()), targets, effective)
         if r.digest in seen:
             raise ConfigError(f"{path}: recipes {seen[r.digest]!r} and {r.name!r} are the same after "
                               "defaults (equal effective params); drop one")
         seen[r.digest] = r.name
         recipes.append(r)
     return recipes
+
+
+def _recipe_keys(overrides: dict[str, Any], where: str) -> dict[str, Any]:
+    """The overrides with a `recipe` entry replaced by the params keys it sets."""
+    if RECIPE_KEY not in overrides:
+        return overrides
+    from quant.recipe import Recipe
+
+    value = overrides[RECIPE_KEY]
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - {"text", "options"})
+        if unknown or "text" not in value:
+            raise ConfigError(f"{where}: recipe must be a text or {{text, options}}; got keys {sorted(value)}")
+        text, options = value["text"], value.get("options")
+    else:
+        text, options = value, None
+    try:
+        keys = Recipe.parse(text, options).params()
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    # the scheme one level down (scheme.weight=..., scheme.activation=...): whole values, which a
+    # DVC -S override merges into params.yaml exactly as they replace it here
+    keys = {**{f"scheme.{k}": v for k, v in keys.pop("scheme").items()}, **keys}
+    clash = sorted(k for k in overrides if k != RECIPE_KEY and any(
+        k == r or k.startswith(r + ".") or r.startswith(k + ".") for r in keys))
+    if clash:
+        raise ConfigError(f"{where}: {clash} set what the recipe {text!r} sets; put it in the recipe")
+    return {**{k: v for k, v in overrides.items() if k != RECIPE_KEY}, **keys}
 
 
 def _get(params: dict[str, Any], key: str) -> Any:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -33,9 +32,9 @@ from torch import nn
 from quant.config import ConfigError, InputError
 from quant.config.scheme import QuantScheme, WeightSpec
 from quant.io import atomic_dir
-from quant.models.arch import get_module, set_module, target_linears
+from quant.models.arch import get_module, set_module
 from quant.modules.activation import CalibratedFPQuantizer, set_input_quantizer
-from quant.modules.linear import QuantLinear
+from quant.modules.linear import QuantLinear, quant_linears
 from quant.modules.rotation import install_rotations, rotation_config
 from quant.modules.runtime import apply_runtime_quantizers
 from quant.numerics import grid as P
@@ -109,23 +108,20 @@ def check_scheme_fits(path: str | Path, scheme: QuantScheme) -> None:
         scheme.weight.check_layer(name, width)
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """Load a causal LM and its tokenizer from a local directory written by this project
-    (after `check_model_files`: a corrupt file is an `InputError` naming it; packed
-    checkpoints of `convert` load with PackedLinear layers, CPU fallback backend)."""
+def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """(model, tokenizer) of a directory in this format, or of a plain transformers checkpoint
+    (after `check_model_files`: a corrupt file is an `InputError` naming it). A packed export
+    (`convert`) is refused here: `quant.load_model` loads every kind of directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from quant.export.loader import load_packed, packed_format
-
-    if path is not None:
-        check_model_files(path)
-    if packed_format(path) is not None:
-        return load_packed(path, dtype, device)
-
+    check_model_files(path)
+    if (read_config(path) or {}).get("quantization_config"):
+        raise ConfigError(f"{path} is a packed export (config.json has a quantization_config); "
+                          "load it with quant.load_model")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    if path is not None and (Path(path) / SCHEME_FILE).exists():
+    if (Path(path) / SCHEME_FILE).exists():
         _restore_quant_linears(model, Path(path))
         install_rotations(model, json.loads((Path(path) / SCHEME_FILE).read_text()).get("rotations"))
         scheme = read_scheme(path)
@@ -148,13 +144,6 @@ def source_dtype(path: str | Path) -> torch.dtype:
 
 # ---------------------------------------------------------------------------
 # Quantized checkpoints
-
-
-def quant_linears(model: nn.Module) -> Iterator[tuple[str, QuantLinear]]:
-    """(qualified name, module) of every QuantLinear in `model` (the one listing of them)."""
-    for name, module in model.named_modules():
-        if isinstance(module, QuantLinear):
-            yield name, module
 
 
 def save_quantized(model: nn.Module, tokenizer, scheme: QuantScheme, out: str | Path, extra: dict | None = None,
@@ -236,6 +225,19 @@ def _restore_fp_layer(name: str, lin: nn.Linear, spec: WeightSpec, qparams: dict
     return ql
 
 
+def read_steps(path: str | Path) -> list:
+    """The recipe steps (params form) that produced the checkpoint, as its stages recorded them."""
+    f = Path(path) / SCHEME_FILE
+    return list(json.loads(f.read_text()).get("steps", [])) if f.exists() else []
+
+
+def steps_record(prior: list, steps) -> dict:
+    """`extra` for save_quantized: the steps so far (params form) and their names joined."""
+    specs = [*prior, *(s.spec() for s in steps)]
+    names = [s if isinstance(s, str) else next(iter(s)) for s in specs]
+    return {"method": "+".join(names), "steps": specs}
+
+
 def read_scheme(path: str | Path) -> QuantScheme | None:
     f = Path(path) / SCHEME_FILE
     if not f.exists():
@@ -282,14 +284,3 @@ def _restore_quant_linears(model: nn.Module, path: Path) -> None:
             if not ql.frozen and ql.zero_point is not None:
                 ql.zero_point.copy_(zp)
         set_module(model, name, ql)
-
-
-def quantizable_linears(model: nn.Module, scheme: QuantScheme) -> list[tuple[str, nn.Linear]]:
-    """Every decoder linear (plus lm_head if the scheme says so), checked against the scheme
-    before any work starts."""
-    out = target_linears(model, scheme.quantize_lm_head)
-    if scheme.weight is not None:
-        for name, mod in out:
-            in_features = mod.in_features
-            scheme.weight.check_layer(name, in_features)
-    return out
