@@ -69,6 +69,10 @@ class Method:
     # check_inputs(model, options, ctx): calibrate steps, on the loaded model and data, for every
     # step before the first one changes anything (GPTQ after QuaRot refuses before rotating)
     check_inputs: Callable[..., None] | None = None
+    # resolve(scheme, options) -> scheme: a calibrate step that cannot honour part of the
+    # scheme where the intent is clear says what it does instead (GPTQ/AWQ store static
+    # qparams, so a preset's `dynamic_minmax` is turned off for the model they produce)
+    resolve: Callable[..., Any] | None = None
     summary: str = ""  # one line for listings and errors
 
     def parse_options(self, data: Any, where: str) -> Config:
@@ -88,7 +92,8 @@ STEP_KINDS: tuple[Kind, ...] = ("calibrate", "blockwise", "e2e")  # what a recip
 
 def register(name: str, *, kind: Kind, options: type[Config], role: str = "step",
              after: tuple[str, ...] = (), check: Callable[..., None] | None = None,
-             check_inputs: Callable[..., None] | None = None, summary: str = "") -> Callable[[Any], Any]:
+             check_inputs: Callable[..., None] | None = None, resolve: Callable[..., Any] | None = None,
+             summary: str = "") -> Callable[[Any], Any]:
     """Decorator: register `fn` (a function, or an exporter class) as method `name`."""
     if kind not in KINDS:
         raise RuntimeError(f"method {name!r}: kind {kind!r} is not one of {KINDS}")
@@ -101,7 +106,7 @@ def register(name: str, *, kind: Kind, options: type[Config], role: str = "step"
             raise RuntimeError(f"{kind} method {name!r} registered twice")
         doc = (fn.__doc__ or "").strip().splitlines()
         _METHODS[kind, name] = Method(name, kind, options, fn, role, tuple(after),  # type: ignore[arg-type]
-                                      check, check_inputs, summary or (doc[0] if doc else ""))
+                                      check, check_inputs, resolve, summary or (doc[0] if doc else ""))
         return fn
 
     return deco

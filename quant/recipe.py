@@ -93,6 +93,15 @@ def parse_steps(value: Any, path: str) -> tuple[Step, ...]:
     return tuple(Step.parse(v, f"{path}[{i}]") for i, v in enumerate(value))
 
 
+def resolve_scheme(steps: tuple[Step, ...], scheme: QuantScheme) -> QuantScheme:
+    """The scheme the calibrate `steps` produce: each step's `resolve` hook, in order."""
+    for s in steps:
+        m = methods.method(s.method)
+        if m.resolve is not None:
+            scheme = m.resolve(scheme, s.options)
+    return scheme
+
+
 def check_steps(kind: str, steps: tuple[Step, ...], path: str, scheme: QuantScheme | None = None) -> None:
     """Everything about one stage's steps that needs no model (see the module docstring)."""
     seen: dict[str, int] = {}
@@ -146,13 +155,19 @@ class Recipe:
     calibrate: tuple[Step, ...] = field(default_factory=lambda: (Step("rtn"),))
     blockwise: tuple[Step, ...] = ()
     e2e: tuple[Step, ...] = ()
+    # set in __post_init__: `scheme` as the calibrate steps resolve it (what the model holds)
+    model_scheme: QuantScheme = field(init=False, compare=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
         for kind in PARAMS_KEYS:
             steps = tuple(Step.parse(s, f"{PARAMS_KEYS[kind]}[{i}]")
                           for i, s in enumerate(getattr(self, kind)))
             object.__setattr__(self, kind, steps)
-            check_steps(kind, steps, PARAMS_KEYS[kind], self.scheme)
+        check_steps("calibrate", self.calibrate, PARAMS_KEYS["calibrate"], self.scheme)
+        # the scheme of the model the calibrate steps produce, which later steps train
+        object.__setattr__(self, "model_scheme", resolve_scheme(self.calibrate, self.scheme))
+        for kind in ("blockwise", "e2e"):
+            check_steps(kind, getattr(self, kind), PARAMS_KEYS[kind], self.model_scheme)
 
     @property
     def steps(self) -> tuple[Step, ...]:
@@ -192,7 +207,11 @@ class Recipe:
                 raise ConfigError(f"{where}: {name!r} is a {m.kind} step and must come before the "
                                   f"{order[last]} steps (stage order: calibrate, blockwise, e2e)")
             last = order.index(m.kind)
-            by_kind[m.kind].append(Step(name, m.parse_options(options.get(name), f"{where} options")))
+            try:
+                opts = m.parse_options(options.get(name), f"options.{name}")
+            except ConfigError as exc:
+                raise ConfigError(f"recipe {text!r}: {exc}") from None
+            by_kind[m.kind].append(Step(name, opts))
         try:
             return cls(scheme, *(tuple(by_kind[k]) for k in PARAMS_KEYS))
         except ConfigError as exc:

@@ -58,9 +58,9 @@ def run(params: Params) -> dict[str, Any]:
     quantizable_linears(model, params.scheme)  # validate group sizes before any work
     calib = calibration_ids(tokenizer, params, cfg.samples, cfg.seq_len)
     result = calibrate(model, params.scheme, cfg.steps, calib, params.base.seed)
-    save_quantized(model, tokenizer, params.scheme, stage_dir("calibrate") / "model",
+    save_quantized(model, tokenizer, result.scheme, stage_dir("calibrate") / "model",
                    extra=steps_record([], cfg.steps), files=result.files)
-    metrics = {"method": result.metrics.pop("steps"), "scheme": params.scheme.name, **result.metrics}
+    metrics = {"method": result.metrics.pop("steps"), "scheme": result.scheme.name, **result.metrics}
     write_json("metrics/calibrate.json", metrics)
     log_artifact(stage_dir("calibrate") / "model" / "quantization.json")
     return metrics

@@ -8,13 +8,16 @@ online input rotation a transform installed on it. Metrics may hold `files`:
 {file name: writer(path)}, search results the stage stores inside the quantized model
 directory (AWQ's scales, GPTQ's integer weights) so a later run can reuse them.
 
-`calibrate` runs the steps: every step's `check_inputs` first (on the loaded model and
+`calibrate` runs the steps on the scheme they resolve to (a step may say how it honours the
+scheme: GPTQ and AWQ store static qparams, so a preset's `dynamic_minmax` is off in the model
+they produce; `Calibrated.scheme`): every step's `check_inputs` first (on the loaded model and
 data), so nothing is changed when any step would refuse; then each step in order; then the
 scheme's activation / KV-cache quantizers are attached (`quant.modules.runtime`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,8 +36,19 @@ class CalibrationContext:
     history: tuple = ()  # the recipe Steps that ran before this one (e.g. QuaRot before GPTQ)
 
 
+def static_qparams(scheme: QuantScheme, options=None) -> QuantScheme:
+    """`resolve` hook of the quantizers that compute and store static step sizes and zero points
+    (GPTQ, AWQ): a preset that recomputes them from the weight at every forward (LLM-QAT's
+    `dynamic_minmax`) would throw them away, so the model such a step produces has
+    `dynamic_minmax: false`; the intent of the recipe is clear (its weights on the preset's grid)."""
+    if scheme.weight is None or not scheme.weight.dynamic_minmax:
+        return scheme
+    return dataclasses.replace(scheme, weight=dataclasses.replace(scheme.weight, dynamic_minmax=False))
+
+
 @dataclass
 class Calibrated:
+    scheme: QuantScheme  # the scheme of the calibrated model (quant.recipe.resolve_scheme)
     metrics: dict[str, Any] = field(default_factory=dict)
     files: dict[str, Callable[[Any], None]] = field(default_factory=dict)  # name -> writer(path)
 
@@ -44,10 +58,11 @@ def calibrate(model, scheme: QuantScheme, steps: Sequence, calib_ids=None, seed:
     """Run the calibrate `steps` (recipe `Step`s) on `model`, in place."""
     from quant import methods
     from quant.modules.runtime import apply_runtime_quantizers
-    from quant.recipe import check_steps
+    from quant.recipe import check_steps, resolve_scheme
 
     steps = tuple(steps)
     check_steps("calibrate", steps, path, scheme)
+    scheme = resolve_scheme(steps, scheme)
     plan = []
     for i, step in enumerate(steps):
         m = methods.method(step.method, "calibrate")
@@ -56,7 +71,7 @@ def calibrate(model, scheme: QuantScheme, steps: Sequence, calib_ids=None, seed:
     for m, options, ctx in plan:
         if m.check_inputs is not None:
             m.check_inputs(model, options, ctx)
-    out = Calibrated()
+    out = Calibrated(scheme)
     for m, options, ctx in plan:
         metrics = dict(m.fn(model, options, ctx) or {})
         out.files.update(metrics.pop("files", {}))

@@ -175,9 +175,6 @@ def check_scheme(scheme: QuantScheme, options: AWQOptions, where: str = "awq") -
     if not isinstance(scheme.weight.format, IntFormat):
         raise ConfigError(f"scheme.weight.format={scheme.weight.format.spec()}: {where} supports "
                           "integer formats int2..int8")
-    if scheme.weight.dynamic_minmax:
-        raise ConfigError(f"scheme.weight.dynamic_minmax=true recomputes qparams every forward, which "
-                          f"would discard AWQ's clip search ({where}); use dynamic_minmax: false")
 
 
 def check_inputs(model: nn.Module, options: AWQOptions, ctx: CalibrationContext) -> None:

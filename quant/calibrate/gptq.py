@@ -70,7 +70,7 @@ from torch import nn
 
 from quant.blockwise.cache import ActivationCache
 from quant.blockwise.passes import call_block, capture_block_inputs, run_block
-from quant.calibrate import CalibrationContext
+from quant.calibrate import CalibrationContext, static_qparams
 from quant.calibrate.saved import clock, model_fingerprint, read_results, spec_dict
 from quant.config import Config, ConfigError
 from quant.config.scheme import QuantScheme, WeightSpec
@@ -323,9 +323,6 @@ def check_scheme(scheme: QuantScheme, options: GPTQOptions, where: str = "gptq")
     if not isinstance(w.format, IntFormat):
         raise ConfigError(f"scheme.weight.format={w.format.spec()}: GPTQ ({where}) supports integer "
                           "formats int2..int8")
-    if w.dynamic_minmax:
-        raise ConfigError(f"scheme.weight.dynamic_minmax=true recomputes qparams every forward, which "
-                          f"would discard GPTQ's ({where}); use dynamic_minmax: false")
 
 
 def check_inputs(model: nn.Module, options: GPTQOptions, ctx: CalibrationContext) -> WeightSpec:
@@ -440,7 +437,8 @@ def apply_results(model: nn.Module, spec: WeightSpec, saved: GPTQResults, names:
 
 
 @register("gptq", kind="calibrate", options=GPTQOptions, role="quantizer", after=("quarot",),
-          check=check_scheme, check_inputs=check_inputs)
+          check=check_scheme, check_inputs=check_inputs,
+          resolve=static_qparams)
 @torch.no_grad()
 def gptq(model: nn.Module, options: GPTQOptions, ctx: CalibrationContext) -> dict:
     """GPTQ on the weights, block by block with calibration data (in place).

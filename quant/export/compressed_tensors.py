@@ -67,6 +67,8 @@ def quantization_config(scheme: QuantScheme, ignore: list[str]):
 
 @register("compressed-tensors", kind="export", options=NoOptions)
 class CompressedTensorsExporter:
+    """compressed-tensors `pack-quantized` (transformers, vLLM, SGLang read it)."""
+
     name = "compressed-tensors"
 
     def check(self, scheme: QuantScheme, layers: dict) -> None:

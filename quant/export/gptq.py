@@ -70,6 +70,8 @@ def packed_from_quant_linear(ql, dtype: torch.dtype) -> PackedLinear:
 
 @register("gptq", kind="export", options=NoOptions)
 class GPTQExporter:
+    """GPTQ v2 checkpoint (int32-packed codes, scales and zero points; GPTQModel, vLLM)."""
+
     name = "gptq"
 
     def check(self, scheme: QuantScheme, layers: dict) -> None:
