@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from quant.eval import lm_tasks  # noqa: E402
-from quant.checkpoint import load_model  # noqa: E402
+from quant.load import load_model  # noqa: E402
 from quant.models.hub import EMBEDDED_PREFIX, resolve_model
 
 

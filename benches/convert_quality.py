@@ -54,13 +54,14 @@ def ct_library_load(path: Path):
 
 def main() -> None:
     from quant.calibrate.rtn import quantize_linears
+    from quant.checkpoint import save_quantized
     from quant.config.scheme import QuantScheme, WeightSpec
     from quant.data import tokenize_text
     from quant.eval.ppl import perplexity
     from quant.export.base import export
     from quant.export.half import to_half
     from quant.export.loader import load_packed
-    from quant.checkpoint import load_model, save_quantized
+    from quant.load import load_model
     from quant.models.hub import resolve_model
     from quant.numerics.formats import IntFormat
     from tasks.textdata import split_wiki

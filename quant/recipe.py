@@ -120,7 +120,7 @@ def check_steps(kind: str, steps: tuple[Step, ...], path: str, scheme: QuantSche
         for i, s in enumerate(steps):
             m = methods.method(s.method, kind)
             if m.check is not None:
-                m.check(scheme, s.options, f"{path}[{i}] ({s.method})")
+                m.check(scheme, s.options, f"{path}[{i}].{s.method}")
 
 
 def _check_calibrate_order(steps: tuple[Step, ...], path: str) -> None:

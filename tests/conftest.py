@@ -66,3 +66,18 @@ def embedded_tokenizer(embedded_model_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(embedded_model_dir)
+
+
+def calibrate_step(model, scheme, name: str, calib=None, options=None, where: str | None = None):
+    """Run one calibrate method on `model` as the calibrate runner does (its input checks, then
+    the method), without the recipe's rule that the steps end with a quantizer (so a test can
+    run QuaRot's rotation alone). Returns the method's metrics."""
+    from quant.calibrate import CalibrationContext
+    from quant.methods import method
+
+    m = method(name, "calibrate")
+    opts = m.parse_options(options or {}, f"options.{name}")
+    ctx = CalibrationContext(scheme, calib, where=where or name)
+    if m.check_inputs is not None:
+        m.check_inputs(model, opts, ctx)
+    return m.fn(model, opts, ctx)

@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import make_tiny_llama
-from quant.calibrate import CALIBRATE
+from conftest import calibrate_step, make_tiny_llama
+from quant.calibrate import calibrate
 from quant.calibrate.awq import (
     RESULTS_FILE,
     AWQOptions,
@@ -24,14 +24,15 @@ from quant.calibrate.awq import (
     search_scale,
 )
 from quant.calibrate.rtn import quantize_linears
+from quant.checkpoint import save_quantized
 from quant.config import ConfigError
 from quant.config.scheme import QuantScheme, WeightSpec
 from quant.models import arch
 from quant.models.arch import ScaleGroup, set_module
-from quant.checkpoint import save_quantized
 from quant.modules.linear import QuantLinear
 from quant.numerics import grid as P
 from quant.numerics.formats import IntFormat
+from quant.recipe import Step, parse_steps
 
 W3G32 = QuantScheme.from_name("W3A16KV16", preset="efficientqat", group_size=32)
 FAST = {"n_grid": 10, "n_sample_token": 64, "batch_size": 4}
@@ -42,10 +43,8 @@ def _ids(n: int = 4, length: int = 16, seed: int = 0) -> torch.Tensor:
 
 
 def _awq(model, scheme=W3G32, calib=None, **options):
-    entry = CALIBRATE.get("awq")
-    opts = entry.options.from_dict({**FAST, **options}, "calibrate.options")
-    return entry.fn(model, scheme, _ids() if calib is None and not options.get("results") else calib,
-                    opts)
+    calib = _ids() if calib is None and not options.get("results") else calib
+    return calibrate_step(model, scheme, "awq", calib, {**FAST, **options}, where="calibrate.steps[0].awq")
 
 
 def _float_model(model):
@@ -244,7 +243,7 @@ def test_results_of_another_model_or_scheme_are_refused(tmp_path):
     assert not any(isinstance(m, QuantLinear) for m in other.modules())
     with pytest.raises(ConfigError, match=rf"{path}: AWQ results for weight scheme .*group_size.: 32"):
         _awq(copy.deepcopy(model), QuantScheme.from_name("W3A16KV16", preset="efficientqat", group_size=64), results=str(path))
-    with pytest.raises(ConfigError, match=r"calibrate.options.results='.*nope' does not exist"):
+    with pytest.raises(ConfigError, match=r"calibrate.steps\[0\].awq.results='.*nope' does not exist"):
         _awq(copy.deepcopy(model), results=str(tmp_path / "nope"))
 
 
@@ -261,15 +260,14 @@ def _untouched(model, ref) -> bool:
 def test_awq_without_calibration_data_fails_first():
     model = make_tiny_llama(layers=1)
     ref = copy.deepcopy(model)
-    entry = CALIBRATE.get("awq")
-    with pytest.raises(ConfigError, match=r"calibrate.method=awq needs calibration data"):
-        entry.fn(model, W3G32, None, AWQOptions())
+    with pytest.raises(ConfigError, match=r"calibrate.steps\[0\].awq needs calibration data"):
+        calibrate(model, W3G32, [Step("awq")], None)
     with pytest.raises(ConfigError, match=r"integer \[samples, seq_len >= 2\]"):
-        entry.fn(model, W3G32, torch.randn(4, 8), AWQOptions())
+        calibrate(model, W3G32, [Step("awq")], torch.randn(4, 8))
     with pytest.raises(ConfigError, match=r"scheme.weight is null"):
-        entry.fn(model, QuantScheme(weight=None), _ids(), AWQOptions())
+        calibrate(model, QuantScheme(weight=None), [Step("awq")], _ids())
     with pytest.raises(ConfigError, match=r"group_size=48 does not divide in_features=64"):
-        entry.fn(model, QuantScheme(weight=WeightSpec(IntFormat(4), 48)), _ids(), AWQOptions())
+        calibrate(model, QuantScheme(weight=WeightSpec(IntFormat(4), 48)), [Step("awq")], _ids())
     assert _untouched(model, ref)
 
 
@@ -293,13 +291,15 @@ def test_awq_refuses_an_already_quantized_model():
 
 
 def test_bad_options_name_the_field():
-    opts = CALIBRATE.get("awq").options
-    with pytest.raises(ConfigError, match=r"calibrate.options.n_grid=0 must be >= 1"):
-        opts.from_dict({"n_grid": 0}, "calibrate.options")
-    with pytest.raises(ConfigError, match=r"calibrate.options.max_shrink=1.0 must be in \(0, 1\)"):
-        opts.from_dict({"max_shrink": 1.0}, "calibrate.options")
-    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['calibrate.options.ngrid'\]"):
-        opts.from_dict({"ngrid": 20}, "calibrate.options")
+    def steps(opts):
+        return parse_steps([{"awq": opts}], "calibrate.steps")
+
+    with pytest.raises(ConfigError, match=r"calibrate.steps\[0\].awq.n_grid=0 must be >= 1"):
+        steps({"n_grid": 0})
+    with pytest.raises(ConfigError, match=r"calibrate.steps\[0\].awq.max_shrink=1.0 must be in \(0, 1\)"):
+        steps({"max_shrink": 1.0})
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['calibrate.steps\[0\].awq.ngrid'\]"):
+        steps({"ngrid": 20})
     assert AWQOptions().clip_ratios == [1 - i / 20 for i in range(10)]  # 1.0 .. 0.55 as published
 
 

@@ -11,11 +11,12 @@ from torch.nn import functional as F
 
 from quant.blockwise.block_ap import BlockAP, BlockwiseContext, blockwise_methods
 from quant.calibrate.rtn import quantize_linears
+from quant.checkpoint import save_quantized
 from quant.config import ConfigError
 from quant.config.scheme import QuantScheme
 from quant.e2e.trainer import split_samples
+from quant.load import load_model
 from quant.models.arch import decoder_layers
-from quant.checkpoint import load_model, save_quantized
 from quant.modules.linear import QuantLinear
 
 SCHEME = QuantScheme.from_name("W2A16KV16", preset="efficientqat", group_size=32)

@@ -39,7 +39,7 @@ def test_tesseraq_through_the_stage(stage_dir):  # noqa: F811
 
     import torch
 
-    from quant.checkpoint import load_model
+    from quant.load import load_model
     from quant.modules.linear import QuantLinear
     from tasks import block_ap
 

@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 
 from conftest import make_tiny_llama
 from quant.calibrate.rtn import quantize_linears
+from quant.checkpoint import save_quantized
 from quant.config import ConfigError
 from quant.config.scheme import QuantScheme
-from quant.checkpoint import save_quantized
 from tasks.common import BaseParams, ModelParams, Params
 
 SCHEME = QuantScheme.from_name("W3A16KV16", preset="efficientqat", group_size=32)

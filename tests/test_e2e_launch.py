@@ -17,11 +17,11 @@ import yaml
 
 from conftest import make_tiny_llama
 from quant.calibrate.rtn import quantize_linears
+from quant.checkpoint import save_quantized
 from quant.config import ConfigError
 from quant.config.scheme import QuantScheme
 from quant.e2e import distributed as D
 from quant.e2e.distributed import DistributedConfig, resolve_processes
-from quant.checkpoint import save_quantized
 from tasks import launch
 from tasks.common import BaseParams, ModelParams, Params
 

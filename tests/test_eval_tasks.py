@@ -75,7 +75,7 @@ def test_evaluate_config_validation():
 
 def test_footprint_counts_bits_exactly(tiny_llama):
     from quant.calibrate.rtn import quantize_linears
-    from quant.checkpoint import quant_linears
+    from quant.modules.linear import quant_linears
 
     n_all = sum(p.numel() for p in tiny_llama.parameters())
     fp = footprint(tiny_llama)

@@ -10,13 +10,12 @@ from safetensors.torch import load_file, save_file
 
 from conftest import make_tiny_llama
 from quant.calibrate.rtn import quantize_linears
-from quant.config import ConfigError
+from quant.config import ConfigError, MissingDependencyError
 from quant.config.scheme import ActivationSpec, KVCacheSpec, QuantScheme, WeightSpec
 from quant.export.base import CheckpointError, export
 from quant.export.half import to_half
 from quant.export.loader import load_packed
-from quant.checkpoint import load_model
-from quant.config import MissingDependencyError
+from quant.load import load_model
 from quant.modules.linear import quant_linears
 from quant.modules.packed import PackedLinear
 from quant.numerics.formats import IntFormat
@@ -375,8 +374,8 @@ def _stage_params(tmp_path, monkeypatch, convert: dict, bits=4, group=32):
 
 
 def test_convert_stage_writes_every_format_and_evaluate_loads_the_first(tmp_path, monkeypatch):
-    from quant.eval.footprint import footprint
     from quant.checkpoint import read_scheme
+    from quant.eval.footprint import footprint
     from tasks import convert
 
     params = _stage_params(tmp_path, monkeypatch, {"model": "e2e", "formats": ["gptq", "compressed-tensors",

@@ -13,9 +13,10 @@ from torch.nn import functional as F
 from conftest import make_tiny_llama
 from quant.calibrate import CALIBRATE
 from quant.calibrate.fp_search import FPSearchOptions, LayerSearch, _fold
+from quant.checkpoint import save_quantized
 from quant.config import ConfigError
 from quant.config.scheme import QuantScheme
-from quant.checkpoint import load_model, save_quantized
+from quant.load import load_model
 from quant.modules.activation import CalibratedFPQuantizer
 from quant.modules.linear import QuantLinear
 from quant.modules.runtime import apply_runtime_quantizers

@@ -14,19 +14,21 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import make_tiny_llama
-from quant.calibrate import CALIBRATE
+from conftest import calibrate_step, make_tiny_llama
+from quant.calibrate import calibrate
 from quant.calibrate import gptq as G
 from quant.calibrate.gptq import RESULTS_FILE, GPTQOptions, Hessian, gptq_quantize
 from quant.calibrate.rtn import quantize_linears
+from quant.checkpoint import save_quantized
 from quant.config import ConfigError
 from quant.config.scheme import QuantScheme, WeightSpec
+from quant.load import load_model
 from quant.models.arch import get_module
-from quant.checkpoint import load_model, save_quantized
 from quant.modules.linear import QuantLinear
 from quant.numerics import grid as P
 from quant.numerics import hadamard as had
 from quant.numerics.formats import IntFormat
+from quant.recipe import Step, parse_steps
 
 W3G32 = QuantScheme.from_name("W3A16KV16", preset="efficientqat", group_size=32)
 SPECS = [WeightSpec(IntFormat(3), 32), WeightSpec(IntFormat(4), -1, symmetric=True),
@@ -47,9 +49,8 @@ def _ids(n: int = 4, length: int = 16, seed: int = 0, vocab: int = 256) -> torch
 
 
 def _gptq(model, scheme=W3G32, calib=None, **options):
-    entry = CALIBRATE.get("gptq")
-    opts = entry.options.from_dict({"batch_size": 4, **options}, "calibrate.options")
-    return entry.fn(model, scheme, _ids() if calib is None and not options.get("results") else calib, opts)
+    calib = _ids() if calib is None and not options.get("results") else calib
+    return calibrate_step(model, scheme, "gptq", calib, {"batch_size": 4, **options}, "calibrate.steps[0].gptq")
 
 
 def _rtn(w: torch.Tensor, spec: WeightSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -306,7 +307,7 @@ def test_results_of_another_model_or_scheme_are_refused(tmp_path):
     g64 = QuantScheme.from_name("W3A16KV16", preset="efficientqat", group_size=64)
     with pytest.raises(ConfigError, match=rf"{path}: GPTQ results for weight scheme .*group_size.: 32"):
         _gptq(copy.deepcopy(model), g64, results=str(path))
-    with pytest.raises(ConfigError, match=r"calibrate.options.results='.*nope' does not exist"):
+    with pytest.raises(ConfigError, match=r"calibrate.steps\[0\].gptq.results='.*nope' does not exist"):
         _gptq(copy.deepcopy(model), results=str(tmp_path / "nope"))
 
 
@@ -317,9 +318,10 @@ TINY = dict(hidden=96, intermediate=192, heads=6, kv_heads=2, layers=2, vocab=12
 W4A4 = QuantScheme.from_name("W4A4KV4", preset="efficientqat", group_size=32)
 
 
-def _quarot(model, scheme, calib, **opts):
-    entry = CALIBRATE.get("quarot")
-    return entry.fn(model, scheme, calib, entry.options.from_dict(opts, "calibrate.options"))
+def _quarot(model, scheme, calib, quantizer="rtn", **opts):
+    """QuaRot's rotation, then `quantizer` on the rotated model (no runtime quantizers)."""
+    rotated = calibrate_step(model, scheme, "quarot")
+    return {**calibrate_step(model, scheme, quantizer, calib, opts), **rotated}
 
 
 def test_quarot_gptq_hessians_are_of_rotated_inputs(monkeypatch):
@@ -331,7 +333,7 @@ def test_quarot_gptq_hessians_are_of_rotated_inputs(monkeypatch):
     real = G.collect_hessians
     monkeypatch.setattr(G, "collect_hessians",
                         lambda *a: recorded.append(real(*a)) or recorded[-1])
-    metrics = _quarot(model, W4A4, calib, weights="gptq", gptq={"batch_size": 2})
+    metrics = _quarot(model, W4A4, calib, "gptq", batch_size=2)
     assert metrics["online_rotations"] > 0 and metrics["gptq_reused"] == 0.0
     mlp = model.model.layers[1].mlp
     assert mlp.down_proj.input_rotation is not None  # carried over to the QuantLinear
@@ -353,7 +355,7 @@ def test_quarot_gptq_beats_quarot_rtn():
     ref, rtn = copy.deepcopy(model), copy.deepcopy(model)
     w3 = QuantScheme.from_name("W3A16KV16", preset="efficientqat", group_size=32)
     _quarot(rtn, w3, None)
-    _quarot(model, w3, _ids(8, 32, vocab=128), weights="gptq")
+    _quarot(model, w3, _ids(8, 32, vocab=128), "gptq")
     ids = _ids(4, 32, seed=9, vocab=128)
     want = _logits(ref, ids)
     assert (_logits(model, ids) - want).pow(2).mean() < 0.85 * (_logits(rtn, ids) - want).pow(2).mean()
@@ -391,17 +393,16 @@ def test_quarot_gptq_through_calibrate_and_block_ap_stages(tmp_path, monkeypatch
 
     def params(**gptq):
         return Params(BaseParams(device="cpu"), ModelParams(), scheme, {
-            "calibrate": {"method": "quarot", "samples": 4, "seq_len": 32,
-                          "options": {"weights": "gptq", "gptq": {"batch_size": 2, **gptq}}},
+            "calibrate": {"steps": ["quarot", {"gptq": {"batch_size": 2, **gptq}}], "samples": 4, "seq_len": 32},
             "block_ap": {"data": {"source": "calib", "train_samples": 4, "val_samples": 2, "seq_len": 32},
-                         "options": {"epochs": 1, "batch_size": 2}}})
+                         "steps": [{"block-ap": {"epochs": 1, "batch_size": 2}}]}})
 
     metrics = calibrate.run(params(act_order=True))
     out = tmp_path / "artifacts" / "calibrate" / "model"
     assert metrics["gptq_reused"] == 0.0 and (out / RESULTS_FILE).is_file()
     meta = json.loads((out / "quantization.json").read_text())
-    assert meta["rotations"]["linears"] and meta["options"]["weights"] == "gptq"
-    assert meta["options"]["gptq"]["act_order"] is True
+    assert meta["rotations"]["linears"] and meta["method"] == "quarot+gptq"
+    assert meta["steps"][1]["gptq"]["act_order"] is True
     first = load_file(str(out / "qparams.safetensors"))
     saved = tmp_path / "saved_results.safetensors"
     saved.write_bytes((out / RESULTS_FILE).read_bytes())
@@ -418,28 +419,16 @@ def test_quarot_gptq_through_calibrate_and_block_ap_stages(tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize("options,match", [
-    ({"block_size": 0}, r"calibrate.options.block_size=0 must be >= 1"),
-    ({"batch_size": 0}, r"calibrate.options.batch_size=0 must be >= 1"),
-    ({"percdamp": 0.0}, r"calibrate.options.percdamp=0.0 must be in \(0, 1\]"),
-    ({"percdamp": -0.1}, r"calibrate.options.percdamp=-0.1 must be in \(0, 1\]"),
-    ({"act_order": "yes"}, r"calibrate.options.act_order must be true or false"),
-    ({"blocksize": 128}, r"unknown key\(s\) \['calibrate.options.blocksize'\]"),
+    ({"block_size": 0}, r"calibrate.steps\[0\].gptq.block_size=0 must be >= 1"),
+    ({"batch_size": 0}, r"calibrate.steps\[0\].gptq.batch_size=0 must be >= 1"),
+    ({"percdamp": 0.0}, r"calibrate.steps\[0\].gptq.percdamp=0.0 must be in \(0, 1\]"),
+    ({"percdamp": -0.1}, r"calibrate.steps\[0\].gptq.percdamp=-0.1 must be in \(0, 1\]"),
+    ({"act_order": "yes"}, r"calibrate.steps\[0\].gptq.act_order must be true or false"),
+    ({"blocksize": 128}, r"unknown key\(s\) \['calibrate.steps\[0\].gptq.blocksize'\]"),
 ])
 def test_bad_options_name_the_field(options, match):
     with pytest.raises(ConfigError, match=match):
-        GPTQOptions.from_dict(options, "calibrate.options")
-
-
-def test_bad_quarot_options_name_the_field():
-    opts = CALIBRATE.get("quarot").options
-    with pytest.raises(ConfigError, match=r"calibrate.options.weights='awq' is not accepted; use one of \['rtn', 'gptq', 'fp-search'\]"):
-        opts.from_dict({"weights": "awq"}, "calibrate.options")
-    with pytest.raises(ConfigError, match=r"calibrate.options.gptq.percdamp=0.0 must be in"):
-        opts.from_dict({"weights": "gptq", "gptq": {"percdamp": 0.0}}, "calibrate.options")
-    with pytest.raises(ConfigError, match=r"gptq options are set but weights=rtn ignores them"):
-        opts.from_dict({"gptq": {"act_order": True}}, "calibrate.options")
-    with pytest.raises(ConfigError, match=r"clip_ratio=0.9 applies to weights: rtn"):
-        opts.from_dict({"weights": "gptq", "clip_ratio": 0.9}, "calibrate.options")
+        parse_steps([{"gptq": options}], "calibrate.steps")
 
 
 def _untouched(model, ref) -> bool:
@@ -451,20 +440,18 @@ def _untouched(model, ref) -> bool:
 def test_bad_input_fails_before_any_change():
     model = make_tiny_llama(layers=1)
     ref = copy.deepcopy(model)
-    entry = CALIBRATE.get("gptq")
     cases = [
-        (W3G32, None, r"calibrate.method=gptq with GPTQ needs calibration data"),
+        (W3G32, None, r"calibrate.steps\[0\].gptq needs calibration data"),
         (W3G32, torch.randn(4, 8), r"integer \[samples, seq_len >= 2\]"),
         (W3G32, _ids(4, 1), r"integer \[samples, seq_len >= 2\]"),
         (QuantScheme(weight=None), _ids(), r"scheme.weight is null"),
         (QuantScheme(weight=WeightSpec(IntFormat(4), 48)), _ids(), r"group_size=48 does not divide"),
-        (QuantScheme.from_name("W4A16KV16", preset="llm-qat"), _ids(), r"dynamic_minmax=true"),
         (QuantScheme.from_dict({"weight": {"format": "fp4-e2m1", "group_size": -1}}), _ids(),
          r"format=fp4-e2m1: GPTQ supports integer formats"),
     ]
     for scheme, calib, match in cases:
         with pytest.raises(ConfigError, match=match):
-            entry.fn(model, scheme, calib, GPTQOptions())
+            calibrate(model, scheme, [Step("gptq")], calib)
     assert _untouched(model, ref)
     with pytest.raises(ConfigError, match=r"bits=9 is not supported; integer formats accept 2..8"):
         QuantScheme.from_dict({"weight": {"format": "int9"}}, "scheme")
@@ -473,9 +460,8 @@ def test_bad_input_fails_before_any_change():
 def test_quarot_gptq_without_data_fails_before_rotating():
     model = make_tiny_llama(**TINY)
     ref = copy.deepcopy(model)
-    with pytest.raises(ConfigError, match=r"calibrate.method=quarot with GPTQ needs calibration data .*"
-                                          r"calibrate.options.gptq.results"):
-        _quarot(model, W4A4, None, weights="gptq")
+    with pytest.raises(ConfigError, match=r"calibrate.steps\[1\].gptq needs calibration data .* results"):
+        calibrate(model, W4A4, [Step("quarot"), Step("gptq")], None)
     assert _untouched(model, ref)
 
 
@@ -509,3 +495,18 @@ def test_gptq_on_cuda_one_block_at_a_time():
         assert (lay.codes.cpu() != ref.layers[name].codes).float().mean() < 0.02, name
     for ql in (m for m in model.modules() if isinstance(m, QuantLinear)):
         assert torch.equal(ql.dequantized_weight(), ql.weight)
+
+
+def test_gptq_under_a_dynamic_minmax_preset_stores_static_qparams():
+    """The llm-qat preset recomputes min-max qparams every forward; GPTQ's would be thrown
+    away, so the calibrated model's scheme has dynamic_minmax off (and the recipe says so)."""
+    model = make_tiny_llama(layers=1)
+    llm_qat = QuantScheme.from_name("W4A16KV16", preset="llm-qat")
+    out = calibrate(model, llm_qat, [Step("gptq", {"batch_size": 4})], _ids())
+    assert llm_qat.weight.dynamic_minmax and not out.scheme.weight.dynamic_minmax
+    qls = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert qls and all(not m.spec.dynamic_minmax for m in qls)
+    from quant.recipe import Recipe
+
+    r = Recipe.parse("quarot+gptq+e2e-qp:W4A8KV4")
+    assert r.scheme.weight.dynamic_minmax and not r.model_scheme.weight.dynamic_minmax

@@ -289,7 +289,7 @@ def damaged_copy(src: Path, dst: Path) -> Path:
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
 def test_corrupt_safetensors_is_a_clear_error(tiny_model_dir, tmp_path, damage):
-    from quant.checkpoint import load_model
+    from quant.load import load_model
 
     d = damaged_copy(tiny_model_dir, tmp_path / "m")
     f = d / "model.safetensors"
@@ -300,7 +300,7 @@ def test_corrupt_safetensors_is_a_clear_error(tiny_model_dir, tmp_path, damage):
 
 
 def test_config_json_that_is_not_json_is_a_clear_error(tiny_model_dir, tmp_path):
-    from quant.checkpoint import load_model
+    from quant.load import load_model
 
     d = damaged_copy(tiny_model_dir, tmp_path / "m")
     (d / "config.json").write_text('{"hidden_size": 64,')
@@ -431,8 +431,8 @@ def test_group_size_against_in_features_is_checked_before_weights_load(tiny_mode
 
 
 def test_inconsistent_head_counts_are_caught_from_config_json(tiny_model_dir, tmp_path):
-    from quant.config.scheme import QuantScheme
     from quant.checkpoint import check_scheme_fits
+    from quant.config.scheme import QuantScheme
 
     cfg = json.loads((tiny_model_dir / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "num_key_value_heads": 3}))

@@ -122,8 +122,9 @@ def test_kv_bits_change_the_cache(tiny_llama):
 @pytest.mark.parametrize("weights", [True, False])
 def test_loaded_checkpoint_gets_the_runtime_quantizers_back(tiny_llama, tmp_path, weights):
     """evaluate / generate load checkpoints with load_model: the A/KV quantizers must come back."""
+    from quant.checkpoint import save_quantized
     from quant.config.scheme import ActivationSpec
-    from quant.checkpoint import load_model, save_quantized
+    from quant.load import load_model
     from tests.test_kd import save_teacher
 
     tok_dir = save_teacher(tiny_llama, tmp_path / "fp")  # any tokenizer will do

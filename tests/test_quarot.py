@@ -11,9 +11,10 @@ from torch import nn
 from conftest import make_tiny_llama
 from quant.calibrate import CALIBRATE
 from quant.calibrate.quarot import QuaRotOptions, rotate
+from quant.checkpoint import save_quantized
 from quant.config import ConfigError
 from quant.config.scheme import QuantScheme
-from quant.checkpoint import load_model, save_quantized
+from quant.load import load_model
 from quant.modules.runtime import apply_runtime_quantizers
 from quant.numerics import hadamard as had
 

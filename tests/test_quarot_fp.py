@@ -18,9 +18,10 @@ from conftest import make_tiny_llama
 from quant.calibrate import CALIBRATE
 from quant.calibrate import fp_search as fps
 from quant.calibrate.quarot import QuaRotOptions, rotate
+from quant.checkpoint import save_quantized
 from quant.config import ConfigError
 from quant.config.scheme import QuantScheme
-from quant.checkpoint import load_model, save_quantized
+from quant.load import load_model
 from quant.modules.activation import CalibratedFPQuantizer, set_input_quantizer
 from quant.modules.linear import QuantLinear
 from quant.modules.rotation import HadamardRotation, set_input_rotation

@@ -11,8 +11,9 @@ import torch
 from conftest import make_tiny_llama
 from quant.calibrate import CALIBRATE
 from quant.calibrate.quarot import QuaRotOptions
+from quant.checkpoint import save_quantized
 from quant.config.scheme import QuantScheme
-from quant.checkpoint import load_model, save_quantized
+from quant.load import load_model
 from quant.modules.linear import QuantLinear
 from quant.modules.runtime import apply_runtime_quantizers
 from tasks.common import BaseParams, ModelParams, Params

@@ -56,7 +56,7 @@ def test_an_options_object_selects_its_method():
     ("rtn:W4x", None, r"'W4x' is not a scheme text; accepted: W<w>\[g<group>\]"),
     ("rtn+block-ap", None, r"has no scheme"),
     ("rtn:W4g64", {"rtn": {"clip": 0.9}}, r"recipe 'rtn:W4g64': unknown key\(s\) \['options\.rtn\.clip'\]; accepted keys under options\.rtn"),
-    ("fp-search:W4", None, r"scheme\.weight\.format='int4': calibrate\.steps\[0\] \(fp-search\) searches FP"),
+    ("fp-search:W4", None, r"scheme\.weight\.format='int4': calibrate\.steps\[0\]\.fp-search searches FP"),
     ("rtn+tesseraq:W4A8KV4", None, None),  # fine: integer weights
 ])
 def test_bad_recipes_fail_with_one_clear_error(text, options, error):
@@ -108,7 +108,7 @@ def test_scheme_text():
     fp = QuantScheme.from_dict({"weight": {"format": "fp4-e2m1", "group_size": -1}}, "scheme")
     assert fp.text is None
     with pytest.raises(ConfigError, match="has no text form"):
-        Recipe(fp, calibrate=["rtn"]).text
+        _ = Recipe(fp, calibrate=["rtn"]).text
 
 
 def _as_params(flat: dict) -> dict:

@@ -13,11 +13,12 @@ from torch.nn import functional as F
 from conftest import make_tiny_llama
 from quant.calibrate import CALIBRATE
 from quant.calibrate.rtn import RTNOptions
+from quant.checkpoint import read_scheme, save_quantized
 from quant.config import ConfigError
 from quant.config.scheme import QuantScheme, WeightSpec
 from quant.eval.ppl import perplexity
+from quant.load import load_model
 from quant.models.arch import iter_block_linears, mapping_for
-from quant.checkpoint import load_model, read_scheme, save_quantized
 from quant.modules.linear import QuantLinear
 from quant.numerics.formats import IntFormat
 

@@ -455,5 +455,5 @@ def reconstruct(model: nn.Module, steps, ctx: BlockwiseContext,
     if not steps:
         return None
     (step,) = steps
-    ctx.where = f"{path}[0] ({step.method})"
+    ctx.where = f"{path}[0].{step.method}"
     return methods.method(step.method, "blockwise").fn(model, step.options, ctx)

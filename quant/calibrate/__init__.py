@@ -66,7 +66,7 @@ def calibrate(model, scheme: QuantScheme, steps: Sequence, calib_ids=None, seed:
     plan = []
     for i, step in enumerate(steps):
         m = methods.method(step.method, "calibrate")
-        ctx = CalibrationContext(scheme, calib_ids, seed, f"{path}[{i}] ({step.method})", steps[:i])
+        ctx = CalibrationContext(scheme, calib_ids, seed, f"{path}[{i}].{step.method}", steps[:i])
         plan.append((m, step.options, ctx))
     for m, options, ctx in plan:
         if m.check_inputs is not None:

@@ -128,11 +128,11 @@ class AWQResults:
         save_file(tensors, str(path), metadata=meta)
 
     @classmethod
-    def load(cls, path: str | Path, fingerprint: str, spec: WeightSpec) -> AWQResults:
+    def load(cls, path: str | Path, fingerprint: str, spec: WeightSpec, where: str = "awq") -> AWQResults:
         """Read saved results, refusing a file of another model or weight scheme."""
         _, meta, tensors = read_results(
-            path, RESULTS_FILE, "AWQ", "awq_version", RESULTS_VERSION, fingerprint, spec, "calibrate.options",
-            missing=f"an {RESULTS_FILE} written by calibrate.method=awq, or null to search", redo="search again")
+            path, RESULTS_FILE, "AWQ", "awq_version", RESULTS_VERSION, fingerprint, spec, where,
+            missing=f"an {RESULTS_FILE} written by an awq calibrate step, or null to search", redo="search again")
         saved_spec = json.loads(meta["weight_scheme"])
         out = cls(fingerprint, saved_spec, ratios=json.loads(meta.get("ratios", "{}")))
         for key, t in tensors.items():
@@ -173,8 +173,8 @@ def check_scheme(scheme: QuantScheme, options: AWQOptions, where: str = "awq") -
     if scheme.weight is None:
         raise ConfigError(f"{where} quantizes weights but scheme.weight is null; set scheme.weight")
     if not isinstance(scheme.weight.format, IntFormat):
-        raise ConfigError(f"scheme.weight.format={scheme.weight.format.spec()}: {where} supports "
-                          "integer formats int2..int8")
+        raise ConfigError(f"scheme.weight.format={scheme.weight.format.spec()}: AWQ supports integer "
+                          f"formats int2..int8 ({where})")
 
 
 def check_inputs(model: nn.Module, options: AWQOptions, ctx: CalibrationContext) -> None:
@@ -475,7 +475,7 @@ def awq(model: nn.Module, options: AWQOptions, ctx: CalibrationContext) -> dict:
     fingerprint = model_fingerprint(model)
     saved = None
     if options.results is not None:
-        saved = AWQResults.load(options.results, fingerprint, spec)
+        saved = AWQResults.load(options.results, fingerprint, spec, ctx.where)
         _check_saved(model, saved, options.results)
     t0 = time.time()
     results = run_awq(model, spec, calib_ids, options, fingerprint, saved)

@@ -275,7 +275,7 @@ class GPTQResults:
 
     @classmethod
     def load(cls, path: str | Path, fingerprint: str, spec: WeightSpec,
-             where: str = "calibrate.options") -> GPTQResults:
+             where: str = "gptq") -> GPTQResults:
         """Read saved results, refusing a file of another model or weight scheme."""
         _, meta, tensors = read_results(
             path, RESULTS_FILE, "GPTQ", "gptq_version", RESULTS_VERSION, fingerprint, spec, where,
@@ -321,8 +321,8 @@ def check_scheme(scheme: QuantScheme, options: GPTQOptions, where: str = "gptq")
     if w is None:
         raise ConfigError(f"{where} quantizes weights but scheme.weight is null; set scheme.weight")
     if not isinstance(w.format, IntFormat):
-        raise ConfigError(f"scheme.weight.format={w.format.spec()}: GPTQ ({where}) supports integer "
-                          "formats int2..int8")
+        raise ConfigError(f"scheme.weight.format={w.format.spec()}: GPTQ supports integer formats "
+                          f"int2..int8 ({where})")
 
 
 def check_inputs(model: nn.Module, options: GPTQOptions, ctx: CalibrationContext) -> WeightSpec:

@@ -549,7 +549,7 @@ def train(model: nn.Module, steps, train_ids: torch.Tensor, val_ids: torch.Tenso
     if not steps:
         return None, model
     (step,) = steps
-    ctx.where = f"{path}[0] ({step.method})"
+    ctx.where = f"{path}[0].{step.method}"
     objective = methods.method(step.method, "e2e").fn(model, step.options, ctx)
     trainer = Trainer(model, objective, cfg, work_dir, accelerator, ctx.seed, fingerprint, log_fn)
     val = {"input_ids": val_ids} if len(val_ids) else None
