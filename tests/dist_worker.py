@@ -24,8 +24,9 @@ import torch
 from quant.calibrate.rtn import quantize_linears
 from quant.checkpoint import save_quantized
 from quant.e2e import distributed as D
+from quant.e2e.distributed import make_accelerator
 from quant.e2e.kd import KDOptions, setup
-from quant.e2e.trainer import E2EContext, TrainConfig, Trainer, make_accelerator
+from quant.e2e.trainer import E2EContext, TrainConfig, Trainer
 from tests.test_kd import _peaky_tiny_llama, llm_qat_scheme
 
 GLOBAL_BATCH = 4

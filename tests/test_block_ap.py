@@ -9,13 +9,15 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from quant.blockwise.block_ap import BlockAP, BlockwiseContext, blockwise_methods
+from quant.blockwise.block_ap import BlockAP
+from quant.blockwise.engine import BlockwiseContext
 from quant.calibrate.rtn import quantize_linears
 from quant.checkpoint import save_quantized
 from quant.config import ConfigError
 from quant.config.scheme import QuantScheme
-from quant.e2e.trainer import split_samples
+from quant.data import split_samples
 from quant.load import load_model
+from quant.methods import method
 from quant.models.arch import decoder_layers
 from quant.modules.linear import QuantLinear
 
@@ -28,7 +30,7 @@ def _ids(n: int, length: int = 32, seed: int = 0) -> torch.Tensor:
 
 
 def _block_ap(model, tmp_path, train, val, **kw) -> BlockAP:
-    entry = blockwise_methods().get("block-ap")
+    entry = method("block-ap", "blockwise")
     options = entry.options.from_dict({**OPTIONS, **kw}, "block_ap.options")
     ctx = BlockwiseContext(torch.device("cpu"), tmp_path / "work", seed=0, fingerprint="t")
     return BlockAP(model, train, val, options, ctx, SCHEME.weight.bits)
@@ -125,7 +127,7 @@ def _load(path, dtype):
 
 
 def test_bad_params_fail_before_training():
-    entry = blockwise_methods().get("block-ap")
+    entry = method("block-ap", "blockwise")
     with pytest.raises(ConfigError, match=r"block_ap\.options\.weight_lr"):
         entry.options.from_dict({"weight_lr": 0.0}, "block_ap.options")
     with pytest.raises(ConfigError, match=r"block_ap\.options\.qparam_lr"):
@@ -136,8 +138,8 @@ def test_bad_params_fail_before_training():
         split_samples(_ids(10), 8, 4, seed=0, path="block_ap.data")
     from tasks.block_ap import BlockAPStageConfig
 
-    with pytest.raises(ConfigError, match=r"block_ap\.method.*block-ap"):
-        BlockAPStageConfig.from_dict({"method": "gptq"}, "block_ap")
+    with pytest.raises(ConfigError, match=r"block_ap\.steps\[0\]: 'gptq' is a calibrate step"):
+        BlockAPStageConfig.from_dict({"steps": ["gptq"]}, "block_ap")
     with pytest.raises(ConfigError, match=r"block_ap\.data\.val_samples"):
         BlockAPStageConfig.from_dict({"data": {"val_samples": -1}}, "block_ap")
 

@@ -26,20 +26,22 @@ def job(work_dir: Path, out: Path) -> None:
     from safetensors.torch import save_file
 
     from conftest import make_tiny_llama
-    from quant.blockwise.block_ap import BlockwiseContext, blockwise_methods
+    from quant.blockwise.engine import BlockwiseContext
     from quant.calibrate.rtn import quantize_linears
     from quant.config.scheme import QuantScheme
+    from quant.methods import method
 
     torch.set_num_threads(1)
     model = make_tiny_llama(layers=LAYERS, seed=0)
     scheme = QuantScheme.from_name("W2A16KV16", preset="efficientqat", group_size=32)
     quantize_linears(model, scheme)
     ids = torch.randint(3, 256, (40, 32), generator=torch.Generator().manual_seed(0))
-    entry = blockwise_methods().get("block-ap")
+    entry = method("block-ap", "blockwise")
     options = entry.options.from_dict({"epochs": 4, "batch_size": 2, "weight_lr": 1e-3, "qparam_lr": 1e-3})
     ctx = BlockwiseContext(torch.device("cpu"), work_dir, seed=0, fingerprint="resume-test",
-                           on_block=lambda i, _: print(f"block {i} done", flush=True))
-    result = entry.fn(model, ids[:32], ids[32:], options, ctx, scheme.weight.bits)
+                           on_block=lambda i, _: print(f"block {i} done", flush=True),
+                           train_ids=ids[:32], val_ids=ids[32:], scheme=scheme)
+    result = entry.fn(model, options, ctx)
     print(f"resumed at {result.resumed_at}", flush=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out))
 

@@ -21,9 +21,8 @@ import torch
 
 from quant.blockwise import planner
 from quant.blockwise.cache import ActivationCache, Prefetcher
-from quant.blockwise.engine import (
-    BlockwiseContext,
-    blockwise_methods,
+from quant.blockwise.engine import BlockwiseContext
+from quant.blockwise.passes import (
     call_block,
     capture_block_inputs,
     cast_linears,
@@ -36,6 +35,7 @@ from quant.blockwise.engine import (
 from quant.calibrate.rtn import quantize_linears
 from quant.config import ConfigError
 from quant.config.scheme import QuantScheme
+from quant.methods import method
 from quant.models.arch import decoder_layers
 from tests.conftest import make_tiny_llama
 
@@ -268,7 +268,7 @@ def _engine(tmp_path, cache: str, measure=planner.measure, **kw):
     model = make_tiny_llama()
     quantize_linears(model, SCHEME)
     ids = _ids(14)
-    entry = blockwise_methods().get("block-ap")
+    entry = method("block-ap", "blockwise")
     options = entry.options.from_dict({**OPTIONS, "cache": cache, **kw}, "block_ap.options")
     ctx = BlockwiseContext(CPU, tmp_path, seed=0, fingerprint="t", measure=measure)
     return model, BlockAP(model, ids[:10], ids[10:], options, ctx, SCHEME.weight.bits)

@@ -20,10 +20,13 @@ import copy
 import pytest
 import torch
 
-from quant.blockwise.engine import ActivationCache, Prefetcher, capture_block_inputs, make_loss_fn
+from quant.blockwise.cache import ActivationCache, Prefetcher
+from quant.blockwise.passes import capture_block_inputs, make_loss_fn
 from quant.calibrate.rtn import quantize_linears
 from quant.config.scheme import QuantScheme
-from quant.e2e.trainer import E2EContext, TrainConfig, Trainer, e2e_methods, make_accelerator
+from quant.e2e.distributed import make_accelerator
+from quant.e2e.trainer import E2EContext, TrainConfig, Trainer
+from quant.methods import method
 from quant.models.arch import decoder_layers
 from quant.synth.decode import KVDecoder
 from tests.conftest import make_tiny_llama
@@ -137,7 +140,7 @@ def test_pinned_prefetch_delivers_the_rows_on_a_side_stream():
 def test_bf16_autocast_training_lowers_the_loss(tmp_path):
     model = make_tiny_llama().to(torch.bfloat16)
     quantize_linears(model, SCHEME)
-    entry = e2e_methods().get("e2e-qp")
+    entry = method("e2e-qp", "e2e")
     objective = entry.fn(model, entry.options.from_dict({"lr": 1e-2}),
                          E2EContext(SCHEME, CUDA, torch.bfloat16))
     cfg = TrainConfig(epochs=4, batch_size=4, warmup_ratio=0.0, save_every=0, log_every=1,

@@ -18,7 +18,8 @@ from quant.config import ConfigError
 from quant.config.scheme import ActivationSpec, KVCacheSpec, QuantScheme, WeightSpec
 from quant.e2e.kd import KDOptions, setup, teacher_topk
 from quant.e2e.losses import kd_loss, kd_loss_topk
-from quant.e2e.trainer import E2EContext, TrainConfig, Trainer, e2e_methods
+from quant.e2e.trainer import E2EContext, TrainConfig, Trainer
+from quant.methods import names
 from quant.modules.linear import QuantLinear
 from quant.numerics.formats import IntFormat
 from tests.conftest import make_tiny_llama
@@ -143,7 +144,7 @@ def _student_and_objective(tmp_path, dynamic: bool, **options):
 
 
 def test_kd_registered():
-    assert "kd" in e2e_methods().names()
+    assert "kd" in names("e2e")
 
 
 @pytest.mark.parametrize("dynamic", [False, True])
@@ -280,7 +281,8 @@ import json, sys
 import torch
 from quant.e2e.kd import KDOptions, setup
 from quant.calibrate.rtn import quantize_linears
-from quant.e2e.trainer import E2EContext, TrainConfig, Trainer, make_accelerator
+from quant.e2e.distributed import make_accelerator
+from quant.e2e.trainer import E2EContext, TrainConfig, Trainer
 from tests.conftest import make_tiny_llama
 from tests.test_kd import llm_qat_scheme
 

@@ -8,8 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import make_tiny_llama
-from quant.calibrate import CALIBRATE
+from conftest import calibrate_step, make_tiny_llama
 from quant.calibrate.quarot import QuaRotOptions, rotate
 from quant.checkpoint import save_quantized
 from quant.config import ConfigError
@@ -17,6 +16,7 @@ from quant.config.scheme import QuantScheme
 from quant.load import load_model
 from quant.modules.runtime import apply_runtime_quantizers
 from quant.numerics import hadamard as had
+from quant.recipe import parse_steps
 
 # Sizes with constructions, non-powers of two like SmolLM2's: hidden 96 = 12 x 8 with 6 heads
 # (no Hadamard of order 6, as none of order 9 for SmolLM2), head_dim 16, MLP 192 = 12 x 16.
@@ -44,8 +44,8 @@ def logits(model, ids=IDS):
 
 
 def quarot(model, scheme, **opts):
-    entry = CALIBRATE.get("quarot")
-    return entry.fn(model, scheme, None, QuaRotOptions.from_dict(opts))
+    """QuaRot's rotation, then RTN on the rotated weights (the recipe quarot+rtn)."""
+    return {**calibrate_step(model, scheme, "quarot", options=opts), **calibrate_step(model, scheme, "rtn")}
 
 
 # -- Hadamard matrices ------------------------------------------------------
@@ -125,7 +125,7 @@ def test_online_rotation_is_needed():
 def test_float_block_keeps_online_rotation():
     """Block-AP's full-precision target block must apply the online rotations too (and no
     activation or key quantizer)."""
-    from quant.blockwise.block_ap import float_block
+    from quant.blockwise.passes import float_block
 
     model = tiny(tied=False)
     scheme = QuantScheme.from_name("W4A4KV4", preset=PRESET, group_size=16)
@@ -193,7 +193,7 @@ def test_w4a4kv4_error_much_lower_with_quarot():
     ref = logits(fp)
     scheme = QuantScheme.from_name("W4A4KV4", preset=PRESET, group_size=16)
     plain = copy.deepcopy(fp)
-    CALIBRATE.get("rtn").fn(plain, scheme, None, CALIBRATE.get("rtn").options())
+    calibrate_step(plain, scheme, "rtn")
     apply_runtime_quantizers(plain, scheme)
     rot = copy.deepcopy(fp)
     quarot(rot, scheme)
@@ -258,9 +258,9 @@ def test_rejects_size_without_construction():
 
 def test_rejects_bad_options():
     with pytest.raises(ConfigError, match="online"):
-        QuaRotOptions.from_dict({"online": "sometimes"}, "calibrate.options")
+        parse_steps([{"quarot": {"online": "sometimes"}}], "calibrate.steps")
     with pytest.raises(ConfigError, match="seeed"):
-        QuaRotOptions.from_dict({"seeed": 1}, "calibrate.options")
+        parse_steps([{"quarot": {"seeed": 1}}], "calibrate.steps")
 
 
 # -- the embedded model -----------------------------------------------------

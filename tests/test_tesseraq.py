@@ -14,11 +14,12 @@ import torch
 from torch.nn import functional as F
 
 from conftest import make_tiny_llama
-from quant.blockwise.engine import BlockwiseContext, blockwise_methods
+from quant.blockwise.engine import BlockwiseContext
 from quant.blockwise.tesseraq import RoundingLinear, TesseraQ, TesseraQOptions, TesseraQStep
 from quant.calibrate.rtn import quantize_linears
 from quant.config import ConfigError
 from quant.config.scheme import QuantScheme
+from quant.methods import method
 from quant.models.arch import decoder_layers, get_module
 from quant.modules.linear import QuantLinear
 from quant.numerics import grid as P
@@ -42,7 +43,7 @@ def _ids(n: int, length: int = 32, seed: int = 0) -> torch.Tensor:
 
 
 def _options(**kw) -> TesseraQOptions:
-    return blockwise_methods().get("tesseraq").options.from_dict({**OPTIONS, **kw}, "block_ap.options")
+    return method("tesseraq", "blockwise").options.from_dict({**OPTIONS, **kw}, "block_ap.options")
 
 
 def _runner(model, work, train, val, **kw) -> TesseraQ:
@@ -204,7 +205,7 @@ def test_resume_inside_a_block_is_bitwise_identical(tmp_path, monkeypatch):
 ])
 def test_bad_options_are_config_errors(options, match):
     with pytest.raises(ConfigError, match=match):
-        blockwise_methods().get("tesseraq").options.from_dict({**OPTIONS, **options}, "block_ap.options")
+        method("tesseraq", "blockwise").options.from_dict({**OPTIONS, **options}, "block_ap.options")
 
 
 def test_bad_inputs_fail_before_any_block_is_touched(tmp_path):

@@ -10,7 +10,9 @@ import torch
 from quant.calibrate.rtn import quantize_linears
 from quant.config import ConfigError
 from quant.config.scheme import QuantScheme
-from quant.e2e.trainer import E2EContext, TrainConfig, Trainer, e2e_methods, split_samples
+from quant.data import split_samples
+from quant.e2e.trainer import E2EContext, TrainConfig, Trainer
+from quant.methods import method
 from quant.modules.linear import QuantLinear
 
 SCHEME = QuantScheme.from_name("W2A16KV16", preset="efficientqat", group_size=32)
@@ -27,7 +29,7 @@ def _data(n=12, length=32, seed=1):
 
 
 def _setup(model):
-    entry = e2e_methods().get("e2e-qp")
+    entry = method("e2e-qp", "e2e")
     ctx = E2EContext(SCHEME, torch.device("cpu"), torch.float32)
     return entry.fn(model, entry.options.from_dict({"lr": 1e-2}), ctx)
 
@@ -92,13 +94,13 @@ def test_trainer_resume_is_bitwise(tiny_llama, tmp_path):
 def test_bad_train_params_fail_early():
     with pytest.raises(ConfigError, match="e2e.train.batch_size"):
         TrainConfig.from_dict({"batch_size": 0}, "e2e.train")
-    entry = e2e_methods().get("e2e-qp")
+    entry = method("e2e-qp", "e2e")
     with pytest.raises(ConfigError, match="e2e.options.lr"):
         entry.options.from_dict({"lr": 0.0}, "e2e.options")
     with pytest.raises(ConfigError, match="val_samples"):
         split_samples(_data(n=4), 3, 2, seed=0)
-    with pytest.raises(ConfigError, match="e2e.method"):
-        e2e_methods().get("nope", "e2e.method")
+    with pytest.raises(ConfigError, match=r"e2e.steps: 'nope' is not a known e2e method; known: \['e2e-qp', 'kd'\]"):
+        method("nope", "e2e", "e2e.steps")
 
 
 def _norm_objective(model, lr):
