@@ -10,18 +10,20 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from conftest import make_tiny_llama
-from quant.calibrate import CALIBRATE
+from conftest import calibrate_step, make_tiny_llama
+from quant.calibrate import calibrate
 from quant.calibrate.fp_search import FPSearchOptions, LayerSearch, _fold
 from quant.checkpoint import save_quantized
 from quant.config import ConfigError
 from quant.config.scheme import QuantScheme
 from quant.load import load_model
+from quant.methods import names
 from quant.modules.activation import CalibratedFPQuantizer
 from quant.modules.linear import QuantLinear
 from quant.modules.runtime import apply_runtime_quantizers
 from quant.numerics import fp as FP
 from quant.numerics.formats import FPFormat
+from quant.recipe import Step
 
 E2M1 = FPFormat(2, 1)
 W4A4 = {"weight": {"format": "fp4-e2m1", "group_size": -1},
@@ -116,7 +118,7 @@ def test_fp_search_model_save_load_and_cache(tmp_path, tiny_tokenizer):
     scheme = QuantScheme.from_dict(W4A4, "scheme")
     opts = FPSearchOptions.from_dict({**FAST, "cache_dir": str(tmp_path / "cache")})
     m1 = copy.deepcopy(model)
-    metrics = CALIBRATE.get("fp-search").fn(m1, scheme, ids, opts)
+    metrics = calibrate(m1, scheme, [Step("fp-search", opts)], ids).metrics
     assert metrics["searched_blocks"] == 2 and metrics["quantized_linears"] == 14
     apply_runtime_quantizers(m1, scheme)  # the searched quantizers stay
     q = m1.model.layers[0].self_attn.q_proj
@@ -126,7 +128,7 @@ def test_fp_search_model_save_load_and_cache(tmp_path, tiny_tokenizer):
 
     # a re-run with the same inputs reuses every block and gives the same model
     m2 = copy.deepcopy(model)
-    again = CALIBRATE.get("fp-search").fn(m2, scheme, ids, opts)
+    again = calibrate(m2, scheme, [Step("fp-search", opts)], ids).metrics
     assert again["searched_blocks"] == 0 and again["cached_blocks"] == 2
     apply_runtime_quantizers(m2, scheme)
     assert torch.equal(_logits(m2, ids), ref)
@@ -146,7 +148,7 @@ def test_fold_quantized_round_trip(tmp_path, tiny_tokenizer):
     scheme = QuantScheme.from_dict(W4A4, "scheme")
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(2))
     w = model.model.layers[0].mlp.up_proj.weight.detach().clone()
-    CALIBRATE.get("fp-search").fn(model, scheme, ids, FPSearchOptions.from_dict({**FAST, "fold": "quantized"}))
+    calibrate_step(model, scheme, "fp-search", ids, {**FAST, "fold": "quantized"})
     ql = model.model.layers[0].mlp.up_proj
     assert torch.equal(ql.weight, w) and ql.input_quantizer.unshift  # weight stays unfolded
     save_quantized(model, tiny_tokenizer, scheme, tmp_path / "q")
@@ -159,7 +161,7 @@ def test_searched_format_persists(tmp_path, tiny_tokenizer):
     model = make_tiny_llama()
     scheme = QuantScheme.from_dict(W4A4, "scheme")
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
-    CALIBRATE.get("fp-search").fn(model, scheme, ids, FPSearchOptions.from_dict(FAST))
+    calibrate_step(model, scheme, "fp-search", ids, FAST)
     name = "model.layers.1.mlp.down_proj"
     ql = model.get_submodule(name)
     ql.spec = type(ql.spec)(FPFormat(3, 0), -1)  # as if the search had picked E3M0 here
@@ -186,8 +188,7 @@ def test_searched_format_persists(tmp_path, tiny_tokenizer):
 def test_bad_schemes_fail_before_work(scheme, match):
     model = make_tiny_llama()
     with pytest.raises(ConfigError, match=match):
-        CALIBRATE.get("fp-search").fn(model, QuantScheme.from_dict(scheme, "scheme"), None,
-                                      FPSearchOptions())
+        calibrate(model, QuantScheme.from_dict(scheme, "scheme"), [Step("fp-search")], None)
     assert not any(isinstance(m, QuantLinear) for m in model.modules())
 
 
@@ -196,4 +197,4 @@ def test_bad_options():
         FPSearchOptions.from_dict({"gamma_min": 1.5}, "calibrate.options")
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['calibrate.options.round'\]"):
         FPSearchOptions.from_dict({"round": 3}, "calibrate.options")
-    assert "fp-search" in CALIBRATE.names()
+    assert "fp-search" in names("calibrate")

@@ -1,4 +1,4 @@
-"""QuaRot + LLM-FP4 search (`calibrate.method: quarot`, `weights: fp-search`): the search sees
+"""QuaRot + LLM-FP4 search (calibrate steps `[quarot, fp-search]`): the search sees
 the rotated inputs, the pre-shift fold stays exact under the online rotations, lower W4A4 FP
 error than QuaRot + min-max FP and than fp-search alone on a model with outlier channels,
 save / load bit for bit, the cache keyed by the rotation, the calibrate stage, bad input."""
@@ -15,7 +15,7 @@ from test_quarot import FP_TOL, TINY, _outlier_model, _Tok, logits, tiny
 from torch import nn
 
 from conftest import make_tiny_llama
-from quant.calibrate import CALIBRATE
+from quant.calibrate import calibrate
 from quant.calibrate import fp_search as fps
 from quant.calibrate.quarot import QuaRotOptions, rotate
 from quant.checkpoint import save_quantized
@@ -25,8 +25,8 @@ from quant.load import load_model
 from quant.modules.activation import CalibratedFPQuantizer, set_input_quantizer
 from quant.modules.linear import QuantLinear
 from quant.modules.rotation import HadamardRotation, set_input_rotation
-from quant.modules.runtime import apply_runtime_quantizers
 from quant.numerics import hadamard as had
+from quant.recipe import Step, check_steps, parse_steps
 
 W4A4_DICT = {"weight": {"format": "fp4-e2m1", "group_size": -1},
              "activation": {"format": "fp4-e2m1", "granularity": "per_tensor"}}
@@ -44,15 +44,13 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def _run(model, method, calib=CALIB, scheme=W4A4, **opts):
-    entry = CALIBRATE.get(method)
-    metrics = entry.fn(model, scheme, calib, entry.options.from_dict(opts, "calibrate.options"))
-    apply_runtime_quantizers(model, scheme)
-    return metrics
+def _run(model, steps, calib=CALIB, scheme=W4A4):
+    """The calibrate runner on `steps` (as the stage runs them: checks, steps, runtime quantizers)."""
+    return calibrate(model, scheme, parse_steps(steps, "calibrate.steps"), calib).metrics
 
 
-def _quarot_fp(model, **search):
-    return _run(model, "quarot", weights="fp-search", fp_search={**FAST, **search})
+def _quarot_fp(model, seed=0, **search):
+    return _run(model, [{"quarot": {"seed": seed}}, {"fp-search": {**FAST, **search}}])
 
 
 def test_search_scores_the_rotated_inputs(monkeypatch):
@@ -149,11 +147,11 @@ def test_w4a4_fp_error_lower_than_quarot_minmax_and_search_alone():
     fp = _outlier_model()
     ref = logits(fp, EVAL)
     err = {}
-    for key, method, opts in [("minmax", "rtn", {}), ("quarot-minmax", "quarot", {}),
-                              ("search", "fp-search", FAST),
-                              ("quarot+search", "quarot", {"weights": "fp-search", "fp_search": FAST})]:
+    for key, steps in [("minmax", ["rtn"]), ("quarot-minmax", ["quarot", "rtn"]),
+                       ("search", [{"fp-search": FAST}]),
+                       ("quarot+search", ["quarot", {"fp-search": FAST}])]:
         model = copy.deepcopy(fp)
-        _run(model, method, **opts)
+        _run(model, steps)
         err[key] = _rel_err(logits(model, EVAL), ref)
     assert err["quarot-minmax"] < 0.5 * err["minmax"], err  # the outliers are real
     assert err["quarot+search"] < 0.92 * err["quarot-minmax"], err
@@ -166,7 +164,7 @@ def test_saves_loads_bit_for_bit(tmp_path, monkeypatch):
     model = tiny()
     _quarot_fp(model, search_format=True)  # default fold: quantized
     before = logits(model, EVAL)
-    save_quantized(model, _Tok(), W4A4, tmp_path / "m", extra={"method": "quarot"})
+    save_quantized(model, _Tok(), W4A4, tmp_path / "m", extra={"method": "quarot+fp-search"})
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: None)
     loaded, _ = load_model(tmp_path / "m")
     for name in ("model.layers.1.mlp.down_proj", "model.layers.0.self_attn.o_proj"):
@@ -184,9 +182,9 @@ def test_cache_is_keyed_by_the_rotation(tmp_path):
     again = _quarot_fp(b := copy.deepcopy(fp), **cache)
     assert first["searched_blocks"] == 2 and again["cached_blocks"] == 2
     assert torch.equal(logits(a, EVAL), logits(b, EVAL))
-    other = _run(copy.deepcopy(fp), "quarot", seed=1, weights="fp-search", fp_search={**FAST, **cache})
+    other = _quarot_fp(copy.deepcopy(fp), seed=1, **cache)
     assert other["searched_blocks"] == 2  # another rotation: not the cached biases
-    plain = _run(copy.deepcopy(fp), "fp-search", **FAST, **cache)
+    plain = _run(copy.deepcopy(fp), [{"fp-search": {**FAST, **cache}}])
     assert plain["searched_blocks"] == 2
 
 
@@ -202,14 +200,13 @@ def test_through_the_calibrate_stage(tmp_path, monkeypatch):
     (tmp_path / "artifacts" / "prepare" / "data").mkdir(parents=True)
     (tmp_path / "artifacts" / "prepare" / "data" / "calib.txt").write_text(TEXT)
     params = Params(BaseParams(device="cpu"), ModelParams(), W4A4, {
-        "calibrate": {"method": "quarot", "samples": 4, "seq_len": 32,
-                      "options": {"weights": "fp-search", "fp_search": FAST}}})
+        "calibrate": {"steps": ["quarot", {"fp-search": FAST}], "samples": 4, "seq_len": 32}})
     metrics = calibrate.run(params)
     assert metrics["searched_blocks"] == 2 and metrics["online_rotations"] == 4
     out = tmp_path / "artifacts" / "calibrate" / "model"
     meta = json.loads((out / "quantization.json").read_text())
-    assert meta["rotations"]["linears"] and meta["options"]["weights"] == "fp-search"
-    assert meta["options"]["fp_search"]["candidates"] == 16 and len(meta["act_formats"]) == 14
+    assert meta["rotations"]["linears"] and meta["method"] == "quarot+fp-search"
+    assert meta["steps"][1]["fp-search"]["candidates"] == 16 and len(meta["act_formats"]) == 14
     loaded, _ = load_model(out)
     down = loaded.model.layers[1].mlp.down_proj
     assert down.input_rotation is not None and isinstance(down.input_quantizer, CalibratedFPQuantizer)
@@ -219,44 +216,33 @@ def test_through_the_calibrate_stage(tmp_path, monkeypatch):
 # Bad input
 
 
-def test_bad_options_name_the_field():
-    opts = CALIBRATE.get("quarot").options
+def test_bad_steps_name_the_field():
     cases = [
-        ({"weights": "fp"}, r"calibrate.options.weights='fp' is not accepted; use one of "
-                            r"\['rtn', 'gptq', 'fp-search'\]"),
-        ({"fp_search": {"rounds": 2}}, r"fp_search options are set but weights=rtn ignores them; "
-                                       r"set weights: fp-search"),
-        ({"weights": "gptq", "fp_search": {"rounds": 2}}, r"fp_search options are set but weights=gptq"),
-        ({"weights": "fp-search", "gptq": {"act_order": True}},
-         r"gptq options are set but weights=fp-search ignores them; set weights: gptq"),
-        ({"weights": "fp-search", "clip_ratio": 0.9}, r"clip_ratio=0.9 applies to weights: rtn"),
-        ({"weights": "fp-search", "fp_search": {"gamma_min": 2.0}},
-         r"calibrate.options.fp_search.gamma_min=2.0, gamma_max=1.2"),
-        ({"weights": "fp-search", "fp_search": {"round": 3}},
-         r"unknown key\(s\) \['calibrate.options.fp_search.round'\]"),
+        (["quarot", "fp-search", "rtn"], r"calibrate.steps\[2\]: 'rtn' after the weight quantizer 'fp-search'"),
+        (["quarot", {"fp-search": {"gamma_min": 2.0}}], r"calibrate.steps\[1\].fp-search.gamma_min=2.0, gamma_max=1.2"),
+        (["quarot", {"fp-search": {"round": 3}}], r"unknown key\(s\) \['calibrate.steps\[1\].fp-search.round'\]"),
+        ([{"quarot": {"weights": "fp-search"}}, "fp-search"], r"unknown key\(s\) \['calibrate.steps\[0\].quarot.weights'\]"),
     ]
-    for options, match in cases:
+    for steps, match in cases:
         with pytest.raises(ConfigError, match=match):
-            opts.from_dict(options, "calibrate.options")
+            check_steps("calibrate", parse_steps(steps, "calibrate.steps"), "calibrate.steps")
 
 
 @pytest.mark.parametrize("scheme, calib, match", [
     ({"weight": {"format": "int4", "group_size": -1}}, CALIB,
-     r"scheme.weight.format='int4': calibrate.method=quarot with weights: fp-search searches FP"),
+     r"scheme.weight.format='int4': calibrate.steps\[1\].fp-search searches FP"),
     ({"weight": {"format": "fp4-e2m1", "group_size": 32}}, CALIB, r"scheme.weight.group_size=32"),
     ({**W4A4_DICT, "activation": {"format": "fp4-e2m1"}}, CALIB,
      r"scheme.activation.granularity='per_token'.*use per_tensor"),
     ({**W4A4_DICT, "activation": {"format": "int4", "granularity": "per_tensor"}}, CALIB,
      r"scheme.activation.format='int4'"),
-    (W4A4_DICT, None, r"calibrate.method=quarot with weights: fp-search needs calibration data"),
+    (W4A4_DICT, None, r"calibrate.steps\[1\].fp-search needs calibration data"),
 ])
 def test_bad_input_fails_before_rotating(scheme, calib, match):
     model = make_tiny_llama(**TINY)
     ref = copy.deepcopy(model)
-    entry = CALIBRATE.get("quarot")
     with pytest.raises(ConfigError, match=match):
-        entry.fn(model, QuantScheme.from_dict(scheme, "scheme"), calib,
-                 entry.options.from_dict({"weights": "fp-search"}, "calibrate.options"))
+        calibrate(model, QuantScheme.from_dict(scheme, "scheme"), [Step("quarot"), Step("fp-search")], calib)
     assert not any(isinstance(m, QuantLinear) for m in model.modules())
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
                                                  ref.state_dict().values(), strict=True))

@@ -8,9 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_tiny_llama
-from quant.calibrate import CALIBRATE
-from quant.calibrate.quarot import QuaRotOptions
+from conftest import calibrate_step, make_tiny_llama
 from quant.checkpoint import save_quantized
 from quant.config.scheme import QuantScheme
 from quant.load import load_model
@@ -39,20 +37,21 @@ def rotated_stage_dir(tmp_path, monkeypatch, embedded_tokenizer):
     (data / "calib.txt").write_text(TEXT)
     model = make_tiny_llama(vocab=len(embedded_tokenizer), hidden=96, intermediate=192, heads=6, kv_heads=2,
                             layers=2)
-    CALIBRATE.get("quarot").fn(model, SCHEME, None, QuaRotOptions.from_dict({"seed": 3}))
+    calibrate_step(model, SCHEME, "quarot", options={"seed": 3})
+    calibrate_step(model, SCHEME, "rtn")
     apply_runtime_quantizers(model, SCHEME)
     save_quantized(model, embedded_tokenizer, SCHEME, tmp_path / "artifacts" / "calibrate" / "model",
-                   extra={"method": "quarot"})
+                   extra={"method": "quarot+rtn"})
     return tmp_path
 
 
 def _params() -> Params:
     sections = {
         "block_ap": {"data": {"source": "calib", "train_samples": 8, "val_samples": 2, "seq_len": 32},
-                     "options": {"epochs": 4, "batch_size": 2, "weight_lr": 1e-3, "qparam_lr": 1e-3}},
+                     "steps": [{"block-ap": {"epochs": 4, "batch_size": 2, "weight_lr": 1e-3, "qparam_lr": 1e-3}}]},
         "e2e": {"data": {"source": "calib", "train_samples": 8, "val_samples": 2, "seq_len": 32},
                 "train": {"epochs": 1, "batch_size": 4, "log_every": 1, "save_every": 1},
-                "options": {"lr": 1e-3}},
+                "steps": [{"e2e-qp": {"lr": 1e-3}}]},
     }
     return Params(BaseParams(device="cpu"), ModelParams(), SCHEME, sections)
 

@@ -10,9 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from conftest import make_tiny_llama
-from quant.calibrate import CALIBRATE
-from quant.calibrate.rtn import RTNOptions
+from conftest import calibrate_step, make_tiny_llama
 from quant.checkpoint import read_scheme, save_quantized
 from quant.config import ConfigError
 from quant.config.scheme import QuantScheme, WeightSpec
@@ -40,26 +38,26 @@ def test_mapping_unknown_family():
 
 def test_rtn_quantizes_decoder_linears_only(tiny_llama):
     scheme = QuantScheme(weight=WeightSpec(IntFormat(4), 32))
-    CALIBRATE.get("rtn").fn(tiny_llama, scheme, None, RTNOptions())
+    calibrate_step(tiny_llama, scheme, "rtn")
     qls = [n for n, mod in tiny_llama.named_modules() if isinstance(mod, QuantLinear)]
     assert len(qls) == 14
     assert isinstance(tiny_llama.lm_head, nn.Linear) and not isinstance(tiny_llama.lm_head, QuantLinear)
     scheme = QuantScheme(weight=WeightSpec(IntFormat(4), 32), quantize_lm_head=True)
     model = make_tiny_llama()
-    CALIBRATE.get("rtn").fn(model, scheme, None, RTNOptions())
+    calibrate_step(model, scheme, "rtn")
     assert isinstance(model.lm_head, QuantLinear)
 
 
 def test_rtn_rejects_bad_group_before_touching_the_model(tiny_llama):
     scheme = QuantScheme(weight=WeightSpec(IntFormat(4), 48))  # 48 does not divide 64
     with pytest.raises(ConfigError, match=r"group_size=48 does not divide in_features=64"):
-        CALIBRATE.get("rtn").fn(tiny_llama, scheme, None, RTNOptions())
+        calibrate_step(tiny_llama, scheme, "rtn")
     assert not any(isinstance(m, QuantLinear) for m in tiny_llama.modules())
 
 
 def test_save_and_load_quantized_is_exact(tiny_llama, tmp_path, embedded_tokenizer):
     scheme = QuantScheme(weight=WeightSpec(IntFormat(3), 32))
-    CALIBRATE.get("rtn").fn(tiny_llama, scheme, None, RTNOptions())
+    calibrate_step(tiny_llama, scheme, "rtn")
     x = torch.randint(0, 256, (2, 16))
     ref = tiny_llama(input_ids=x).logits
     save_quantized(tiny_llama, embedded_tokenizer, scheme, tmp_path / "q")
