@@ -23,8 +23,8 @@ def _one_thread():
 def test_diverging_stage_writes_nothing(stage_dir):  # noqa: F811
     from tasks import block_ap
 
-    params = _params(block_ap={"options": {"epochs": 1, "batch_size": 2, "weight_lr": 1e30,
-                                           "qparam_lr": 1e30}})
+    params = _params(block_ap={"steps": [{"block-ap": {"epochs": 1, "batch_size": 2, "weight_lr": 1e30,
+                                                       "qparam_lr": 1e30}}]})
     with pytest.raises(BlockDivergedError, match=r"block 0 diverged: .* at step \d+"):
         block_ap.run(params)
     assert not (stage_dir / "artifacts" / "block_ap").exists()
@@ -32,7 +32,7 @@ def test_diverging_stage_writes_nothing(stage_dir):  # noqa: F811
 
 
 def test_tesseraq_through_the_stage(stage_dir):  # noqa: F811
-    """block_ap.method: tesseraq writes a frozen model that loads like Block-AP's, its metrics,
+    """block_ap.steps: [tesseraq] writes a frozen model that loads like Block-AP's, its metrics,
     and the loss plot with the per-step panel."""
     import json
     from unittest import mock
@@ -43,8 +43,8 @@ def test_tesseraq_through_the_stage(stage_dir):  # noqa: F811
     from quant.modules.linear import QuantLinear
     from tasks import block_ap
 
-    params = _params(block_ap={"method": "tesseraq",
-                               "options": {"thresholds": [0.5, 0.1], "iterations": 4, "batch_size": 2}})
+    params = _params(block_ap={"steps": [{"tesseraq": {"thresholds": [0.5, 0.1], "iterations": 4,
+                                                       "batch_size": 2}}]})
     metrics = block_ap.run(params)
     assert metrics["method"] == "tesseraq" and metrics["blocks"] == 2
     saved = json.loads((stage_dir / "metrics" / "block_ap.json").read_text())

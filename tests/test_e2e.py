@@ -26,10 +26,10 @@ TEXT = " ".join(f"Sentence {i} tells of rivers, hills and the towns between them
 def _params(**sections) -> Params:
     base = {
         "block_ap": {"data": {"source": "calib", "train_samples": 8, "val_samples": 2, "seq_len": 32},
-                     "options": {"epochs": 4, "batch_size": 2, "weight_lr": 1e-3, "qparam_lr": 1e-3}},
+                     "steps": [{"block-ap": {"epochs": 4, "batch_size": 2, "weight_lr": 1e-3, "qparam_lr": 1e-3}}]},
         "e2e": {"data": {"source": "calib", "train_samples": 8, "val_samples": 2, "seq_len": 32},
                 "train": {"epochs": 1, "batch_size": 4, "log_every": 1, "save_every": 1},
-                "options": {"lr": 1e-3}},
+                "steps": [{"e2e-qp": {"lr": 1e-3}}]},
     }
     for k, v in sections.items():
         base[k] = {**base[k], **v}
@@ -78,8 +78,9 @@ def test_block_ap_then_e2e_qp_stages(stage_dir):
 @pytest.mark.parametrize(("section", "override", "match"), [
     ("block_ap", {"data": {"source": "calib", "train_samples": 8, "val_samples": 500, "seq_len": 32}},
      r"block_ap\.data.*val_samples"),
-    ("block_ap", {"options": {"weight_lr": -1.0}}, r"block_ap\.options\.weight_lr"),
-    ("e2e", {"options": {"lr": 0.0}}, r"e2e\.options\.lr"),
+    ("block_ap", {"steps": [{"block-ap": {"weight_lr": -1.0}}]}, r"block_ap\.steps\[0\]\.block-ap\.weight_lr"),
+    ("block_ap", {"steps": ["awq"]}, r"block_ap\.steps\[0\]: 'awq' is a calibrate step"),
+    ("e2e", {"steps": [{"e2e-qp": {"lr": 0.0}}]}, r"e2e\.steps\[0\]\.e2e-qp\.lr"),
     ("e2e", {"train": {"max_grad_norm": -1.0}}, r"e2e\.train.*max_grad_norm"),
     ("e2e", {"data": {"source": "synthetic"}}, r"e2e\.data\.source='synthetic'"),
 ])
@@ -89,8 +90,8 @@ def test_bad_params_fail_before_training(stage_dir, monkeypatch, section, overri
     def no_model(*_a, **_k):
         raise AssertionError("the model was loaded before the params were checked")
 
-    monkeypatch.setattr(block_ap, "load_model", no_model)
-    monkeypatch.setattr(e2e, "load_model", no_model)
+    monkeypatch.setattr(block_ap, "load_quantized", no_model)
+    monkeypatch.setattr(e2e, "load_quantized", no_model)
     if section == "e2e":  # its input model must exist for the checks after the params
         (stage_dir / "artifacts" / "block_ap").mkdir(parents=True)
         (stage_dir / "artifacts" / "calibrate" / "model").rename(stage_dir / "artifacts" / "block_ap" / "model")
@@ -112,7 +113,7 @@ def test_diverging_e2e_fails_its_run_and_writes_nothing(stage_dir, monkeypatch, 
     teacher = stage_dir / "artifacts" / "prepare" / "model"
     make_tiny_llama(vocab=len(embedded_tokenizer), layers=2).save_pretrained(teacher)
     embedded_tokenizer.save_pretrained(teacher)
-    params = _params(e2e={"model": "calibrate", "method": "kd", "options": {"lr": 1e30},
+    params = _params(e2e={"model": "calibrate", "steps": [{"kd": {"lr": 1e30}}],
                           "train": {"epochs": 1, "batch_size": 2, "log_every": 1, "save_every": 2}})
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{stage_dir / 'mlflow.db'}")
     monkeypatch.setenv("QUANT_EXPERIMENT", "test-diverge")
@@ -129,3 +130,24 @@ def test_diverging_e2e_fails_its_run_and_writes_nothing(stage_dir, monkeypatch, 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{stage_dir / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("test-diverge").experiment_id])
     assert [r.info.status for r in runs] == ["FAILED"]
+
+
+def test_stages_without_steps_pass_their_input_on(stage_dir, monkeypatch):
+    """A recipe with no block-wise or e2e step (e.g. awq:W4g64): block_ap and e2e hand their
+    input model on unchanged, without loading it, and say so in their metrics."""
+    from tasks import block_ap, e2e
+
+    def no_model(*_a, **_k):
+        raise AssertionError("a stage without steps loaded the model")
+
+    monkeypatch.setattr(block_ap, "load_quantized", no_model)
+    monkeypatch.setattr(e2e, "load_quantized", no_model)
+    params = _params(block_ap={"steps": []}, e2e={"steps": []})
+    assert block_ap.run(params)["passed_through"] == "calibrate"
+    assert e2e.run(params)["passed_through"] == "block_ap"
+    src = stage_dir / "artifacts" / "calibrate" / "model"
+    for out in ("block_ap", "e2e"):
+        dst = stage_dir / "artifacts" / out / "model"
+        assert sorted(p.name for p in dst.iterdir()) == sorted(p.name for p in src.iterdir())
+        assert all((dst / p.name).read_bytes() == p.read_bytes() for p in src.iterdir() if p.is_file())
+    assert (stage_dir / "artifacts" / "block_ap" / "block_loss.png").stat().st_size > 0
