@@ -11,7 +11,7 @@ A grid is data (params.yaml `sweep.grids.<name>`):
 Keys are params.yaml paths (`calibrate.steps`, `scheme.weight.format`), or `recipe`: a
 recipe's text (`awq+tesseraq+e2e-qp:W3g64`, quant.recipe) or `{text: ..., options: {method:
 {...}}}`, which sets the scheme and every stage's steps at once. A key that is not in
-params.yaml is an error unless it lies under a free-form `options` mapping. Every recipe's effective params are validated as the
+params.yaml is an error. Every recipe's effective params are validated as the
 stages would validate them (`validate` callback) before any recipe runs, and two recipes
 whose effective params are equal are an error: they would be the same experiment.
 
@@ -38,7 +38,6 @@ from quant.config import ConfigError
 
 # prepare.calib_source / eval_sets names -> the corpus they come from
 TEXT_SOURCE = {"embedded-wiki": "wikipedia", "wikitext2": "wikipedia", "lee": "news", "c4": "web"}
-FREE_FORM = "options"  # mappings whose keys the method checks, not params.yaml
 RECIPE_KEY = "recipe"  # a whole recipe (quant.recipe text) as one grid key
 
 
@@ -74,13 +73,10 @@ def _set(params: dict[str, Any], key: str, value: Any, path: str) -> None:
     for i, part in enumerate(parts[:-1]):
         if not isinstance(node, dict) or part not in node:
             raise ConfigError(f"{path}: unknown knob {key!r} ({'.'.join(parts[: i + 1])!r} is not in params.yaml)")
-        if node[part] is None and FREE_FORM in parts[: i + 1]:
-            node[part] = {}
         node = node[part]
-    free = FREE_FORM in parts[:-1]
-    if not isinstance(node, dict) or (parts[-1] not in node and not free):
-        raise ConfigError(f"{path}: unknown knob {key!r}; it is not in params.yaml "
-                          f"(only keys under an `{FREE_FORM}` mapping may be new)")
+    if not isinstance(node, dict) or parts[-1] not in node:
+        raise ConfigError(f"{path}: unknown knob {key!r}; it is not in params.yaml (method options are "
+                          "part of a stage's steps: set e.g. calibrate.steps, or a recipe)")
     node[parts[-1]] = value
 
 

@@ -152,7 +152,7 @@ def test_exit_status_is_the_first_failed_process_own():
 
 def _params(**e2e) -> Params:
     section = {"model": "calibrate", "data": {"source": "calib", "train_samples": 8, "val_samples": 2, "seq_len": 32},
-               "train": {"epochs": 1, "batch_size": 2, "log_every": 1, "save_every": 1}, "options": {"lr": 1e-3}}
+               "train": {"epochs": 1, "batch_size": 2, "log_every": 1, "save_every": 1}, "steps": [{"e2e-qp": {"lr": 1e-3}}]}
     section.update(e2e)
     return Params(BaseParams(device="cpu"), ModelParams(), SCHEME, {"e2e": section})
 

@@ -1,4 +1,4 @@
-"""The recipe sweep (flows/sweep.py, flows/recipes.py): grid expansion and bad grids, the
+"""The recipe sweep (flows/sweep.py, flows/grid.py): grid expansion and bad grids, the
 ranking text, gates / Pareto front / promotion on hand-made tables, resume of a half-finished
 sweep (recipes faked), and one real tiny sweep through DVC experiments end to end."""
 
@@ -35,37 +35,55 @@ def _expand(grid, params):
 def test_grid_expands_to_the_cartesian_product_plus_explicit_recipes(params):
     grid = {"base": {"evaluate.tasks": []},
             "axes": {"scheme.weight.format": ["int4", "int3"], "scheme.weight.group_size": [64, 32]},
-            "recipes": [{"scheme.weight.format": "int2", "block_ap.options.weight_lr": 1e-5}]}
+            "recipes": [{"scheme.weight.format": "int2", "block_ap.steps": [{"block-ap": {"weight_lr": 1e-5}}]}]}
     rs = _expand(grid, params)
     assert len(rs) == 5 and len({r.digest for r in rs}) == 5
     assert rs[0].overrides == ("evaluate.tasks=[]", "scheme.weight.format=int4", "scheme.weight.group_size=64")
     assert rs[0].name == "defaults"  # int4 g64 is params.yaml's own scheme; the base is common
     assert rs[1].name == "scheme.weight.group_size=32"
-    assert rs[-1].effective["block_ap"]["options"]["weight_lr"] == 1e-5
+    assert rs[-1].effective["block_ap"]["steps"] == [{"block-ap": {"weight_lr": 1e-5}}]
     assert rs[-1].targets == ("register",)
     assert R.weight_bits(rs[-1].effective) == 2 and R.weight_bits(rs[0].effective) == 4
 
 
 @pytest.mark.parametrize("grid, match", [
     ({"axes": {"scheme.weight.formt": ["int4"]}}, r"unknown knob 'scheme.weight.formt'"),
-    ({"axes": {"calibrate.method": ["rtn", "omniquant"]}}, r"calibrate.method='omniquant' is not a known method; known: \["),
-    ({"axes": {"block_ap.method": ["omniquant"]}}, r"block_ap.method='omniquant' is not a known method"),
+    ({"axes": {"recipe": ["rtn:W4g64", "omniquant:W4g64"]}}, r"'omniquant' is not a known method; known: \["),
+    ({"axes": {"block_ap.steps": [["omniquant"]]}}, r"block_ap.steps\[0\]: 'omniquant' is not a known method"),
+    ({"axes": {"calibrate.steps": [["tesseraq"]]}}, r"calibrate.steps\[0\]: 'tesseraq' is a blockwise step"),
     ({"axes": {"scheme.weight.format": ["int9"]}}, r"bits=9 is not supported"),
+    ({"axes": {"scheme.weight.format": ["fp4-e2m1"]}}, r"block-ap trains and stores integer grids"),
     ({}, r"sweep.grids.g is empty"),
-    ({"axes": {"calibrate.method": []}}, r"axes.calibrate.method must be a non-empty list"),
-    ({"axis": {"calibrate.method": ["rtn"]}}, r"unknown key\(s\) \['axis'\]"),
-    ({"recipes": [{"calibrate.method": "rtn"}, {}]}, r"are the same after defaults"),
+    ({"axes": {"calibrate.steps": []}}, r"axes.calibrate.steps must be a non-empty list"),
+    ({"axis": {"calibrate.steps": [["rtn"]]}}, r"unknown key\(s\) \['axis'\]"),
+    ({"recipes": [{"calibrate.steps": ["rtn"]}, {}]}, r"are the same after defaults"),
+    ({"recipes": [{"recipe": "awq:W4g64", "calibrate.steps": ["rtn"]}]}, r"set what the recipe 'awq:W4g64' sets"),
+    ({"recipes": [{"recipe": {"text": "rtn:W4g64", "opts": {}}}]}, r"recipe must be a text or \{text, options\}"),
 ])
 def test_bad_grids_fail_before_any_recipe_runs(params, grid, match):
     with pytest.raises(ConfigError, match=match):
         _expand(grid, params)
 
 
-def test_method_options_are_free_form_but_checked_by_the_method(params):
-    ok = {"recipes": [{"calibrate.options.clip_ratio": 0.9}]}
-    assert _expand(ok, params)[0].effective["calibrate"]["options"] == {"clip_ratio": 0.9}
-    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['calibrate.options.clip'\]; accepted keys under calibrate.options"):
-        _expand({"recipes": [{"calibrate.options.clip": 0.9}]}, params)
+def test_method_options_are_checked_by_the_method(params):
+    ok = {"recipes": [{"calibrate.steps": [{"rtn": {"clip_ratio": 0.9}}]}]}
+    assert _expand(ok, params)[0].effective["calibrate"]["steps"] == [{"rtn": {"clip_ratio": 0.9}}]
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['calibrate.steps\[0\].rtn.clip'\]; accepted keys under "
+                                          r"calibrate.steps\[0\].rtn"):
+        _expand({"recipes": [{"calibrate.steps": [{"rtn": {"clip": 0.9}}]}]}, params)
+
+
+def test_a_recipe_text_sets_the_scheme_and_every_stage(params):
+    grid = {"axes": {"recipe": ["awq:W4g64", "awq+tesseraq+e2e-qp:W3g64",
+                                {"text": "gptq:W4g64", "options": {"gptq": {"act_order": True}}}]}}
+    rs = _expand(grid, params)
+    assert [r.name for r in rs][:2] == ["recipe=awq:W4g64", "recipe=awq+tesseraq+e2e-qp:W3g64"]
+    awq, tq, gptq = (r.effective for r in rs)
+    assert (awq["calibrate"]["steps"], awq["block_ap"]["steps"], awq["e2e"]["steps"]) == (["awq"], [], [])
+    assert tq["block_ap"]["steps"] == ["tesseraq"] and tq["scheme"]["weight"]["format"] == "int3"
+    assert gptq["calibrate"]["steps"] == [{"gptq": {"act_order": True}}]
+    assert "calibrate.steps=[awq]" in rs[0].overrides and not any(o.startswith("recipe=") for o in rs[0].overrides)
+    assert R.weight_bits(tq) == 3
 
 
 def test_ranking_text_comes_from_another_corpus(params):
