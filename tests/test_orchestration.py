@@ -61,7 +61,7 @@ TINY = {
     "block_ap.data.train_samples": "4",
     "block_ap.data.val_samples": "2",
     "block_ap.data.seq_len": "32",
-    "block_ap.options.batch_size": "2",
+    "block_ap.steps": "[{block-ap: {epochs: 1, batch_size: 2}}]",
     "e2e.data.source": "calib",
     "e2e.data.train_samples": "4",
     "e2e.data.val_samples": "2",
