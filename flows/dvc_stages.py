@@ -252,7 +252,7 @@ def keep_results(scratch: Path, dest: Path) -> list[Path]:
 
     keep = [scratch / PARAMS_FILE, scratch / "dvc.lock"]
     with Repo(str(scratch)) as repo:
-        # uncached outputs, and the metrics files (small; cached by DVC since issue 17)
+        # uncached outputs, and the metrics files (small; cached by DVC)
         keep += [Path(o.fs_path) for s in repo.index.stages for o in s.outs if not o.use_cache or o.metric]
     out = []
     for f in keep:

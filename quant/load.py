@@ -20,7 +20,7 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32, dev
     """(model, tokenizer) from a directory (a Hugging Face checkpoint, this project's quantized
     checkpoint, or a packed export), or from a name (`embedded:smollm2-135m`, a Hugging Face id)
     converted once into `cache_dir` (default ~/.cache/quant/models)."""
-    from quant.checkpoint import load_quantized
+    from quant.checkpoint import check_model_files, load_quantized
     from quant.export.loader import load_packed, packed_format
     from quant.models.hub import resolve_model
 
@@ -31,6 +31,7 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32, dev
         path = Path(cache_dir or DEFAULT_CACHE) / slug
         if not path.is_dir():
             resolve_model(name, path, revision, trust_remote_code)
+    check_model_files(path)  # a corrupt file: an InputError naming it, before any format is read
     if packed_format(path) is not None:
         return load_packed(path, dtype, device)
     return load_quantized(path, dtype, device)

@@ -60,11 +60,11 @@ def overrides(config: str, kind: str, scale: str, lr: float) -> list[str]:
     w, a, kv = (int(x) for x in config.split("-"))
     sets = [f"scheme.weight.format=int{w}", "scheme.weight.group_size=-1", "scheme.weight.symmetric=true",
             "scheme.weight.dynamic_minmax=true", f"scheme.activation={_quantizer(a)}",
-            f"scheme.kv_cache={_quantizer(kv)}", "calibrate.method=rtn"]
+            f"scheme.kv_cache={_quantizer(kv)}", "calibrate.steps=[rtn]"]
     sets += [f"{k}={v}" for k, v in SCALES[scale].items() if not k.startswith("e2e.") or kind != "rtn"]
     if kind == "rtn":
         return [*sets, "evaluate.model=calibrate"]
-    sets += ["e2e.method=kd", "e2e.model=calibrate", "~e2e.options", f"+e2e.options={{lr: {lr}}}",
+    sets += [f"e2e.steps=[{{kd: {{lr: {lr}}}}}]", "e2e.model=calibrate",
              "e2e.train.warmup_ratio=0.0", "evaluate.model=e2e"]
     sets.append("e2e.data.source=" + ("calib" if kind == "real" else "synthetic"))
     return sets

@@ -2,7 +2,7 @@
 
 transformers cannot load every packed checkpoint this project writes (GPTQ needs
 GPTQModel; asymmetric compressed-tensors fails in transformers 5.23 +
-compressed-tensors 0.20, see docs/issues/issue-14.md), so `register` logs a packed
+compressed-tensors 0.20, see docs/exports.md), so `register` logs a packed
 model as a pyfunc: the checkpoint directory is the model's artifact, `quant/` and
 `tasks/` ride along as code, and `load_context` loads it with
 `quant.export.loader.load_packed` (PackedLinear layers; the CPU fallback computes

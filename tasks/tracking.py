@@ -41,7 +41,7 @@ NOTE_TAG = "mlflow.note.content"  # the run description in the MLflow UI
 
 def quiet_telemetry() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # the switch MLflow 3 reads (issue 7)
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # the switch MLflow 3 reads
     os.environ.setdefault("DO_NOT_TRACK", "true")
 
 

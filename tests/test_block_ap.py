@@ -145,7 +145,7 @@ def test_bad_params_fail_before_training():
 
 
 def test_absurd_lr_keeps_the_better_initial_state_and_says_so(tiny_llama, tmp_path, caplog):
-    """Issue 17: qparam_lr 1e6 makes every block worse; the engine warns, keeps the block as it
+    """qparam_lr 1e6 makes every block worse; the engine warns, keeps the block as it
     came in (bit for bit) and reports `kept: init`."""
     quantize_linears(tiny_llama, SCHEME)
     init = copy.deepcopy(tiny_llama.state_dict())

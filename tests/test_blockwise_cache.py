@@ -1,4 +1,4 @@
-"""Activation caches of the block-wise engine (issue 15): the cache planner's decisions and
+"""Activation caches of the block-wise engine: the cache planner's decisions and
 errors under faked free memory, disk caches with read-ahead and write-behind returning exactly
 what the in-memory cache returns, the pipelined forward pass against the old sequential loop,
 the bf16 full-precision block against the autocast path, and a whole engine run with its
@@ -212,7 +212,7 @@ def _captured(n: int = 7):
 
 
 def _old_run_block(block, src, dst, kwargs, batch_size):
-    """The loop before issue 15: one batch at a time, a synchronous copy back."""
+    """The loop before the pipelined passes: one batch at a time, a synchronous copy back."""
     with torch.no_grad():
         for i in range(0, len(src), batch_size):
             dst.data[i : i + batch_size].copy_(call_block(block, src.data[i : i + batch_size], kwargs))

@@ -1,5 +1,5 @@
 """The block_ap stage with a diverging block: the error names block and step, and no model,
-metrics or plot is written (issue 17)."""
+metrics or plot is written."""
 
 from __future__ import annotations
 

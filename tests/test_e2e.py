@@ -103,7 +103,7 @@ def test_bad_params_fail_before_training(stage_dir, monkeypatch, section, overri
 
 
 def test_diverging_e2e_fails_its_run_and_writes_nothing(stage_dir, monkeypatch, capsys, embedded_tokenizer):
-    """Issue 17: e2e.options.lr 1e30 used to run on with NaN loss, exit 0 and write a model
+    """A learning rate of 1e30 used to run on with NaN loss, exit 0 and write a model
     with NaN parameters. Now: one-line error naming stage, step and loss; exit 2; run FAILED.
     (`kd`: it trains the unquantized norms and lm_head too, which no step-size clamp bounds.)"""
     import mlflow

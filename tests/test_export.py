@@ -268,7 +268,7 @@ def test_group_size_the_format_refuses(tmp_path):
 
 def test_unknown_format_and_unquantized_model_are_refused(tmp_path):
     model, scheme = quantized(4, 32, False)
-    with pytest.raises(ConfigError, match=r"convert\.formats='awq' is not a known method; known: "
+    with pytest.raises(ConfigError, match=r"convert\.formats: 'awq' is not a known format; known: "
                                           r"\['compressed-tensors', 'gptq', 'half'\]"):
         export(model, tiny_tokenizer(), scheme, "awq", tmp_path / "out")
     with pytest.raises(ConfigError, match=r"no quantized linear layers \(not a quantized model\)"):
@@ -397,7 +397,7 @@ def test_convert_stage_writes_every_format_and_evaluate_loads_the_first(tmp_path
 def test_convert_stage_refuses_bad_params_before_writing(tmp_path, monkeypatch):
     from tasks import convert
 
-    with pytest.raises(ConfigError, match=r"convert\.formats\[1\]='awq' is not a known method"):
+    with pytest.raises(ConfigError, match=r"convert\.formats\[1\]: 'awq' is not a known format"):
         convert.run(_stage_params(tmp_path, monkeypatch, {"formats": ["gptq", "awq"]}))
     with pytest.raises(ConfigError, match=r"convert\.dtype='float32' is not accepted"):
         convert.run(_stage_params(tmp_path, monkeypatch, {"dtype": "float32"}))

@@ -204,7 +204,7 @@ def test_dynamic_fp_activation_and_kv_quantizers():
 
 def test_integer_only_stages_refuse_fp_weights():
     scheme = QuantScheme.from_dict({"weight": {"format": "nvfp4", "group_size": 16}}, "scheme")
-    with pytest.raises(ConfigError, match=r"scheme.weight.format='nvfp4': the block_ap stage .*"
-                                          r"accepted: int2..int8"):
+    with pytest.raises(ConfigError, match=r"scheme.weight.format='nvfp4': block_ap trains and stores integer "
+                                          r"grids; accepted: int2..int8"):
         scheme.require_integer_weights("block_ap")
     QuantScheme.from_dict({"weight": {"format": "int4"}}, "scheme").require_integer_weights("e2e")

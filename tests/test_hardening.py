@@ -1,4 +1,4 @@
-"""Issue 17 catalogue: bad inputs, kills and repeated runs, grouped as the issue groups them.
+"""Hardening catalogue: bad inputs, kills and repeated runs, grouped by kind.
 
 Every case either gets a clear one-line error naming the file or field, or is handled
 (run marked FAILED, temporaries removed, outputs restorable). The e2e non-finite check
@@ -424,7 +424,7 @@ def test_group_size_against_in_features_is_checked_before_weights_load(tiny_mode
     from quant.config.scheme import QuantScheme
 
     params = common.Params(params.base, params.model, QuantScheme.from_dict(raw, "scheme"), params.sections)
-    monkeypatch.setattr(calibrate, "load_model", lambda *a, **k: pytest.fail("weights loaded before the check"))
+    monkeypatch.setattr(calibrate, "load_quantized", lambda *a, **k: pytest.fail("weights loaded before the check"))
     with pytest.raises(ConfigError, match=r"scheme\.weight\.group_size=48 does not divide in_features=64 of "
                                           r"q_proj/k_proj/v_proj/gate_proj/up_proj \(hidden_size\)"):
         calibrate.run(params)

@@ -1,4 +1,4 @@
-"""QuaRot as the initialisation of training (issue 11): a rotated W4A8KV4 model goes through
+"""QuaRot as the initialisation of training: a rotated W4A8KV4 model goes through
 the block_ap and e2e stages unchanged, keeps its online rotations, and both stages improve
 it (block_ap: validation MSE per block; e2e: validation loss), with the integer grid and the
 rotations as the later stages expect them."""

@@ -221,7 +221,7 @@ def test_model_dependent_errors_come_before_generation(model_dir, tmp_path, monk
         raise AssertionError("generation started")
 
     monkeypatch.setattr(stage, "generate", tripwire)
-    monkeypatch.setattr(stage, "load_model", tripwire)
+    monkeypatch.setattr(stage, "load_quantized", tripwire)
     with pytest.raises(ConfigError, match=match):
         run_shard(cfg_of(**params), shard, model_dir, tmp_path)
     assert not (tmp_path / "work").exists()

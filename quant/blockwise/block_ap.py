@@ -125,7 +125,7 @@ def fit_block(block: nn.Module, loss_fn: Callable, inputs: ActivationCache, targ
             raise BlockDivergedError(
                 f"block_ap: {name} diverged: loss {step_losses[k if k is not None else -1].item()} at "
                 f"step {step} (epoch {epoch}); nothing of this block is written; lower "
-                "block_ap.options.weight_lr / qparam_lr")
+                "block_ap.steps[0].block-ap.weight_lr / qparam_lr")
         if val_fn is not None:
             val_losses.append(val_fn())
     block.eval()

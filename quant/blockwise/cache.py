@@ -58,7 +58,7 @@ def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         err = int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), nbytes, 1))  # 1: portable
         if err != 0:
             raise RuntimeError(f"pinning {nbytes} bytes of host memory failed (cudaError {err}); set "
-                               "block_ap.options.cache to auto or disk")
+                               "the block-wise step's option cache to auto or disk")
         fin = weakref.finalize(t, torch.cuda.cudart().cudaHostUnregister, t.data_ptr())
         fin.atexit = False  # at exit the process memory goes anyway, maybe after the CUDA context
     return t

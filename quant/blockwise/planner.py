@@ -23,7 +23,7 @@ the two big ones are the same size, so nothing smarter would place them better.
 On a CPU device there is no GPU tier (`auto` picks host memory, then disk).
 
 An explicit `cache: gpu | cpu | disk` puts all four caches there after checking
-the room: too little is a ConfigError naming block_ap.options.cache with the
+the room: too little is a ConfigError naming the block-wise step's `cache` option with the
 bytes needed and free. Under `auto`, a cache that fits nowhere is a ConfigError
 naming data.train_samples and the largest count that would fit. Both come
 before any training (the engine plans in its constructor). The capacity is
@@ -96,8 +96,8 @@ def step_reserve(block_params: int, batch: int, seq: int, hidden: int, mlp: int)
     (10: fake-quant's bf16 copies, or TesseraQ's floor and rounding variables);
     activations saved for the backward, batch x seq x (16 hidden + 6 mlp) fp32
     values; and 2 GiB for allocator fragmentation and compile workspaces.
-    Against peaks measured on an H200 (Llama-2-7B block, docs/issues/issue-4.md,
-    docs/results/tesseraq_7b_gpu.json): Block-AP batch 2, 7.2 GiB reserved vs
+    Against peaks measured on an H200 (Llama-2-7B block; the Block-AP bench's JSON in
+    docs/history/ and docs/results/tesseraq_7b_gpu.json): Block-AP batch 2, 7.2 GiB reserved vs
     9.3 GiB here; TesseraQ batch 4, 9.7 GiB reserved vs 11.3 GiB here.
     """
     return 28 * block_params + batch * seq * (16 * hidden + 6 * mlp) * 4 + 2 * GIB
@@ -189,7 +189,7 @@ def _first_fit(requests: list[CacheRequest], tiers: list[str],
 
 
 def plan_caches(requests: list[CacheRequest], option: str, cap: Capacity, gpu_reserve: int,
-                option_field: str = "block_ap.options.cache",
+                option_field: str = "block_ap.steps[0].cache",
                 train_field: str = "block_ap.data.train_samples") -> list[Placement]:
     """Where each request goes under `option` (auto | gpu | cpu | disk); see the module notes."""
     budgets = _budgets(cap, gpu_reserve)

@@ -316,7 +316,7 @@ class TesseraQStep(BlockMethod):
             raise BlockDivergedError(
                 f"tesseraq: block {block} diverged: loss {losses[it].item()} at threshold step {k} "
                 f"(t={self.opt.thresholds[k]}), iteration {it}; nothing of this block is written; "
-                "lower block_ap.options.lr / scale_lr")
+                "lower block_ap.steps[0].tesseraq.lr / scale_lr")
         return mean
 
 
@@ -324,29 +324,29 @@ def check_model(model: nn.Module, options: TesseraQOptions, n_train: int) -> Non
     """Everything TesseraQ needs of its input, checked before any block is touched."""
     layers = _quant_linears(model)
     if not layers:
-        raise ConfigError("block_ap.method='tesseraq' needs a weight-quantized model (QuantLinear layers); "
+        raise ConfigError("tesseraq needs a weight-quantized model (QuantLinear layers); "
                           "run calibrate first")
     for name, m in layers:
         spec = m.spec
         if not isinstance(spec.format, IntFormat):
-            raise ConfigError(f"block_ap.method='tesseraq' learns rounding on integer grids; {name} uses "
+            raise ConfigError(f"tesseraq learns rounding on integer grids; {name} uses "
                               f"{spec.format.spec()} (scheme.weight.format must be intN)")
         if spec.dynamic_minmax:
-            raise ConfigError("block_ap.method='tesseraq' needs static step sizes; scheme.weight."
+            raise ConfigError("tesseraq needs static step sizes; scheme.weight."
                               "dynamic_minmax=true recomputes them from the weight")
         if m.frozen:
-            raise ConfigError(f"{name} is frozen on its grid; block_ap.method='tesseraq' needs the "
+            raise ConfigError(f"{name} is frozen on its grid; tesseraq needs the "
                               "calibrated (trainable) model")
         if options.qparams == "init":
             bad = ~torch.isfinite(m.scale) | (m.scale <= 0)
             if m.zero_point is not None:
                 bad = bad | ~torch.isfinite(m.zero_point)
             if bool(bad.any()):
-                raise ConfigError(f"block_ap.options.qparams='init': {name} has non-finite or non-positive "
+                raise ConfigError(f"block_ap.steps[0].tesseraq.qparams='init': {name} has non-finite or non-positive "
                                   "step sizes / zero points in the calibrated model; use 'minmax' or "
                                   "re-run calibrate")
     if n_train < options.batch_size:
-        raise ConfigError(f"block_ap.options.batch_size={options.batch_size} is larger than the {n_train} "
+        raise ConfigError(f"block_ap.steps[0].tesseraq.batch_size={options.batch_size} is larger than the {n_train} "
                           "training samples")
 
 

@@ -1,4 +1,4 @@
-"""LLM-FP4 search (`calibrate.method: fp-search`): exponent biases and FP formats, layer by layer.
+"""LLM-FP4 search (the calibrate step `fp-search`): exponent biases and FP formats, layer by layer.
 
 What is searched, per decoder linear, as in LLM-FP4 (Liu et al., 2023; reference code
 nbasyl/LLM-FP4, `FPPTQSLBatchingQuantLinear_fpq`):
@@ -84,7 +84,7 @@ class FPSearchOptions(Config):
     cache_dir: str = ""  # per-block results; a re-run with the same inputs reuses them
     device: str = ""  # "" = cuda when available, else cpu
     # where 2^-k of the pre-shift goes: "quantized" applies it to the quantized weight column
-    # (the reference code's simulated function; measured better: issue-13 note); "weight"
+    # (the reference code's simulated function; measured better, docs/results/fp_formats_cpu.json); "weight"
     # folds it into the float weight before the weight is quantized
     fold: Literal["weight", "quantized"] = "quantized"
     tf32: bool = True  # TF32 matmuls while scoring on CUDA (2^-11 << the FP8/FP4 steps scored)

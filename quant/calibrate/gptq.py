@@ -155,7 +155,7 @@ def inverse_cholesky(h: torch.Tensor, percdamp: float, name: str = "linear") -> 
         low, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(low), upper=True)
     if int(info) != 0:
         raise RuntimeError(f"GPTQ: the Hessian of {name} is not positive definite after "
-                           f"dampening; raise calibrate.options percdamp (now {percdamp}) or use "
+                           f"dampening; raise the gptq option percdamp (now {percdamp}) or use "
                            "more calibration data")
     return low
 

@@ -119,14 +119,14 @@ def check_rms_norms(model: nn.Module, m: ArchMapping) -> None:
         w = getattr(norm, "weight", None)
         if eps is None or w is None or getattr(norm, "bias", None) is not None:
             raise ConfigError(f"quarot needs RMSNorm; {name} is {type(norm).__name__} (no eps/weight "
-                              "or has a bias): calibrate.method=quarot accepts RMSNorm models only")
+                              "or has a bias): quarot accepts RMSNorm models only")
         x = torch.randn(4, w.numel(), generator=torch.Generator().manual_seed(0)) + 3.0
         x = x.to(w.device, w.dtype)
         ref = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps) * w.float()
         if not torch.allclose(norm(x).float(), ref, rtol=1e-3, atol=1e-3):
             raise ConfigError(f"quarot needs RMSNorm (x / rms(x) * w, no mean subtraction); {name} "
                               f"({type(norm).__name__}) computes something else: "
-                              "calibrate.method=quarot accepts RMSNorm models only")
+                              "quarot accepts RMSNorm models only")
 
 
 def _fuse(lin: nn.Linear, fn, dtype: torch.dtype, bias_fn=None) -> None:

@@ -6,7 +6,7 @@ step sizes (`scale`, fp32) are the only trainable parameters. Everything else
 in the model (embeddings, norms, lm_head) is frozen too. The loss is the
 causal-LM cross-entropy on the training data, optionally mixed with a
 distillation term `kd_weight * T^2 * KL(teacher || student)` on logits from the
-full-precision teacher (`ctx.teacher_dir`); the KD-QAT issue (`e2e.method: kd`)
+full-precision teacher (`ctx.teacher_dir`); the `kd` e2e step
 makes distillation the main objective.
 """
 
@@ -68,7 +68,7 @@ def setup(model: nn.Module, options: E2EQPOptions, ctx: E2EContext) -> Objective
 
         return Objective(groups, loss)
 
-    teacher = ctx.load_teacher("e2e.options.kd_weight > 0")
+    teacher = ctx.load_teacher("e2e-qp with kd_weight > 0")
     w, temp = options.kd_weight, options.kd_temperature
 
     def loss_kd(student: nn.Module, batch: Batch):

@@ -1,4 +1,4 @@
-"""LLM-QAT: quantization-aware training by knowledge distillation (`e2e.method: kd`).
+"""LLM-QAT: quantization-aware training by knowledge distillation (the e2e step `kd`).
 
 Student = the quantized model (weights, activations and KV cache as the scheme
 says), teacher = the full-precision model. The loss is the cross-entropy
@@ -119,7 +119,7 @@ def prepare_student(model: nn.Module, ctx: E2EContext, options: KDOptions) -> li
     layers = [m for _, m in quant_linears(model)]
     if scheme.weight is not None:
         if not layers:
-            raise ConfigError("e2e.method=kd with a weight scheme needs a quantized model (run calibrate first)")
+            raise ConfigError("kd with a weight scheme needs a quantized model (run calibrate first)")
         wrong = {str(m.spec) for m in layers if m.spec != scheme.weight}
         if wrong:
             raise ConfigError(f"the model's weight quantizers {sorted(wrong)} differ from scheme.weight="
@@ -149,7 +149,7 @@ def prepare_student(model: nn.Module, ctx: E2EContext, options: KDOptions) -> li
         for p in g["params"]:
             p.requires_grad_(True)
     if not groups:
-        raise ConfigError("e2e.method=kd: nothing to train (train_weights=false and no learned step sizes)")
+        raise ConfigError("e2e.steps[0].kd: nothing to train (train_weights=false and no learned step sizes)")
     return groups
 
 
@@ -162,9 +162,9 @@ def check_scheme(scheme, options: KDOptions, where: str = "kd") -> None:
 def setup(model: nn.Module, options: KDOptions, ctx: E2EContext) -> Objective:
     """LLM-QAT: quantization-aware training with knowledge distillation from the fp teacher."""
     if not ctx.has_teacher():  # before the student is changed
-        raise ConfigError("e2e.method=kd needs the full-precision teacher model (artifacts/prepare/model)")
+        raise ConfigError("kd needs the full-precision teacher model (artifacts/prepare/model)")
     groups = prepare_student(model, ctx, options)
-    teacher = ctx.load_teacher("e2e.method=kd")
+    teacher = ctx.load_teacher("kd")
     t, w, norm = options.temperature, options.hard_label_weight, options.normalize
 
     def loss(student: nn.Module, batch: Batch):

@@ -11,7 +11,7 @@ LLM-QAT's published code computes
 logits shaped [B, L, V]: `batchmean` divides the sum over *every* element by
 the first dimension B only, so the loss is the per-token divergence **summed
 over the L positions** and averaged over sequences. `normalize="batch"` does
-exactly that (the default of `e2e.method: kd`); `normalize="token"` divides by
+exactly that (the default of the `kd` step); `normalize="token"` divides by
 the number of counted positions instead (a per-token mean, L times smaller at
 full masks, the scale of the causal-LM loss, which E2E-QP mixes it with). With
 AdamW the two differ mainly through gradient clipping and epsilon: the step
