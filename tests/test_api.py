@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_stages import BIN, _copy_repo, _env, _set_params
 
 import quant
 from conftest import make_tiny_llama
 from quant.config import ConfigError
-from test_stages import BIN, _copy_repo, _env, _set_params
 
 RECIPE = "gptq+block-ap+e2e-qp:W3g32"
 OPTIONS = {"gptq": {"batch_size": 2}, "block-ap": {"epochs": 1, "batch_size": 2},

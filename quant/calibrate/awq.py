@@ -61,7 +61,7 @@ from torch import nn
 
 from quant.blockwise.cache import ActivationCache
 from quant.blockwise.passes import capture_block_inputs
-from quant.calibrate import CalibrationContext
+from quant.calibrate import CalibrationContext, static_qparams
 from quant.calibrate.saved import clock, model_fingerprint, read_results, spec_dict
 from quant.config import Config, ConfigError
 from quant.config.scheme import QuantScheme, WeightSpec
