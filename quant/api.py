@@ -71,10 +71,12 @@ def quantize(model: nn.Module, recipe: Recipe | str, *, tokenizer=None,
     taken before any step. `work_dir` keeps resumable state (default: a temporary dir)."""
     from quant.blockwise.engine import BlockwiseContext, reconstruct
     from quant.calibrate import calibrate
+    from quant.calibrate.saved import model_fingerprint
     from quant.data import split_samples, tokenize_text, windows
     from quant.e2e.distributed import make_accelerator
     from quant.e2e.trainer import E2EContext, TrainConfig
     from quant.e2e.trainer import train as train_steps
+    from quant.io import fingerprint
 
     if isinstance(recipe, str):
         recipe = Recipe.parse(recipe)
@@ -99,26 +101,43 @@ def quantize(model: nn.Module, recipe: Recipe | str, *, tokenizer=None,
         import copy
 
         teacher = copy.deepcopy(model)
+    cfg = train if train is not None else TrainConfig()
+    # resumable state in work_dir belongs to these inputs only (a different recipe, model or
+    # data starts afresh, as the stages' fingerprints do)
+    fp = fingerprint(recipe.params(), cfg.to_dict(), seed, model_fingerprint(model),
+                     tensors=tuple(t for t in (calib_ids, train_ids, val_ids) if t is not None))
     report = Report(recipe)
+    _seed(seed)  # each phase starts from the seed, as each stage process does
     cal = calibrate(model, recipe.scheme, recipe.calibrate, calib_ids, seed)
     report.calibrate, report.files = cal.metrics, cal.files
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(work_dir) if work_dir is not None else Path(tmp)
         if recipe.blockwise:
-            home = next(model.parameters()).device
+            _seed(seed)
+            device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
             model.to("cpu").float()  # the engine keeps fp32 master weights on the host
-            ctx = BlockwiseContext(dev, root / "blockwise", seed, train_ids=train_ids, val_ids=val_ids,
-                                   scheme=recipe.scheme)
+            ctx = BlockwiseContext(dev, root / "blockwise", seed, fp, train_ids=train_ids, val_ids=val_ids,
+                                   scheme=cal.scheme)
             report.blockwise = reconstruct(model, recipe.blockwise, ctx)
-            model.to(home)
+            model.to(device, dtype)  # as the e2e stage loads block_ap's output: in the model's dtype
         if recipe.e2e:
-            cfg = train if train is not None else TrainConfig()
+            _seed(seed)
             acc = make_accelerator(str(dev))
             dtype = next(model.parameters()).dtype
-            ctx = E2EContext(recipe.scheme, acc.device, dtype, None, seed, teacher=teacher)
+            ctx = E2EContext(cal.scheme, acc.device, dtype, None, seed, teacher=teacher)
             report.e2e, model = train_steps(model, recipe.e2e, train_ids, val_ids, cfg, ctx,
-                                            root / "e2e", acc)
+                                            root / "e2e", acc, fp)
     return model, report
+
+
+def _seed(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def perplexity(model: nn.Module, tokenizer, text: str | torch.Tensor, seq_len: int = 2048,

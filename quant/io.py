@@ -14,6 +14,7 @@ mkdtemp/mkstemp's 0700/0600.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -128,3 +129,16 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 def write_json_atomic(path: str | Path, data: Any) -> Path:
     """`data` as indented JSON with sorted keys and a final newline, written atomically."""
     return write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def fingerprint(*parts: Any, files: tuple[Path, ...] = (), tensors: tuple = ()) -> str:
+    """Identity of a run's settings and inputs (a resumed run must match it)."""
+    h = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
+    for f in files:
+        if f.exists():
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda fh=fh: fh.read(1 << 24), b""):
+                    h.update(chunk)
+    for t in tensors:
+        h.update(t.detach().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -31,6 +31,7 @@ from quant.checkpoint import (
 )
 from quant.config import Config, ConfigError
 from quant.data import split_samples
+from quant.io import fingerprint
 from quant.recipe import Step, check_steps
 from tasks.common import (
     Params,
@@ -43,7 +44,7 @@ from tasks.common import (
 )
 from tasks.reporting import plot_block_losses
 from tasks.tracking import log_step
-from tasks.training_data import DataConfig, fingerprint, training_sequences
+from tasks.training_data import DataConfig, training_sequences
 
 STATE_DIR = Path(".state") / "block_ap"
 

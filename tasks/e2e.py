@@ -38,12 +38,13 @@ from quant.config.scheme import QuantScheme
 from quant.data import split_samples
 from quant.e2e.distributed import DistributedConfig, make_accelerator, resolve_processes
 from quant.e2e.trainer import E2EContext, TrainConfig, no_full_step, train
+from quant.io import fingerprint
 from quant.models.hub import resolve_device
 from quant.recipe import Step, check_steps
 from tasks.common import Params, log_artifact, pass_through, setup_torch, stage_dir, write_json
 from tasks.launch import stage_entry
 from tasks.tracking import log_step
-from tasks.training_data import DataConfig, fingerprint, training_sequences
+from tasks.training_data import DataConfig, training_sequences
 
 STATE_DIR = Path(".state") / "e2e"
 

@@ -1,13 +1,9 @@
-"""What the training stages (block_ap, e2e) share: which sequences train them, and the
-fingerprint that ties a resumable run to its settings and inputs."""
+"""What the training stages (block_ap, e2e) share: which sequences train them."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from safetensors.torch import load_file
@@ -55,16 +51,3 @@ def training_sequences(tokenizer, data: DataConfig, section: str) -> tuple[torch
         return ids.long().contiguous(), str(MERGED)
     calib = stage_dir("prepare") / "data" / "calib.txt"
     return windows(tokenize_text(tokenizer, calib.read_text()), data.seq_len), str(calib)
-
-
-def fingerprint(*parts: Any, files: tuple[Path, ...] = (), tensors: tuple[torch.Tensor, ...] = ()) -> str:
-    """Identity of a run's settings and inputs (a resumed run must match it)."""
-    h = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
-    for f in files:
-        if f.exists():
-            with open(f, "rb") as fh:
-                for chunk in iter(lambda fh=fh: fh.read(1 << 24), b""):
-                    h.update(chunk)
-    for t in tensors:
-        h.update(t.contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
