@@ -26,9 +26,9 @@ MEANINGS: dict[tuple[str, str], str] = {
     ("QuaRotOptions", "online"): "online Hadamard rotations; auto: down_proj / o_proj inputs when "
                                  "activations are quantized, V/O when activations or the KV cache "
                                  "are, q/k after RoPE when the KV cache is",
-    ("FPSearchOptions", "fold"): "where the pre-shift 2^-k goes: on the quantized weight column "
-                                 "(the reference code's function) or folded into the float weight "
-                                 "before it is quantized",
+    ("FPSearchOptions", "fold"): "where the pre-shift 2^-k goes. quantized: on the quantized "
+                                 "weight column (the reference code's function); weight: folded "
+                                 "into the float weight before it is quantized",
     ("KDOptions", "teacher"): "online: a teacher forward per micro batch; topk: the teacher's top-k "
                               "logits computed once before training",
     ("KDOptions", "trainable"): "all: every float parameter trains (the reference); linears: only "
