@@ -48,6 +48,7 @@ from quant.blockwise.engine import (
 )
 from quant.blockwise.passes import first_nonfinite, make_loss_fn
 from quant.config import ConfigError
+from quant.config.scheme import integer_weights_only
 from quant.methods import register
 
 
@@ -160,12 +161,7 @@ class BlockAP(BlockwiseEngine):
         super().__init__(model, train_ids, val_ids, BlockAPStep(options, bits), options, ctx)
 
 
-def check_scheme(scheme, options: BlockAPOptions, where: str = "block-ap") -> None:
-    """Block-AP trains integer step sizes and zero points."""
-    scheme.require_integer_weights(where)
-
-
-@register("block-ap", kind="blockwise", options=BlockAPOptions, check=check_scheme)
+@register("block-ap", kind="blockwise", options=BlockAPOptions, check=integer_weights_only)
 def block_ap(model: nn.Module, options: BlockAPOptions, ctx: BlockwiseContext) -> BlockwiseResult:
     """Block-AP (EfficientQAT): every block's weights and qparams trained on the block-output MSE."""
     train_ids, val_ids = ctx.data()

@@ -72,6 +72,7 @@ from quant.blockwise.engine import (
 )
 from quant.blockwise.passes import first_nonfinite, make_loss_fn, mean_loss
 from quant.config import ConfigError
+from quant.config.scheme import integer_weights_only
 from quant.methods import register
 from quant.models.arch import get_module, set_module
 from quant.modules.linear import QuantLinear
@@ -359,12 +360,7 @@ class TesseraQ(BlockwiseEngine):
         super().__init__(model, train_ids, val_ids, TesseraQStep(options), options, ctx)
 
 
-def check_scheme(scheme, options: TesseraQOptions, where: str = "tesseraq") -> None:
-    """TesseraQ rounds onto integer grids."""
-    scheme.require_integer_weights(where)
-
-
-@register("tesseraq", kind="blockwise", options=TesseraQOptions, check=check_scheme)
+@register("tesseraq", kind="blockwise", options=TesseraQOptions, check=integer_weights_only)
 def tesseraq(model: nn.Module, options: TesseraQOptions, ctx: BlockwiseContext) -> BlockwiseResult:
     """TesseraQ: progressive adaptive rounding (PAR) plus dequantisation-scale tuning, per block."""
     train_ids, val_ids = ctx.data()

@@ -46,6 +46,35 @@ def static_qparams(scheme: QuantScheme, options=None) -> QuantScheme:
     return dataclasses.replace(scheme, weight=dataclasses.replace(scheme.weight, dynamic_minmax=False))
 
 
+def check_calibration_ids(ctx: CalibrationContext, saved_results: str | None, method: str) -> None:
+    """A step that searches on data (AWQ, GPTQ) has integer windows [samples, seq_len >= 2], or
+    the path of its saved results to reuse instead."""
+    from quant.config import ConfigError
+
+    ids = ctx.calib_ids
+    if saved_results is not None:
+        return
+    if ids is None:
+        raise ConfigError(f"{ctx.where} needs calibration data (calibrate.samples x calibrate.seq_len "
+                          f"windows of the calibration text), or the option results naming saved "
+                          f"{method} results")
+    if ids.dim() != 2 or ids.shape[1] < 2 or ids.dtype.is_floating_point:
+        raise ConfigError(f"{method} calibration ids must be integer [samples, seq_len >= 2], got "
+                          f"{ids.dtype} {tuple(ids.shape)}")
+
+
+def check_integer_scheme(scheme: QuantScheme, method: str, where: str) -> None:
+    """A quantizer of integer grids (AWQ, GPTQ) needs quantized int2..int8 weights."""
+    from quant.config import ConfigError
+    from quant.numerics.formats import IntFormat
+
+    if scheme.weight is None:
+        raise ConfigError(f"{where} quantizes weights but scheme.weight is null; set scheme.weight")
+    if not isinstance(scheme.weight.format, IntFormat):
+        raise ConfigError(f"scheme.weight.format={scheme.weight.format.spec()}: {method} supports integer "
+                          f"formats int2..int8 ({where})")
+
+
 @dataclass
 class Calibrated:
     scheme: QuantScheme  # the scheme of the calibrated model (quant.recipe.resolve_scheme)

@@ -61,7 +61,12 @@ from torch import nn
 
 from quant.blockwise.cache import ActivationCache
 from quant.blockwise.passes import capture_block_inputs
-from quant.calibrate import CalibrationContext, static_qparams
+from quant.calibrate import (
+    CalibrationContext,
+    check_calibration_ids,
+    check_integer_scheme,
+    static_qparams,
+)
 from quant.calibrate.saved import clock, model_fingerprint, read_results, spec_dict
 from quant.config import Config, ConfigError
 from quant.config.scheme import QuantScheme, WeightSpec
@@ -77,7 +82,6 @@ from quant.models.arch import (
 )
 from quant.modules.linear import QuantLinear
 from quant.numerics import grid as P
-from quant.numerics.formats import IntFormat
 
 RESULTS_FILE = "awq_results.safetensors"
 RESULTS_VERSION = "1"
@@ -170,11 +174,7 @@ def check_mapping(model: nn.Module, mapping: ArchMapping) -> None:
 
 def check_scheme(scheme: QuantScheme, options: AWQOptions, where: str = "awq") -> None:
     """What AWQ refuses before any model is loaded."""
-    if scheme.weight is None:
-        raise ConfigError(f"{where} quantizes weights but scheme.weight is null; set scheme.weight")
-    if not isinstance(scheme.weight.format, IntFormat):
-        raise ConfigError(f"scheme.weight.format={scheme.weight.format.spec()}: AWQ supports integer "
-                          f"formats int2..int8 ({where})")
+    check_integer_scheme(scheme, "AWQ", where)
 
 
 def check_inputs(model: nn.Module, options: AWQOptions, ctx: CalibrationContext) -> None:
@@ -182,15 +182,7 @@ def check_inputs(model: nn.Module, options: AWQOptions, ctx: CalibrationContext)
     check_scheme(ctx.scheme, options, ctx.where)
     quantizable_linears(model, ctx.scheme)  # group sizes divide every width
     check_mapping(model, mapping_for(model))
-    calib_ids = ctx.calib_ids
-    if options.results is None:
-        if calib_ids is None:
-            raise ConfigError(f"{ctx.where} needs calibration data (calibrate.samples x calibrate.seq_len "
-                              "windows of the calibration text), or the option results naming saved "
-                              "AWQ results")
-        if calib_ids.dim() != 2 or calib_ids.shape[1] < 2 or calib_ids.dtype.is_floating_point:
-            raise ConfigError(f"AWQ calibration ids must be integer [samples, seq_len >= 2], got "
-                              f"{calib_ids.dtype} {tuple(calib_ids.shape)}")
+    check_calibration_ids(ctx, options.results, "AWQ")
 
 
 # ---------------------------------------------------------------------------

@@ -70,7 +70,12 @@ from torch import nn
 
 from quant.blockwise.cache import ActivationCache
 from quant.blockwise.passes import call_block, capture_block_inputs, run_block
-from quant.calibrate import CalibrationContext, static_qparams
+from quant.calibrate import (
+    CalibrationContext,
+    check_calibration_ids,
+    check_integer_scheme,
+    static_qparams,
+)
 from quant.calibrate.saved import clock, model_fingerprint, read_results, spec_dict
 from quant.config import Config, ConfigError
 from quant.config.scheme import QuantScheme, WeightSpec
@@ -86,7 +91,6 @@ from quant.models.arch import (
 from quant.modules.linear import QuantLinear
 from quant.modules.rotation import move_input_rotation
 from quant.numerics import grid as P
-from quant.numerics.formats import IntFormat
 
 RESULTS_FILE = "gptq_results.safetensors"
 RESULTS_VERSION = "1"
@@ -317,32 +321,20 @@ def input_groups(mapping: ArchMapping) -> list[tuple[str, ...]]:
 
 def check_scheme(scheme: QuantScheme, options: GPTQOptions, where: str = "gptq") -> None:
     """What GPTQ refuses before any model is loaded."""
-    w = scheme.weight
-    if w is None:
-        raise ConfigError(f"{where} quantizes weights but scheme.weight is null; set scheme.weight")
-    if not isinstance(w.format, IntFormat):
-        raise ConfigError(f"scheme.weight.format={w.format.spec()}: GPTQ supports integer formats "
-                          f"int2..int8 ({where})")
+    check_integer_scheme(scheme, "GPTQ", where)
 
 
 def check_inputs(model: nn.Module, options: GPTQOptions, ctx: CalibrationContext) -> WeightSpec:
     """Refuse what GPTQ cannot do on this model and data, naming the field (no change to the
     model; the calibrate runner calls it before any step runs: QuaRot rotates after it)."""
-    scheme, calib_ids = ctx.scheme, ctx.calib_ids
+    scheme = ctx.scheme
     check_scheme(scheme, options, ctx.where)
     for name, lin in quantizable_linears(model, scheme):  # group sizes divide every width
         if type(lin) is not nn.Linear:
             raise ConfigError(f"{name} is a {type(lin).__name__}, GPTQ needs a plain nn.Linear "
                               "(a full-precision model)")
     input_groups(mapping_for(model))
-    if options.results is None:
-        if calib_ids is None:
-            raise ConfigError(f"{ctx.where} needs calibration data (calibrate.samples x calibrate.seq_len "
-                              "windows of the calibration text), or the option results naming saved "
-                              "GPTQ results")
-        if calib_ids.dim() != 2 or calib_ids.shape[1] < 2 or calib_ids.dtype.is_floating_point:
-            raise ConfigError(f"GPTQ calibration ids must be integer [samples, seq_len >= 2], got "
-                              f"{calib_ids.dtype} {tuple(calib_ids.shape)}")
+    check_calibration_ids(ctx, options.results, "GPTQ")
     return scheme.weight
 
 

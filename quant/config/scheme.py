@@ -66,6 +66,12 @@ class KVCacheSpec(Config):
     symmetric: bool = False
 
 
+def integer_weights_only(scheme: QuantScheme, options: Any = None, where: str = "this step") -> None:
+    """`check` hook (quant.methods) of steps that train or round integer grids (block-wise,
+    end-to-end): the scheme must quantize the weights to int2..int8."""
+    scheme.require_integer_weights(where)
+
+
 _SCHEME_RE = re.compile(r"^W(\d+)A(\d+)KV(\d+)$", re.IGNORECASE)
 # the compact text of a scheme in a recipe: W4g64 (weight-only, efficientqat preset),
 # W4A8KV4 / W4A8KV4g64 (llm-qat preset); no g = one group per output channel

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from quant.config import Config, ConfigError
+from quant.config.scheme import integer_weights_only
 from quant.e2e.losses import causal_lm_loss, kd_loss, next_token_nll
 from quant.e2e.trainer import Batch, E2EContext, Objective, check_lr
 from quant.methods import register
@@ -51,12 +52,7 @@ def freeze_for_e2e_qp(model: nn.Module) -> list[nn.Parameter]:
     return scales
 
 
-def check_scheme(scheme, options: E2EQPOptions, where: str = "e2e-qp") -> None:
-    """Trains integer step sizes (and, for kd, weights on the integer grid)."""
-    scheme.require_integer_weights(where)
-
-
-@register("e2e-qp", kind="e2e", options=E2EQPOptions, check=check_scheme)
+@register("e2e-qp", kind="e2e", options=E2EQPOptions, check=integer_weights_only)
 def setup(model: nn.Module, options: E2EQPOptions, ctx: E2EContext) -> Objective:
     """E2E-QP (EfficientQAT): only the step sizes train, end to end, on the causal-LM loss."""
     scales = freeze_for_e2e_qp(model)

@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from quant.config import Config, ConfigError
+from quant.config.scheme import integer_weights_only
 from quant.e2e.losses import NORMALIZE, Normalize, kd_loss, kd_loss_topk, next_token_nll
 from quant.e2e.trainer import Batch, E2EContext, Objective, check_lr
 from quant.methods import register
@@ -153,12 +154,7 @@ def prepare_student(model: nn.Module, ctx: E2EContext, options: KDOptions) -> li
     return groups
 
 
-def check_scheme(scheme, options: KDOptions, where: str = "kd") -> None:
-    """Trains integer step sizes (and, for kd, weights on the integer grid)."""
-    scheme.require_integer_weights(where)
-
-
-@register("kd", kind="e2e", options=KDOptions, check=check_scheme)
+@register("kd", kind="e2e", options=KDOptions, check=integer_weights_only)
 def setup(model: nn.Module, options: KDOptions, ctx: E2EContext) -> Objective:
     """LLM-QAT: quantization-aware training with knowledge distillation from the fp teacher."""
     if not ctx.has_teacher():  # before the student is changed
