@@ -158,6 +158,20 @@ def median_seconds(fn: Callable[[], Any], warmup: int = 3, repeat: int = 10) -> 
     return statistics.median(seconds(fn) for _ in range(repeat))
 
 
+def time_calls(obj: Any, name: str) -> list[tuple[tuple, float]]:
+    """Wrap the method `obj.name` (on this object only); every call appends (its positional
+    arguments, its synchronised seconds) to the returned list."""
+    real, calls = getattr(obj, name), []
+
+    def wrapper(*args, **kwargs):
+        t, result = timed(lambda: real(*args, **kwargs))
+        calls.append((args, t))
+        return result
+
+    setattr(obj, name, wrapper)
+    return calls
+
+
 def reset_peak_memory() -> None:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
