@@ -1,227 +1,267 @@
-"""PPL of quantization recipes side by side on one model (GPU or CPU), one run.
+"""PPL (and zero-shot accuracy) of quantization recipes side by side on one model, one run.
 
-A recipe is `calibrate[+blockwise][+e2e]:SCHEME`, each part a method name from the
-library's registries (`quant.calibrate.CALIBRATE`, `blockwise_methods()`, `e2e_methods()`),
-for example `rtn:W4g64`, `awq+tesseraq+e2e-qp:W2g64`, `quarot:W4A4KV4`. SCHEME is
-`W<w>A<a>KV<kv>` or `W<w>g<group>`: weight-only schemes use the `efficientqat` preset
-(asymmetric, learned step sizes and zero points, group 64 unless `g` says otherwise);
-schemes that quantize activations or the KV cache use the `llm-qat` preset (symmetric
-min-max, per-channel weights, per-token activations and KV cache).
+A recipe is `quant.recipe.Recipe` text, steps joined by `+` then the scheme
+(`Recipe.parse`): `rtn:W4g64`, `awq+tesseraq+e2e-qp:W2g64`, `quarot+gptq:W4A4KV4`. Weight-only
+schemes (`W3g64`) use the efficientqat preset (asymmetric, learned step sizes and zero points),
+schemes with activations or KV cache (`W4A8KV4`) the llm-qat preset (symmetric min-max);
+`--preset efficientqat` gives those asymmetric per-token activations and KV cache instead.
+`--options` sets a method's options in every recipe that has it (`{"tesseraq": {"iterations":
+50}}`); a recipe may carry a tag, `gptq:W4g64@act`, whose options come from the key `@act`
+(`{"@act": {"gptq": {"act_order": true}}}`), so one method can run twice with other options.
 
-Recipes that share a prefix share its work: `awq:W3g64`, `awq+tesseraq:W3g64` and
-`awq+tesseraq+e2e-qp:W3g64` calibrate once and run TesseraQ once.
+Every step runs the library code the stages run (`quant.calibrate.calibrate`,
+`quant.blockwise.engine.reconstruct`, `quant.e2e.trainer.train`), in memory. Recipes that
+share a prefix share its work: `awq:W3g64`, `awq+tesseraq:W3g64` and `awq+tesseraq+e2e-qp:W3g64`
+calibrate once and run TesseraQ once.
 
-Data (the stages' protocol, never the evaluation texts): calibration methods get
-`--calib-samples` random windows of `--calib-seq-len` tokens from the calibration text;
-block-wise and end-to-end training get `--train-samples` windows of `--seq-len` from its
-first 95%, validation windows from the last 5%. The E2E-QP learning rate is chosen among
-`--e2e-lr-mults` x the paper's by that validation loss. PPL is `quant.eval.ppl.perplexity`
-at `--seq-len` on every text of `<data>/eval/`, fp32 forward (bf16 autocast on GPU only
-inside training).
+Data (the stages' protocol, never the evaluation texts): calibration steps get
+`--calib-samples` random windows of `--calib-seq-len` tokens from the first 95% of the
+calibration text; block-wise and end-to-end training get `--train-samples` windows of
+`--seq-len` from it, validation windows from the last 5%. An e2e step's learning rate is
+chosen among `--e2e-lr-mults` x its base lr (the step's `lr` option; e2e-qp without one: the
+paper's 2e-5 at W2, 1e-5 above) by that validation loss. PPL is `quant.eval.ppl.perplexity`
+at `--seq-len` on every evaluation text, fp32 forward (bf16 autocast on GPU only inside
+training); `--tasks` adds the zero-shot tasks as the evaluate stage runs them.
 
-Usage: python benches/quality_recipes.py --model DIR --data DIR --out results.json \\
-           --recipes rtn:W4g64,awq:W4g64 [--options '{"tesseraq": {"iterations": 50}}']
-Imports only quant.*, torch and transformers.
+    python -m benches.quality.recipes --recipes rtn:W4g64,awq:W4g64,awq+block-ap+e2e-qp:W4g64
+    python -m benches.quality.recipes --recipes rtn:W4A8KV4,quarot+rtn:W4A8KV4 --preset efficientqat
+    python -m benches.quality.recipes --recipes rtn:W4g64,gptq:W4g64,gptq:W4g64@act \\
+        --options '{"@act": {"gptq": {"act_order": true}}}' --tasks all
+    python -m benches.quality.recipes --small          # CPU smoke run
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
+import hashlib
 import json
-import re
-import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benches import common
+from quant.config import ConfigError
+from quant.config.scheme import QuantScheme
+from quant.recipe import Recipe, Step
 
-from quant.blockwise.engine import BlockwiseContext, blockwise_methods  # noqa: E402
-from quant.calibrate import CALIBRATE  # noqa: E402
-from quant.config.scheme import QuantScheme  # noqa: E402
-from quant.data import sample_windows, tokenize_text, windows  # noqa: E402
-from quant.e2e.trainer import (  # noqa: E402
-    E2EContext,
-    TrainConfig,
-    Trainer,
-    e2e_methods,
-    make_accelerator,
-)
-from quant.eval.ppl import perplexity  # noqa: E402
-from quant.modules.runtime import apply_runtime_quantizers  # noqa: E402
-
-T0 = time.time()
-DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-_WEIGHT_ONLY = re.compile(r"^W(\d+)(?:g(-?\d+))?$")
+SMALL_OPTIONS = {"block-ap": {"epochs": 1, "batch_size": 2}, "tesseraq": {"thresholds": [0.5, 0.1], "iterations": 2,
+                                                                          "batch_size": 2}}
 
 
-def say(*a) -> None:
-    print(f"[{time.time() - T0:6.0f}s]", *a, flush=True)
+# ---------------------------------------------------------------------------
+# Recipes from the command line
 
 
-def parse_scheme(text: str) -> QuantScheme:
-    m = _WEIGHT_ONLY.match(text)
-    if m:
-        group = int(m.group(2)) if m.group(2) else -1
-        return QuantScheme.from_name(f"W{m.group(1)}A16KV16", preset="efficientqat", group_size=group)
-    return QuantScheme.from_name(text, preset="llm-qat")
+def with_preset(scheme: QuantScheme, preset: str) -> QuantScheme:
+    """The same bit widths and group size under `preset` (auto: as the text says)."""
+    if preset == "auto":
+        return scheme
+    a = scheme.activation.format.bits if scheme.activation else 16
+    kv = scheme.kv_cache.format.bits if scheme.kv_cache else 16
+    return QuantScheme.from_name(f"W{scheme.weight.bits}A{a}KV{kv}", preset=preset,
+                                 group_size=scheme.weight.group_size)
 
 
-def parse_recipe(text: str) -> tuple[tuple[str, ...], str]:
-    methods, _, scheme = text.partition(":")
-    if not scheme:
-        raise SystemExit(f"recipe {text!r} has no ':SCHEME' part, e.g. awq+tesseraq:W3g64")
-    steps = tuple(methods.split("+"))
-    calib = CALIBRATE.names()
-    if steps[0] not in calib:
-        raise SystemExit(f"recipe {text!r}: {steps[0]!r} is not a calibrate method; known: {calib}")
-    for s in steps[1:]:
-        if s not in blockwise_methods().names() + e2e_methods().names():
-            raise SystemExit(f"recipe {text!r}: {s!r} is not a block-wise or e2e method; known: "
-                             f"{blockwise_methods().names() + e2e_methods().names()}")
-    parse_scheme(scheme)
-    return steps, scheme
-
-
-def ppl_all(model, evals: dict[str, torch.Tensor], seq_len: int, windows: int) -> dict[str, float]:
-    model.to(DEV).eval()
-    with torch.no_grad():
-        out = {k: perplexity(model, ids, seq_len, batch_size=4, max_windows=windows).ppl
-               for k, ids in evals.items()}
-    model.cpu()
+def parse_recipes(texts: str, options: dict[str, Any], preset: str) -> dict[str, Recipe]:
+    """label -> Recipe for `TEXT[@TAG],...`; options by method name, and by `@TAG`."""
+    out = {}
+    for label in filter(None, (t.strip() for t in texts.split(","))):
+        text, at, tag = label.partition("@")
+        steps, _, scheme_text = text.partition(":")
+        names = steps.split("+")
+        opts = {k: v for k, v in options.items() if k in names}
+        if at:
+            if f"@{tag}" not in options:
+                raise SystemExit(f"recipe {label!r}: no options under the key '@{tag}' in --options")
+            opts |= options[f"@{tag}"]
+        try:
+            scheme = with_preset(QuantScheme.parse(scheme_text, f"recipe {label!r}: scheme"), preset)
+            out[label] = Recipe.parse(steps, opts, scheme=scheme)
+        except ConfigError as exc:
+            raise SystemExit(str(exc)) from None
     return out
 
 
+# ---------------------------------------------------------------------------
+# Running recipes, sharing prefixes
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 class Runner:
-    """Runs one step of a recipe on a copy of its prefix's model; remembers every prefix."""
+    """Runs the stages of a recipe on a copy of its prefix's model; remembers every prefix."""
 
-    def __init__(self, args, fp, tok) -> None:
-        self.args, self.fp = args, fp
-        calib = tokenize_text(tok, (args.data / "calib.txt").read_text())
-        cut = int(calib.numel() * 0.95)
-        self.calib_ids = sample_windows(calib[:cut], args.calib_samples, args.calib_seq_len, seed=0)
-        self.train = sample_windows(calib[:cut], args.train_samples, args.seq_len, seed=1)
-        self.val = windows(calib[cut:], args.seq_len)[: args.val_samples]
-        self.options = json.loads(args.options) if args.options else {}
-        self.models: dict[tuple, torch.nn.Module] = {}
-        self.acc = make_accelerator()
+    def __init__(self, fp, calib_ids: torch.Tensor, train_ids: torch.Tensor | None = None,
+                 val_ids: torch.Tensor | None = None, work: Path | None = None,
+                 e2e: tuple[int, int] = (1, 4), lr_mults: tuple[float, ...] = (1.0,)) -> None:
+        self.fp, self.calib_ids, self.train_ids, self.val_ids = fp, calib_ids, train_ids, val_ids
+        self.work = Path(tempfile.mkdtemp(prefix="quality-recipes-", dir=work))
+        self.e2e_epochs, self.e2e_batch = e2e  # end-to-end training: epochs, batch size
+        self.lr_mults = lr_mults
+        self.models: dict[str, torch.nn.Module] = {}
+        self.info: dict[str, dict[str, Any]] = {}
 
-    def _opts(self, entry, defaults: dict) -> object:
-        return entry.options.from_dict({**defaults, **self.options.get(entry.name, {})}, entry.name)
-
-    def step(self, scheme_text: str, steps: tuple[str, ...], info: dict) -> torch.nn.Module:
-        key = (scheme_text, steps)
-        if key in self.models:
-            return self.models[key]
-        scheme = parse_scheme(scheme_text)
-        bits = scheme.weight.bits if scheme.weight else 16
-        name = steps[-1]
-        t = time.time()
-        if len(steps) == 1:
-            model = copy.deepcopy(self.fp)
-            entry = CALIBRATE.get(name)
-            model.to(DEV)
-            metrics = entry.fn(model, scheme, self.calib_ids.to(DEV), self._opts(entry, {})) or {}
-            model.cpu()
-            apply_runtime_quantizers(model, scheme)
-            info[name] = {"metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float)}}
-        elif name in blockwise_methods().names():
-            model = copy.deepcopy(self.step(scheme_text, steps[:-1], info))
-            entry = blockwise_methods().get(name)
-            defaults = ({"epochs": 2, "batch_size": 2} if name == "block-ap" else {}) | {"cache": "gpu"}
-            if DEV.type != "cuda":
-                defaults["cache"] = "cpu"
-            work = self.args.work / re.sub(r"[^A-Za-z0-9]+", "-", "-".join((scheme_text,) + steps))
-            ctx = BlockwiseContext(DEV, work, 0, "-".join(steps))
-            res = entry.fn(model, self.train, self.val, self._opts(entry, defaults), ctx, bits)
-            info[name] = {"block_val_mse_init": [b.get("val_loss_init") for b in res.per_block],
-                          "block_val_mse": [b["val_loss_final"] for b in res.per_block],  # the state kept
-                          "blocks_kept_init": sum(b["kept"] == "init" for b in res.per_block)}
-        else:
-            base = self.step(scheme_text, steps[:-1], info)
-            model, info[name] = self._e2e(base, scheme, bits, name)
-        info.setdefault(name, {})["seconds"] = round(time.time() - t, 1)
-        self.models[key] = model
+    def model(self, recipe: Recipe, info: dict[str, Any]) -> torch.nn.Module:
+        """The quantized model of `recipe` (cached with every prefix); what each stage did in `info`."""
+        scheme = recipe.scheme.to_dict()
+        stages = [("calibrate", recipe.calibrate), ("blockwise", recipe.blockwise), ("e2e", recipe.e2e)]
+        model, key = self.fp, _key(scheme)
+        for kind, steps in stages:
+            if not steps:
+                continue
+            key = _key(key, kind, [s.spec() for s in steps])
+            if key in self.models:
+                info[kind] = {**self.info[key], "shared": True}  # an earlier recipe's prefix
+            else:
+                t = time.time()
+                run = {"calibrate": self._calibrate, "blockwise": self._blockwise, "e2e": self._e2e}[kind]
+                self.models[key], self.info[key] = run(model, recipe, key)
+                self.info[key]["seconds"] = round(time.time() - t, 1)
+                info[kind] = self.info[key]
+            model = self.models[key]
         return model
 
-    def _e2e(self, base, scheme, bits: int, name: str):
-        entry = e2e_methods().get(name)
-        paper = 2e-5 if bits <= 2 else 1e-5
-        lrs = [m * paper for m in (float(x) for x in self.args.e2e_lr_mults.split(","))]
+    def _calibrate(self, _fp, recipe: Recipe, _key: str):
+        from quant.calibrate import calibrate
+
+        model = copy.deepcopy(self.fp).to(common.device())
+        cal = calibrate(model, recipe.scheme, recipe.calibrate, self.calib_ids, seed=0)
+        return model.cpu(), {"metrics": {k: v for k, v in cal.metrics.items() if isinstance(v, int | float)}}
+
+    def _blockwise(self, base, recipe: Recipe, key: str):
+        from quant.blockwise.engine import BlockwiseContext, reconstruct
+
+        model = copy.deepcopy(base).cpu().float()  # the engine keeps fp32 master weights on the host
+        ctx = BlockwiseContext(common.device(), self.work / f"blockwise-{key}", 0, key, train_ids=self.train_ids,
+                               val_ids=self.val_ids, scheme=recipe.model_scheme)
+        res = reconstruct(model, recipe.blockwise, ctx)
+        return model, {"block_val_mse_init": [b.get("val_loss_init") for b in res.per_block],
+                       "block_val_mse": [b["val_loss_final"] for b in res.per_block],  # the state kept
+                       "blocks_kept_init": sum(b["kept"] == "init" for b in res.per_block)}
+
+    def _e2e(self, base, recipe: Recipe, key: str):
+        """Each learning rate on a copy of `base`; the best by validation loss is kept."""
+        from quant.e2e.distributed import make_accelerator
+        from quant.e2e.trainer import E2EContext, TrainConfig, train
+
+        (step,) = recipe.e2e
+        acc = make_accelerator()
         best, tried = None, {}
-        for lr in lrs:
-            student = copy.deepcopy(base)
-            ctx = E2EContext(scheme, self.acc.device, torch.float32)
-            objective = entry.fn(student, self._opts(entry, {"lr": lr}), ctx)
-            cfg = TrainConfig(epochs=1, batch_size=self.args.e2e_batch, save_every=0, log_every=20)
-            work = self.args.work / f"e2e-{id(base)}-{lr}"
-            trainer = Trainer(student, objective, cfg, work, self.acc, 0, f"{name}{lr}")
-            out = trainer.fit({"input_ids": self.train}, {"input_ids": self.val})
-            student = self.acc.unwrap_model(trainer.model, keep_fp32_wrapper=False).cpu()
-            tried[str(lr)] = {"val_loss_before": out.val_loss_before, "val_loss": out.val_loss_after}
-            if best is None or out.val_loss_after < best[0]:
-                best = (out.val_loss_after, lr, student)
+        for lr in (m * base_lr(step, recipe.model_scheme) for m in self.lr_mults):
+            trial = Step(step.method, dataclasses.replace(step.options, lr=lr))
+            teacher = copy.deepcopy(self.fp) if step.method == "kd" else None
+            ctx = E2EContext(recipe.model_scheme, acc.device, torch.float32, seed=0, teacher=teacher)
+            cfg = TrainConfig(epochs=self.e2e_epochs, batch_size=self.e2e_batch, save_every=0, log_every=20)
+            res, student = train(copy.deepcopy(base), (trial,), self.train_ids, self.val_ids, cfg, ctx,
+                                 self.work / f"e2e-{key}-{lr}", acc)
+            tried[str(lr)] = {"val_loss_before": res.val_loss_before, "val_loss": res.val_loss_after,
+                              "steps": res.steps}
+            if best is None or res.val_loss_after < best[0]:
+                best = (res.val_loss_after, lr, student.cpu())
         return best[2], {"lr": best[1], "tried": tried}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", type=Path, required=True, help="fp32 safetensors model directory")
-    ap.add_argument("--data", type=Path, required=True, help="calib.txt + eval/*.txt (tasks.prepare)")
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--recipes", required=True, help="comma-separated, e.g. rtn:W4g64,awq+tesseraq:W3g64")
-    ap.add_argument("--options", default="", help='JSON: method name -> options, e.g. {"tesseraq": {"iterations": 50}}')
+def base_lr(step: Step, scheme: QuantScheme) -> float:
+    """The step's lr; e2e-qp at its default lr: the paper's (2e-5 at W2, 1e-5 above)."""
+    if step.method == "e2e-qp" and step.options.lr == type(step.options)().lr:
+        return 2e-5 if scheme.weight.bits <= 2 else 1e-5
+    return step.options.lr
+
+
+# ---------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    common.add_model_args(ap)
+    ap.add_argument("--recipes", default=None, help="comma-separated, e.g. rtn:W4g64,awq+tesseraq:W3g64")
+    ap.add_argument("--options", default="{}", help='JSON: method -> options, "@tag" -> {method: options}')
+    ap.add_argument("--preset", default="auto", choices=["auto", "efficientqat", "llm-qat"],
+                    help="scheme preset of every recipe (auto: as its scheme text says)")
     ap.add_argument("--calib-samples", type=int, default=128)
     ap.add_argument("--calib-seq-len", type=int, default=512)
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--train-samples", type=int, default=256)
     ap.add_argument("--val-samples", type=int, default=16)
+    ap.add_argument("--e2e-epochs", type=int, default=1)
     ap.add_argument("--e2e-batch", type=int, default=4)
-    ap.add_argument("--e2e-lr-mults", default="1,5",
-                    help="E2E-QP learning rates as multiples of the paper's (2e-5 at W2, 1e-5 above); "
-                         "the best by validation loss is kept")
-    ap.add_argument("--eval-windows", type=int, default=16)
+    ap.add_argument("--e2e-lr-mults", default="1,5", help="e2e learning rates as multiples of the base lr")
+    ap.add_argument("--eval-windows", type=int, default=16, help="per text; 0 = whole texts")
     ap.add_argument("--deadline-s", type=float, default=0, help="start no recipe after this many seconds")
-    ap.add_argument("--work", type=Path, default=Path("/tmp/quality-recipes"))
-    args = ap.parse_args()
-    recipes = [parse_recipe(r.strip()) for r in args.recipes.split(",") if r.strip()]
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    ap.add_argument("--work", type=Path, default=None, help="block-wise / e2e work files (default: temp dir)")
+    common.add_task_args(ap)
+    common.add_out_arg(ap, "quality-recipes")
+    args = ap.parse_args(argv)
+    options = json.loads(args.options)
+    if args.small:
+        args.recipes = args.recipes or "rtn:W4g64,rtn+block-ap:W4g64,rtn+block-ap+e2e-qp:W4g64"
+        options = {**SMALL_OPTIONS, **options}
+        args.calib_samples, args.calib_seq_len, args.seq_len = 4, 64, 64
+        args.train_samples, args.val_samples, args.e2e_batch, args.e2e_lr_mults, args.eval_windows = 8, 2, 2, "1", 2
+    if not args.recipes:
+        ap.error("--recipes is required (or --small)")
+    recipes = parse_recipes(args.recipes, options, args.preset)
+    common.set_threads(args.threads)
+    run(args, recipes)
 
-    tok = AutoTokenizer.from_pretrained(args.model)
-    fp = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-    evals = {p.stem: tokenize_text(tok, p.read_text()) for p in sorted((args.data / "eval").glob("*.txt"))}
-    results: dict = {"settings": {k: str(v) for k, v in vars(args).items()}, "device": str(DEV), "recipes": {}}
-    if torch.cuda.is_available():
-        results["gpu"] = torch.cuda.get_device_name()
-    results["fp"] = ppl_all(fp, evals, args.seq_len, args.eval_windows)
-    say("fp", results["fp"])
-    runner = Runner(args, fp, tok)
-    for steps, scheme in recipes:
-        name = f"{'+'.join(steps)}:{scheme}"
-        if args.deadline_s and time.time() - T0 > args.deadline_s:
-            results["recipes"][name] = {"skipped": "deadline"}
+
+def run(args: argparse.Namespace, recipes: dict[str, Recipe]) -> None:
+    from quant.data import sample_windows, tokenize_text, windows
+
+    fp, tok = common.load_fp_model(args.model, args.small)
+    calib_text, eval_texts = common.texts(args.data, args.small)
+    evals = common.eval_ids(tok, eval_texts)
+    calib = tokenize_text(tok, calib_text)
+    cut = int(calib.numel() * 0.95)
+    runner = Runner(fp, sample_windows(calib[:cut], args.calib_samples, args.calib_seq_len, seed=0),
+                    sample_windows(calib[:cut], args.train_samples, args.seq_len, seed=1),
+                    windows(calib[cut:], args.seq_len)[: args.val_samples], args.work, (args.e2e_epochs, args.e2e_batch),
+                    tuple(float(x) for x in args.e2e_lr_mults.split(",")))
+    windows_per_text = args.eval_windows or None
+    results: dict[str, Any] = {"fp": {"ppl": common.perplexities(fp, evals, args.seq_len, windows_per_text)}}
+    results["fp"] |= common.task_scores(fp, tok, args)
+    results["recipes"] = {}
+    common.say("fp", results["fp"])
+    for label, recipe in recipes.items():
+        if args.deadline_s and time.perf_counter() - common.T0 > args.deadline_s:
+            results["recipes"][label] = {"skipped": "deadline"}
             continue
-        info: dict = {}
+        entry: dict[str, Any] = {"recipe": str(recipe), "params": recipe.params(), "stages": {}}
         t = time.time()
         try:
-            model = runner.step(scheme, steps, info)
-            ppl = ppl_all(model, evals, args.seq_len, args.eval_windows)
-            ratio = {k: round(v / results["fp"][k], 4) for k, v in ppl.items()}
-            results["recipes"][name] = {"ppl": ppl, "ppl_ratio": ratio, "steps": info,
-                                        "seconds": round(time.time() - t, 1)}
-            say(name, ppl, ratio)
+            model = runner.model(recipe, entry["stages"])
+            entry["ppl"] = common.perplexities(model, evals, args.seq_len, windows_per_text)
+            entry["ppl_ratio"] = {k: round(v / results["fp"]["ppl"][k], 4) for k, v in entry["ppl"].items()}
+            entry |= common.task_scores(model, tok, args)
+            common.say(label, entry["ppl"], entry["ppl_ratio"])
         except Exception as exc:  # a failing recipe is recorded and does not stop the others
-            results["recipes"][name] = {"error": f"{type(exc).__name__}: {exc}"}
-            say(name, "FAILED", type(exc).__name__, exc)
-        args.out.write_text(json.dumps(results, indent=2, default=str))
-    print("\n| recipe | " + " | ".join(f"PPL {k} (x fp)" for k in evals) + " |")
-    print("|---|" + "---:|" * len(evals))
-    print("| fp | " + " | ".join(f"{results['fp'][k]:.2f}" for k in evals) + " |")
+            entry["error"] = f"{type(exc).__name__}: {exc}"
+            common.say(label, "FAILED", entry["error"])
+        entry["seconds"] = round(time.time() - t, 1)
+        results["recipes"][label] = entry
+        common.write_result(args, results)
+    path = common.write_result(args, results)
+    print_table(results, list(evals))
+    common.say("wrote", path)
+
+
+def print_table(results: dict[str, Any], texts: list[str]) -> None:
+    acc = "avg_acc" in results["fp"]
+    print("\n| recipe | " + " | ".join(f"PPL {k} (x fp)" for k in texts) + (" | avg acc |" if acc else " |"))
+    print("|---|" + "---:|" * (len(texts) + acc))
+    fp = results["fp"]
+    print("| fp | " + " | ".join(f"{fp['ppl'][k]:.2f}" for k in texts) + (f" | {fp['avg_acc']:.4f} |" if acc else " |"))
     for name, r in results["recipes"].items():
         if "ppl" in r:
-            print(f"| {name} | " + " | ".join(f"{r['ppl'][k]:.2f} ({r['ppl_ratio'][k]:.2f}x)" for k in evals) + " |")
+            cells = " | ".join(f"{r['ppl'][k]:.2f} ({r['ppl_ratio'][k]:.2f}x)" for k in texts)
+            print(f"| {name} | {cells}" + (f" | {r['avg_acc']:.4f} |" if acc else " |"))
         else:
             print(f"| {name} | {r.get('error') or r.get('skipped')} |")
 
