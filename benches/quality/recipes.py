@@ -108,15 +108,22 @@ class Runner:
         self.models: dict[str, torch.nn.Module] = {}
         self.info: dict[str, dict[str, Any]] = {}
 
+    @staticmethod
+    def stages(recipe: Recipe) -> list[tuple[str, str]]:
+        """(stage kind, key of the model after it) for each stage the recipe runs; a key names
+        the scheme and every step so far, so recipes with the same prefix share its keys."""
+        out, key = [], _key(recipe.scheme.to_dict())
+        for kind in ("calibrate", "blockwise", "e2e"):
+            steps = getattr(recipe, kind)
+            if steps:
+                key = _key(key, kind, [s.spec() for s in steps])
+                out.append((kind, key))
+        return out
+
     def model(self, recipe: Recipe, info: dict[str, Any]) -> torch.nn.Module:
-        """The quantized model of `recipe` (cached with every prefix); what each stage did in `info`."""
-        scheme = recipe.scheme.to_dict()
-        stages = [("calibrate", recipe.calibrate), ("blockwise", recipe.blockwise), ("e2e", recipe.e2e)]
-        model, key = self.fp, _key(scheme)
-        for kind, steps in stages:
-            if not steps:
-                continue
-            key = _key(key, kind, [s.spec() for s in steps])
+        """The quantized model of `recipe` (a cached prefix is reused); what each stage did in `info`."""
+        model = self.fp
+        for kind, key in self.stages(recipe):
             if key in self.models:
                 info[kind] = {**self.info[key], "shared": True}  # an earlier recipe's prefix
             else:
@@ -127,6 +134,13 @@ class Runner:
                 info[kind] = self.info[key]
             model = self.models[key]
         return model
+
+    def keep_for(self, recipes: list[Recipe]) -> None:
+        """Drop every cached model that none of `recipes` (those still to run) starts from."""
+        needed = {key for r in recipes for _, key in self.stages(r)}
+        for key in [k for k in self.models if k not in needed]:
+            del self.models[key]
+        common.free_memory()
 
     def _calibrate(self, _fp, recipe: Recipe, _key: str):
         from quant.calibrate import calibrate
@@ -229,7 +243,9 @@ def run(args: argparse.Namespace, recipes: dict[str, Recipe]) -> None:
     results["fp"] |= common.task_scores(fp, tok, args)
     results["recipes"] = {}
     common.say("fp", results["fp"])
+    todo = list(recipes.values())
     for label, recipe in recipes.items():
+        todo.pop(0)
         if args.deadline_s and time.perf_counter() - common.T0 > args.deadline_s:
             results["recipes"][label] = {"skipped": "deadline"}
             continue
@@ -246,6 +262,7 @@ def run(args: argparse.Namespace, recipes: dict[str, Recipe]) -> None:
             common.say(label, "FAILED", entry["error"])
         entry["seconds"] = round(time.time() - t, 1)
         results["recipes"][label] = entry
+        runner.keep_for(todo)
         common.write_result(args, results)
     path = common.write_result(args, results)
     print_table(results, list(evals))
