@@ -1,15 +1,17 @@
-"""Packed export of the embedded model on CPU: size on disk per format, bits per weight,
-and PPL of every checkpoint loaded back, against the fake-quant model it came from.
+"""Packed export on CPU: size on disk per format, bits per weight, and PPL of every
+checkpoint loaded back, against the fake-quant model it came from.
 
-SmolLM2-135M (the embedded default, or `--model DIR`), RTN W4 g64 asymmetric, frozen
-and converted to fp16 (quant.export.half); then each format is written and loaded back:
+SmolLM2-135M (the embedded default, or `--model`), the `rtn` step at W4 g64 asymmetric
+(`rtn:W4g64`), frozen and converted to fp16 (quant.export.half); then each format is
+written (quant.export.base.export) and loaded back:
 `compressed-tensors` through this project's loader and through compressed-tensors' own
 `ModelCompressor.decompress_model` (transformers 5.23 cannot load the asymmetric
 checkpoint, see docs/issues/issue-14.md), `gptq` through this project's loader, `half`
 through `load_model`. PPL on the first `--windows` windows of the held-out Wikipedia
 text, computed in float32 on every model.
 
-    python benches/convert_quality.py --out docs/results/convert_cpu.json
+    python -m benches.quality.convert
+    python -m benches.quality.convert --small     # CPU smoke run: tiny random model
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+
+from benches import common
 
 
 def dir_bytes(path: Path) -> int:
@@ -52,64 +55,68 @@ def ct_library_load(path: Path):
     return model.eval()
 
 
-def main() -> None:
-    from quant.calibrate.rtn import quantize_linears
+def main(argv: list[str] | None = None) -> None:
+    from quant.calibrate import calibrate
     from quant.checkpoint import save_quantized
-    from quant.config.scheme import QuantScheme, WeightSpec
-    from quant.data import tokenize_text
     from quant.eval.ppl import perplexity
     from quant.export.base import export
     from quant.export.half import to_half
     from quant.export.loader import load_packed
     from quant.load import load_model
-    from quant.models.hub import resolve_model
-    from quant.numerics.formats import IntFormat
-    from tasks.textdata import split_wiki
+    from quant.recipe import Recipe
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--model", default=None, help="fp32 safetensors + tokenizer dir (default: embedded)")
+    common.add_model_args(ap)
+    ap.add_argument("--recipe", default="rtn:W4g64", help="a calibrate-only recipe (no data: rtn, quarot+rtn)")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--windows", type=int, default=4)
+    ap.add_argument("--eval-text", default="embedded-wiki", help="which evaluation text (--small: lee)")
     ap.add_argument("--formats", nargs="+", default=["compressed-tensors", "gptq", "half"])
-    args = ap.parse_args()
+    common.add_out_arg(ap, "quality-convert")
+    args = ap.parse_args(argv)
+    if args.small:
+        args.seq_len, args.windows, args.eval_text = 64, 2, "lee"
+    common.set_threads(args.threads)
+    recipe = Recipe.parse(args.recipe)
     torch.manual_seed(0)
-    work = Path(tempfile.mkdtemp(prefix="convert-quality-"))
-    src = Path(args.model) if args.model else resolve_model("embedded:smollm2-135m", work / "base")
-    model, tok = load_model(src, torch.float32)
-    ids = tokenize_text(tok, "\n\n".join(split_wiki(5)[1]))
+    with tempfile.TemporaryDirectory(prefix="convert-quality-") as tmp:
+        work = Path(tmp)
+        model, tok = common.load_fp_model(args.model, args.small)
+        model.save_pretrained(work / "base")  # the base checkpoint as safetensors: its size on disk
+        tok.save_pretrained(work / "base")
+        ids = common.eval_ids(tok, {args.eval_text: common.texts(args.data, args.small)[1][args.eval_text]})
+        ids = ids[args.eval_text]
 
-    def ppl(m) -> float:
-        return perplexity(m.float(), ids, args.seq_len, 1, args.windows).ppl
+        def ppl(m) -> float:
+            return perplexity(m.float(), ids, args.seq_len, 1, args.windows).ppl
 
-    result = {"model": str(src), "scheme": "W4A16KV16g64 asymmetric, RTN", "seq_len": args.seq_len,
-              "windows": args.windows, "base_bytes": dir_bytes(src), "base_ppl": ppl(model)}
-    scheme = QuantScheme(weight=WeightSpec(IntFormat(4), 64, False))
-    quantize_linears(model, scheme)
-    save_quantized(model, tok, scheme, work / "fake-quant-fp32")
-    result["fake_quant_fp32_bytes"] = dir_bytes(work / "fake-quant-fp32")
-    result["half"] = to_half(model, torch.float16)
-    result["fake_quant_ppl"] = ppl(model)
-    model.half()
-    result["formats"] = {}
-    for fmt in args.formats:
-        t0 = time.time()
-        fp = export(model, tok, scheme, fmt, work / fmt, torch.float16)
-        entry = {**fp.to_dict(), "size_bytes": dir_bytes(work / fmt), "export_seconds": time.time() - t0}
-        if fmt == "half":
-            entry["ppl_load_model"] = ppl(load_model(work / fmt, torch.float32)[0])
-        else:
-            entry["ppl_own_loader"] = ppl(load_packed(work / fmt, torch.float32)[0])
-        if fmt == "compressed-tensors":
-            entry["ppl_compressed_tensors_library"] = ppl(ct_library_load(work / fmt))
-        entry["ppl_equal_to_fake_quant"] = all(v == result["fake_quant_ppl"] for k, v in entry.items()
-                                               if k.startswith("ppl_") and k != "ppl_equal_to_fake_quant")
-        result["formats"][fmt] = entry
-        print(fmt, json.dumps(entry), flush=True)
-        model.half()  # export leaves the model as it was; keep the half weights for the next one
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+        result = {"recipe": str(recipe), "scheme": recipe.scheme.to_dict(), "base_bytes": dir_bytes(work / "base"),
+                  "base_ppl": ppl(model)}
+        calibrate(model, recipe.scheme, recipe.calibrate)
+        save_quantized(model, tok, recipe.scheme, work / "fake-quant-fp32")
+        result["fake_quant_fp32_bytes"] = dir_bytes(work / "fake-quant-fp32")
+        result["half"] = to_half(model, torch.float16)
+        result["fake_quant_ppl"] = ppl(model)
+        model.half()
+        result["formats"] = {}
+        for fmt in args.formats:
+            seconds, footprint = common.timed(
+                lambda fmt=fmt: export(model, tok, recipe.scheme, fmt, work / fmt, torch.float16))
+            entry = {**footprint.to_dict(), "size_bytes": dir_bytes(work / fmt), "export_seconds": seconds}
+            if fmt == "half":
+                entry["ppl_load_model"] = ppl(load_model(work / fmt, torch.float32)[0])
+            else:
+                entry["ppl_own_loader"] = ppl(load_packed(work / fmt, torch.float32)[0])
+            if fmt == "compressed-tensors":
+                entry["ppl_compressed_tensors_library"] = ppl(ct_library_load(work / fmt))
+            entry["ppl_equal_to_fake_quant"] = all(v == result["fake_quant_ppl"] for k, v in entry.items()
+                                                   if k.startswith("ppl_"))
+            result["formats"][fmt] = entry
+            print(fmt, json.dumps(entry), flush=True)
+            model.half()  # export leaves the model as it was; keep the half weights for the next one
+    path = common.write_result(args, result)
     print(json.dumps(result, indent=2))
+    common.say("wrote", path)
 
 
 if __name__ == "__main__":
