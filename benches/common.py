@@ -42,7 +42,7 @@ SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
     # the tests' tiny Llama (tests/conftest.py make_tiny_llama)
     "tiny": ("LlamaConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
-                                 max_position_embeddings=512)),
+                                 max_position_embeddings=512, rms_norm_eps=1e-6)),
     # CPU smoke runs of the 7B-shaped speed benches
     "small": ("LlamaConfig", dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                                   num_attention_heads=4, num_key_value_heads=4, vocab_size=512,
