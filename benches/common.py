@@ -38,32 +38,27 @@ T0 = time.perf_counter()
 # Model shapes: name -> (transformers config class, sizes). Random init.
 
 _IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False, rms_norm_eps=1e-5)
+
+
+def _sizes(config: str, hidden: int, mlp: int, layers: int, heads: int, kv_heads: int, vocab: int,
+           positions: int = 4096, **extra: Any) -> tuple[str, dict[str, Any]]:
+    return config, dict(hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
+                        num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
+                        max_position_embeddings=positions, **extra)
+
+
 SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
-    # the tests' tiny Llama (tests/conftest.py make_tiny_llama)
-    "tiny": ("LlamaConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
-                                 max_position_embeddings=512, rms_norm_eps=1e-6)),
+    # the tests' tiny Llama (tests/conftest.py make_tiny_llama), the same weights for a seed
+    "tiny": _sizes("LlamaConfig", 64, 128, 2, 4, 2, 256, 512, rms_norm_eps=1e-6),
     # CPU smoke runs of the 7B-shaped speed benches
-    "small": ("LlamaConfig", dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=4, vocab_size=512,
-                                  max_position_embeddings=2048)),
-    "smollm2-135m": ("LlamaConfig", dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
-                                         max_position_embeddings=8192, tie_word_embeddings=True)),
-    "llama-small": ("LlamaConfig", dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
-                                        num_attention_heads=16, num_key_value_heads=16, vocab_size=32000,
-                                        max_position_embeddings=4096)),
-    "llama-2-7b": ("LlamaConfig", dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
-                                       max_position_embeddings=4096)),
-    "llama-2-13b": ("LlamaConfig", dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
-                                        num_attention_heads=40, num_key_value_heads=40, vocab_size=32000,
-                                        max_position_embeddings=4096)),
-    # Qwen3-8B's sizes (GQA 32/8, vocab 151936) on the Qwen2 architecture: quant.models.arch maps
-    # qwen2 and has no mapping for Qwen3's q/k norms yet
-    "qwen3-8b-like": ("Qwen2Config", dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
-                                          num_attention_heads=32, num_key_value_heads=8, vocab_size=151936,
-                                          max_position_embeddings=40960)),
+    "small": _sizes("LlamaConfig", 128, 256, 2, 4, 4, 512, 2048),
+    "smollm2-135m": _sizes("LlamaConfig", 576, 1536, 30, 9, 3, 49152, 8192, tie_word_embeddings=True),
+    "llama-small": _sizes("LlamaConfig", 1024, 2816, 8, 16, 16, 32000),
+    "llama-2-7b": _sizes("LlamaConfig", 4096, 11008, 32, 32, 32, 32000),
+    "llama-2-13b": _sizes("LlamaConfig", 5120, 13824, 40, 40, 40, 32000),
+    # Qwen3-8B's sizes (GQA 32/8, vocab 151936) on the Qwen2 architecture (with its q/k/v biases):
+    # quant.models.arch maps qwen2 and has no mapping for Qwen3's q/k norms yet
+    "qwen3-8b-like": _sizes("Qwen2Config", 4096, 12288, 36, 32, 8, 151936, 40960),
 }
 
 

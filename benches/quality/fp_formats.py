@@ -31,7 +31,6 @@ the table can be filled by several runs. The time of fp-search on a 7B-shaped mo
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
 from benches import common

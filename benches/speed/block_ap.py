@@ -112,9 +112,11 @@ def block_ap_step(block, kwargs, dims: Dims, dev: torch.device, samples: int, co
     batches = samples / dims.batch
     common.reset_peak_memory()
     base_mem = torch.cuda.memory_allocated() if dev.type == "cuda" else 0
-    fp = float_block(block).to(dev)  # full-precision targets: one forward pass over the cache
-    fp_fwd = common.seconds(lambda: run_block(fp, fp_out, fp_out, kwargs, dims.batch, amp=True)) / batches
-    del fp
+
+    def fp_pass() -> None:  # full-precision targets: the fp block built, one forward pass over the cache
+        run_block(float_block(block).to(dev), fp_out, fp_out, kwargs, dims.batch, amp=True)
+
+    fp_fwd = common.seconds(fp_pass) / batches
     ws = block.to(dev, torch.float32)
     loss_fn = make_loss_fn(ws, kwargs, dev, amp=True, compile=compile)
     prefetch = Prefetcher(dev)

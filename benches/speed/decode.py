@@ -35,7 +35,6 @@ CPU smoke run at tiny size:
 from __future__ import annotations
 
 import argparse
-import time
 import traceback
 
 import torch

@@ -38,8 +38,6 @@ def time_quarot(shape: str, layers: int, scheme: QuantScheme, steps: tuple[Step,
         fn = methods.method(step.method, "calibrate").fn
         out[f"{step.method}_s"] = common.seconds(lambda fn=fn, step=step, ctx=ctx: fn(model, step.options, ctx))
     out["total_s"] = sum(out.values())
-    del model
-    common.free_memory()
     return out
 
 
@@ -77,6 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     runs = {}
     for n in counts:
         runs[n] = time_quarot(args.shape, n, scheme, steps, dtype)
+        common.free_memory()
         common.say(n, "layers:", {k: round(v, 2) for k, v in runs[n].items()})
     res: dict = {"scheme": scheme.to_dict(), "runs": {str(k): v for k, v in runs.items()}}
     if len(counts) >= 2:

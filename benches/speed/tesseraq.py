@@ -37,7 +37,7 @@ import torch
 from benches import common
 from quant import methods
 from quant.blockwise.engine import BlockwiseContext
-from quant.blockwise.tesseraq import TesseraQ, TesseraQStep
+from quant.blockwise.tesseraq import TesseraQ
 from quant.calibrate.rtn import quantize_linears
 from quant.config.scheme import QuantScheme
 
