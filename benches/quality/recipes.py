@@ -49,8 +49,8 @@ from quant.config import ConfigError
 from quant.config.scheme import QuantScheme
 from quant.recipe import Recipe, Step
 
-SMALL_OPTIONS = {"block-ap": {"epochs": 1, "batch_size": 2}, "tesseraq": {"thresholds": [0.5, 0.1], "iterations": 2,
-                                                                          "batch_size": 2}}
+SMALL_OPTIONS = {"block-ap": {"epochs": 1, "batch_size": 2},
+                 "tesseraq": {"thresholds": [0.5, 0.1], "iterations": 2, "batch_size": 2}}
 
 
 # ---------------------------------------------------------------------------
@@ -96,13 +96,16 @@ def _key(*parts: Any) -> str:
 
 
 class Runner:
-    """Runs the stages of a recipe on a copy of its prefix's model; remembers every prefix."""
+    """Runs the stages of a recipe on a copy of its prefix's model; keeps the prefixes later
+    recipes start from (`keep_for`). Work files live in a temporary directory under `work`,
+    removed with the runner."""
 
     def __init__(self, fp, calib_ids: torch.Tensor, train_ids: torch.Tensor | None = None,
                  val_ids: torch.Tensor | None = None, work: Path | None = None,
                  e2e: tuple[int, int] = (1, 4), lr_mults: tuple[float, ...] = (1.0,)) -> None:
         self.fp, self.calib_ids, self.train_ids, self.val_ids = fp, calib_ids, train_ids, val_ids
-        self.work = Path(tempfile.mkdtemp(prefix="quality-recipes-", dir=work))
+        self._tmp = tempfile.TemporaryDirectory(prefix="quality-recipes-", dir=work)
+        self.work = Path(self._tmp.name)
         self.e2e_epochs, self.e2e_batch = e2e  # end-to-end training: epochs, batch size
         self.lr_mults = lr_mults
         self.models: dict[str, torch.nn.Module] = {}

@@ -136,7 +136,7 @@ def launch(args: argparse.Namespace, method: str, processes: int, strategy: str,
     if args.small and strategy == "fsdp":  # FSDP shards over NCCL only (quant.e2e.distributed)
         strategy = "ddp"
     out = tmp / f"{method}-{processes}-{strategy}.json"
-    target = ["-m", __spec__.name, "--worker", "--method", method, "--strategy", strategy, "--shape", args.shape,
+    target = ["-m", "benches.speed.e2e_scale", "--worker", "--method", method, "--strategy", strategy, "--shape", args.shape,
               "--layers", str(args.layers), "--seq", str(args.seq), "--batch", str(args.batch),
               "--steps", str(args.steps), "--warmup", str(args.warmup), "--group-size", str(args.group_size),
               "--work", str(tmp / f"work-{method}-{processes}"), "--out", str(out)]
