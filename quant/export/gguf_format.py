@@ -199,3 +199,14 @@ class GGUFExporter:
         n = sum(m.in_features * m.out_features for m in layers.values())
         total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
         return DiskFootprint(total, qbytes, n, 8 * qbytes / n if n else 16.0)
+
+    def max_logit_diff(self, out: Path, ids: torch.Tensor, ref: torch.Tensor) -> float | None:
+        """Max |logit| difference of the file in llama.cpp against `ref` (ids [1, T], ref
+        [1, T, V]); None when llama-cpp-python is not installed (the check is optional)."""
+        from quant.export import llamacpp
+
+        if not llamacpp.available():
+            return None
+        llm = llamacpp.load(out / GGUF_FILE, n_ctx=max(32, ids.shape[1]))
+        got = llamacpp.logits(llm, ids[0].tolist())
+        return float(np.abs(got - ref[0].float().numpy()).max())
