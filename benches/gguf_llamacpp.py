@@ -9,8 +9,13 @@ CPU) beside this project's torch models:
 - logits on a few prompts: llama.cpp on our Q4_1 file vs our fake-quant model;
 - perplexity on the held-out text (same token ids, same windows): ours vs llama.cpp,
   for the W4 model and for the F16 model;
-- greedy decode tokens/s of the Q4_1 file vs the F16 file, interleaved repeats in one
-  process, same threads; the ratio is printed side by side;
+- controls for the logit tolerance: the fake-quant weights written as F16 (same weights,
+  no activation rounding in llama.cpp's F16 matmuls), and the model's own sensitivity to
+  8-bit activation rounding (llama.cpp's Q4_1/Q4_0 kernels round activations to 8 bits
+  per 32 values, Q8_1/Q8_0);
+- greedy decode tokens/s of the Q4_1 file vs the F16 file (and a W4 symmetric Q4_0 file,
+  RTN of the same model), interleaved repeats in one process, same threads; wall-clock
+  and per CPU-second of the process, ratios printed side by side;
 - llama.cpp's tokenizer vs the Hugging Face tokenizer on text samples.
 
     python -m tasks.prepare && python -m tasks.calibrate
@@ -64,27 +69,64 @@ def logit_check(llm, model, prompts: list[list[int]]) -> dict:
 
 
 def decode_speed(paths: dict[str, Path], threads: int, n_tokens: int, repeats: int, prompt: list[int]):
-    """Median greedy tokens/s per file; files alternate so CPU contention hits all alike."""
+    """Greedy decode per file, files interleaved so contention hits all alike: wall tokens/s
+    (median, best) and tokens per CPU-second of this process (robust to time slicing)."""
     from quant.export import llamacpp as lc
 
     llms = {k: lc.load(p, n_ctx=512, threads=threads, logits_all=False) for k, p in paths.items()}
     for llm in llms.values():  # warm-up: page the weights in
         lc.decode_tokens_per_s(llm, prompt, 8)
-    runs = {k: [] for k in llms}
+    wall, cpu = {k: [] for k in llms}, {k: [] for k in llms}
     for _ in range(repeats):
         for k, llm in llms.items():
-            runs[k].append(lc.decode_tokens_per_s(llm, prompt, n_tokens))
-    return {k: {"median": statistics.median(v), "runs": [round(x, 2) for x in v]} for k, v in runs.items()}
+            c0 = time.process_time()
+            wall[k].append(lc.decode_tokens_per_s(llm, prompt, n_tokens))
+            cpu[k].append(n_tokens / (time.process_time() - c0))
+    return {k: {"wall_median": statistics.median(wall[k]), "wall_best": max(wall[k]),
+                "per_cpu_second_median": statistics.median(cpu[k]),
+                "wall_runs": [round(x, 2) for x in wall[k]]} for k in llms}
+
+
+def activation_rounding_floor(model, prompts: list[list[int]]) -> float:
+    """Relative L2 change of our logits when the inputs of every quantized linear are rounded
+    to 8 bits per 32 values with the step in fp32 vs in fp16 (two roundings of the kind
+    llama.cpp's Q8_1 activations apply, differing only in how the step is stored): the
+    noise floor of any 8-bit activation rounding on this model."""
+    from quant.models.checkpoint import quant_linears
+
+    def hook(fp16_step: bool):
+        def round8(mod, args):
+            xb = args[0].reshape(*args[0].shape[:-1], -1, 32)
+            d = xb.abs().amax(-1, keepdim=True) / 127
+            q = torch.round(xb * torch.where(d > 0, 1 / d, torch.zeros_like(d)))
+            return ((q * (d.half().float() if fp16_step else d)).reshape(args[0].shape),)
+        return round8
+
+    out = {}
+    for fp16_step in (False, True):
+        hooks = [ql.register_forward_pre_hook(hook(fp16_step)) for _, ql in quant_linears(model)]
+        out[fp16_step] = np.concatenate([our_logits(model, p) for p in prompts])
+        for h in hooks:
+            h.remove()
+    return float(np.linalg.norm(out[True] - out[False]) / np.linalg.norm(out[False]))
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
 
 
 def main() -> None:
+    from quant.calibrate.rtn import quantize_linears
+    from quant.config.scheme import QuantScheme, WeightSpec
     from quant.e2e.data import tokenize_text, windows
     from quant.eval.ppl import perplexity
     from quant.export import llamacpp as lc
     from quant.export.base import export
     from quant.export.gguf_format import GGUF_FILE, write_gguf
     from quant.export.half import to_half
-    from quant.models.checkpoint import load_model, read_scheme
+    from quant.models.arch import set_module
+    from quant.models.checkpoint import load_model, quant_linears, read_scheme
+    from quant.numerics.formats import IntFormat
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quantized", default="artifacts/calibrate/model")
@@ -92,70 +134,104 @@ def main() -> None:
     ap.add_argument("--text", default="artifacts/prepare/data/eval/embedded-wiki.txt")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--windows", type=int, default=8)
-    ap.add_argument("--decode-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="llama.cpp threads (1: on a shared CPU, OpenMP spin barriers of 2+ threads "
+                         "collapse when other processes hold the cores)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    load_before = load_average()
     work = Path(tempfile.mkdtemp(prefix="gguf-bench-"))
     scheme = read_scheme(args.quantized)
 
+    # W4 asymmetric (the calibrated model) -> Q4_1; the same weights as F16 (control)
     model, tok = load_model(args.quantized, torch.float32)
     to_half(model, torch.float16)
     t0 = time.time()
     fp = export(model, tok, scheme, "gguf", work / "w4")
     export_s = time.time() - t0
     model.float()  # the half values, computed in float32 like every PPL here
+    fake_f16 = load_model(args.quantized, torch.float32)[0]
+    to_half(fake_f16, torch.float16)
+    for name, ql in list(quant_linears(fake_f16)):
+        set_module(fake_f16, name, ql.to_linear())
+    write_gguf(fake_f16.float(), tok, work / "fake_quant_f16.gguf", torch.float16)
+    # full precision -> F16; the same model RTN W4 g64 symmetric -> Q4_0 (llama.cpp's repacked kernel)
     base, _ = load_model(args.base, torch.float32)
     write_gguf(base, tok, work / "f16.gguf", torch.float16)
-    files = {"w4": work / "w4" / GGUF_FILE, "f16": work / "f16.gguf"}
+    sym_scheme = QuantScheme(weight=WeightSpec(IntFormat(4), scheme.weight.group_size, True))
+    sym = load_model(args.base, torch.float32)[0]
+    quantize_linears(sym, sym_scheme)
+    to_half(sym, torch.float16)
+    fp_sym = export(sym, tok, sym_scheme, "gguf", work / "w4sym")
+    sym.float()
+    files = {"w4": work / "w4" / GGUF_FILE, "f16": work / "f16.gguf", "w4sym": work / "w4sym" / GGUF_FILE}
+    torch_models = {"w4": model, "f16": base, "w4sym": sym}
     sizes = {k: p.stat().st_size for k, p in files.items()}
 
-    ids = tokenize_text(tok, Path(args.text).read_text())
+    text = Path(args.text).read_text()
+    ids = tokenize_text(tok, text)
     chunks = windows(ids, args.seq_len, args.windows)
-    ours = {"w4": perplexity(model, ids, args.seq_len, 1, args.windows).ppl,
-            "f16": perplexity(base, ids, args.seq_len, 1, args.windows).ppl}
-    llama = {}
-    checks = {}
+    prompts = prompt_ids(tok, ids)
+    ours = {k: perplexity(m, ids, args.seq_len, 1, args.windows).ppl for k, m in torch_models.items()}
+    llama, checks = {}, {}
     for k, path in files.items():
         llm = lc.load(path, n_ctx=args.seq_len, threads=args.threads)
         llama[k] = lc.perplexity(llm, chunks.tolist())
-        checks[k] = logit_check(llm, model if k == "w4" else base, prompt_ids(tok, ids))
+        checks[k] = logit_check(llm, torch_models[k], prompts)
         if k == "w4":
-            samples = [Path(args.text).read_text()[i * 997: i * 997 + 300] for i in range(5)]
+            samples = [text[i * 997: i * 997 + 300] for i in range(5)]
             same = sum(lc.tokenize(llm, s, add_special=False) == tok(s, add_special_tokens=False)["input_ids"]
                        for s in samples)
         del llm
+    llm = lc.load(work / "fake_quant_f16.gguf", n_ctx=args.seq_len, threads=args.threads)
+    checks["fake_quant_weights_as_f16"] = logit_check(llm, model, prompts)
+    del llm
+    floor = activation_rounding_floor(model, prompts)
     speed = decode_speed(files, args.threads, args.decode_tokens, args.repeats, ids[:32].tolist())
 
     n_params = sum(p.numel() for p in base.parameters())
+    ratio = {m: speed["w4"][m] / speed["f16"][m] for m in ("wall_median", "wall_best", "per_cpu_second_median")}
     result = {
-        "model": str(args.quantized), "scheme": scheme.name, "gguf_type": "Q4_1",
+        "model": str(args.quantized), "scheme": scheme.name, "gguf_types": {"w4": "Q4_1", "w4sym": "Q4_0",
+                                                                            "f16": "F16"},
         "size_bytes": sizes, "size_ratio_f16_over_w4": sizes["f16"] / sizes["w4"],
-        "bits_per_weight_quantized_linears": fp.bits_per_weight,
+        "bits_per_weight_quantized_linears": {"w4": fp.bits_per_weight, "w4sym": fp_sym.bits_per_weight},
         "bits_per_parameter_whole_file": {k: 8 * s / n_params for k, s in sizes.items()},
         "export_seconds": round(export_s, 2),
         "logits_vs_ours": checks,
+        "activation_rounding_noise_floor_rel_l2": floor,
         "ppl": {"seq_len": args.seq_len, "windows": int(chunks.shape[0]), "text": args.text,
-                "ours": ours, "llama_cpp": llama,
-                "rel_diff": {k: llama[k] / ours[k] - 1 for k in ours}},
+                "ours": ours, "llama_cpp": llama, "rel_diff": {k: llama[k] / ours[k] - 1 for k in ours}},
         "tokenizer_samples_identical": f"{same}/5",
-        "decode_tokens_per_s": speed, "decode_tokens": args.decode_tokens, "threads": args.threads,
-        "decode_speedup_w4_over_f16": speed["w4"]["median"] / speed["f16"]["median"],
+        "decode": {"tokens_per_run": args.decode_tokens, "repeats": args.repeats, "threads": args.threads,
+                   "per_file": speed, "ratio_w4_over_f16": ratio,
+                   "ratio_w4sym_over_f16_per_cpu_second": speed["w4sym"]["per_cpu_second_median"]
+                   / speed["f16"]["per_cpu_second_median"]},
+        "load_average_before_after": [load_before, load_average()],
         "llama_cpp_python": _version("llama_cpp_python"), "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
         "commands": ["python -m tasks.prepare", "python -m tasks.calibrate",
                      "python -m benches.gguf_llamacpp --out docs/results/export_gguf.json"],
     }
-    print(f"size      W4 (Q4_1) {sizes['w4'] / 1e6:8.1f} MB   F16 {sizes['f16'] / 1e6:8.1f} MB   "
-          f"ratio {result['size_ratio_f16_over_w4']:.2f}x   bpw (linears) {fp.bits_per_weight:.3f}")
-    for k in ("w4", "f16"):
-        print(f"PPL {k:4s}  ours {ours[k]:8.4f}   llama.cpp {llama[k]:8.4f}   "
-              f"diff {100 * result['ppl']['rel_diff'][k]:+.3f}%   max |dlogit| {checks[k]['max_abs_logit_diff']:.4f}"
-              f"   top-1 agree {checks[k]['top1_agreement']:.3f}")
-    print(f"decode    W4 {speed['w4']['median']:7.1f} tok/s   F16 {speed['f16']['median']:7.1f} tok/s   "
-          f"ratio {result['decode_speedup_w4_over_f16']:.2f}x  ({args.threads} threads)")
+    print(f"size      W4 Q4_1 {sizes['w4'] / 1e6:7.1f} MB   W4 sym Q4_0 {sizes['w4sym'] / 1e6:7.1f} MB   "
+          f"F16 {sizes['f16'] / 1e6:7.1f} MB   F16/W4 {result['size_ratio_f16_over_w4']:.2f}x")
+    for k in files:
+        print(f"PPL {k:6s} ours {ours[k]:8.4f}   llama.cpp {llama[k]:8.4f}   "
+              f"diff {100 * result['ppl']['rel_diff'][k]:+.3f}%   logits rel L2 {checks[k]['rel_l2_logit_diff']:.4f}"
+              f"   max |dlogit| {checks[k]['max_abs_logit_diff']:.3f}   top-1 agree {checks[k]['top1_agreement']:.3f}")
+    print(f"logits    fake-quant weights as F16 in llama.cpp: rel L2 "
+          f"{checks['fake_quant_weights_as_f16']['rel_l2_logit_diff']:.4f}; 8-bit activation rounding "
+          f"noise floor of this model: rel L2 {floor:.4f}")
+    print("decode    " + "   ".join(f"{k} {v['wall_median']:6.1f} tok/s ({v['per_cpu_second_median']:6.1f}/cpu-s)"
+                                    for k, v in speed.items()))
+    print(f"ratio     W4/F16 wall median {ratio['wall_median']:.2f}x  best {ratio['wall_best']:.2f}x  "
+          f"per cpu-second {ratio['per_cpu_second_median']:.2f}x   W4sym(Q4_0)/F16 per cpu-second "
+          f"{result['decode']['ratio_w4sym_over_f16_per_cpu_second']:.2f}x   ({args.threads} thread(s), "
+          f"load average {load_before} -> {result['load_average_before_after'][1]})")
     print(f"tokenizer llama.cpp == transformers on {same}/5 text samples")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

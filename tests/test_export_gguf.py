@@ -316,10 +316,12 @@ def ours(model) -> np.ndarray:
 @pytest.mark.parametrize("bits,symmetric,group", [(4, False, 32), (4, False, 64), (4, True, 32),
                                                   (3, False, 64), (5, False, 32), (8, True, 32)])
 def test_llamacpp_logits_match_the_fake_quant_model(bits, symmetric, group, tmp_path):
-    """Tolerance 2% relative L2 over all logits: llama.cpp's CPU kernels quantise the
-    activations to 8 bits per 32-block (Q8_0/Q8_1) for every block-typed matmul, and to
-    fp16 for F16 ones; the same file with q/k left in Hugging Face's row order gives a
-    relative error far above it (next test)."""
+    """Tolerance 2% relative L2 over all logits (measured 0.8-0.9% on these models): the
+    weights in the file are ours exactly (tests above), but llama.cpp's CPU kernels round
+    the activations to 8 bits per 32 values (Q8_1 / Q8_0) for every block-typed matmul and
+    to fp16 for F16 ones; the same file with q/k left in Hugging Face's row order is off by
+    ~60% (next test). On the 30-layer embedded model the same rounding gives ~2-4%, its own
+    noise floor (benches/gguf_llamacpp.py measures it beside the file)."""
     from quant.export import llamacpp as lc
 
     model, scheme = tiny(bits, group, symmetric)
