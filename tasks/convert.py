@@ -86,6 +86,8 @@ def run(params: Params) -> dict[str, Any]:
     layers = dict(quant_linears(model))
     for fmt in cfg.formats:  # every format refuses what it cannot hold before anything is written
         exporter(fmt).check(scheme, layers)
+        if hasattr(exporter(fmt), "check_model"):  # gguf: architecture, RoPE, tokenizer
+            exporter(fmt).check_model(model, tokenizer)
     memory = to_half(model, dtype)
     method = json.loads((src / SCHEME_FILE).read_text()).get("method", cfg.model)
     ids = torch.arange(CHECK_TOKENS).reshape(1, -1) % model.config.vocab_size

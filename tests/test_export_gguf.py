@@ -279,7 +279,10 @@ def test_convert_stage_writes_gguf_beside_a_packed_format(tmp_path, monkeypatch)
 
     with pytest.raises(ConfigError, match=r"convert\.formats\[0\]='gguf': the first format is the stage's"):
         convert.run(_stage_params(tmp_path, monkeypatch, {"formats": ["gguf"]}))
-    params = _stage_params(tmp_path, monkeypatch, {"formats": ["gptq", "gguf"]})
+    params = _stage_params(tmp_path, monkeypatch, {"formats": ["gptq", "gguf"]})  # a WordLevel tokenizer
+    with pytest.raises(ConfigError, match=r"tokenizer: model type 'WordLevel' cannot be exported to 'gguf'"):
+        convert.run(params)
+    assert not (tmp_path / "artifacts" / "convert").exists()  # refused before the gptq model was written
     model = make_tiny_llama(vocab=320)  # the same e2e model, with a tokenizer gguf can describe
     quantize_linears(model, params.scheme)
     save_quantized(model, bpe_tokenizer(), params.scheme, tmp_path / "artifacts" / "e2e" / "model")

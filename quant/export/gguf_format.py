@@ -175,6 +175,15 @@ class GGUFExporter:
         for name, m in layers.items():
             check_group(scheme.weight.group_size, m.in_features, name)
 
+    def check_model(self, model: nn.Module, tokenizer) -> None:
+        """What the scheme does not tell: the architecture, RoPE and tokenizer can be described
+        (the metadata is built into a throwaway writer), before any file is written."""
+        import gguf
+
+        writer = gguf.GGUFWriter(None, family_for(model).arch)
+        write_hparams(writer, model.config)
+        write_vocab(writer, tokenizer, model.config.vocab_size)
+
     def check_target(self, out: Path) -> None:
         """Replacing `out` deletes it: only an earlier GGUF export (or nothing) may be there."""
         if out.exists() and not out.is_dir():
@@ -186,7 +195,6 @@ class GGUFExporter:
                               f"export ({sorted(OWN_FILES)})")
 
     def write(self, model: nn.Module, tokenizer, scheme: QuantScheme, out: Path, dtype: torch.dtype) -> None:
-        family_for(model)  # unknown architectures fail before the file is opened
         write_gguf(model, tokenizer, out / GGUF_FILE, dtype)
 
     def disk_footprint(self, out: Path, layers: dict) -> DiskFootprint:
