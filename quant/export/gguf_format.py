@@ -145,7 +145,8 @@ def write_gguf(model: nn.Module, tokenizer, path: str | Path, dtype: torch.dtype
         raise ValueError(f"GGUF family {family.arch!r} has no tensor name for {leftover[:5]}; "
                          "extend quant/export/gguf_arch.py")
     writer = gguf.GGUFWriter(str(path), family.arch)
-    writer.add_name(name or getattr(config, "_name_or_path", None) or family.arch)
+    # a local directory's last component, never the whole path (it would leak into the file)
+    writer.add_name(name or Path(getattr(config, "_name_or_path", "") or family.arch).name)
     writer.add_file_type(file_type([t for _, t in tensors.values()]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for tname, t in write_hparams(writer, config):
