@@ -25,7 +25,7 @@ gguf = pytest.importorskip("gguf")
 
 LLAMACPP = importlib.util.find_spec("llama_cpp") is not None
 needs_llamacpp = pytest.mark.skipif(
-    not LLAMACPP, reason="needs llama-cpp-python: pip install '.[gguf-check]' (builds llama.cpp, ~10 min)")
+    not LLAMACPP, reason="needs llama-cpp-python: pip install '.[gguf-check]' (builds llama.cpp, ~15 min)")
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TEXTS = ["the quick brown fox jumps over the lazy dog", "Hello world, this is a test of 123 numbers!",
          "quantized models run in llama.cpp"]
