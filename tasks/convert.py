@@ -4,7 +4,8 @@ Reads artifacts/<convert.model>/model (a quantized checkpoint of calibrate, bloc
 or e2e), freezes it on its integer grid and casts its float parts to `convert.dtype`
 (EfficientQAT's conversion; quant.export.half), then writes one checkpoint per
 entry of `convert.formats` (quant.export: `compressed-tensors` pack-quantized,
-`gptq` v2, `half` = this project's format in half precision):
+`gptq` v2, `half` = this project's format in half precision, `gguf` = llama.cpp's
+file, never first since evaluate/register load the first with transformers):
 
 - the first format -> artifacts/convert/model (what `evaluate.model: convert` and
   `register` load; packed checkpoints load with PackedLinear layers),
@@ -12,7 +13,8 @@ entry of `convert.formats` (quant.export: `compressed-tensors` pack-quantized,
 
 Every format is checked against the scheme before anything is written; each packed
 checkpoint is loaded back and its logits on a short input compared with the half
-fake-quant model's (`max_logit_diff`, 0.0 on CPU). metrics/convert.json: size on disk
+fake-quant model's (`max_logit_diff`, 0.0 on CPU; gguf: in llama.cpp when
+llama-cpp-python is installed, else null). metrics/convert.json: size on disk
 before (the input checkpoint) and after, per format, bits per weight including
 step sizes and zero points, the in-memory bytes before/after the half conversion.
 """
@@ -47,6 +49,10 @@ class ConvertConfig(Config):
             exporter(fmt, f"formats[{i}]")
         if len(set(self.formats)) != len(self.formats):
             raise ConfigError(f"formats={list(self.formats)} lists a format twice")
+        if self.formats[0] == "gguf":  # evaluate / register load the first format with transformers
+            raise ConfigError("formats[0]='gguf': the first format is the stage's model, which evaluate "
+                              "and register load with transformers; list gguf after it, e.g. "
+                              "[compressed-tensors, gguf]")
 
 
 def dir_bytes(path: Path) -> int:
@@ -81,6 +87,8 @@ def run(params: Params) -> dict[str, Any]:
     layers = dict(quant_linears(model))
     for fmt in cfg.formats:  # every format refuses what it cannot hold before anything is written
         exporter(fmt).check(scheme, layers)
+        if hasattr(exporter(fmt), "check_model"):  # gguf: architecture, RoPE, tokenizer
+            exporter(fmt).check_model(model, tokenizer)
     memory = to_half(model, dtype)
     method = json.loads((src / SCHEME_FILE).read_text()).get("method", cfg.model)
     ids = torch.arange(CHECK_TOKENS).reshape(1, -1) % model.config.vocab_size
@@ -104,6 +112,8 @@ def run(params: Params) -> dict[str, Any]:
             with torch.no_grad():
                 diff = (packed(ids).logits.float() - ref).abs().max().item()
             del packed
+        elif hasattr(exporter(fmt), "max_logit_diff"):  # its own runtime (gguf: llama.cpp), None if absent
+            diff = exporter(fmt).max_logit_diff(target, ids, ref)
         else:
             diff = 0.0  # this project's own format: restored exactly by load_quantized
         entry = {**fp.to_dict(), "size_bytes": dir_bytes(target), "max_logit_diff": diff,

@@ -269,7 +269,7 @@ def test_group_size_the_format_refuses(tmp_path):
 def test_unknown_format_and_unquantized_model_are_refused(tmp_path):
     model, scheme = quantized(4, 32, False)
     with pytest.raises(ConfigError, match=r"convert\.formats: 'awq' is not a known format; known: "
-                                          r"\['compressed-tensors', 'gptq', 'half'\]"):
+                                          r"\['compressed-tensors', 'gguf', 'gptq', 'half'\]"):
         export(model, tiny_tokenizer(), scheme, "awq", tmp_path / "out")
     with pytest.raises(ConfigError, match=r"no quantized linear layers \(not a quantized model\)"):
         export(make_tiny_llama(), tiny_tokenizer(), scheme, "gptq", tmp_path / "out")

@@ -108,10 +108,14 @@ def export(model: nn.Module, tokenizer, scheme: QuantScheme, fmt: str, out: str 
                           "model); convert the output of calibrate, block_ap or e2e")
     exp = exporter(fmt)
     exp.check(scheme, layers)
+    if hasattr(exp, "check_target"):  # formats that refuse to replace a directory they did not write
+        exp.check_target(Path(out))
     with atomic_dir(out) as tmp:
         exp.write(model, tokenizer, scheme, tmp, dtype)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
+    if hasattr(exp, "disk_footprint"):  # formats that are not safetensors measure their own tensors
+        return exp.disk_footprint(Path(out), layers)
     return disk_footprint(out, sorted(layers), {n: m.in_features * m.out_features for n, m in layers.items()})
 
 
