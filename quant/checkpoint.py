@@ -33,6 +33,7 @@ from quant.config import ConfigError, InputError
 from quant.config.scheme import QuantScheme, WeightSpec
 from quant.io import atomic_dir
 from quant.models.arch import get_module, set_module
+from quant.models.moe import fused_experts, prepare_model
 from quant.modules.activation import CalibratedFPQuantizer, set_input_quantizer
 from quant.modules.linear import QuantLinear, quant_linears
 from quant.modules.rotation import install_rotations, rotation_config
@@ -72,12 +73,30 @@ def check_model_files(path: str | Path) -> None:
             json.loads(scheme.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise InputError(f"{scheme} is not valid JSON ({exc}); re-run the stage that wrote it") from None
+    check_index(path)
     for f in sorted(path.glob("*.safetensors")):
         try:
             with safe_open(str(f), "pt"):
                 pass
         except Exception as exc:  # noqa: BLE001 - SafetensorError and I/O errors alike
             raise InputError(f"{f} is corrupt or truncated ({exc}); re-run the stage that wrote it") from None
+
+
+def check_index(path: Path) -> None:
+    """A sharded checkpoint's index names only shards that exist (a missing shard is found here,
+    not as random weights after loading)."""
+    index = path / "model.safetensors.index.json"
+    if not index.is_file():
+        return
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise InputError(f"{index} is not a safetensors index ({exc}); re-download the model") from None
+    absent = sorted({f for f in weight_map.values() if not (path / f).is_file()})
+    if absent:
+        tensors = sorted(k for k, f in weight_map.items() if f == absent[0])
+        raise InputError(f"{index} names shard(s) {absent} that are not in {path} (holding e.g. "
+                         f"{tensors[:3]}); the download is incomplete")
 
 
 def check_scheme_fits(path: str | Path, scheme: QuantScheme) -> None:
@@ -115,10 +134,16 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_model_files(path)
-    if (read_config(path) or {}).get("quantization_config"):
+    config = read_config(path)
+    if config.get("quantization_config"):
         raise ConfigError(f"{path} is a packed export (config.json has a quantization_config); "
                           "load it with quant.load_model")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    check_family(path)  # an unsupported family fails here, before any weight is read
+    check_shapes(path)
+    model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
+    check_loading_info(path, info)
+    prepare_model(model)  # per-expert linears in MoE blocks (quant.models.moe)
+    model.to(device)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     if (Path(path) / SCHEME_FILE).exists():
@@ -128,6 +153,51 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device:
         if scheme.activation is not None or scheme.kv_cache is not None:
             apply_runtime_quantizers(model, scheme)  # activations / KV cache: not in the weights
     return model, tokenizer
+
+
+def check_family(path: str | Path) -> None:
+    """The model_type of config.json has an architecture mapping (a ConfigError naming it and
+    the supported ones otherwise), read before any weight is loaded."""
+    from quant.models.arch import mapping_for_type
+
+    mapping_for_type(read_config(path).get("model_type"), f"{Path(path) / 'config.json'}")
+
+
+def check_shapes(path: str | Path) -> None:
+    """Every stored tensor whose name the model of config.json has is of that tensor's shape:
+    read from the safetensors headers against a model built on the meta device (no weight is
+    read). Tensors stored under other names (MoE experts) are checked by the loader."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        if f.name in (QPARAMS_FILE, FLOAT_WEIGHTS_FILE):
+            continue
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():  # noqa: SIM118 (safe_open is not a dict)
+                shape = tuple(st.get_slice(k).get_shape())
+                if k in expected and shape != expected[k]:
+                    raise InputError(f"{f}: tensor {k!r} has shape {list(shape)} but the model of "
+                                     f"{Path(path) / 'config.json'} needs {list(expected[k])}; "
+                                     "config.json describes another model than the weights")
+
+
+def check_loading_info(path: str | Path, info: dict) -> None:
+    """transformers fills a tensor the checkpoint lacks with random values and only warns; a
+    missing or mis-shaped tensor is an InputError naming it (a shard that lost a tensor, a
+    config.json that disagrees with the weights)."""
+    missing = sorted(info.get("missing_keys") or ())
+    mismatched = sorted(info.get("mismatched_keys") or ())
+    if missing:
+        raise InputError(f"{path}: the checkpoint lacks {len(missing)} tensor(s) the model of its "
+                         f"config.json has, e.g. {missing[:3]}; a shard is missing or incomplete, or "
+                         "config.json describes another model")
+    if mismatched:
+        raise InputError(f"{path}: tensor shapes disagree with config.json: {mismatched[:3]}; "
+                         "config.json describes another model than the weights")
 
 
 def source_dtype(path: str | Path) -> torch.dtype:
@@ -172,7 +242,7 @@ def save_quantized(model: nn.Module, tokenizer, scheme: QuantScheme, out: str | 
     for name, ql in layers.items():
         set_module(model, name, ql.to_linear())
     try:
-        with atomic_dir(out) as tmp:
+        with atomic_dir(out) as tmp, fused_experts(model):  # transformers' own MoE layout on disk
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             save_file(qparams, str(tmp / QPARAMS_FILE))

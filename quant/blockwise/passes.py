@@ -78,6 +78,49 @@ def capture_block_inputs(model: nn.Module, ids: torch.Tensor, cache: ActivationC
     return captured["kwargs"]
 
 
+class _KwargsProbe(nn.Module):
+    """Stands in for decoder layer i: records the keyword inputs the decoder gives it."""
+
+    def __init__(self, layer: nn.Module, seen: dict[int, dict[str, Any]], i: int) -> None:
+        super().__init__()
+        self.seen, self.i = seen, i
+        for attr in ("attention_type", "layer_type", "layer_idx"):  # read by some decoders' loops
+            if hasattr(layer, attr):
+                setattr(self, attr, getattr(layer, attr))
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.seen[self.i] = {k: v for k, v in kwargs.items() if k not in _NOT_KWARGS}
+        return hidden_states
+
+
+_NOT_KWARGS = ("hidden_states", "past_key_values", "past_key_value", "use_cache")
+
+
+@torch.no_grad()
+def layer_kwargs(model: nn.Module, ids: torch.Tensor, device: torch.device,
+                 mapping: ArchMapping | None = None) -> list[dict[str, Any]]:
+    """The keyword inputs of every decoder block (attention mask, position embeddings) for a
+    batch of one sequence like `ids[:1]`. Blocks differ where the family mixes layer types:
+    Gemma 2/3 alternate sliding-window and full attention (different masks) and Gemma 3
+    gives them RoPE of different bases; a block must run with its own. Every layer is
+    replaced by a probe while the decoder runs once, so only the embedding part computes."""
+    mapping = mapping or mapping_for(model)
+    decoder, attr = _decoder(model, mapping), _layers_attr(mapping)
+    layers = decoder_layers(model, mapping)
+    seen: dict[int, dict[str, Any]] = {}
+    setattr(decoder, attr, nn.ModuleList([_KwargsProbe(layer, seen, i) for i, layer in enumerate(layers)]))
+    moved = [m for m in decoder.children() if m is not getattr(decoder, attr)]
+    try:
+        for m in moved:
+            m.to(device)
+        decoder(input_ids=ids[:1].to(device), use_cache=False)
+    finally:
+        setattr(decoder, attr, layers)
+        for m in moved:
+            m.to("cpu")
+    return [seen[i] for i in range(len(layers))]
+
+
 def float_block(block: nn.Module) -> nn.Module:
     """A copy of `block` in full precision: every QuantLinear becomes a plain linear holding
     its float weight (the function block-wise training reconstructs)."""

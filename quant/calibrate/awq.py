@@ -28,6 +28,21 @@ receives block i's full-precision output, as in AutoAWQ):
    the [lo, hi] pair of every group), so Block-AP, E2E and export start from the
    searched qparams.
 
+Families (data in the architecture mapping, quant.models.arch):
+- a norm that scales by 1 + w (Gemma) folds 1/s into its scale, w <- (1 + w) / s - 1;
+- a fused `prev` (Phi-3's qkv_proj for v -> o, gate_up_proj for up -> down) is scaled on
+  the rows of its part only (the v rows, the up rows; AutoAWQ scales the last rows the
+  same way); a fused `next` (qkv_proj, gate_up_proj) is one linear of its group;
+- mixture of experts (Mixtral, Qwen3-MoE): the MLP norm feeds the router and every
+  expert's gate/up, so one scale is searched for all of them on the MoE block's output
+  (the router's columns are scaled with it and never quantized, as AutoAWQ does for
+  Mixtral); each expert's up -> down is its own group on the tokens routed to it. An
+  expert with fewer than `expert_min_tokens` routed calibration tokens is calibrated on
+  every token of the block (quant.models.moe); `experts_all_token_calibrated` counts them.
+  Device memory: the block's original gate/up weights are kept once (to restore after
+  each candidate) beside the candidate's fake-quantized ones: one fp and one quantized
+  copy of each expert, never more.
+
 Differences from AutoAWQ, on purpose:
 - The clip is stored as qparams; the float weight is not clamped (Block-AP
   and E2E then start from the unclipped weight and the clipped grid). The
@@ -52,6 +67,7 @@ from __future__ import annotations
 import inspect
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,7 +76,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from quant.blockwise.cache import ActivationCache
-from quant.blockwise.passes import capture_block_inputs
+from quant.blockwise.passes import capture_block_inputs, layer_kwargs
 from quant.calibrate import (
     CalibrationContext,
     check_calibration_ids,
@@ -73,13 +89,17 @@ from quant.config.scheme import QuantScheme, WeightSpec
 from quant.methods import register
 from quant.models.arch import (
     ArchMapping,
+    NormKind,
     ScaleGroup,
     decoder_layers,
     get_module,
     mapping_for,
+    norm_scale,
     quantizable_linears,
     set_module,
+    set_norm_scale,
 )
+from quant.models.moe import calibrate_all_tokens, starved_experts
 from quant.modules.linear import QuantLinear
 from quant.numerics import grid as P
 
@@ -95,11 +115,12 @@ class AWQOptions(Config):
     clip_grid: int = 20  # clip ratios step by 1 / clip_grid
     max_shrink: float = 0.5  # down to (not reaching) 1 - max_shrink of the group max
     n_sample_token: int = 512  # calibration tokens (strided sample) for the clip search
+    expert_min_tokens: int = 128  # MoE: an expert routed fewer calibration tokens is calibrated on all tokens
     batch_size: int = 16  # calibration sequences per forward pass
     results: str | None = None  # awq_results.safetensors (or a directory holding it) to reuse
 
     def __post_init__(self) -> None:
-        for name in ("n_grid", "clip_grid", "n_sample_token", "batch_size"):
+        for name in ("n_grid", "clip_grid", "n_sample_token", "batch_size", "expert_min_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
         if not 0.0 < self.max_shrink < 1.0:
@@ -122,6 +143,7 @@ class AWQResults:
     ratios: dict[str, float] = field(default_factory=dict)  # chosen r per scale group (metrics)
     capture_seconds: float = 0.0  # not saved: timing of the run that produced these
     block_seconds: list[float] = field(default_factory=list)
+    starved_experts: int = 0  # not saved: MoE experts calibrated on every token (too few routed)
 
     def save(self, path: str | Path) -> None:
         tensors = {f"scale:{k}": v.contiguous().cpu() for k, v in self.scales.items()}
@@ -155,21 +177,30 @@ def check_mapping(model: nn.Module, mapping: ArchMapping) -> None:
         raise ConfigError(f"architecture mapping {mapping.family!r} has no scale_groups; "
                           "AWQ needs them (quant/models/arch.py)")
     for i, block in enumerate(decoder_layers(model, mapping)):
-        for g in mapping.scale_groups:
-            for path in (g.prev, g.inputs_of, g.parent_path, *g.nexts):
+        for g in _groups(block, model.config, mapping):
+            for path in (g.prev, g.inputs_of, g.parent_path, *g.nexts, *g.readers):
                 try:
                     module = get_module(block, path)
                 except AttributeError:
                     children = [n for n, _ in block.named_modules() if n]
                     raise ConfigError(
                         f"architecture mapping {mapping.family!r} names {path!r}, which block {i} "
-                        f"lacks; its modules: {children}") from None
+                        f"lacks; its modules: {children[:40]}") from None
                 if path in g.nexts and (type(module) is not nn.Linear):
                     raise ConfigError(f"block {i}: {path} is a {type(module).__name__}, AWQ needs "
                                       "a plain nn.Linear (a full-precision model)")
             prev = get_module(block, g.prev)
             if not isinstance(prev, nn.Linear) and getattr(prev, "weight", None) is None:
                 raise ConfigError(f"block {i}: {g.prev} has no weight to fold scales into")
+
+
+def _groups(block: nn.Module, config, mapping: ArchMapping) -> list[ScaleGroup]:
+    try:
+        return mapping.groups(block, config)
+    except AttributeError as exc:  # a path of the mapping the block lacks
+        children = [n for n, _ in block.named_modules() if n]
+        raise ConfigError(f"architecture mapping {mapping.family!r}: {exc}; the block's modules: "
+                          f"{children[:40]}") from None
 
 
 def check_scheme(scheme: QuantScheme, options: AWQOptions, where: str = "awq") -> None:
@@ -266,16 +297,23 @@ def search_scale(parent: nn.Module, linears: list[nn.Linear], x: torch.Tensor, k
 
 
 @torch.no_grad()
-def apply_scales(block: nn.Module, groups: list[ScaleGroup], scales: dict[str, torch.Tensor]) -> None:
-    """Fold each group's s: prev (norm weight or linear rows + bias) / s, next columns * s."""
+def apply_scales(block: nn.Module, groups: list[ScaleGroup], scales: dict[str, torch.Tensor],
+                 norm_kind: NormKind = "rms") -> None:
+    """Fold each group's s: prev (norm scale, or the rows of a linear that feed `nexts`, and
+    their bias) / s, the input columns of `nexts` and `readers` * s."""
     for g in groups:
         prev = get_module(block, g.prev)
         s = scales[g.prev].to(prev.weight.device)
-        col = s.view(-1, 1) if isinstance(prev, nn.Linear) else s
-        prev.weight.copy_((prev.weight.float() / col).to(prev.weight.dtype))
-        if isinstance(prev, nn.Linear) and prev.bias is not None:
-            prev.bias.copy_((prev.bias.float() / s).to(prev.bias.dtype))
-        for name in g.nexts:
+        if isinstance(prev, nn.Linear):
+            lo, hi = g.prev_rows or (0, prev.out_features)
+            rows = prev.weight[lo:hi]
+            rows.copy_((rows.float() / s.view(-1, 1)).to(rows.dtype))
+            if prev.bias is not None:
+                b = prev.bias[lo:hi]
+                b.copy_((b.float() / s).to(b.dtype))
+        else:
+            set_norm_scale(prev, norm_scale(prev, norm_kind) / s, norm_kind)
+        for name in (*g.nexts, *g.readers):
             lin = get_module(block, name)
             lin.weight.copy_((lin.weight.float() * s).to(lin.weight.dtype))
 
@@ -334,17 +372,28 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, spec: WeightSpec, options: AWQ
 # Block loop
 
 
-def _input_source(mapping: ArchMapping, path: str) -> str:
+def _input_source(groups: list[ScaleGroup], path: str) -> str:
     """The module whose input equals `path`'s input (q/k/v share the norm output)."""
-    for g in mapping.scale_groups:
+    for g in groups:
         if path in g.nexts:
             return g.inputs_of
     return path
 
 
+def _source(mapping: ArchMapping, groups: list[ScaleGroup], path: str) -> str:
+    """The module whose input is `path`'s input: an expert's gate and up read the tokens routed
+    to that expert (captured at its gate), other linears what their group's `inputs_of` reads."""
+    if mapping.moe is not None and path.startswith(mapping.moe.experts + "."):
+        prefix, _, name = path.rpartition(".")
+        gate, up, _ = mapping.moe.expert_linears
+        return f"{prefix}.{gate}" if name in (gate, up) else path
+    return _input_source(groups, path)
+
+
 @torch.no_grad()
 def _capture(block: nn.Module, x: torch.Tensor, kwargs: dict, paths: set[str], bs: int):
-    """Inputs of the modules `paths` ({path: [N, L, in]}) and the block output for x [N, L, D]."""
+    """Inputs of the modules `paths` ({path: [N, L, in]}, or [tokens, in] for modules inside an
+    MoE's experts, which see only their tokens) and the block output for x [N, L, D]."""
     seen: dict[str, list[torch.Tensor]] = {p: [] for p in paths}
     hooks = [get_module(block, p).register_forward_hook(
         lambda _m, args, _o, p=p: seen[p].append(args[0])) for p in paths]
@@ -354,36 +403,62 @@ def _capture(block: nn.Module, x: torch.Tensor, kwargs: dict, paths: set[str], b
     finally:
         for h in hooks:
             h.remove()
-    return {p: torch.cat(v) for p, v in seen.items()}, out
+    return {p: torch.cat(v) if v else None for p, v in seen.items()}, out
+
+
+def _tokens(x: torch.Tensor) -> torch.Tensor:
+    """Activations as [N, L, C] (an expert's [tokens, C] becomes [1, tokens, C])."""
+    return x if x.dim() == 3 else x.reshape(1, -1, x.shape[-1])
 
 
 def search_block(block: nn.Module, x: torch.Tensor, kwargs: dict, mapping: ArchMapping,
-                 spec: WeightSpec, options: AWQOptions):
+                 spec: WeightSpec, options: AWQOptions, config=None):
     """Search, fold and clip-search one block in place; returns
-    (scales by prev, clip ratios by linear, chosen ratio by prev, block output)."""
-    groups = [g for g in mapping.scale_groups if g.foldable(block)]
-    clip_targets = [p for p in mapping.block_linears if p not in mapping.no_clip] if options.clip else []
-    sources = {g.inputs_of for g in groups} | {_input_source(mapping, p) for p in clip_targets}
-    feats, out = _capture(block, x, kwargs, sources, options.batch_size)
+    (scales by prev, clip ratios by linear, chosen ratio by prev, block output, MoE metrics)."""
+    all_groups = mapping.groups(block, config)
+    groups = [g for g in all_groups if g.foldable(block)]
+    clip_targets = [p for p in mapping.linears(block) if p not in mapping.no_clip] if options.clip else []
+    sources = {g.inputs_of for g in groups} | {_source(mapping, all_groups, p) for p in clip_targets}
+    with _calibrate_experts(block, mapping, x, kwargs, options) as moe:
+        feats, out = _capture(block, x, kwargs, sources, options.batch_size)
+    feats = {k: _tokens(v) for k, v in feats.items() if v is not None}
     scales, ratios = {}, {}
     for g in groups:  # every search sees the unscaled block, as in AutoAWQ
         linears = [get_module(block, n) for n in g.nexts]
         parent = get_module(block, g.parent_path)
         scales[g.prev], ratios[g.prev] = search_scale(parent, linears, feats[g.inputs_of], kwargs,
                                                       spec, options)
-    apply_scales(block, groups, scales)
-    for g in groups:
-        feats[g.inputs_of] = feats[g.inputs_of] / scales[g.prev].to(feats[g.inputs_of].dtype)
-    clips = {p: search_clip(get_module(block, p).weight, feats[_input_source(mapping, p)], spec, options)
+    apply_scales(block, groups, scales, mapping.norm_kind)
+    for src in list(feats):  # the inputs as the folded block sees them
+        g = next((g for g in groups if src == g.inputs_of or src in g.nexts), None)
+        if g is not None:
+            feats[src] = feats[src] / scales[g.prev].to(feats[src].dtype)
+    clips = {p: search_clip(get_module(block, p).weight, feats[_source(mapping, all_groups, p)], spec, options)
              for p in clip_targets}
-    return scales, clips, ratios, out
+    return scales, clips, ratios, out, moe
+
+
+@contextmanager
+def _calibrate_experts(block: nn.Module, mapping: ArchMapping, x: torch.Tensor, kwargs: dict,
+                       options: AWQOptions):
+    """Inside: an MoE block's starved experts run on every token (quant.models.moe); yields
+    {"starved": count} ({} for a dense block)."""
+    if not mapping.is_moe_block(block):
+        yield {}
+        return
+    fwd, bs = _call(block, kwargs), options.batch_size
+    starved, _ = starved_experts(block, mapping.moe.experts,
+                                 lambda: [fwd(x[i : i + bs]) for i in range(0, x.shape[0], bs)],
+                                 options.expert_min_tokens)
+    with calibrate_all_tokens(block, mapping.moe.experts, starved):
+        yield {"starved": len(starved)}
 
 
 @torch.no_grad()
 def quantize_block(block: nn.Module, prefix: str, mapping: ArchMapping, spec: WeightSpec,
                    clips: dict[str, torch.Tensor]) -> None:
     """Replace the block's linears by QuantLinears; clipped ones get the clipped qparams."""
-    for path in mapping.block_linears:
+    for path in mapping.linears(block):
         ql = QuantLinear.from_linear(get_module(block, path), spec, f"{prefix}.{path}")
         if path in clips:
             scale, zp = clip_qparams(ql.weight, clips[path], spec)
@@ -407,14 +482,15 @@ def run_awq(model: nn.Module, spec: WeightSpec, calib_ids: torch.Tensor | None, 
     layers = decoder_layers(model, mapping)
     home = next(model.parameters()).device
     results = saved or AWQResults(fingerprint, spec_dict(spec))
-    x = kwargs = None
+    x = per_block = None
     t = clock(device)
     if saved is None:
         dtype = next(layers[0].parameters()).dtype
         shape = (*calib_ids.shape, model.config.hidden_size)
         cache = ActivationCache(shape, dtype, "gpu" if device.type == "cuda" else "cpu", device)
-        kwargs = capture_block_inputs(model, calib_ids, cache, options.batch_size, device, mapping)
+        capture_block_inputs(model, calib_ids, cache, options.batch_size, device, mapping)
         x = cache.data.to(device)
+        per_block = layer_kwargs(model, calib_ids, device, mapping)
     results.capture_seconds = clock(device) - t
     results.block_seconds = []
     for i, block in enumerate(layers):
@@ -422,16 +498,18 @@ def run_awq(model: nn.Module, spec: WeightSpec, calib_ids: torch.Tensor | None, 
         prefix = f"{mapping.layers}.{i}"
         block.to(device)
         if saved is None:
-            scales, clips, ratios, x = search_block(block, x, kwargs, mapping, spec, options)
+            scales, clips, ratios, x, moe = search_block(block, x, per_block[i], mapping, spec, options,
+                                                         model.config)
             results.scales |= {f"{prefix}.{k}": v.cpu() for k, v in scales.items()}
             results.clips |= {f"{prefix}.{k}": v.cpu() for k, v in clips.items()}
             results.ratios |= {f"{prefix}.{k}": v for k, v in ratios.items()}
+            results.starved_experts += moe.get("starved", 0)
         else:
-            groups = [g for g in mapping.scale_groups if g.foldable(block)]
+            groups = [g for g in mapping.groups(block, model.config) if g.foldable(block)]
             scales = {g.prev: saved.scales[f"{prefix}.{g.prev}"] for g in groups}
             clips = {k.removeprefix(prefix + "."): v for k, v in saved.clips.items()
                      if k.startswith(prefix + ".")}
-            apply_scales(block, groups, scales)
+            apply_scales(block, groups, scales, mapping.norm_kind)
         quantize_block(block, prefix, mapping, spec, {k: v.to(device) for k, v in clips.items()})
         block.to(home)
         results.block_seconds.append(clock(device) - t)
@@ -443,7 +521,7 @@ def _check_saved(model: nn.Module, saved: AWQResults, path: str) -> None:
     """Every foldable group of every block has a scale of the right width."""
     mapping = mapping_for(model)
     for i, block in enumerate(decoder_layers(model, mapping)):
-        for g in mapping.scale_groups:
+        for g in mapping.groups(block, model.config):
             key = f"{mapping.layers}.{i}.{g.prev}"
             if not g.foldable(block):
                 continue
@@ -472,7 +550,7 @@ def awq(model: nn.Module, options: AWQOptions, ctx: CalibrationContext) -> dict:
     t0 = time.time()
     results = run_awq(model, spec, calib_ids, options, fingerprint, saved)
     mapping = mapping_for(model)
-    n = len(mapping.block_linears) * len(decoder_layers(model, mapping))
+    n = sum(len(mapping.linears(b)) for b in decoder_layers(model, mapping))
     if scheme.quantize_lm_head:
         name = mapping.lm_head
         set_module(model, name, QuantLinear.from_linear(get_module(model, name), spec, name))
@@ -487,5 +565,6 @@ def awq(model: nn.Module, options: AWQOptions, ctx: CalibrationContext) -> dict:
         "awq_scaled_groups": float(len(results.scales)),
         "awq_mean_clip": float(clips.mean()) if clips is not None else 1.0,
         "awq_clipped_fraction": float((clips < 1).float().mean()) if clips is not None else 0.0,
+        "experts_all_token_calibrated": float(results.starved_experts),
         "files": {RESULTS_FILE: results.save},
     }

@@ -32,6 +32,11 @@ Results are written per block to `cache_dir` (when set) with a fingerprint of
 the inputs (scheme, options, calibration ids); a re-run with the same
 fingerprint reuses finished blocks instead of searching them again.
 
+Mixture of experts: each expert's linears are searched on the tokens routed to that expert
+(their scoring subset drawn from those); an expert with fewer than `expert_min_tokens`
+routed tokens is searched on every token of the block (quant.models.moe), counted in
+`experts_all_token_calibrated`. The router is not quantized.
+
 Not implemented: the reference's bias correction (off for LLaMA in its
 configs), search of the embedding / attention matmul (Q.K, S.V) quantizers,
 and the pearson / gradient-weighted metrics (L2 only, the published choice).
@@ -42,6 +47,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -51,7 +57,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from quant.blockwise.cache import ActivationCache
-from quant.blockwise.passes import capture_block_inputs
+from quant.blockwise.passes import capture_block_inputs, layer_kwargs
 from quant.calibrate import CalibrationContext
 from quant.config import Config, ConfigError
 from quant.config.scheme import QuantScheme
@@ -64,6 +70,7 @@ from quant.models.arch import (
     quantizable_linears,
     set_module,
 )
+from quant.models.moe import calibrate_all_tokens, starved_experts
 from quant.modules.activation import CalibratedFPQuantizer, set_input_quantizer
 from quant.modules.linear import QuantLinear
 from quant.modules.rotation import move_input_rotation
@@ -89,8 +96,11 @@ class FPSearchOptions(Config):
     fold: Literal["weight", "quantized"] = "quantized"
     tf32: bool = True  # TF32 matmuls while scoring on CUDA (2^-11 << the FP8/FP4 steps scored)
     seed: int = 0
+    expert_min_tokens: int = 128  # MoE: an expert routed fewer calibration tokens is searched on all tokens
 
     def __post_init__(self) -> None:
+        if self.expert_min_tokens < 1:
+            raise ConfigError(f"expert_min_tokens={self.expert_min_tokens} must be >= 1")
         if self.rounds < 1 or self.candidates < 1 or self.batch_size < 1:
             raise ConfigError(f"rounds={self.rounds}, candidates={self.candidates} and "
                               f"batch_size={self.batch_size} must be >= 1")
@@ -346,6 +356,24 @@ def _capture_linear_inputs(block: nn.Module, paths: tuple[str, ...], cache: Acti
     return {p: torch.cat(v) for p, v in seen.items()}
 
 
+@contextmanager
+def _calibrate_experts(block: nn.Module, mapping, cache: ActivationCache, kwargs: dict[str, Any],
+                       options: FPSearchOptions, searching: bool):
+    """Inside: an MoE block's starved experts run on every token (quant.models.moe); yields how
+    many (0 for a dense block, or a block only replayed from the results cache)."""
+    if not searching or not mapping.is_moe_block(block):
+        yield 0
+        return
+
+    def run() -> None:
+        for i in range(0, len(cache), options.batch_size):
+            block(cache.get(i, i + options.batch_size), **kwargs)
+
+    ids, _ = starved_experts(block, mapping.moe.experts, run, options.expert_min_tokens)
+    with calibrate_all_tokens(block, mapping.moe.experts, ids):
+        yield len(ids)
+
+
 @register("fp-search", kind="calibrate", options=FPSearchOptions, role="quantizer", after=("quarot",),
           check=check_scheme, check_inputs=check_inputs)
 @torch.no_grad()
@@ -375,30 +403,39 @@ def _search_model(model: nn.Module, scheme: QuantScheme, calib_ids: torch.Tensor
     home = next(model.parameters()).device
     layers = decoder_layers(model, mapping)
     cache = BlockCache(options.cache_dir, fingerprint(scheme, options, calib_ids, context))
-    names = [[f"{mapping.layers}.{i}.{p}" for p in mapping.block_linears] for i in range(len(layers))]
+    paths_of = [mapping.linears(block) for block in layers]
+    names = [[f"{mapping.layers}.{i}.{p}" for p in paths_of[i]] for i in range(len(layers))]
     done = {i: r for i in range(len(layers)) if (r := cache.load(i, names[i])) is not None}
     todo = [i for i in range(len(layers)) if i not in done]
-    t0, searched = time.perf_counter(), 0
+    t0, searched, starved = time.perf_counter(), 0, 0
     gen = torch.Generator().manual_seed(options.seed)
     if todo:
         dtype = next(model.parameters()).dtype
         acts = ActivationCache((*calib_ids.shape, model.config.hidden_size), dtype, "gpu"
                                if device.type == "cuda" else "cpu", device)
-        kwargs = capture_block_inputs(model, calib_ids, acts, options.batch_size, device, mapping)
+        capture_block_inputs(model, calib_ids, acts, options.batch_size, device, mapping)
+        per_block = layer_kwargs(model, calib_ids, device, mapping)
         n_tok = calib_ids.numel()
         subset = (torch.randperm(n_tok, generator=gen)[: options.search_tokens]
                   if 0 < options.search_tokens < n_tok else None)
         for i in range(max(todo) + 1):
             block = layers[i].to(device)
-            paths = () if i in done else mapping.block_linears
-            xs = _capture_linear_inputs(block, paths, acts, kwargs, options.batch_size)
+            paths = () if i in done else paths_of[i]
+            with _calibrate_experts(block, mapping, acts, per_block[i], options, bool(paths)) as n:
+                xs = _capture_linear_inputs(block, paths, acts, per_block[i], options.batch_size)
+            starved += n
             if i in done:
                 block.to(home)
                 continue
             results = {}
-            for path, name in zip(mapping.block_linears, names[i], strict=True):
+            for path, name in zip(paths_of[i], names[i], strict=True):
                 x = xs.pop(path)
-                sub = x if subset is None else x[subset.to(device)]
+                if x.shape[0] != n_tok:  # an expert's tokens: a scoring subset of its own
+                    own = (torch.randperm(x.shape[0], generator=gen)[: options.search_tokens]
+                           if 0 < options.search_tokens < x.shape[0] else None)
+                    sub = x if own is None else x[own.to(device)]
+                else:
+                    sub = x if subset is None else x[subset.to(device)]
                 w = get_module(block, path).weight.float()
                 search = LayerSearch(w, x, sub, scheme.weight.format,
                                      scheme.activation and scheme.activation.format, options)
@@ -424,4 +461,5 @@ def _search_model(model: nn.Module, scheme: QuantScheme, calib_ids: torch.Tensor
             fmts[key] = fmts.get(key, 0) + 1
     return {"quantized_linears": float(len(targets)), "searched_blocks": float(searched),
             "cached_blocks": float(len(layers) - searched), "search_s": time.perf_counter() - t0,
+            "experts_all_token_calibrated": float(starved),
             **{k: float(v) for k, v in fmts.items()}}

@@ -25,6 +25,16 @@ framework). As published:
   shared H computed with the linears before it already quantised
   (`true_sequential`, GPTQ's recommended mode for Llama).
 
+Families: the groups of linears that share an input come from the architecture mapping
+(`input_stages`): a fused qkv_proj or gate_up_proj is one linear of its own group. In a
+mixture-of-experts block every expert reads only the tokens routed to it, so each
+expert's gate/up and its down get their own Hessians (the router is never quantized);
+one stage runs the block once for the gate/up of all experts, one for their down. An
+expert with fewer than `expert_min_tokens` routed calibration tokens gets the Hessian of
+every token of the block instead (quant.models.moe; counted in
+`experts_all_token_calibrated`): few tokens give a rank-deficient Hessian that GPTQ
+would fit to those few.
+
 Decisions where the published code leaves a choice:
 - Groups stay contiguous. The pipeline (QuantLinear, checkpoint, packed export)
   stores one step size / zero point per contiguous group of input columns and no
@@ -60,6 +70,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,7 +80,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from quant.blockwise.cache import ActivationCache
-from quant.blockwise.passes import call_block, capture_block_inputs, run_block
+from quant.blockwise.passes import call_block, capture_block_inputs, layer_kwargs, run_block
 from quant.calibrate import (
     CalibrationContext,
     check_calibration_ids,
@@ -88,6 +99,7 @@ from quant.models.arch import (
     quantizable_linears,
     set_module,
 )
+from quant.models.moe import calibrate_all_tokens, starved_experts
 from quant.modules.linear import QuantLinear
 from quant.modules.rotation import move_input_rotation
 from quant.numerics import grid as P
@@ -105,9 +117,10 @@ class GPTQOptions(Config):
     true_sequential: bool = True  # per block, H of each input group after the linears before it
     batch_size: int = 16  # calibration sequences per forward pass
     results: str | None = None  # gptq_results.safetensors (or a directory holding it) to reuse
+    expert_min_tokens: int = 128  # MoE: an expert routed fewer calibration tokens gets the all-token Hessian
 
     def __post_init__(self) -> None:
-        for name in ("block_size", "batch_size"):
+        for name in ("block_size", "batch_size", "expert_min_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
         if not 0.0 < self.percdamp <= 1.0:
@@ -262,6 +275,7 @@ class GPTQResults:
     layers: dict[str, QuantizedLayer] = field(default_factory=dict)
     capture_seconds: float = 0.0  # not saved: timing of the run that produced these
     block_seconds: list[float] = field(default_factory=list)
+    starved_experts: int = 0  # not saved: MoE experts given the all-token Hessian
 
     def save(self, path: str | Path) -> None:
         tensors = {}
@@ -307,16 +321,16 @@ class GPTQResults:
 # Checks before any work
 
 
-def input_groups(mapping: ArchMapping) -> list[tuple[str, ...]]:
-    """The block's linears grouped by the input they read, in execution order (the mapping's
-    scale groups: q/k/v, o, gate/up, down); they must cover every block linear once."""
-    groups = [g.nexts for g in mapping.scale_groups]
-    flat = [p for g in groups for p in g]
-    if sorted(flat) != sorted(mapping.block_linears):
-        raise ConfigError(f"architecture mapping {mapping.family!r}: its scale groups {groups} "
-                          f"must list every block linear {list(mapping.block_linears)} exactly once "
+def input_stages(block: nn.Module, config, mapping: ArchMapping) -> list[list[tuple[str, ...]]]:
+    """The block's linears grouped by the input they read, in execution order, stage by stage
+    (`ArchMapping.input_stages`); they must cover every block linear once."""
+    stages = mapping.input_stages(block, config)
+    flat = [p for stage in stages for g in stage for p in g]
+    if sorted(flat) != sorted(mapping.linears(block)):
+        raise ConfigError(f"architecture mapping {mapping.family!r}: its scale groups {stages} "
+                          f"must list every block linear {list(mapping.linears(block))} exactly once "
                           "(GPTQ shares one Hessian per group)")
-    return groups
+    return stages
 
 
 def check_scheme(scheme: QuantScheme, options: GPTQOptions, where: str = "gptq") -> None:
@@ -333,7 +347,9 @@ def check_inputs(model: nn.Module, options: GPTQOptions, ctx: CalibrationContext
         if type(lin) is not nn.Linear:
             raise ConfigError(f"{name} is a {type(lin).__name__}, GPTQ needs a plain nn.Linear "
                               "(a full-precision model)")
-    input_groups(mapping_for(model))
+    mapping = mapping_for(model)
+    for block in decoder_layers(model, mapping):
+        input_stages(block, model.config, mapping)
     check_calibration_ids(ctx, options.results, "GPTQ")
     return scheme.weight
 
@@ -361,22 +377,41 @@ def collect_hessians(block: nn.Module, paths: list[str], x: ActivationCache, kwa
 
 
 def quantize_block(block: nn.Module, prefix: str, x: ActivationCache, kwargs: dict[str, Any],
-                   mapping: ArchMapping, spec: WeightSpec, options: GPTQOptions) -> dict[str, QuantizedLayer]:
-    """GPTQ every linear of one block in place (QuantLinears), input group by input group."""
-    groups = input_groups(mapping)
-    steps = groups if options.true_sequential else [tuple(p for g in groups for p in g)]
+                   mapping: ArchMapping, spec: WeightSpec, options: GPTQOptions,
+                   config=None) -> tuple[dict[str, QuantizedLayer], int]:
+    """GPTQ every linear of one block in place (QuantLinears), stage by stage; returns the
+    layers and the number of MoE experts given the all-token Hessian."""
+    stages = input_stages(block, config, mapping)
+    if not options.true_sequential:
+        stages = [[g for stage in stages for g in stage]]
     out = {}
-    for step in steps:
-        readers = [g[0] for g in groups if g[0] in step]  # one H per group of shared input
-        hess = collect_hessians(block, readers, x, kwargs, options.batch_size)
-        for g in groups:
-            if g[0] not in hess:
-                continue
-            for path in g:
-                lin, name = get_module(block, path), f"{prefix}.{path}"
-                out[name] = gptq_quantize(lin.weight, hess[g[0]], spec, options, name)
-                set_module(block, path, to_quant_linear(lin, spec, name, out[name]))
-    return out
+    with _calibrate_experts(block, mapping, x, kwargs, options) as starved:
+        for stage in stages:
+            hess = collect_hessians(block, [g[0] for g in stage], x, kwargs, options.batch_size)
+            for g in stage:
+                for path in g:
+                    lin, name = get_module(block, path), f"{prefix}.{path}"
+                    out[name] = gptq_quantize(lin.weight, hess[g[0]], spec, options, name)
+                    set_module(block, path, to_quant_linear(lin, spec, name, out[name]))
+    return out, starved
+
+
+@contextmanager
+def _calibrate_experts(block: nn.Module, mapping: ArchMapping, x: ActivationCache, kwargs: dict[str, Any],
+                       options: GPTQOptions):
+    """Inside: an MoE block's starved experts run on every token (quant.models.moe); yields how
+    many (0 for a dense block)."""
+    if not mapping.is_moe_block(block):
+        yield 0
+        return
+
+    def run() -> None:
+        for i in range(0, len(x), options.batch_size):
+            call_block(block, x.get(i, i + options.batch_size), kwargs)
+
+    starved, _ = starved_experts(block, mapping.moe.experts, run, options.expert_min_tokens)
+    with calibrate_all_tokens(block, mapping.moe.experts, starved):
+        yield len(starved)
 
 
 @torch.no_grad()
@@ -407,13 +442,17 @@ def run_gptq(model: nn.Module, spec: WeightSpec, calib_ids: torch.Tensor, option
     dtype = next(layers[0].parameters()).dtype
     x = ActivationCache((*calib_ids.shape, model.config.hidden_size), dtype,
                         "gpu" if device.type == "cuda" else "cpu", device)
-    kwargs = capture_block_inputs(model, calib_ids, x, options.batch_size, device, mapping)
+    capture_block_inputs(model, calib_ids, x, options.batch_size, device, mapping)
+    per_block = layer_kwargs(model, calib_ids, device, mapping)
     results.capture_seconds = clock(device) - t
     for i, block in enumerate(layers):
         t = clock(device)
         block.to(device)
-        results.layers |= quantize_block(block, f"{mapping.layers}.{i}", x, kwargs, mapping, spec, options)
-        run_block(block, x, x, kwargs, options.batch_size, amp=False)  # next block's inputs
+        layers_i, starved = quantize_block(block, f"{mapping.layers}.{i}", x, per_block[i], mapping, spec,
+                                           options, model.config)
+        results.layers |= layers_i
+        results.starved_experts += starved
+        run_block(block, x, x, per_block[i], options.batch_size, amp=False)  # next block's inputs
         block.to(home)
         results.block_seconds.append(clock(device) - t)
     if lm_head:
@@ -457,5 +496,6 @@ def gptq(model: nn.Module, options: GPTQOptions, ctx: CalibrationContext) -> dic
         "gptq_seconds_per_block": round(sum(results.block_seconds) / max(1, len(results.block_seconds)), 3),
         "gptq_reused": float(options.results is not None),
         "gptq_mean_loss": sum(losses) / max(1, len(losses)),
+        "experts_all_token_calibrated": float(results.starved_experts),
         "files": {RESULTS_FILE: results.save},
     }

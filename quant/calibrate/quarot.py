@@ -40,6 +40,18 @@ Steps, each leaving the full-precision function unchanged:
    non-integer grid, ...) is refused before the rotation starts (the calibrate runner
    checks every step first).
 
+Families (data in the architecture mapping, quant.models.arch): the norms' scales are
+read and reset through their kind (Gemma's 1 + w); the readers of the residual are
+every module behind the input and MLP norms (a fused qkv_proj / gate_up_proj, an MoE's
+router and every expert's gate/up), its writers o_proj and every down projection (each
+expert's, with its own online rotation of the expert's width); the V/O rotation takes
+the v rows of a fused qkv_proj; q/k norms (Qwen3) sit before RoPE and are untouched
+(the residual rotation does not reach q_proj's output, the online q/k rotation comes
+after RoPE). Refused, naming model_type: norms on a sub-block's output before the
+residual add (`output_norms`, Gemma 2/3): their elementwise scale does not commute with
+Q and no linear follows them to absorb it, so rotating the residual would need an online
+hidden-size rotation after each of them that no export format can hold.
+
 Not implemented from the paper: the fused low-bit kernels (here everything is
 fake-quant).
 """
@@ -56,7 +68,14 @@ from quant.calibrate import CalibrationContext
 from quant.config import Config, ConfigError
 from quant.config.scheme import QuantScheme
 from quant.methods import register
-from quant.models.arch import ArchMapping, decoder_layers, get_module, mapping_for
+from quant.models.arch import (
+    ArchMapping,
+    decoder_layers,
+    get_module,
+    mapping_for,
+    norm_scale,
+    set_norm_scale,
+)
 from quant.modules.rotation import HadamardRotation, install_qk_rotation, set_input_rotation
 from quant.numerics import hadamard as had
 
@@ -90,13 +109,16 @@ def make_plan(model: nn.Module, scheme: QuantScheme, online: str) -> Plan:
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     act, kv = scheme.activation is not None, scheme.kv_cache is not None
     on = online == "on"
-    plan = Plan(cfg.hidden_size, head_dim, cfg.num_attention_heads, cfg.intermediate_size,
+    m = mapping_for(model)
+    widths = {m.mlp_width(b, cfg) for b in decoder_layers(model, m)}
+    plan = Plan(cfg.hidden_size, head_dim, cfg.num_attention_heads, max(widths),
                 linears=on or (online == "auto" and act),
                 vo=on or (online == "auto" and (act or kv)),
                 qk=on or (online == "auto" and kv))
     had.check_size(plan.hidden, "quarot residual rotation (hidden_size)")
     if plan.linears:
-        had.check_size(plan.intermediate, "quarot online rotation of down_proj (intermediate_size)")
+        for width in sorted(widths):
+            had.check_size(width, "quarot online rotation of down_proj (intermediate_size)")
         had.check_size(plan.heads * head_dim, "quarot online rotation of o_proj (heads * head_dim)")
     if plan.vo or plan.qk:
         had.check_size(head_dim, "quarot per-head rotation (head_dim)")
@@ -106,14 +128,27 @@ def make_plan(model: nn.Module, scheme: QuantScheme, online: str) -> Plan:
 def _norms(model: nn.Module, m: ArchMapping) -> list[tuple[str, nn.Module]]:
     out = []
     for i, block in enumerate(decoder_layers(model, m)):
-        for path in (m.input_norm, m.post_attention_norm):
+        for path in (m.input_norm, m.mlp_norm):
             out.append((f"{m.layers}.{i}.{path}", get_module(block, path)))
     return [*out, (m.final_norm, get_module(model, m.final_norm))]
 
 
+def check_family(model: nn.Module, m: ArchMapping) -> None:
+    """Refuse the families whose residual stream cannot be rotated offline (module docstring)."""
+    if m.output_norms:
+        raise ConfigError(
+            f"quarot cannot rotate model_type={model.config.model_type!r}: its norms "
+            f"{list(m.output_norms)} scale the attention / MLP outputs elementwise just before the "
+            "residual add; no linear follows them to absorb the residual rotation, so it would need "
+            "an online hidden-size rotation after each, which no export format holds. Use awq or "
+            "gptq without quarot for this family")
+
+
 @torch.no_grad()
 def check_rms_norms(model: nn.Module, m: ArchMapping) -> None:
-    """Every norm must compute x / sqrt(mean(x^2) + eps) * w (no mean, no bias, no 1 + w)."""
+    """Every norm must compute x / sqrt(mean(x^2) + eps) * scale (no mean, no bias), with the
+    scale stored as the mapping's norm kind says (w, or 1 + w)."""
+    check_family(model, m)
     for name, norm in _norms(model, m):
         eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
         w = getattr(norm, "weight", None)
@@ -122,7 +157,7 @@ def check_rms_norms(model: nn.Module, m: ArchMapping) -> None:
                               "or has a bias): quarot accepts RMSNorm models only")
         x = torch.randn(4, w.numel(), generator=torch.Generator().manual_seed(0)) + 3.0
         x = x.to(w.device, w.dtype)
-        ref = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps) * w.float()
+        ref = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps) * norm_scale(norm, m.norm_kind)
         if not torch.allclose(norm(x).float(), ref, rtol=1e-3, atol=1e-3):
             raise ConfigError(f"quarot needs RMSNorm (x / rms(x) * w, no mean subtraction); {name} "
                               f"({type(norm).__name__}) computes something else: "
@@ -133,23 +168,22 @@ def _fuse(lin: nn.Linear, fn, dtype: torch.dtype, bias_fn=None) -> None:
     """lin.weight <- fn(weight) computed in `dtype` (and bias <- bias_fn(bias))."""
     w = lin.weight
     w.data = fn(w.data.to(dtype)).to(w.dtype)
-    if bias_fn is not None and lin.bias is not None:
+    if bias_fn is not None and getattr(lin, "bias", None) is not None:  # an MoE router has none
         lin.bias.data = bias_fn(lin.bias.data.to(dtype)).to(lin.bias.dtype)
 
 
 @torch.no_grad()
 def fuse_norms(model: nn.Module, m: ArchMapping, dtype: torch.dtype) -> None:
-    blocks = decoder_layers(model, m)
-    pairs = [(get_module(b, m.input_norm), [get_module(b, p) for p in (m.q_proj, m.k_proj, m.v_proj)])
-             for b in blocks]
-    pairs += [(get_module(b, m.post_attention_norm), [get_module(b, p) for p in (m.gate_proj, m.up_proj)])
-              for b in blocks]
+    pairs = []
+    for b in decoder_layers(model, m):  # every reader of a norm: q/k/v, gate/up, an MoE's router and experts
+        for norm, readers in m.norm_readers(b, model.config).items():
+            pairs.append((get_module(b, norm), [get_module(b, p) for p in readers]))
     pairs.append((get_module(model, m.final_norm), [get_module(model, m.lm_head)]))
     for norm, linears in pairs:  # one product per weight: float32 is exact enough
-        g = norm.weight.data.float()
+        g = norm_scale(norm, m.norm_kind)
         for lin in linears:
             _fuse(lin, lambda w, g=g: w * g.to(w.device), torch.float32)
-        norm.weight.data.fill_(1.0)
+        set_norm_scale(norm, torch.ones_like(g), m.norm_kind)
 
 
 def untie_embeddings(model: nn.Module, m: ArchMapping) -> bool:
@@ -173,9 +207,10 @@ def rotate_residual(model: nn.Module, m: ArchMapping, q: torch.Tensor, dtype: to
     embed = get_module(model, m.embed_tokens)
     embed.weight.data = right(embed.weight.data.to(dtype)).to(embed.weight.dtype)
     for block in decoder_layers(model, m):
-        for p in (m.q_proj, m.k_proj, m.v_proj, m.gate_proj, m.up_proj):
-            _fuse(get_module(block, p), right, dtype)
-        for p in (m.o_proj, m.down_proj):
+        for readers in m.norm_readers(block, model.config).values():
+            for p in readers:
+                _fuse(get_module(block, p), right, dtype)
+        for p in m.residual_writers(block):
             _fuse(get_module(block, p), left, dtype, bias_fn=right)
     _fuse(get_module(model, m.lm_head), right, dtype)
 
@@ -193,16 +228,29 @@ def rotate_vo(model: nn.Module, m: ArchMapping, head_dim: int, dtype: torch.dtyp
     def o_cols(w):  # [out, h * d]: W <- W blockdiag(H_d)
         return had.hadamard_transform(w.reshape(w.shape[0], -1, head_dim), head_dim).reshape(w.shape)
 
+    path, rows = m.part(model.config, "v")  # the v rows of a fused qkv_proj
     for block in decoder_layers(model, m):
-        _fuse(get_module(block, m.v_proj), v_rows, dtype, bias_fn=bias)
+        _fuse_rows(get_module(block, path), rows, v_rows, dtype, bias_fn=bias)
         _fuse(get_module(block, m.o_proj), o_cols, dtype)
+
+
+def _fuse_rows(lin: nn.Linear, rows: tuple[int, int] | None, fn, dtype: torch.dtype, bias_fn=None) -> None:
+    """`_fuse` on the rows [start, end) of lin's weight (and bias); all rows when None."""
+    if rows is None:
+        _fuse(lin, fn, dtype, bias_fn)
+        return
+    lo, hi = rows
+    w = lin.weight.data
+    w[lo:hi] = fn(w[lo:hi].to(dtype)).to(w.dtype)
+    if bias_fn is not None and lin.bias is not None:
+        lin.bias.data[lo:hi] = bias_fn(lin.bias.data[lo:hi].to(dtype)).to(lin.bias.dtype)
 
 
 @torch.no_grad()
 def fuse_online_inputs(model: nn.Module, m: ArchMapping, dtype: torch.dtype) -> None:
     """W <- W H_n for down_proj and o_proj, whose inputs get x <- x H_n online."""
     for block in decoder_layers(model, m):
-        for p in (m.down_proj, m.o_proj):
+        for p in m.residual_writers(block):
             lin = get_module(block, p)
             _fuse(lin, lambda w, n=lin.in_features: had.hadamard_transform(w, n), dtype)
 
@@ -211,7 +259,7 @@ def install_online(model: nn.Module, m: ArchMapping, plan: Plan, fp32: bool) -> 
     n = 0
     if plan.linears:
         for block in decoder_layers(model, m):
-            for p in (m.down_proj, m.o_proj):
+            for p in m.residual_writers(block):
                 lin = get_module(block, p)
                 set_input_rotation(lin, HadamardRotation(lin.in_features, fp32).to(lin.weight.device))
                 n += 1
