@@ -42,6 +42,18 @@ returns its per-block metrics. The engine does the rest:
   through them (forward only, same batches, so bitwise equal on CPU) and
   continues with the next block. A method may also save resumable sub-steps
   inside a block (`SubSteps`); they are discarded once the block is done.
+- Each block runs with its own keyword inputs (`layer_kwargs`): families that mix
+  sliding-window and full attention (Gemma 2/3) give their blocks different masks and
+  RoPE; blocks of different structure (Qwen3-MoE's dense `mlp_only_layers`) get a
+  workspace of their own structure.
+- Mixture-of-experts blocks: the full-precision workspace is not built. The targets of
+  block i are computed by the workspace itself, loaded with block i as it comes in and
+  run with its quantizers bypassed (`passes.full_precision`), which is the function the
+  separate copy would compute. So the device holds each expert once (the workspace's fp32
+  master weights and, under Block-AP, their gradients and AdamW state; TesseraQ adds its
+  soft-rounding copy): one full-precision and one quantized copy at most, never the
+  three a dense block's workspaces make. An expert that no training token reaches gets
+  no gradient and keeps its calibrated state; `experts_without_tokens` counts them.
 - Lifecycle: created -> captured -> training -> finished (`state()` shows it);
   `finish()` freezes every QuantLinear on its integer grid, so the fake-quant
   model and integer weights + step sizes + zero points are one function.
@@ -72,10 +84,13 @@ from quant.blockwise.passes import (
     cast_linears,
     float_block,
     forward_pass,
+    full_precision,
+    layer_kwargs,
     load_float_weights,
     make_forward_fn,
     make_loss_fn,
     mean_loss,
+    same_structure,
 )
 from quant.config import Config, ConfigError
 from quant.config.scheme import QuantScheme
@@ -227,7 +242,9 @@ class BlockwiseEngine:
         self.phase = "created"
         self.next_block = 0
         self.per_block: list[dict[str, Any]] = []
-        self.kwargs: dict[str, Any] = {}
+        self.kwargs: dict[str, Any] = {}  # the current block's; updated in place (closures see it)
+        self.block_kwargs: list[dict[str, Any]] = []
+        self.moe = any(self.mapping.is_moe_block(b) for b in self.layers)
         self.workspace: nn.Module | None = None
         self.fp_workspace: nn.Module | None = None
         self._eval_fn: Callable | None = None
@@ -283,8 +300,8 @@ class BlockwiseEngine:
             raise RuntimeError(f"capture() in phase {self.phase!r}; it runs once, first")
         self._caches()
         dev, bs = self.ctx.device, self.opt.batch_size
-        self.kwargs = capture_block_inputs(self.model, self.train_ids, self.fp_train, bs, dev, self.mapping,
-                                           self.amp)
+        capture_block_inputs(self.model, self.train_ids, self.fp_train, bs, dev, self.mapping, self.amp)
+        self.block_kwargs = layer_kwargs(self.model, self.train_ids, dev, self.mapping)
         if len(self.val_ids):
             capture_block_inputs(self.model, self.val_ids, self.fp_val, bs, dev, self.mapping, self.amp)
         self.q_train.copy_from(self.fp_train)
@@ -335,8 +352,14 @@ class BlockwiseEngine:
 
     # -- per block ---------------------------------------------------------
 
+    def _use_kwargs(self, i: int) -> None:
+        self.kwargs.clear()
+        self.kwargs.update(self.block_kwargs[i])
+
     def _load_fp(self, i: int) -> None:
         """The full-precision workspace holds block i's float weights (built on first use)."""
+        if self.fp_workspace is not None and not same_structure(self.fp_workspace, float_block(self.layers[i])):
+            self.fp_workspace = None
         if self.fp_workspace is None:
             fp = float_block(self.layers[i]).to(self.ctx.device)
             self.fp_workspace = cast_linears(fp, torch.bfloat16) if self.amp else fp
@@ -345,10 +368,19 @@ class BlockwiseEngine:
             load_float_weights(self.fp_workspace, self.layers[i])
 
     def _advance_fp(self, i: int) -> None:
+        self._use_kwargs(i)
+        if self.moe:  # the workspace as block i comes in, quantizers bypassed (module docstring)
+            self._load_workspace(i)
+            with full_precision(self.workspace):
+                self._fp_passes(self._q_fn)
+            return
         self._load_fp(i)
-        forward_pass(self._fp_fn, self.fp_train, self.fp_train, self.opt.batch_size, self.prefetch)
+        self._fp_passes(self._fp_fn)
+
+    def _fp_passes(self, fn: Callable) -> None:
+        forward_pass(fn, self.fp_train, self.fp_train, self.opt.batch_size, self.prefetch)
         if len(self.val_ids):
-            forward_pass(self._fp_fn, self.fp_val, self.fp_val, self.opt.batch_size, self.prefetch)
+            forward_pass(fn, self.fp_val, self.fp_val, self.opt.batch_size, self.prefetch)
 
     def _advance_q(self) -> None:
         forward_pass(self._q_fn, self.q_train, self.q_train, self.opt.batch_size, self.prefetch)
@@ -357,6 +389,9 @@ class BlockwiseEngine:
 
     def _load_workspace(self, i: int) -> None:
         block = self.layers[i]
+        self._use_kwargs(i)
+        if self.workspace is not None and not same_structure(self.workspace, block):
+            self.workspace = None  # a block of another structure: a workspace of its own
         if self.workspace is None:
             self.workspace = copy.deepcopy(block).to(self.ctx.device, torch.float32)
             self._eval_fn = make_loss_fn(self.workspace, self.kwargs, self.ctx.device, self.amp, False)
@@ -383,10 +418,13 @@ class BlockwiseEngine:
         self.phase = "training"
         t0 = time.time()
         self._advance_fp(i)  # fp_* now hold block i's full-precision outputs: the targets
-        self._load_workspace(i)
+        if not self.moe:  # (an MoE block's targets were computed by the loaded workspace)
+            self._load_workspace(i)
         info: dict[str, Any] = {"block": i, "val_loss_init": self.val_loss()}
         substeps = self._substeps(i)
         info.update(self.method.train_block(self.workspace, self._data(i), i, substeps))
+        if self.mapping.is_moe_block(self.workspace):
+            info["experts_without_tokens"] = self._idle_experts()
         self._keep_better(i, info)
         with torch.no_grad():  # hand the kept weights back to the host model
             for (_, w), (_, b) in zip(self.workspace.state_dict().items(),
@@ -404,6 +442,20 @@ class BlockwiseEngine:
         if self.ctx.on_block:
             self.ctx.on_block(i, info)
         return info
+
+    @torch.no_grad()
+    def _idle_experts(self) -> int:
+        """Experts of the workspace block no training token is routed to (they got no update)."""
+        from quant.models.moe import count_routed
+
+        n, bs = len(self.q_train), self.opt.batch_size
+        plan = [slice(i, min(i + bs, n)) for i in range(0, n, bs)]
+        with count_routed(self.workspace, self.mapping.moe.experts) as experts:
+            for (x,) in self.prefetch.batches([self.q_train], plan):
+                self._q_fn(x)
+        idle = int((experts.routed == 0).sum())
+        experts.routed = None
+        return idle
 
     def _keep_better(self, i: int, info: dict[str, Any]) -> None:
         """Keep the trained state unless it is worse on validation than the incoming one."""

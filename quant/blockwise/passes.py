@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -24,7 +25,7 @@ from torch.nn import functional as F
 from quant.blockwise.cache import ActivationCache, Prefetcher
 from quant.models.arch import ArchMapping, decoder_layers, get_module, mapping_for, set_module
 from quant.modules.linear import QuantLinear
-from quant.modules.rotation import drop_key_quantizers, move_input_rotation
+from quant.modules.rotation import QKRotation, drop_key_quantizers, move_input_rotation
 
 
 def _decoder(model: nn.Module, mapping: ArchMapping) -> nn.Module:
@@ -139,6 +140,41 @@ def float_block(block: nn.Module) -> nn.Module:
             set_module(fp, name, lin)
     drop_key_quantizers(fp)  # QuaRot: keys rotated after RoPE, but not quantized, in the target
     return fp
+
+
+@contextmanager
+def full_precision(block: nn.Module):
+    """Inside: `block` computes what `float_block(block)` computes, in place: every QuantLinear
+    multiplies by its float weight with no input quantizer, and no key / value quantizer
+    runs (online rotations stay: they are part of the full-precision function). The
+    block-wise engine computes MoE blocks' targets this way instead of keeping a second,
+    full-precision copy of every expert on the device."""
+    qls = [m for m in block.modules() if isinstance(m, QuantLinear)]
+    if any(m.frozen for m in qls):
+        raise RuntimeError("full_precision() on a frozen QuantLinear: its float weight is gone")
+    outputs = [(m, m.output_quantizer) for m in block.modules() if getattr(m, "output_quantizer", None)]
+    keys = [(m, m.key_quantizer) for m in block.modules() if isinstance(m, QKRotation) and m.key_quantizer]
+    try:
+        for m in qls:
+            m.fp_bypass = True
+        for m, _ in outputs:
+            m.output_quantizer = None
+        for m, _ in keys:
+            m.key_quantizer = None
+        yield block
+    finally:
+        for m in qls:
+            m.fp_bypass = False
+        for m, q in outputs:
+            m.output_quantizer = q
+        for m, q in keys:
+            m.key_quantizer = q
+
+
+def same_structure(a: nn.Module, b: nn.Module) -> bool:
+    """Whether two blocks hold the same tensors (names and shapes): one workspace serves both."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape for k in sa)
 
 
 def cast_linears(block: nn.Module, dtype: torch.dtype) -> nn.Module:

@@ -42,6 +42,8 @@ from quant.numerics.formats import FPFormat, IntFormat
 class QuantLinear(nn.Module):
     # inference only: the dequantized weight, set by quant.modules.runtime.dequantize_once
     cached_weight: torch.Tensor | None = None
+    # compute with the float weight, no quantizer (block-wise targets of MoE blocks)
+    fp_bypass: bool = False
 
     def __init__(
         self,
@@ -182,6 +184,8 @@ class QuantLinear(nn.Module):
         return w.to(self.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp_bypass:  # the full-precision function (quant.blockwise.passes.full_precision)
+            return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
         w = self.cached_weight
