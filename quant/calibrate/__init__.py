@@ -88,12 +88,14 @@ def calibrate(model, scheme: QuantScheme, steps: Sequence, calib_ids=None, seed:
     from quant import methods
     from quant.models.arch import untie_lm_head
     from quant.models.moe import prepare_model
+    from quant.modules.kv_cache import check_kv_cache
     from quant.modules.runtime import apply_runtime_quantizers
     from quant.recipe import check_steps, resolve_scheme
 
     steps = tuple(steps)
     check_steps("calibrate", steps, path, scheme)
     prepare_model(model)  # per-expert linears in MoE blocks; an unsupported family fails here
+    check_kv_cache(model, scheme.kv_cache)  # before any step changes the model
     if scheme.quantize_lm_head:
         untie_lm_head(model)  # the quantized lm_head is saved as its own tensor
     scheme = resolve_scheme(steps, scheme)

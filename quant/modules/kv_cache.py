@@ -37,6 +37,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from quant.config import ConfigError
 from quant.config.scheme import KVCacheSpec
 from quant.models.arch import decoder_layers, get_module, mapping_for
 from quant.modules.activation import DynamicQuantizer
@@ -62,6 +63,18 @@ def kv_head_dim(model: nn.Module) -> int:
     return head_dim or config.hidden_size // config.num_attention_heads
 
 
+def check_kv_cache(model: nn.Module, spec: KVCacheSpec | None) -> None:
+    """Refuse, before any work, KV-cache quantization of a family whose keys and values come
+    out of a fused qkv_proj (Phi-3): the quantizer would have to act on slices of its output,
+    which is not implemented."""
+    mapping = mapping_for(model)
+    fused = {f.path for f in mapping.fused}
+    if spec is not None and (mapping.k_proj in fused or mapping.v_proj in fused):
+        raise ConfigError(f"scheme.kv_cache={spec.to_dict()}: model_type={model.config.model_type!r} "
+                          f"computes keys and values in the fused {mapping.k_proj}; quantizing their "
+                          "slices of its output is not implemented; use scheme.kv_cache: null")
+
+
 def kv_projections(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(qualified name, module) of every block's key and value projection."""
     mapping = mapping_for(model)
@@ -75,6 +88,7 @@ def kv_projections(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def apply_kv_quantizers(model: nn.Module, spec: KVCacheSpec | None) -> int:
     """Quantize every block's keys and values as they are produced (None removes it).
     Returns the number of projections changed."""
+    check_kv_cache(model, spec)
     head_dim = kv_head_dim(model)
     projections = kv_projections(model)
     mapping = mapping_for(model)

@@ -12,6 +12,14 @@ its new key/value into a buffer sized once for the whole sequence and attends
 over a view of it. Any Llama-like family in `quant.models.arch.MAPPINGS` works, as do
 models whose linears were swapped for `QuantLinear`.
 
+Families: the q/k norms of Qwen3 (per head, before RoPE) and MoE MLPs (Mixtral,
+Qwen3-MoE: the MoE block is called on [B, 1, D]) run here as they do in the model.
+What this decoder does not re-implement - norms on sub-block outputs, embedding scale,
+soft-capped attention and logits (Gemma 2/3), fused q/k/v and partial rotary (Phi-3) -
+is said by the architecture mapping and config; for those, `make_decoder` returns a
+`ModelDecoder`, which steps the model's own forward with transformers' cache (every row
+at the same position, so no mask): the same tokens, without the CUDA-graph speed.
+
 Speed. A decode step reads every weight once and the KV cache once; at the
 batch sizes that fill a GPU's memory it is bound by HBM bandwidth, *if* the
 host keeps up. It does not on its own: a 32-layer step is ~1300 small kernel
@@ -49,6 +57,49 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def fast_path(model: nn.Module) -> bool:
+    """Whether `KVDecoder` re-implements this model's forward (module docstring)."""
+    m, cfg = mapping_for(model), model.config
+    rope = getattr(cfg, "partial_rotary_factor", 1.0) or 1.0
+    return not (m.fused or m.output_norms or m.embed_scale or m.logit_softcap or rope != 1.0
+                or getattr(cfg, "attn_logit_softcapping", None))
+
+
+def make_decoder(model: nn.Module, batch: int, max_len: int, head: Head, graphs: bool = False):
+    """The fastest decoder that computes this model's function exactly."""
+    cls = KVDecoder if fast_path(model) else ModelDecoder
+    return cls(model, batch, max_len, head, graphs)
+
+
+class ModelDecoder:
+    """`KVDecoder`'s interface over the model's own forward and a transformers cache."""
+
+    def __init__(self, model: nn.Module, batch: int, max_len: int, head: Head, graphs: bool = False) -> None:
+        from transformers import DynamicCache
+
+        self.model, self.head, self.max_len = model, head, max_len
+        self.device = next(model.parameters()).device
+        self.cache = DynamicCache(config=model.config)
+        self.position = 0
+        self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.inp = torch.zeros(batch, dtype=torch.long, device=self.device)
+
+    def step(self) -> None:
+        t = self.position
+        if t >= self.max_len:
+            raise RuntimeError(f"KV cache is full ({self.max_len} positions)")
+        b = self.inp.shape[0]
+        out = self.model(input_ids=self.inp[:, None], past_key_values=self.cache, use_cache=True,
+                         position_ids=self.pos.expand(b, 1))
+        self.inp.copy_(self.head(out.logits[:, -1].float(), self.pos))  # logits: [B, V]
+        self.pos.add_(1)
+        self.position = t + 1
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.cache.reorder_cache(rows)
+        self.inp = self.inp[rows].clone()
+
+
 class _Block:
     """The submodules of one decoder block, looked up once through the mapping."""
 
@@ -60,6 +111,8 @@ class _Block:
         self.v = get_module(block, m.v_proj)
         self.o = get_module(block, m.o_proj)
         self.mlp = get_module(block, m.mlp)
+        self.moe = m.is_moe_block(block)  # the MoE block takes [B, S, D]
+        self.q_norm, self.k_norm = (get_module(block, p) for p in m.qk_norms) if m.qk_norms else (None, None)
         self.scale = getattr(get_module(block, m.attention), "scaling", head_dim**-0.5)
 
 
@@ -123,6 +176,8 @@ class KVDecoder:
         cos, sin = self.cos.index_select(0, self.pos), self.sin.index_select(0, self.pos)  # [1, D]
         q = blk.q(hs).view(b, self.heads, 1, d)  # one query per row: [B, H, 1, D]
         k = blk.k(hs).view(b, self.kv_heads, 1, d)
+        if blk.q_norm is not None:  # per head, before RoPE (Qwen3)
+            q, k = blk.q_norm(q), blk.k_norm(k)
         self.q.copy_(q * cos + _rotate_half(q) * sin)
         self.keys[i].index_copy_(2, self.pos, k * cos + _rotate_half(k) * sin)
         self.values[i].index_copy_(2, self.pos, blk.v(hs).view(b, self.kv_heads, 1, d))
@@ -130,7 +185,8 @@ class KVDecoder:
     def _post_attention(self, i: int) -> None:
         blk = self.blocks[i]
         self.x.add_(blk.o(self.a.view(self.batch, self.heads * self.head_dim)))
-        self.x.add_(blk.mlp(blk.post_norm(self.x)))
+        h = blk.post_norm(self.x)
+        self.x.add_(blk.mlp(h[:, None])[:, 0] if blk.moe else blk.mlp(h))
 
     def _segment(self, j: int) -> None:
         if j == 0:
