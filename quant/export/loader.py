@@ -19,7 +19,8 @@ from torch import nn
 
 from quant.config import ConfigError
 from quant.export.base import CheckpointError, exporter
-from quant.models.arch import get_module, iter_block_linears, mapping_for, set_module
+from quant.models.arch import get_module, iter_block_linears, mapping_for, mapping_for_type, set_module
+from quant.models.moe import prepare_model
 
 QUANT_METHODS = {"compressed-tensors": "compressed-tensors", "gptq": "gptq"}
 
@@ -43,6 +44,19 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def model_names(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors under the model's module names: transformers' own renamings of this family's
+    checkpoint names (Mixtral's experts are stored under `block_sparse_moe`, the module is `mlp`),
+    the ones `save_pretrained` applied in reverse when the export was written."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming, apply_renamings
+
+    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    if not renamings:
+        return tensors
+    return {apply_renamings(k, renamings): v for k, v in tensors.items()}
+
+
 def load_packed(path: str | Path, dtype: torch.dtype = torch.float16, device: str = "cpu",
                 backend: str = "torch"):
     """(model, tokenizer) of a packed checkpoint, computing through `backend`."""
@@ -58,8 +72,10 @@ def load_packed(path: str | Path, dtype: torch.dtype = torch.float16, device: st
     config = AutoConfig.from_pretrained(path)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
+    mapping_for_type(config.model_type, str(path / "config.json"))  # before any tensor is read
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    tensors = read_tensors(path)
+    prepare_model(model)  # per-expert linears in MoE blocks, named as the checkpoint names them
+    tensors = model_names(model, read_tensors(path))
     mapping = mapping_for(model)
     names = [name for name, *_ in iter_block_linears(model, mapping)]
     if exp.layer_spec(qc)[2]:
