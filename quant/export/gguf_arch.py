@@ -7,6 +7,23 @@ from the gguf package itself, as in llama.cpp's `convert_hf_to_gguf.py`. A new f
 (qwen2, qwen3, mistral, gemma, phi3) is a new `GGUFFamily`, plus whatever hyperparameter
 keys its llama.cpp architecture reads.
 
+Families (what llama.cpp's converter does for each, here as data):
+- llama, mistral (llama.cpp runs Mistral as `llama`): q/k rows permuted (below);
+- qwen2 (q/k/v biases), qwen3 (+ `attn_q_norm` / `attn_k_norm`), phi3 (fused
+  `attn_qkv`, and `ffn_up` holding [gate; up] as llama.cpp's SwiGLU splits it), gemma2 and
+  gemma3 (post-attention / post-feed-forward norms, q/k norms in gemma3): NeoX rotation,
+  no permutation;
+- norm weights of a `rms_one_plus` family (Gemma) are written as 1 + w: llama.cpp
+  multiplies by the stored weight (its converter adds the same 1);
+- Gemma: no `output` tensor in gemma2 (llama.cpp reuses token_embd; a quantized or untied
+  lm_head is refused), the sqrt(hidden) embedding scale is llama.cpp's own; llama.cpp
+  scales queries by 1/sqrt(head_dim) and fixes the sliding-window pattern (every 2nd layer
+  global in gemma2, every 6th in gemma3, local RoPE base 10000), so a config that
+  disagrees (query_pre_attn_scalar != head_dim, other layer types or local base) is
+  refused rather than written to compute something else;
+- mixture-of-experts families are refused: llama.cpp stores the experts of a block as one
+  3-D tensor per projection, which this writer does not produce yet.
+
 Rotary embeddings: Hugging Face Llama checkpoints rotate the two halves of each head
 (`rotate_half`), llama.cpp's `llama` architecture rotates adjacent pairs. Its converter
 therefore reorders the rows of q and k per head (`permute`, below: rows
@@ -45,8 +62,23 @@ class GGUFFamily:
     arch: str  # general.architecture, llama.cpp's name
     model_types: tuple[str, ...]  # transformers config.model_type
     model_tensors: Mapping[str, MODEL_TENSOR]  # ArchMapping field (model level) -> tensor kind
-    block_tensors: Mapping[str, MODEL_TENSOR]  # ArchMapping field (per block) -> tensor kind
+    # ArchMapping field (per block) -> tensor kind; "field.N" is item N of a tuple field (qk_norms.0)
+    block_tensors: Mapping[str, MODEL_TENSOR]
     rope_permute: Mapping[str, str]  # block field -> config attribute holding its head count
+    hparams: tuple[str, ...] = ()  # extra hyperparameter groups (EXTRA_HPARAMS)
+    # llama.cpp looks these tokens up when general.name contains one of `name_keys` (and
+    # aborts loading when one is missing): (name_keys, tokens)
+    name_tokens: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
+
+    def check_name(self, name: str, tokenizer) -> None:
+        keys, tokens = self.name_tokens
+        if tokenizer is None or not any(k in name.lower() for k in keys):
+            return
+        missing = [t for t in tokens if t not in tokenizer.get_vocab()]
+        if missing:
+            raise ConfigError(f"model name {name!r}: llama.cpp treats a {self.arch} model named like "
+                              f"{list(keys)} as having the tokens {list(tokens)}; this vocabulary lacks "
+                              f"{missing}, so llama.cpp would fail to load the file; rename the model")
 
 
 LLAMA_MODEL_TENSORS = {
@@ -66,15 +98,39 @@ LLAMA_BLOCK_TENSORS = {
     "down_proj": MODEL_TENSOR.FFN_DOWN,
 }
 
+QK_NORM_TENSORS = {"qk_norms.0": MODEL_TENSOR.ATTN_Q_NORM, "qk_norms.1": MODEL_TENSOR.ATTN_K_NORM}
+GEMMA_BLOCK_TENSORS = {**LLAMA_BLOCK_TENSORS, "mlp_norm": MODEL_TENSOR.FFN_NORM,
+                       "output_norms.0": MODEL_TENSOR.ATTN_POST_NORM,
+                       "output_norms.1": MODEL_TENSOR.FFN_POST_NORM}
+PHI3_BLOCK_TENSORS = {"input_norm": MODEL_TENSOR.ATTN_NORM, "q_proj": MODEL_TENSOR.ATTN_QKV,
+                      "o_proj": MODEL_TENSOR.ATTN_OUT, "post_attention_norm": MODEL_TENSOR.FFN_NORM,
+                      "up_proj": MODEL_TENSOR.FFN_UP, "down_proj": MODEL_TENSOR.FFN_DOWN}
+_LLAMA_PERMUTE = {"q_proj": "num_attention_heads", "k_proj": "num_key_value_heads"}
+_NO_OUTPUT = {k: v for k, v in LLAMA_MODEL_TENSORS.items() if k != "lm_head"}
+
 FAMILIES: tuple[GGUFFamily, ...] = (
-    # SmolLM / SmolLM2, Llama-2, Llama-3.x, TinyLlama
-    GGUFFamily("llama", ("llama",), LLAMA_MODEL_TENSORS, LLAMA_BLOCK_TENSORS,
-               {"q_proj": "num_attention_heads", "k_proj": "num_key_value_heads"}),
+    # SmolLM / SmolLM2, Llama-2, Llama-3.x, TinyLlama; Mistral runs as llama in llama.cpp
+    GGUFFamily("llama", ("llama", "mistral"), LLAMA_MODEL_TENSORS, LLAMA_BLOCK_TENSORS, _LLAMA_PERMUTE),
+    GGUFFamily("qwen2", ("qwen2",), LLAMA_MODEL_TENSORS, LLAMA_BLOCK_TENSORS, {}),
+    GGUFFamily("qwen3", ("qwen3",), LLAMA_MODEL_TENSORS, {**LLAMA_BLOCK_TENSORS, **QK_NORM_TENSORS}, {}),
+    GGUFFamily("phi3", ("phi3",), LLAMA_MODEL_TENSORS, PHI3_BLOCK_TENSORS, {}, ("phi3",),
+               (("phi-3", "phi3"), ("</s>", "<unk>", "<s>", "<|endoftext|>"))),
+    GGUFFamily("gemma2", ("gemma2",), _NO_OUTPUT, GEMMA_BLOCK_TENSORS, {}, ("gemma", "softcap")),
+    GGUFFamily("gemma3", ("gemma3_text",), LLAMA_MODEL_TENSORS, {**GEMMA_BLOCK_TENSORS, **QK_NORM_TENSORS},
+               {}, ("gemma",)),
 )
+REFUSED = {  # families with an architecture mapping that llama.cpp reads in a layout not written here
+    "mixtral": "llama.cpp stores a block's experts as one 3-D tensor per projection",
+    "qwen3_moe": "llama.cpp stores a block's experts as one 3-D tensor per projection",
+}
 
 
 def family_for(model) -> GGUFFamily:
     model_type = getattr(model.config, "model_type", None)
+    if model_type in REFUSED:
+        raise ConfigError(f"model_type={model_type!r} cannot be exported to 'gguf': "
+                          f"{REFUSED[model_type]}, which this writer does not produce yet; use "
+                          "convert.formats [compressed-tensors] or [gptq] for this family")
     for fam in FAMILIES:
         if model_type in fam.model_types:
             return fam
@@ -91,9 +147,26 @@ def tensor_names(model, family: GGUFFamily) -> dict[str, tuple[str, str | None]]
     blocks = model.get_submodule(mapping.layers)
     for i in range(len(blocks)):
         for f, t in family.block_tensors.items():
-            out[f"{mapping.layers}.{i}.{getattr(mapping, f)}"] = (TENSOR_NAMES[t].format(bid=i),
-                                                                 family.rope_permute.get(f))
+            out[f"{mapping.layers}.{i}.{_field(mapping, f)}"] = (TENSOR_NAMES[t].format(bid=i),
+                                                                family.rope_permute.get(f))
     return out
+
+
+def _field(mapping, key: str) -> str:
+    """The path an ArchMapping field names; "field.N" is item N of a tuple field."""
+    name, _, index = key.partition(".")
+    value = getattr(mapping, name)
+    return value[int(index)] if index else value
+
+
+def norm_shift(model) -> float:
+    """What llama.cpp's norms need added to the stored weight (1 for Gemma's 1 + w norms)."""
+    return 1.0 if mapping_for(model).norm_kind == "rms_one_plus" else 0.0
+
+
+def is_norm(tensor_name: str) -> bool:
+    """Whether a llama.cpp tensor name (without `.weight`) is a norm's."""
+    return tensor_name.endswith("_norm")
 
 
 def permute(rows: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -114,10 +187,12 @@ def _rope(config) -> dict:
     return {**params, "rope_theta": theta}
 
 
-def write_hparams(writer: gguf.GGUFWriter, config) -> list[tuple[str, torch.Tensor]]:
-    """The `<arch>.*` keys llama.cpp reads for a Llama-shaped model; returns extra tensors
-    (Llama 3 `rope_freqs`) to write beside the weights."""
+def write_hparams(writer: gguf.GGUFWriter, config, family: GGUFFamily | None = None) -> list[tuple[str, torch.Tensor]]:
+    """The `<arch>.*` keys llama.cpp reads for a Llama-shaped model (and the family's extra
+    ones); returns extra tensors (Llama 3 `rope_freqs`) to write beside the weights."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    for group in family.hparams if family is not None else ():
+        EXTRA_HPARAMS[group](writer, config, head_dim)
     writer.add_vocab_size(config.vocab_size)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -127,7 +202,7 @@ def write_hparams(writer: gguf.GGUFWriter, config) -> list[tuple[str, torch.Tens
     writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
-    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_dimension_count(int(head_dim * (getattr(config, "partial_rotary_factor", None) or 1.0)))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     rope = _rope(config)
     if rope["rope_theta"] is not None:
@@ -143,6 +218,42 @@ def write_hparams(writer: gguf.GGUFWriter, config) -> list[tuple[str, torch.Tens
         return [(TENSOR_NAMES[MODEL_TENSOR.ROPE_FREQS] + ".weight", llama3_rope_factors(rope, head_dim))]
     raise ConfigError(f"rope_parameters.rope_type={kind!r} of this model is not exported to 'gguf' yet; "
                       "accepted: ['default', 'linear', 'llama3']")
+
+
+def _gemma(writer: gguf.GGUFWriter, config, head_dim: int) -> None:
+    """Gemma 2/3: the sliding window, and what llama.cpp fixes that the config could change."""
+    scalar = getattr(config, "query_pre_attn_scalar", head_dim)
+    if scalar != head_dim:
+        raise ConfigError(f"query_pre_attn_scalar={scalar} != head_dim={head_dim}: llama.cpp scales "
+                          f"{config.model_type} queries by 1/sqrt(head_dim) (except its 27B preset); the "
+                          "file would compute other attention scores")
+    period = 2 if config.model_type == "gemma2" else 6  # llama.cpp's sliding-window pattern
+    want = ["full_attention" if (i + 1) % period == 0 else "sliding_attention"
+            for i in range(config.num_hidden_layers)]
+    if list(getattr(config, "layer_types", want)) != want:
+        raise ConfigError(f"layer_types={config.layer_types}: llama.cpp fixes {config.model_type}'s "
+                          f"pattern (every {period}th layer global); the file would attend differently")
+    local = (getattr(config, "rope_parameters", None) or {}).get("sliding_attention") or {}
+    if local.get("rope_theta", 10000.0) != 10000.0:
+        raise ConfigError(f"local RoPE base {local['rope_theta']}: llama.cpp fixes it to 10000 for "
+                          f"{config.model_type}")
+    writer.add_sliding_window(config.sliding_window)
+
+
+def _softcap(writer: gguf.GGUFWriter, config, head_dim: int) -> None:
+    writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
+    writer.add_final_logit_softcapping(config.final_logit_softcapping)
+
+
+def _phi3(writer: gguf.GGUFWriter, config, head_dim: int) -> None:
+    """Phi-3: its sliding window (0 = none, as llama.cpp's converter writes for Phi-4)."""
+    writer.add_sliding_window(getattr(config, "sliding_window", None) or 0)
+    orig = getattr(config, "original_max_position_embeddings", None)
+    if orig:
+        writer.add_rope_scaling_orig_ctx_len(orig)
+
+
+EXTRA_HPARAMS = {"gemma": _gemma, "softcap": _softcap, "phi3": _phi3}
 
 
 def llama3_rope_factors(rope: dict, dim: int) -> torch.Tensor:

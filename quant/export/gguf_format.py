@@ -54,6 +54,8 @@ from quant.export.base import (
 )
 from quant.export.gguf_arch import (
     family_for,
+    is_norm,
+    norm_shift,
     permute,
     tensor_names,
     write_generation,
@@ -122,8 +124,16 @@ def write_gguf(model: nn.Module, tokenizer, path: str | Path, dtype: torch.dtype
     names = tensor_names(model, family)
     mapping = mapping_for(model)
     lm_head, embed = mapping.lm_head, mapping.embed_tokens
+    shift = norm_shift(model)
+    if lm_head not in names:  # llama.cpp reads the output projection from token_embd
+        if isinstance(model.get_submodule(lm_head), QuantLinear) or not _tied(model, lm_head, embed):
+            raise ConfigError(f"llama.cpp's {family.arch} has no output tensor: the lm_head must be the "
+                              "(tied) input embedding; use scheme.quantize_lm_head: false and tied embeddings")
+        names_written = {f"{lm_head}.weight"}
+    else:
+        names_written = set()
     tensors: dict[str, tuple[np.ndarray, object]] = {}
-    written: set[str] = set()
+    written: set[str] = names_written
     for path_, (gname, heads_attr) in names.items():
         module = model.get_submodule(path_)
         heads = getattr(config, heads_attr) if heads_attr else None
@@ -134,6 +144,8 @@ def write_gguf(model: nn.Module, tokenizer, path: str | Path, dtype: torch.dtype
             tensors[f"{gname}.weight"] = _quant_tensor(module, heads)
         else:
             w = module.weight
+            if shift and is_norm(gname):  # 1 + w: what the model multiplies by (gguf_arch)
+                w = w.float() + shift
             tensors[f"{gname}.weight"] = _float_tensor(w if heads is None else permute(w, heads), dtype)
         bias = getattr(module, "bias", None)
         if bias is not None:
@@ -146,10 +158,12 @@ def write_gguf(model: nn.Module, tokenizer, path: str | Path, dtype: torch.dtype
                          "extend quant/export/gguf_arch.py")
     writer = gguf.GGUFWriter(str(path), family.arch)
     # a local directory's last component, never the whole path (it would leak into the file)
-    writer.add_name(name or Path(getattr(config, "_name_or_path", "") or family.arch).name)
+    name = name or Path(getattr(config, "_name_or_path", "") or "model").name
+    family.check_name(name, tokenizer)
+    writer.add_name(name)
     writer.add_file_type(file_type([t for _, t in tensors.values()]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    for tname, t in write_hparams(writer, config):
+    for tname, t in write_hparams(writer, config, family):
         tensors[tname] = (t.numpy(), None)
     write_vocab(writer, tokenizer, config.vocab_size)
     write_generation(writer, getattr(model, "generation_config", None))
@@ -181,8 +195,9 @@ class GGUFExporter:
         (the metadata is built into a throwaway writer), before any file is written."""
         import gguf
 
-        writer = gguf.GGUFWriter(None, family_for(model).arch)
-        write_hparams(writer, model.config)
+        family = family_for(model)
+        writer = gguf.GGUFWriter(None, family.arch)
+        write_hparams(writer, model.config, family)
         write_vocab(writer, tokenizer, model.config.vocab_size)
 
     def check_target(self, out: Path) -> None:

@@ -19,7 +19,13 @@ from torch import nn
 
 from quant.config import ConfigError
 from quant.export.base import CheckpointError, exporter
-from quant.models.arch import get_module, iter_block_linears, mapping_for, mapping_for_type, set_module
+from quant.models.arch import (
+    get_module,
+    iter_block_linears,
+    mapping_for,
+    mapping_for_type,
+    set_module,
+)
 from quant.models.moe import prepare_model
 
 QUANT_METHODS = {"compressed-tensors": "compressed-tensors", "gptq": "gptq"}
