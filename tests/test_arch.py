@@ -1,0 +1,110 @@
+"""The architecture mapping of every family against the model transformers builds, and the
+controls that show the per-family tests can fail: a fold that ignores the norm kind, the
+fused rows or the router changes the full-precision function."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+from families import FAMILIES, MOE, ids, make_tiny
+from torch import nn
+
+from quant.calibrate.awq import apply_scales
+from quant.config import ConfigError
+from quant.models import arch
+from quant.models.arch import decoder_layers, get_module, mapping_for, size_of
+from quant.models.moe import Experts, prepare_model
+
+X = ids(2, 24, seed=5)
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(input_ids=X, use_cache=False).logits
+
+
+@pytest.fixture(scope="module")
+def models():
+    out = {}
+    for family in FAMILIES:
+        model = make_tiny(family)
+        prepare_model(model)
+        out[family] = model
+    return out
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_the_mapping_names_every_linear_of_every_block_once(family, models):
+    model = models[family]
+    m = mapping_for(model)
+    assert m.family == family
+    for block in decoder_layers(model):
+        linears = {n for n, mod in block.named_modules() if isinstance(mod, nn.Linear)}
+        assert set(m.linears(block)) == linears  # the router is no nn.Linear: never quantized
+        assert len(m.linears(block)) == len(linears)
+        flat = [p for stage in m.input_stages(block, model.config) for g in stage for p in g]
+        assert sorted(flat) == sorted(linears)
+        for f in m.fused:  # split sizes add up to the fused linear's rows
+            rows = sum(size_of(model.config, s) for s in f.sizes)
+            assert get_module(block, f.path).out_features == rows
+        for path in (m.input_norm, m.mlp_norm, *m.output_norms, *m.qk_norms):
+            assert hasattr(get_module(block, path), "weight")
+        if family in MOE:
+            assert isinstance(get_module(block, m.moe.experts), Experts)
+            assert not isinstance(get_module(block, m.moe.router), nn.Linear)
+
+
+def test_an_unsupported_model_type_names_itself_and_the_supported_list():
+    with pytest.raises(ConfigError, match=r"model_type='gpt2' has no architecture mapping; known: "
+                                          r"\['gemma2', 'gemma3_text', 'llama', 'mistral', 'mixtral'"):
+        arch.mapping_for_type("gpt2")
+
+
+def _random_fold(model, mapping=None):
+    m = mapping or mapping_for(model)
+    gen = torch.Generator().manual_seed(0)
+    for block in decoder_layers(model):
+        groups = [g for g in m.groups(block, model.config) if g.foldable(block)]
+        scales = {g.prev: torch.rand(g.width(block), generator=gen) * 1.5 + 0.5 for g in groups}
+        apply_scales(block, groups, scales, m.norm_kind)
+
+
+@pytest.mark.parametrize("family,broken", [
+    ("gemma2", {"norm_kind": "rms"}),  # w / s instead of (1 + w) / s - 1
+    # the v / up rows looked for at the wrong end of qkv_proj / gate_up_proj
+    ("phi3", {"fused": (arch.Fused("self_attn.qkv_proj", ("v", "k", "q"), ("kv", "kv", "q")),
+                        arch.Fused("mlp.gate_up_proj", ("up", "gate"), ("ffn", "ffn")))}),
+])
+def test_a_fold_that_ignores_the_mapping_changes_the_function(family, broken, models):
+    """(Without its `fused` entry Phi-3's v -> o and up -> down groups are not foldable, hence
+    skipped: the wrong rows need a wrong entry.)"""
+    model = copy.deepcopy(models[family])
+    ref = _logits(model)
+    good = copy.deepcopy(model)
+    _random_fold(good)
+    assert (_logits(good) - ref).abs().max() < 1e-4
+    bad = copy.deepcopy(model)
+    _random_fold(bad, dataclasses.replace(mapping_for(model), **broken))
+    assert (_logits(bad) - ref).abs().max() > 1e-2
+
+
+def test_a_fold_that_leaves_the_router_out_changes_the_routing(models):
+    model = copy.deepcopy(models["qwen3_moe"])
+    ref = _logits(model)
+    m = mapping_for(model)
+    no_router = dataclasses.replace(m, expert_groups=tuple(dataclasses.replace(g, readers=())
+                                                           for g in m.expert_groups))
+    _random_fold(model, no_router)
+    assert (_logits(model) - ref).abs().max() > 1e-2
+
+
+def test_norm_scale_reads_and_writes_through_the_kind(models):
+    norm = get_module(decoder_layers(models["gemma3"])[0], "input_layernorm")
+    w = norm.weight.detach().clone()
+    torch.testing.assert_close(arch.norm_scale(norm, "rms_one_plus"), w + 1)
+    arch.set_norm_scale(norm, torch.full_like(w, 2.0), "rms_one_plus")
+    assert torch.equal(norm.weight, torch.ones_like(w))
+    norm.weight.data.copy_(w)
