@@ -56,9 +56,17 @@ SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
     "llama-small": _sizes("LlamaConfig", 1024, 2816, 8, 16, 16, 32000),
     "llama-2-7b": _sizes("LlamaConfig", 4096, 11008, 32, 32, 32, 32000),
     "llama-2-13b": _sizes("LlamaConfig", 5120, 13824, 40, 40, 40, 32000),
-    # Qwen3-8B's sizes (GQA 32/8, vocab 151936) on the Qwen2 architecture (with its q/k/v biases):
-    # quant.models.arch maps qwen2 and has no mapping for Qwen3's q/k norms yet
+    # Qwen3-8B's sizes (GQA 32/8, vocab 151936) on the Qwen2 architecture (with its q/k/v biases),
+    # kept for the decode results measured with it; `qwen3-8b` is the real architecture
     "qwen3-8b-like": _sizes("Qwen2Config", 4096, 12288, 36, 32, 8, 151936, 40960),
+    # Qwen3-8B and Qwen3-30B-A3B (q/k norms; 128 experts of width 768, 8 per token)
+    "qwen3-8b": _sizes("Qwen3Config", 4096, 12288, 36, 32, 8, 151936, 40960, head_dim=128),
+    "qwen3-30b-a3b": _sizes("Qwen3MoeConfig", 2048, 6144, 48, 32, 4, 151936, 40960, head_dim=128,
+                            moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8),
+    # CPU smoke runs of the architecture benches
+    "qwen3-small": _sizes("Qwen3Config", 128, 256, 2, 4, 2, 512, 2048, head_dim=32),
+    "qwen3-moe-small": _sizes("Qwen3MoeConfig", 128, 256, 2, 4, 2, 512, 2048, head_dim=32,
+                              moe_intermediate_size=64, num_experts=8, num_experts_per_tok=2),
 }
 
 

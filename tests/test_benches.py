@@ -81,3 +81,16 @@ def test_quarot_timing_smoke_run(tmp_path, one_thread):
     data = _result(out)
     assert set(data["runs"]) == {"1", "2"} and data["runs"]["2"]["quarot_s"] > 0
     assert len(data["online"]) == 2
+
+
+def test_architectures_smoke_run(tmp_path, one_thread):
+    from benches.speed import architectures
+
+    out = tmp_path / "architectures.json"
+    architectures.main(["--small", "--out", str(out)])
+    blocks = _result(out)["blocks"]
+    assert set(blocks) == {"qwen3-small", "qwen3-moe-small"}
+    for methods in blocks.values():
+        assert set(methods) == {"block-ap", "tesseraq"}
+        assert all(r["engine_seconds"] > 0 and r["paper_scale_seconds"] > 0 for r in methods.values())
+    assert "experts_without_tokens" in blocks["qwen3-moe-small"]["block-ap"]
