@@ -121,10 +121,24 @@ def check_scheme_fits(path: str | Path, scheme: QuantScheme) -> None:
               "o_proj (num_attention_heads x head_dim)": heads * head_dim}
     if isinstance(c.get("intermediate_size"), int):
         widths["down_proj (intermediate_size)"] = c["intermediate_size"]
+    moe = _moe_width(c)
+    if moe is not None:
+        widths[f"experts' down_proj ({moe[0]})"] = moe[1]
     if scheme.quantize_lm_head:
         widths["lm_head (hidden_size)"] = hidden
     for name, width in widths.items():
         scheme.weight.check_layer(name, width)
+
+
+def _moe_width(config: dict) -> tuple[str, int] | None:
+    """(attribute, value) of an MoE family's expert width in config.json, or None."""
+    from quant.models.arch import MAPPINGS
+
+    for m in MAPPINGS:
+        if config.get("model_type") in m.model_types and m.moe is not None:
+            value = config.get(m.moe.intermediate)
+            return (m.moe.intermediate, value) if isinstance(value, int) else None
+    return None
 
 
 def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):

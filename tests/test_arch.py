@@ -108,3 +108,30 @@ def test_norm_scale_reads_and_writes_through_the_kind(models):
     arch.set_norm_scale(norm, torch.full_like(w, 2.0), "rms_one_plus")
     assert torch.equal(norm.weight, torch.ones_like(w))
     norm.weight.data.copy_(w)
+
+
+def test_refusals_come_before_any_change(models, tmp_path):
+    """KV-cache quantization of a fused qkv_proj and GGUF configs llama.cpp would run
+    differently are refused with their reason; an MoE expert width the group size does not
+    divide is refused from config.json alone."""
+    import quant
+    from quant.checkpoint import check_scheme_fits
+    from quant.export.gguf_format import GGUFExporter
+
+    phi3 = copy.deepcopy(models["phi3"])
+    ref = _logits(phi3)
+    with pytest.raises(ConfigError, match=r"model_type='phi3' computes keys and values in the fused "
+                                          r"self_attn.qkv_proj; .* use scheme.kv_cache: null"):
+        quant.quantize(phi3, "rtn:W4A8KV4")
+    assert torch.equal(_logits(phi3), ref)
+    gemma = make_tiny("gemma2", query_pre_attn_scalar=256)
+    with pytest.raises(ConfigError, match=r"query_pre_attn_scalar=256 != head_dim=16: llama.cpp scales"):
+        GGUFExporter().check_model(gemma, None)
+    gemma3 = make_tiny("gemma3", layer_types=["sliding_attention", "full_attention"])
+    with pytest.raises(ConfigError, match=r"llama.cpp fixes gemma3_text's pattern \(every 6th layer global\)"):
+        GGUFExporter().check_model(gemma3, None)
+    moe = make_tiny("qwen3_moe", moe_intermediate_size=48)
+    moe.config.save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match=r"group_size=32 does not divide .*experts' down_proj "
+                                          r"\(moe_intermediate_size\)"):
+        check_scheme_fits(tmp_path, quant.QuantScheme.parse("W4g32"))
