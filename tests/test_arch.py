@@ -135,3 +135,18 @@ def test_refusals_come_before_any_change(models, tmp_path):
     with pytest.raises(ConfigError, match=r"group_size=32 does not divide .*experts' down_proj "
                                           r"\(moe_intermediate_size\)"):
         check_scheme_fits(tmp_path, quant.QuantScheme.parse("W4g32"))
+
+
+def test_quarot_norm_fusion_honours_one_plus_w(models):
+    """QuaRot's norm fusion alone (the step before the residual rotation Gemma refuses) keeps
+    Gemma's function: the (1 + w) scale moves into the readers and the norms then scale by 1."""
+    from quant.calibrate.quarot import fuse_norms, untie_embeddings
+
+    model = copy.deepcopy(models["gemma3"])
+    ref = _logits(model)
+    m = mapping_for(model)
+    untie_embeddings(model, m)
+    fuse_norms(model, m, torch.float64)
+    assert (_logits(model) - ref).abs().max() < 1e-4
+    norm = get_module(decoder_layers(model)[0], m.input_norm)
+    assert torch.equal(arch.norm_scale(norm, m.norm_kind), torch.ones(64))
