@@ -150,3 +150,35 @@ def test_quarot_norm_fusion_honours_one_plus_w(models):
     assert (_logits(model) - ref).abs().max() < 1e-4
     norm = get_module(decoder_layers(model)[0], m.input_norm)
     assert torch.equal(arch.norm_scale(norm, m.norm_kind), torch.ones(64))
+
+
+@pytest.mark.parametrize("family", ["gemma2", "phi3", "qwen3_moe"])
+@torch.no_grad()
+def test_decoders_match_the_model_after_dropping_rows(family, models):
+    """Synthesis' decoder (the fast one, or the model's own forward for Gemma / Phi-3) gives the
+    model's logits at every step, also after rows are dropped mid-sequence."""
+    from quant.synth.decode import KVDecoder, ModelDecoder, fast_path, make_decoder
+
+    model = models[family]
+    seen: list[torch.Tensor] = []
+
+    def head(logits, pos):
+        seen.append(logits.clone())
+        return logits.argmax(-1)
+
+    dec = make_decoder(model, 3, 12, head)
+    assert isinstance(dec, KVDecoder if fast_path(model) else ModelDecoder)
+    assert fast_path(model) == (family == "qwen3_moe")
+    start = torch.tensor([5, 7, 9])
+    dec.inp.copy_(start)
+    tokens = [start]
+    for t in range(10):
+        if t == 4:  # drop row 1: the rest continue from their own cache rows
+            dec.keep(torch.tensor([0, 2]))
+            tokens = [x[[0, 2]] for x in tokens]
+            seen[:] = [s[[0, 2]] for s in seen]
+        dec.step()
+        tokens.append(seen[-1].argmax(-1))
+    seq = torch.stack(tokens, 1)  # [2, 11]
+    full = model(input_ids=seq, use_cache=False).logits[:, :-1]
+    torch.testing.assert_close(torch.stack(seen, 1), full, rtol=0, atol=1e-4)
