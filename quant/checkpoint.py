@@ -33,6 +33,7 @@ from quant.config import ConfigError, InputError
 from quant.config.scheme import QuantScheme, WeightSpec
 from quant.io import atomic_dir
 from quant.models.arch import get_module, set_module
+from quant.models.hub import check_loading_info
 from quant.models.moe import fused_experts, prepare_model
 from quant.modules.activation import CalibratedFPQuantizer, set_input_quantizer
 from quant.modules.linear import QuantLinear, quant_linears
@@ -197,21 +198,6 @@ def check_shapes(path: str | Path) -> None:
                     raise InputError(f"{f}: tensor {k!r} has shape {list(shape)} but the model of "
                                      f"{Path(path) / 'config.json'} needs {list(expected[k])}; "
                                      "config.json describes another model than the weights")
-
-
-def check_loading_info(path: str | Path, info: dict) -> None:
-    """transformers fills a tensor the checkpoint lacks with random values and only warns; a
-    missing or mis-shaped tensor is an InputError naming it (a shard that lost a tensor, a
-    config.json that disagrees with the weights)."""
-    missing = sorted(info.get("missing_keys") or ())
-    mismatched = sorted(info.get("mismatched_keys") or ())
-    if missing:
-        raise InputError(f"{path}: the checkpoint lacks {len(missing)} tensor(s) the model of its "
-                         f"config.json has, e.g. {missing[:3]}; a shard is missing or incomplete, or "
-                         "config.json describes another model")
-    if mismatched:
-        raise InputError(f"{path}: tensor shapes disagree with config.json: {mismatched[:3]}; "
-                         "config.json describes another model than the weights")
 
 
 def source_dtype(path: str | Path) -> torch.dtype:

@@ -205,10 +205,8 @@ class ArchMapping:
         return True
 
     def num_experts(self, block: nn.Module) -> int:
-        from quant.models.moe import Experts
-
         experts = get_module(block, self.moe.experts)
-        if not isinstance(experts, Experts):
+        if not isinstance(experts, nn.ModuleList):  # quant.models.moe.Experts is one
             raise ConfigError(
                 f"{self.family}: {self.moe.experts} is transformers' fused {type(experts).__name__}; "
                 "call quant.models.moe.prepare_model(model) first (the loaders and the calibrate "

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from quant.config import ConfigError, MissingDependencyError
+from quant.config import ConfigError, InputError, MissingDependencyError
 from quant.io import atomic_dir
 from quant.models.arch import mapping_for_type
 
@@ -130,8 +130,6 @@ def convert_gguf(gguf: Path, out: Path) -> None:
 def _convert_hf(name_or_path: str, out: Path, revision: str | None, trust_remote_code: bool) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from quant.checkpoint import check_loading_info
-
     kw = {"revision": revision, "trust_remote_code": trust_remote_code}
     try:
         config = AutoConfig.from_pretrained(name_or_path, **kw)
@@ -150,6 +148,21 @@ def _convert_hf(name_or_path: str, out: Path, revision: str | None, trust_remote
     check_loading_info(name_or_path, info)  # a shard that lost a tensor is not filled with noise
     model.save_pretrained(out, safe_serialization=True)
     AutoTokenizer.from_pretrained(name_or_path, **kw).save_pretrained(out)
+
+
+def check_loading_info(path: str | Path, info: dict) -> None:
+    """transformers fills a tensor the checkpoint lacks with random values and only warns; a
+    missing or mis-shaped tensor is an InputError naming it (a shard that lost a tensor, a
+    config.json that disagrees with the weights)."""
+    missing = sorted(info.get("missing_keys") or ())
+    mismatched = sorted(info.get("mismatched_keys") or ())
+    if missing:
+        raise InputError(f"{path}: the checkpoint lacks {len(missing)} tensor(s) the model of its "
+                         f"config.json has, e.g. {missing[:3]}; a shard is missing or incomplete, or "
+                         "config.json describes another model")
+    if mismatched:
+        raise InputError(f"{path}: tensor shapes disagree with config.json: {mismatched[:3]}; "
+                         "config.json describes another model than the weights")
 
 
 def _offline() -> bool:
