@@ -277,9 +277,6 @@ class ArchMapping:
             stages.append([tuple(p.replace(EXPERT, str(e)) for p in g.nexts if EXPERT in p) for e in range(n)])
         return stages
 
-    def input_groups(self, block: nn.Module, config: Any) -> list[tuple[str, ...]]:
-        return [g for stage in self.input_stages(block, config) for g in stage]
-
     def part(self, config: Any, name: str) -> tuple[str, tuple[int, int] | None]:
         """(path, [start, end) rows or None) of logical projection `name` (q, k, v, gate, up)."""
         path = getattr(self, f"{name}_proj")
