@@ -234,7 +234,7 @@ def test_runtime_quant_schemes_are_refused_for_packed_formats(tmp_path):
             with pytest.raises(ConfigError, match=rf"scheme\.{field}=.*cannot be exported to '{fmt}'"):
                 export(model, tiny_tokenizer(), scheme, fmt, tmp_path / "out")
             assert not (tmp_path / "out").exists()
-        export(model, tiny_tokenizer(), scheme, "half", tmp_path / "half")  # its own format keeps it
+        export(model, tiny_tokenizer(), scheme, "half", tmp_path / f"half-{field}")  # its own format keeps it
 
 
 def test_non_integer_weight_formats_are_refused(tmp_path):
@@ -310,7 +310,7 @@ def test_failed_export_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(GPTQExporter, "quantization_config", boom)
     with pytest.raises(OSError, match="disk full"):
-        export(model, tiny_tokenizer(), scheme, "gptq", out)
+        export(model, tiny_tokenizer(), scheme, "gptq", out, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == before  # the old checkpoint, untouched
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary directory left
 
