@@ -266,6 +266,18 @@ def test_group_size_the_format_refuses(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_bit_widths_each_format_holds(tmp_path):
+    """compressed-tensors packs every width of this project (2..8); GPTQ names 2/3/4/8 only."""
+    model, scheme = quantized(5, 32, False)
+    with pytest.raises(ConfigError, match=r"scheme\.weight\.format=int5 cannot be exported to 'gptq'; "
+                                          r"accepted: \['int2', 'int3', 'int4', 'int8'\]"):
+        export(model, tiny_tokenizer(), scheme, "gptq", tmp_path / "gptq")
+    assert not (tmp_path / "gptq").exists()
+    export(model, tiny_tokenizer(), scheme, "compressed-tensors", tmp_path / "ct")
+    packed, _ = load_packed(tmp_path / "ct", torch.float32)
+    assert torch.equal(logits(packed), logits(model))
+
+
 def test_unknown_format_and_unquantized_model_are_refused(tmp_path):
     model, scheme = quantized(4, 32, False)
     with pytest.raises(ConfigError, match=r"convert\.formats='awq' is not a known method; known: "
