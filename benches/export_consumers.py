@@ -100,7 +100,7 @@ def export_step(args) -> None:
         model.float()  # fp16-valued scales and norms, float32 compute: the reference
         with torch.no_grad():
             logits = model(check_ids).logits.float()
-        save_file({"check_ids": check_ids.contiguous(), "logits": logits.contiguous(), "ppl_ids": ppl_ids.contiguous()},
+        save_file({"check_ids": check_ids.clone(), "logits": logits.contiguous(), "ppl_ids": ppl_ids.clone()},
                   str(work / f"reference-{variant}.safetensors"))
         t0 = time.perf_counter()
         v["fake_quant_ppl"] = perplexity(model, ppl_ids, seq_len=args.seq_len, max_windows=args.windows).ppl

@@ -52,6 +52,27 @@ def cell(recs: list[dict]) -> str:
     return f"{by_sym.get(True, '')} / {by_sym.get(False, '')}"
 
 
+def _case(r: dict) -> str:
+    return f"{column_label(column(r))} {'sym' if r['symmetric'] else 'asym'}"
+
+
+def _grouped(records: list[dict], keep) -> list[str]:
+    """One row per (consumer, format, dtype, verdict, detail), listing the cases it covers."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in records:
+        if keep(r):
+            groups[r["consumer"], r["format"], r["dtype"], r["verdict"], r["detail"]].append(r)
+    rows = []
+    for (consumer, fmt, dtype, verdict, detail), recs in sorted(groups.items()):
+        recs.sort(key=lambda r: (column(r), r["symmetric"]))
+        if verdict == "wrong":
+            diffs = ", ".join(f"{r['max_abs_diff']:.3g}" for r in recs)
+            detail = f"max |Δlogit| {diffs} (tolerance ≤ {max(r['tolerance'] for r in recs):.3g}); {detail}"
+        cases = ", ".join(_case(r) for r in recs)
+        rows.append(f"| {consumer} | {fmt} | {dtype} | {verdict} | {cases} | {detail.replace('|', chr(92) + '|')} |")
+    return rows
+
+
 def render(runs: dict[str, dict]) -> str:
     records = [dict(r, run=name) for name, run in runs.items() for r in run["records"]]
     lines = ["# Which runtime loads which export", "",
@@ -72,21 +93,11 @@ def render(runs: dict[str, dict]) -> str:
         for (consumer, dtype), by_col in sorted(rows.items()):
             lines.append(f"| {consumer} | {dtype} | " + " | ".join(cell(by_col.get(c, [])) for c in cols) + " |")
         lines.append("")
-    lines += ["## Why a cell is not ✅ or ≈", "",
-              "| consumer | format | case | dtype | verdict | detail |", "|---|---|---|---|---|---|"]
-    seen = set()
-    for r in sorted(records, key=lambda r: (r["format"], r["consumer"], r["dtype"], column(r), r["symmetric"])):
-        if r["verdict"] in ("exact", "close", "config-ok"):
-            continue
-        case = f"{column_label(column(r))} {'sym' if r['symmetric'] else 'asym'}"
-        detail = r["detail"] if r["verdict"] != "wrong" else (
-            f"max |Δlogit| {r['max_abs_diff']:.3g} (tolerance {r['tolerance']:.3g}); {r['detail']}")
-        key = (r["consumer"], r["format"], r["dtype"], r["verdict"], detail)
-        if key in seen and r["verdict"] == "refuses":
-            continue
-        seen.add(key)
-        lines.append(f"| {r['consumer']} | {r['format']} | {case} | {r['dtype']} | {r['verdict']} | "
-                     f"{detail.replace('|', '/')} |")
+    lines += ["## Why a cell is not ✅ or ≈", "", "| consumer | format | dtype | verdict | cases | detail |",
+              "|---|---|---|---|---|---|", *_grouped(records, lambda r: r["verdict"] not in ("exact", "close",
+                                                                                          "config-ok")),
+              "", "## What vLLM's rules select", "", "| consumer | format | dtype | verdict | cases | detail |",
+              "|---|---|---|---|---|---|", *_grouped(records, lambda r: r["verdict"] == "config-ok")]
     worst = max((r["max_abs_diff"] for r in records if r["verdict"] == "close"), default=None)
     lines += ["", f"Largest difference among ≈ cells: {worst:.3g}." if worst is not None else "", "",
               "## Runs", ""]

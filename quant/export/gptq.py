@@ -30,7 +30,9 @@ backend in float32 on CPU picks `TorchFusedLinear` for 4 bits, whose CPU transfo
 replaces the zero points by zeros (`transform_cpu`), so asymmetric 4-bit logits come
 out wrong without an error. No config field steers that choice (the kernel declares
 asymmetric support), so the model card's GPTQModel line names the backend and dtype.
-transformers loads the checkpoint through GPTQModel + optimum. vLLM
+transformers loads the checkpoint through GPTQModel + optimum, except a quantized
+lm_head: that path converts the decoder blocks only, so lm_head stays a plain Linear
+initialised at random (a load report, no error). vLLM
 (`gptq_marlin.py`) runs symmetric 4/8-bit GPTQ with Marlin; anything else falls back
 to its `gptq` method, which reads `checkpoint_format` (v2 zero points) but takes fp16
 only and warns that its 4-bit kernel is buggy: for asymmetric 4-bit in vLLM prefer the
@@ -145,6 +147,9 @@ class GPTQExporter:
               "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
               f"model = AutoModelForCausalLM.from_pretrained({path!r}, dtype=torch.float16, device_map=\"auto\")\n"
               f"tokenizer = AutoTokenizer.from_pretrained({path!r})")
+        if scheme.quantize_lm_head:  # optimum converts the decoder blocks only: lm_head.weight would be random
+            hf = ("# not loadable by transformers' GPTQ path: it leaves lm_head a plain Linear and initialises it "
+                  "at random\n# (lm_head.weight MISSING in its load report); use the GPTQModel line")
         marlin = (w.bits in VLLM_MARLIN["bits"] and w.symmetric and w.group_size in VLLM_MARLIN["group_size"])
         vllm = f"from vllm import LLM\nllm = LLM({path!r}, dtype=\"float16\")"
         vllm += ("  # gptq_marlin" if marlin else
