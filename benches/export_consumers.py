@@ -52,7 +52,7 @@ def score(load, work: Path, variant: str, consumer: str, dtype: torch.dtype, win
         out = model(ref["check_ids"]).logits.float()
     entry["max_logit_diff"] = (out - ref["logits"]).abs().max().item()
     t0 = time.perf_counter()
-    entry["ppl"] = perplexity(model, ref["ppl_ids"], seq_len=ref["ppl_ids"].shape[1] // windows,
+    entry["ppl"] = perplexity(model, ref["ppl_ids"], seq_len=ref["ppl_ids"].numel() // windows,
                               max_windows=windows).ppl
     entry["ppl_seconds"] = round(time.perf_counter() - t0, 1)
     return entry
@@ -67,10 +67,10 @@ def export_step(args) -> None:
     from quant.calibrate.rtn import quantize_linears
     from quant.config.scheme import QuantScheme, WeightSpec
     from quant.eval.ppl import perplexity
-    from quant.export.base import export
+    from quant.export.base import disk_footprint, export, unquantized_params
     from quant.export.half import to_half
     from quant.export.loader import load_packed
-    from quant.models.checkpoint import load_model, read_scheme
+    from quant.models.checkpoint import load_model, quant_linears, read_scheme
     from quant.numerics.formats import IntFormat
 
     work = Path(args.work)
@@ -90,12 +90,17 @@ def export_step(args) -> None:
             quantize_linears(model, scheme)
         to_half(model, torch.float16)
         ids = tok(text, return_tensors="pt").input_ids
-        ppl_ids = ids[:, : args.windows * args.seq_len].reshape(1, -1)
+        ppl_ids = ids[0, : args.windows * args.seq_len]  # [T]
         check_ids = ids[:, :CHECK_TOKENS]
         v = {"scheme": scheme.to_dict(), "formats": {}}
+        layers = dict(quant_linears(model))
         for fmt in FORMATS:
             out = work / f"{variant}-{fmt}"
-            fp = export(model, tok, scheme, fmt, out, torch.float16, overwrite=True)
+            if (out / "config.json").is_file() and not args.rewrite:  # an earlier run's export
+                fp = disk_footprint(out, sorted(layers), {n: m.in_features * m.out_features
+                                                          for n, m in layers.items()}, unquantized_params(model))
+            else:
+                fp = export(model, tok, scheme, fmt, out, torch.float16, overwrite=True)
             v["formats"][fmt] = {**fp.to_dict(), "path": str(out), "consumers": []}
         model.float()  # fp16-valued scales and norms, float32 compute: the reference
         with torch.no_grad():
@@ -187,6 +192,7 @@ def main() -> None:
     ap.add_argument("--out", default="docs/results/export_consumers.json")
     ap.add_argument("--windows", type=int, default=2)
     ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--rewrite", action="store_true", help="export again even where --work holds an export")
     args = ap.parse_args()
     {"export": export_step, "gptqmodel": gptqmodel_step, "report": report_step}[args.step](args)
 

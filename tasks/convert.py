@@ -82,6 +82,7 @@ def run(params: Params) -> dict[str, Any]:
     from quant.export.half import to_half
     from quant.export.loader import load_packed, packed_format
     from quant.models.checkpoint import SCHEME_FILE, load_model, quant_linears, read_scheme
+    from tasks.register import methods  # the recipe string register tags versions with
 
     t0 = time.time()
     cfg = params.section("convert", ConvertConfig)
@@ -108,9 +109,7 @@ def run(params: Params) -> dict[str, Any]:
         exporter(fmt).check(scheme, layers)
     memory = to_half(model, dtype)
     method = json.loads((src / SCHEME_FILE).read_text()).get("method", cfg.model)
-    from tasks.register import methods
-
-    recipe = methods(params, cfg.model) or f"{cfg.model}={method}"
+    recipe = methods(params, cfg.model) or f"{cfg.model}={method}"  # for the model card
     ids = torch.arange(CHECK_TOKENS).reshape(1, -1) % model.config.vocab_size
     with torch.no_grad():
         ref = model(ids).logits.float()

@@ -392,7 +392,7 @@ def test_model_card_has_the_recipe_footprint_and_load_lines(tmp_path):
     assert f"| size vs fp16 | {fp.to_dict()['size_vs_fp16']:.3f} |" in card
     assert "GPTQModel.load('org/tiny-w4', backend=BACKEND.GPTQ_TORCH, dtype=torch.float16)" in card
     assert "not BACKEND.AUTO with dtype=torch.float32" in card  # asymmetric 4-bit: GPTQModel's CPU pitfall
-    assert "not measured when a checkpoint is converted" in card and "(identical)" in card
+    assert "not measured when a checkpoint is converted" in card and "are identical to the fake-quant" in card
     measured = render_card(facts, ".", {"perplexity, wiki": 23.1243}, "the evaluate stage")
     assert "| perplexity, wiki | 23.1243 |" in measured and "not measured" not in measured
     ct = render_card(CardFacts("compressed-tensors", scheme.to_dict(), "r", "float16", "m", fp.to_dict()))

@@ -86,8 +86,9 @@ def _quality(facts: CardFacts, measured: dict[str, float] | None, source: str | 
                   "its numbers."]
     if "max_logit_diff" in facts.checks:
         d = facts.checks["max_logit_diff"]
-        lines += ["", f"Conversion check: loaded back from this folder, the logits differ from the "
-                      f"fake-quant model's by at most {d:.3g}" + (" (identical)." if d == 0 else ".")]
+        lines += ["", "Conversion check: loaded back from this folder, the logits " + (
+            "are identical to the fake-quant model's." if d == 0 else
+            f"differ from the fake-quant model's by at most {d:.3g}.")]
     return lines
 
 
@@ -97,7 +98,9 @@ def render_card(facts: CardFacts, path: str = ".", measured: dict[str, float] | 
     scheme = QuantScheme.from_dict(facts.scheme, "card.scheme")
     w = scheme.weight
     tags = ["quantized", facts.format, f"int{w.bits}", "symmetric" if w.symmetric else "asymmetric"]
-    lines = ["---", f"base_model: {facts.base_model}", "library_name: transformers",
+    # the hub's base_model field takes a hub id, not a local path or this project's embedded: name
+    hub_id = ":" not in facts.base_model and not facts.base_model.startswith(("/", "."))
+    lines = ["---", *([f"base_model: {facts.base_model}"] if hub_id else []), "library_name: transformers",
              "tags:", *[f"- {t}" for t in tags], "---", "", f"# {_title(facts, scheme)}", "",
              f"Quantized with quant-pipeline. Recipe: `{facts.recipe}`; weights int{w.bits}, "
              f"{'per output channel' if w.group_size == -1 else f'groups of {w.group_size}'}, "
