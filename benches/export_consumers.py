@@ -173,7 +173,10 @@ def report_step(args) -> None:
            "commands": [line.strip() for line in __doc__.splitlines() if line.strip().startswith(("python", "/work"))],
            "environment": {"main": main["environment"], **({"gptqmodel": gq["environment"]} if gq else {})},
            "variants": main["variants"]}
+    from safetensors.torch import load_file
+
     for variant, v in out["variants"].items():
+        v["reference_max_abs_logit"] = load_file(str(work / f"reference-{variant}.safetensors"))["logits"].abs().max().item()
         for entry in (gq or {"variants": {}})["variants"].get(variant, []):
             v["formats"]["gptq"]["consumers"].append(entry)
         for f in v["formats"].values():
