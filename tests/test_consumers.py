@@ -27,6 +27,7 @@ import json
 import os
 from fractions import Fraction
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -46,16 +47,11 @@ ENV: dict[str, str] = {}
 # Exports (one per variant, shared by every consumer) and verdicts
 
 
-class Variant(tuple):
-    """(bits, symmetric, group_size, lm_head)"""
-
-    def __new__(cls, bits: int, symmetric: bool, group: int = 32, lm_head: bool = False):
-        return super().__new__(cls, (bits, symmetric, group, lm_head))
-
-    bits = property(lambda self: self[0])
-    symmetric = property(lambda self: self[1])
-    group = property(lambda self: self[2])
-    lm_head = property(lambda self: self[3])
+class Variant(NamedTuple):
+    bits: int
+    symmetric: bool
+    group: int = 32
+    lm_head: bool = False
 
     @property
     def label(self) -> str:
