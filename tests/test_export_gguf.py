@@ -250,7 +250,7 @@ def test_tokenizers_gguf_cannot_describe_are_refused(tmp_path):
     from test_export import tiny_tokenizer  # WordLevel
 
     model, scheme = tiny(sharp=False)
-    for tok, match in ((None, r"tokenizer: none was found beside the model"),
+    for tok, match in ((None, r"export to 'gguf': no tokenizer was given"),
                        (tiny_tokenizer(), r"tokenizer: model type 'WordLevel' cannot be exported to 'gguf'"),
                        (bpe_tokenizer(prefix_space=True), r"tokenizer: its pre-tokenizer \(ByteLevel, probe hash")):
         with pytest.raises(ConfigError, match=match):
@@ -258,16 +258,16 @@ def test_tokenizers_gguf_cannot_describe_are_refused(tmp_path):
         assert list(tmp_path.iterdir()) == []  # no file, no temporary directory
 
 
-def test_export_into_a_foreign_non_empty_directory_is_refused(tmp_path):
+def test_export_into_a_non_empty_directory_is_refused(tmp_path):
     model, scheme = tiny(sharp=False)
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(ConfigError, match=r"is not empty and not a GGUF export \(it holds \['notes.txt'\]\)"):
+    with pytest.raises(ConfigError, match=r"out exists and is not an empty directory; .* overwrite=True"):
         export(model, bpe_tokenizer(), scheme, "gguf", out)
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
     export(model, bpe_tokenizer(), scheme, "gguf", tmp_path / "new")
-    export(model, bpe_tokenizer(), scheme, "gguf", tmp_path / "new")  # over an earlier export: fine
+    export(model, bpe_tokenizer(), scheme, "gguf", tmp_path / "new", overwrite=True)  # replaced whole
 
 
 def test_convert_stage_writes_gguf_beside_a_packed_format(tmp_path, monkeypatch):
@@ -287,8 +287,9 @@ def test_convert_stage_writes_gguf_beside_a_packed_format(tmp_path, monkeypatch)
     save_quantized(model, bpe_tokenizer(), params.scheme, tmp_path / "artifacts" / "e2e" / "model")
     entry = convert.run(params)["formats"]["gguf"]
     assert entry["bits_per_weight"] == 5.0
-    assert sorted(p.name for p in (tmp_path / "artifacts/convert/formats/gguf").iterdir()) == [
-        "model.gguf", "quantization.json"]
+    folder = tmp_path / "artifacts/convert/formats/gguf"
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "model.gguf", "quantization.json"]
+    assert "llama-cli -m" in (folder / "README.md").read_text()  # the card says how llama.cpp runs it
     if LLAMACPP:  # logits of 16 tokens in llama.cpp against the half fake-quant model
         with torch.no_grad():
             scale = model(torch.arange(16).reshape(1, -1)).logits.abs().max().item()

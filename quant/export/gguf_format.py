@@ -43,7 +43,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from quant.config import ConfigError
 from quant.config.scheme import QuantScheme
 from quant.export.base import (
     DiskFootprint,
@@ -67,7 +66,6 @@ from quant.methods import register
 from quant.models.arch import mapping_for
 
 GGUF_FILE = "model.gguf"
-OWN_FILES = {GGUF_FILE, "quantization.json"}  # what an export (and the convert stage) writes here
 FLOAT_TYPES = {torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
@@ -200,21 +198,20 @@ class GGUFExporter:
         write_hparams(writer, model.config, family)
         write_vocab(writer, tokenizer, model.config.vocab_size)
 
-    def check_target(self, out: Path) -> None:
-        """Replacing `out` deletes it: only an earlier GGUF export (or nothing) may be there."""
-        if out.exists() and not out.is_dir():
-            raise ConfigError(f"{out} is a file; 'gguf' export writes a directory (with {GGUF_FILE})")
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in OWN_FILES) if out.is_dir() else []
-        if foreign:
-            raise ConfigError(f"{out} is not empty and not a GGUF export (it holds {foreign[:5]}); "
-                              f"export 'gguf' into a new or empty directory, or over an earlier GGUF "
-                              f"export ({sorted(OWN_FILES)})")
+    def load_snippets(self, path: str, scheme: QuantScheme) -> dict[str, str]:
+        """How llama.cpp and the tools built on it run this file (model card)."""
+        f = f"{path}/{GGUF_FILE}"
+        return {"llama.cpp": f"llama-cli -m {f} -p \"Hello\"        # or: llama-server -m {f}",
+                "llama-cpp-python": f"from llama_cpp import Llama\nllm = Llama(model_path={f!r})\n"
+                                    "print(llm(\"Hello\", max_tokens=32)[\"choices\"][0][\"text\"])",
+                "ollama": f"echo 'FROM {f}' > Modelfile && ollama create my-model -f Modelfile"}
 
     def write(self, model: nn.Module, tokenizer, scheme: QuantScheme, out: Path, dtype: torch.dtype) -> None:
         write_gguf(model, tokenizer, out / GGUF_FILE, dtype)
 
-    def disk_footprint(self, out: Path, layers: dict) -> DiskFootprint:
-        """Bytes on disk; bits per weight over every block-typed tensor (the quantized linears)."""
+    def disk_footprint(self, out: Path, layers: dict, params: int = 0) -> DiskFootprint:
+        """Bytes on disk; bits per weight over every block-typed tensor (the quantized linears);
+        the weights file is the .gguf (`params`: the unquantized model's, for the size vs fp16)."""
         from gguf import GGMLQuantizationType, GGUFReader
 
         floats = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16}
@@ -222,7 +219,8 @@ class GGUFExporter:
         qbytes = sum(int(t.n_bytes) for t in reader.tensors if t.tensor_type not in floats)
         n = sum(m.in_features * m.out_features for m in layers.values())
         total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-        return DiskFootprint(total, qbytes, n, 8 * qbytes / n if n else 16.0)
+        return DiskFootprint(total, qbytes, n, 8 * qbytes / n if n else 16.0,
+                             (out / GGUF_FILE).stat().st_size, params)
 
     def max_logit_diff(self, out: Path, ids: torch.Tensor, ref: torch.Tensor) -> float | None:
         """Max |logit| difference of the file in llama.cpp against `ref` (ids [1, T], ref
