@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from quant.config import ConfigError
 from quant.config.scheme import QuantScheme
 from quant.export.base import (
     DiskFootprint,
