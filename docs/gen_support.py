@@ -65,11 +65,20 @@ def table_in(text: str) -> str:
     return text[text.index(BEGIN): text.index(END) + len(END)]
 
 
+def record(outcomes: dict) -> dict:
+    """The outcomes as docs/results/support.json holds them (keys sorted, so the row order too)."""
+    return {"families": list(outcomes), "outcomes": outcomes}
+
+
+def from_record(data: dict) -> dict:
+    return {f: data["outcomes"][f] for f in data["families"]}
+
+
 def write(outcomes: dict) -> None:
     """Write the outcomes JSON and replace the table block of docs/support.md."""
     from quant.io import write_json_atomic, write_text_atomic
 
-    write_json_atomic(RESULTS, outcomes)
+    write_json_atomic(RESULTS, record(outcomes))
     text = SUPPORT_MD.read_text()
     old = table_in(text)
     if not old:
@@ -80,7 +89,7 @@ def write(outcomes: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "--check" in argv:
-        outcomes = json.loads(RESULTS.read_text())
+        outcomes = from_record(json.loads(RESULTS.read_text()))
         ok = table_in(SUPPORT_MD.read_text()) == render(outcomes)
         print("docs/support.md matches docs/results/support.json" if ok else
               "docs/support.md differs from docs/results/support.json: run docs/gen_support.py")
