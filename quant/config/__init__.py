@@ -6,6 +6,13 @@ scheme lives in `quant.config.scheme` and the method registries in
 formats of `quant.numerics`, which themselves are `Config`s).
 """
 
-from quant.config.base import Config, ConfigError, InputError, MissingDependencyError, flatten
+from quant.config.base import (
+    Config,
+    ConfigError,
+    InputError,
+    MissingDependencyError,
+    TrainingDivergedError,
+    flatten,
+)
 
-__all__ = ["Config", "ConfigError", "InputError", "MissingDependencyError", "flatten"]
+__all__ = ["Config", "ConfigError", "InputError", "MissingDependencyError", "TrainingDivergedError", "flatten"]
