@@ -21,7 +21,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run test lint clean servers-up servers-down servers-status shard-worker deploy flow-run promote lock sweep
+.PHONY: setup run test lint clean servers-up servers-down servers-status shard-worker deploy flow-run promote lock sweep recover
 
 setup: $(STAMP)
 
@@ -47,6 +47,11 @@ test: setup lint
 
 clean:
 	rm -rf artifacts metrics/*.json mlflow/mlflow.db mlflow/mlartifacts
+
+# after a failed or killed run: restore missing DVC outputs from the cache, never deleting one
+# (docs/operations.md#dvc-remote-and-recovery; plain `dvc checkout` can delete a good output)
+recover: setup
+	$(PY) scripts/recover.py
 
 # --- Orchestration (issue 7): local servers on 127.0.0.1, state in .state/ -------------
 SERVERS := $(PY) scripts/servers.py

@@ -7,6 +7,7 @@ formats of `quant.numerics`, which themselves are `Config`s).
 """
 
 from quant.config.base import (
+    ALLOW_NONFINITE,
     Config,
     ConfigError,
     InputError,
@@ -15,4 +16,4 @@ from quant.config.base import (
     flatten,
 )
 
-__all__ = ["Config", "ConfigError", "InputError", "MissingDependencyError", "TrainingDivergedError", "flatten"]
+__all__ = ["ALLOW_NONFINITE", "Config", "ConfigError", "InputError", "MissingDependencyError", "TrainingDivergedError", "flatten"]

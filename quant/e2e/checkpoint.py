@@ -70,8 +70,8 @@ def _save_rng(directory: Path, rank: int) -> None:
 def unreadable(path: Path, reason: Any) -> InputError:
     """The error for a saved step (or a file of it) that cannot be read back."""
     text = str(reason).strip().splitlines()[0] if str(reason).strip() else type(reason).__name__
-    step = path if path.name.startswith("step-") else path.parent
-    return InputError(f"{path}: the saved e2e step cannot be read ({text}); delete {step.parent} to start "
+    work = next((p.parent for p in (path, path.parent) if p.name.startswith("step-")), path.parent)
+    return InputError(f"{path}: the saved e2e step cannot be read ({text}); delete {work} to start "
                       "the e2e stage over")
 
 
