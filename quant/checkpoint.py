@@ -107,7 +107,6 @@ def check_model_files(path: str | Path) -> None:
     path = Path(path)
     config = read_config(path)
     meta = read_quant_meta(path)
-    check_tokenizer_files(path)
     if meta is not None and not config.get("quantization_config"):
         if meta.get("format") not in (None, "half"):  # convert's label file of a packed export
             raise InputError(f"{path / 'config.json'} has no quantization_config, but {path / SCHEME_FILE} says "
@@ -123,6 +122,7 @@ def check_model_files(path: str | Path) -> None:
                 pass
         except Exception as exc:  # noqa: BLE001 - SafetensorError and I/O errors alike
             raise InputError(f"{f} is corrupt or truncated ({exc}); re-run the stage that wrote it") from None
+    check_tokenizer_files(path)
 
 
 def check_scheme_fits(path: str | Path, scheme: QuantScheme) -> None:

@@ -25,6 +25,7 @@ The table (category x class, per code root) is printed; every case's outcome goe
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import resource
@@ -109,7 +110,7 @@ def text(n: int, seed: int) -> str:
 
 def write_params(work: Path, code: Path, updates: dict[str, Any]) -> None:
     params = yaml.safe_load((code / "params.yaml").read_text())
-    for dotted, value in {**TINY, **updates}.items():
+    for dotted, value in copy.deepcopy({**TINY, **updates}).items():
         *path, last = dotted.split(".")
         node = params
         for k in path:
@@ -377,14 +378,13 @@ def cases() -> list[Case]:
           harm=lambda w: "a .lock file was left" if list((w / "artifacts" / ".work").rglob("*.lock")) else None),
         C("shard item outside artifacts (dvc repro)", "faults", "synthesize", {"synthesize.shards": [0, "0/../../../victim"]},
           ("synthesize.shards",), setup=write("victim/data.txt", "precious"), harm=victim_intact, runner="dvc"),
-        C("recover after a wrong dvc.lock hash", "faults", "recover", harm=lambda w: None if (
-            w / "out" / "model.txt").exists() else "the good workspace output was deleted", runner="recover"),
+        C("recover after a wrong dvc.lock hash", "faults", "recover", runner="recover"),
         # -- divergence: the embedded SmolLM2-135M, a model with something to lose ------------
         C("e2e lr 1e30", "divergence", "e2e", {"e2e.steps": [{"e2e-qp": {"lr": 1.0e30}}]}, ("e2e",), workspace="embedded", **e2e_prev),
         C("e2e lr 1e6", "divergence", "e2e", {"e2e.steps": [{"e2e-qp": {"lr": 1.0e6}}]}, ("e2e",), workspace="embedded", **e2e_prev),
         C("kd lr 1e6", "divergence", "e2e", {"e2e.steps": [{"kd": {"lr": 1.0e6, "scale_lr": 1.0e6}}]}, ("e2e",), workspace="embedded", **e2e_prev),
-        C("e2e weight_decay 1e6", "divergence", "e2e", {"e2e.steps": [{"kd": {"lr": 1.0e-3}}], "e2e.train.weight_decay": 1.0e6},
-          ("e2e",), workspace="embedded", **e2e_prev),
+        C("e2e lr 10 (a typo for 1e-5)", "divergence", "e2e", {"e2e.steps": [{"e2e-qp": {"lr": 10.0}}]}, ("e2e",),
+          workspace="embedded", **e2e_prev),
         C("block-ap qparam_lr 1e6", "divergence", "block_ap", {"block_ap.steps": [{"block-ap": {"epochs": 1, "batch_size": 2, "qparam_lr": 1.0e6}}]},
           ("block_ap",), setup=lambda w: (w / "artifacts/block_ap/model/PREVIOUS").write_text(""), harm=block_output_kept,
           workspace="embedded"),
@@ -491,6 +491,7 @@ def _fake_run(case: Case, work: Path, code: Path) -> Outcome:
 
 
 def _orphan(case: Case, work: Path, code: Path) -> Outcome:
+    (work / "mlflow.db").unlink(missing_ok=True)  # a fresh store: the killed run is its first
     p = _fake(case, work, code)
     _wait_for(work / "started")
     p.kill()
@@ -591,10 +592,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--code", action="append", type=Path, required=True, help="a code root (repeatable)")
     ap.add_argument("--scratch", type=Path, default=Path("/tmp/reliability-catalogue"))
     ap.add_argument("--out", type=Path, default=None, help="raw results (JSON)")
-    ap.add_argument("-k", default=None, help="only cases whose name contains this")
+    ap.add_argument("-k", default=None, help="only these cases: comma-separated parts of names, or categories")
     args = ap.parse_args(argv)
     codes = [c.resolve() for c in args.code]
-    selected = [c for c in cases() if args.k is None or args.k in c.name]
+    selected = [c for c in cases() if args.k is None or any(k in (c.name, c.category) or k in c.name
+                                                            for k in args.k.split(","))]
     bases = {w: build_base(args.scratch / f"base-{w}", codes[0], w) for w in sorted({c.workspace for c in selected})}
     results: dict[str, list[dict[str, Any]]] = {}
     for code in codes:
