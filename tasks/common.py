@@ -309,7 +309,7 @@ def _on_signal(signum: int, frame: Any) -> None:
 def exit_now(code: int) -> None:
     """Exit after a signal, once the stage has unwound (run FAILED, temporaries removed): flush
     and leave without the interpreter's teardown, which can wait on a process group's or a
-    library's threads for tens of seconds (seen: 30 s in DDP processes on gloo)."""
+    library's threads (reported: DDP processes on gloo alive 30 s after their error line)."""
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
