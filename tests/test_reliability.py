@@ -465,6 +465,8 @@ def test_the_flow_checks_params_yaml_even_without_overrides(tmp_path):
 
 
 def test_the_sweep_checks_the_synthesize_section(tmp_path):
+    """A verification, not a fix: the sweep's grid check already ran check_params on every
+    section (this test passes on the old code too); it stays so that it keeps doing so."""
     from flows import sweep
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
