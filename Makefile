@@ -42,7 +42,15 @@ lint: setup
 	ruff check .
 	hadolint Dockerfile
 
-test: setup lint
+# the test suite also runs exported GGUF files in llama.cpp: the gguf-check extra builds
+# llama-cpp-python from source once (about 10-15 min on 2 cores; pip caches the wheel)
+LLAMACPP_STAMP := $(VENV)/.llamacpp
+$(LLAMACPP_STAMP): $(STAMP)
+	CMAKE_ARGS="$${CMAKE_ARGS:--DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF}" $(PY) -m pip install -q -e ".[gguf-check]" $(PIP_QUIET)
+	$(PY) -c "import llama_cpp"
+	touch $(LLAMACPP_STAMP)
+
+test: setup $(LLAMACPP_STAMP) lint
 	pytest -q
 
 clean:

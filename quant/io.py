@@ -9,7 +9,10 @@ one filesystem), then `os.replace` / `rename` it over the target.
 Temporaries are hidden and carry the writer's pid (`.<name>.tmp-<pid>-xxxx`,
 `.<name>.old-<pid>`), so `remove_stale_temporaries` can delete what a killed writer
 left without touching a live one's. Outputs get the process umask's permissions, not
-mkdtemp/mkstemp's 0700/0600.
+mkdtemp/mkstemp's 0700/0600: `atomic_dir` also resets every file and folder written
+inside it (libraries such as transformers write `model.safetensors` through their
+own 0600 temporaries), so with the usual umask 022 a checkpoint is 0644 / 0755 and
+readable by every user, whoever wrote it.
 """
 
 from __future__ import annotations
@@ -86,10 +89,26 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     try:
         tmp.chmod(0o777 & ~umask())
         yield tmp
+        share_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     replace_dir(tmp, target)
+
+
+def share_tree(root: str | Path) -> None:
+    """Give every folder and file under `root` the umask's permissions (0755 / 0644 with umask
+    022; files that were executable stay executable). Symbolic links are left alone."""
+    mask = umask()
+    for d, dirs, files in os.walk(root):
+        for name in dirs:
+            p = Path(d) / name
+            if not p.is_symlink():
+                p.chmod(0o777 & ~mask)
+        for name in files:
+            p = Path(d) / name
+            if not p.is_symlink():
+                p.chmod((0o777 if p.stat().st_mode & 0o111 else 0o666) & ~mask)
 
 
 def replace_dir(src: str | Path, target: str | Path) -> Path:

@@ -53,7 +53,8 @@ METHOD_MODULES: dict[str, tuple[str, ...]] = {
                   "quant.calibrate.gptq", "quant.calibrate.fp_search"),
     "blockwise": ("quant.blockwise.block_ap", "quant.blockwise.tesseraq"),
     "e2e": ("quant.e2e.e2e_qp", "quant.e2e.kd"),
-    "export": ("quant.export.half", "quant.export.compressed_tensors", "quant.export.gptq"),
+    "export": ("quant.export.half", "quant.export.compressed_tensors", "quant.export.gptq",
+               "quant.export.gguf_format"),
 }
 
 

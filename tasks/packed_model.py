@@ -1,8 +1,7 @@
 """The registry's form of a packed checkpoint: an MLflow pyfunc that generates from it.
 
-transformers cannot load every packed checkpoint this project writes (GPTQ needs
-GPTQModel; asymmetric compressed-tensors fails in transformers 5.23 +
-compressed-tensors 0.20, see docs/exports.md), so `register` logs a packed
+transformers alone does not load every packed checkpoint this project writes (GPTQ
+needs GPTQModel + optimum; docs/compatibility.md), so `register` logs a packed
 model as a pyfunc: the checkpoint directory is the model's artifact, `quant/` and
 `tasks/` ride along as code, and `load_context` loads it with
 `quant.export.loader.load_packed` (PackedLinear layers; the CPU fallback computes
@@ -61,12 +60,67 @@ def log_packed_model(model_dir: Path, pip_requirements: list[str]):
         signature=signature)
 
 
-def footprint_tags(model_dir: Path, convert_metrics: Path = Path("metrics/convert.json")) -> dict[str, str]:
-    """Format, bytes on disk and bits per weight of the registered checkpoint, as version tags."""
+CONVERT_METRICS = Path("metrics/convert.json")
+
+
+def _converted(model_dir: Path, convert_metrics: Path) -> dict | None:
+    """metrics/convert.json when `model_dir` is the convert stage's model, else None."""
+    if model_dir.resolve() == Path("artifacts/convert/model").resolve() and convert_metrics.is_file():
+        return json.loads(convert_metrics.read_text())
+    return None
+
+
+def footprint_tags(model_dir: Path, convert_metrics: Path = CONVERT_METRICS) -> dict[str, str]:
+    """Format, bytes on disk and bits per weight of the registered checkpoint, and every format
+    the version carries (`formats`: the model first, then the `formats/<fmt>` artifacts), as tags."""
     tags = {"size_bytes": str(sum(f.stat().st_size for f in model_dir.rglob("*") if f.is_file()))}
-    converted = model_dir.resolve() == Path("artifacts/convert/model").resolve()
-    if converted and convert_metrics.is_file():
-        m = json.loads(convert_metrics.read_text())
+    m = _converted(model_dir, convert_metrics)
+    if m is not None:
         entry = m["formats"].get(m["primary_format"], {})
-        tags.update(format=m["primary_format"], bits_per_weight=f"{entry.get('bits_per_weight', 0):.4f}")
+        others = [f for f in m["formats"] if f != m["primary_format"]]
+        tags.update(format=m["primary_format"], formats=",".join([m["primary_format"], *others]),
+                    bits_per_weight=f"{entry.get('bits_per_weight', 0):.4f}")
+        if "size_vs_fp16" in entry:
+            tags["size_vs_fp16"] = f"{entry['size_vs_fp16']:.4f}"
     return tags
+
+
+def card_metrics(eval_metrics: dict[str, Any]) -> dict[str, float]:
+    """The numbers of metrics/eval.json a model card shows: PPL per text (and full precision's),
+    average zero-shot accuracy (and full precision's)."""
+    out = {}
+    for group in ("ppl", "base_ppl"):
+        for text, v in (eval_metrics.get(group) or {}).items():
+            out[f"{'full-precision ' if group == 'base_ppl' else ''}perplexity, {text}"] = float(v)
+    for key, label in (("acc_avg", "average zero-shot accuracy"), ("base_acc_avg", "full-precision average "
+                                                                                  "zero-shot accuracy")):
+        if isinstance(eval_metrics.get(key), int | float):
+            out[label] = float(eval_metrics[key])
+    return out
+
+
+def log_formats(model_dir: Path, eval_metrics: dict[str, Any], convert_metrics: Path = CONVERT_METRICS) -> list[str]:
+    """Log, on the active run, every other format of a converted model (`formats/<fmt>/`, with
+    convert's manifest) and each format's model card rendered with evaluate's numbers
+    (`model_card/<fmt>/README.md`); returns the formats, the registered one first."""
+    import mlflow
+
+    from quant.export.card import CARD_FILE, read_facts, render_card
+
+    m = _converted(model_dir, convert_metrics)
+    if m is None:
+        return []
+    measured = card_metrics(eval_metrics)
+    dirs = {fmt: Path(e["path"]) for fmt, e in m["formats"].items()}
+    for fmt, path in dirs.items():
+        if fmt != m["primary_format"]:
+            mlflow.log_artifacts(str(path), f"formats/{fmt}")
+        facts = read_facts(path)
+        if facts is not None:  # measured on the registered (first) format; the others hold the same codes
+            source = "the evaluate stage" + ("" if fmt == m["primary_format"] else
+                                             f" on the {m['primary_format']} export of the same integer weights")
+            mlflow.log_text(render_card(facts, ".", measured, source), f"model_card/{fmt}/{CARD_FILE}")
+    manifest = dirs[m["primary_format"]].parent / "formats" / "manifest.json"
+    if manifest.is_file():
+        mlflow.log_artifact(str(manifest), "formats")
+    return [m["primary_format"], *[f for f in dirs if f != m["primary_format"]]]

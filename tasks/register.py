@@ -320,7 +320,7 @@ def run(params: Params) -> dict[str, Any]:
     # QuantLinear) in half precision, which is what the transformers flavour can save.
     # A packed checkpoint (convert) is logged as itself, through a pyfunc (tasks/packed_model.py).
     from quant.export.loader import packed_format
-    from tasks.packed_model import footprint_tags, log_packed_model
+    from tasks.packed_model import footprint_tags, log_formats, log_packed_model
 
     dtype = getattr(torch, cfg.dtype)
     if packed_format(model_dir) is not None:
@@ -341,6 +341,7 @@ def run(params: Params) -> dict[str, Any]:
         if (model_dir / f).exists():
             mlflow.log_artifact(str(model_dir / f), "quantized")
     mlflow.log_artifact(str(EVAL_METRICS), "metrics")
+    formats = log_formats(model_dir, metrics)  # every converted format + its model card, on this run
 
     tags = {"scheme": scheme.name if scheme else "none", "methods": methods(params, source),
             "source_stage": source, "dtype": cfg.dtype, **cand.tags(), **footprint_tags(model_dir)}
@@ -357,7 +358,8 @@ def run(params: Params) -> dict[str, Any]:
            "scheme": tags["scheme"], "methods": tags["methods"], cfg.primary_metric: cand.primary_value,
            "ppl_ratio": cand.ppl_ratio, "gates_pass": decision["pass"], "gates": decision["gates"]}
     write_json(REGISTER_METRICS, out)
-    print(f"registered {cfg.name} v{mv.version} ({tags['scheme']}, {tags['methods']}); gates "
+    print(f"registered {cfg.name} v{mv.version} ({tags['scheme']}, {tags['methods']}"
+          + (f"; formats {', '.join(formats)}" if formats else "") + "); gates "
           + "; ".join(f"{g} {v}: {decision['details'][g]}" for g, v in decision["gates"].items()))
     return {"version": int(mv.version), "primary_value": cand.primary_value, "ppl_ratio": cand.ppl_ratio,
             "acc_drop": cand.acc_drop, "gates_pass": int(decision["pass"])}

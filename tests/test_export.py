@@ -21,7 +21,7 @@ from quant.modules.packed import PackedLinear
 from quant.numerics.formats import IntFormat
 from quant.numerics.packing import pack, unpack
 
-BITS = (2, 3, 4, 8)
+BITS = tuple(range(2, 9))  # every integer width; GPTQ itself takes 2/3/4/8
 
 
 def tiny_tokenizer():
@@ -234,7 +234,7 @@ def test_runtime_quant_schemes_are_refused_for_packed_formats(tmp_path):
             with pytest.raises(ConfigError, match=rf"scheme\.{field}=.*cannot be exported to '{fmt}'"):
                 export(model, tiny_tokenizer(), scheme, fmt, tmp_path / "out")
             assert not (tmp_path / "out").exists()
-        export(model, tiny_tokenizer(), scheme, "half", tmp_path / "half")  # its own format keeps it
+        export(model, tiny_tokenizer(), scheme, "half", tmp_path / f"half-{field}")  # its own format keeps it
 
 
 def test_non_integer_weight_formats_are_refused(tmp_path):
@@ -266,10 +266,22 @@ def test_group_size_the_format_refuses(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_bit_widths_each_format_holds(tmp_path):
+    """compressed-tensors packs every width of this project (2..8); GPTQ names 2/3/4/8 only."""
+    model, scheme = quantized(5, 32, False)
+    with pytest.raises(ConfigError, match=r"scheme\.weight\.format=int5 cannot be exported to 'gptq'; "
+                                          r"accepted: \['int2', 'int3', 'int4', 'int8'\]"):
+        export(model, tiny_tokenizer(), scheme, "gptq", tmp_path / "gptq")
+    assert not (tmp_path / "gptq").exists()
+    export(model, tiny_tokenizer(), scheme, "compressed-tensors", tmp_path / "ct")
+    packed, _ = load_packed(tmp_path / "ct", torch.float32)
+    assert torch.equal(logits(packed), logits(model))
+
+
 def test_unknown_format_and_unquantized_model_are_refused(tmp_path):
     model, scheme = quantized(4, 32, False)
     with pytest.raises(ConfigError, match=r"convert\.formats: 'awq' is not a known format; known: "
-                                          r"\['compressed-tensors', 'gptq', 'half'\]"):
+                                          r"\['compressed-tensors', 'gguf', 'gptq', 'half'\]"):
         export(model, tiny_tokenizer(), scheme, "awq", tmp_path / "out")
     with pytest.raises(ConfigError, match=r"no quantized linear layers \(not a quantized model\)"):
         export(make_tiny_llama(), tiny_tokenizer(), scheme, "gptq", tmp_path / "out")
@@ -310,9 +322,84 @@ def test_failed_export_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(GPTQExporter, "quantization_config", boom)
     with pytest.raises(OSError, match="disk full"):
-        export(model, tiny_tokenizer(), scheme, "gptq", out)
+        export(model, tiny_tokenizer(), scheme, "gptq", out, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == before  # the old checkpoint, untouched
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary directory left
+
+
+def test_export_refuses_a_non_empty_target_and_a_missing_tokenizer(tmp_path):
+    model, scheme = quantized(4, 32, False)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    for fmt in ("gptq", "compressed-tensors", "half"):
+        with pytest.raises(ConfigError, match=rf"export to '{fmt}': .*out exists and is not an empty directory"):
+            export(model, tiny_tokenizer(), scheme, fmt, out)
+        with pytest.raises(ConfigError, match=rf"export to '{fmt}': no tokenizer was given"):
+            export(model, None, scheme, fmt, tmp_path / "new")
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and not (tmp_path / "new").exists()
+    export(model, tiny_tokenizer(), scheme, "gptq", tmp_path / "empty")  # a new directory is fine
+    (tmp_path / "empty2").mkdir()
+    export(model, tiny_tokenizer(), scheme, "gptq", tmp_path / "empty2")  # so is an empty one
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors", "half"])
+def test_exported_files_are_readable_by_every_user(fmt, tmp_path):
+    """transformers writes model.safetensors through a 0600 temporary; the export is 0644 / 0755
+    under the usual umask (and follows a stricter one)."""
+    import os
+
+    model, scheme = quantized(4, 32, False)
+    old = os.umask(0o022)
+    try:
+        export(model, tiny_tokenizer(), scheme, fmt, tmp_path / "out")
+        os.umask(0o077)
+        export(model, tiny_tokenizer(), scheme, fmt, tmp_path / "private")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir()}
+    assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+    assert {p.stat().st_mode & 0o777 for p in (tmp_path / "private").iterdir()} == {0o600}
+
+
+def test_footprint_counts_against_the_fp16_model(tmp_path):
+    from quant.export.base import unquantized_params
+
+    model, scheme = quantized(4, 64, False)
+    params = sum(p.numel() for p in make_tiny_llama().parameters())
+    assert unquantized_params(model) == params  # however the quantized linears store their weights now
+    fp = export(model, tiny_tokenizer(), scheme, "compressed-tensors", tmp_path / "out")
+    d = fp.to_dict()
+    assert d["fp16_bytes"] == 2 * params
+    assert d["weights_bytes"] == (tmp_path / "out" / "model.safetensors").stat().st_size
+    assert d["size_vs_fp16"] == pytest.approx(d["weights_bytes"] / (2 * params))
+    assert d["bits_per_param"] == pytest.approx(16 * d["size_vs_fp16"])
+
+
+def test_model_card_has_the_recipe_footprint_and_load_lines(tmp_path):
+    from quant.export.card import CardFacts, render_card
+
+    model, scheme = quantized(4, 32, False)
+    fp = export(model, tiny_tokenizer(), scheme, "gptq", tmp_path / "out")
+    facts = CardFacts("gptq", scheme.to_dict(), "calibrate=rtn", "float16", "tiny-llama", fp.to_dict(),
+                      {"max_logit_diff": 0.0})
+    card = render_card(facts, "org/tiny-w4")
+    assert card.startswith("---\nbase_model: tiny-llama\n")
+    assert "# tiny-llama: W4A16KV16g32 (asymmetric int4), gptq" in card and "`calibrate=rtn`" in card
+    assert f"| bits per weight, quantized linears (codes + scales + zero points + indices) | " \
+           f"{fp.bits_per_weight:.4f} |" in card
+    assert f"| size vs fp16 | {fp.to_dict()['size_vs_fp16']:.3f} |" in card
+    assert "GPTQModel.load('org/tiny-w4', backend=BACKEND.GPTQ_TORCH, dtype=torch.float16)" in card
+    assert "not BACKEND.AUTO with dtype=torch.float32" in card  # asymmetric 4-bit: GPTQModel's CPU pitfall
+    assert "not measured when a checkpoint is converted" in card and "are identical to the fake-quant" in card
+    measured = render_card(facts, ".", {"perplexity, wiki": 23.1243}, "the evaluate stage")
+    assert "| perplexity, wiki | 23.1243 |" in measured and "not measured" not in measured
+    ct = render_card(CardFacts("compressed-tensors", scheme.to_dict(), "r", "float16", "m", fp.to_dict()))
+    assert "llm = LLM('.')" in ct and '"dequantize": true' in ct
+    sym3 = QuantScheme(weight=WeightSpec(IntFormat(3), 32, True)).to_dict()
+    ct3 = render_card(CardFacts("compressed-tensors", sym3, "r", "float16", "m", fp.to_dict()))
+    assert "# not loadable by vLLM (int3 symmetric" in ct3
 
 
 def test_missing_kernel_library_names_the_install_command(monkeypatch):
@@ -392,10 +479,35 @@ def test_convert_stage_writes_every_format_and_evaluate_loads_the_first(tmp_path
     assert read_scheme(tmp_path / "artifacts/convert/model").name == "W4A16KV16g32"
     fp = footprint(model)
     assert fp.bits_per_weight == pytest.approx(4 + (16 + 4) / 32)
+    # sizes against the same model in fp16 (2 bytes per parameter), not against the fake-quant input
+    params = sum(p.numel() for p in make_tiny_llama().parameters())
+    assert m["fp16_bytes"] == 2 * params
+    for entry in m["formats"].values():
+        assert "ratio_to_input" not in entry
+        assert entry["size_vs_fp16"] == pytest.approx(entry["weights_bytes"] / (2 * params))
+        assert entry["bits_per_param"] == pytest.approx(8 * entry["weights_bytes"] / params)
+    # tiny model: embeddings and lm_head (fp16) are half of it; half = fp16 weights + codes and qparams
+    assert m["formats"]["gptq"]["size_vs_fp16"] < 0.6 and m["formats"]["half"]["size_vs_fp16"] > 1
+    # every folder is publishable: config, weights, tokenizer, generation config, model card; readable by all
+    for d in (tmp_path / "artifacts/convert/model", tmp_path / "artifacts/convert/formats/compressed-tensors"):
+        names = {f.name for f in d.iterdir()}
+        assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "README.md"} <= names
+        assert all(f.stat().st_mode & 0o777 == 0o644 for f in d.iterdir()), d
+        card = (d / "README.md").read_text()
+        assert "not measured when a checkpoint is converted" in card and "from_pretrained" in card
+        facts = json.loads((d / "quantization.json").read_text())["card"]
+        assert facts["recipe"] and facts["footprint"]["size_vs_fp16"] == pytest.approx(
+            m["formats"][facts["format"]]["size_vs_fp16"])
 
 
 def test_convert_stage_refuses_bad_params_before_writing(tmp_path, monkeypatch):
     from tasks import convert
+
+    params = _stage_params(tmp_path, monkeypatch, {"model": "e2e"})
+    for f in (tmp_path / "artifacts/e2e/model").glob("tokenizer*"):
+        f.unlink()
+    with pytest.raises(ConfigError, match=r"convert\.model='e2e': .* has no tokenizer"):
+        convert.run(params)
 
     with pytest.raises(ConfigError, match=r"convert\.formats\[1\]: 'awq' is not a known format"):
         convert.run(_stage_params(tmp_path, monkeypatch, {"formats": ["gptq", "awq"]}))

@@ -144,3 +144,34 @@ def test_register_refuses_non_finite_metrics_or_weights(tmp_path):
     save_file({"scale": torch.tensor([1.0, float("inf")])}, str(tmp_path / "qparams.safetensors"))
     with pytest.raises(ConfigError, match=r"qparams.safetensors tensor 'scale' holds NaN/inf"):
         check_finite(good, tmp_path)
+
+
+def test_register_logs_every_converted_format_with_its_model_card(tmp_path, monkeypatch):
+    """The version says which formats it has (tag `formats`), the run carries each other format
+    (`formats/<fmt>/`) and each format's card rendered with evaluate's numbers."""
+    import mlflow
+    from test_export import _stage_params
+
+    from tasks import convert
+    from tasks.packed_model import footprint_tags, log_formats
+
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    convert.run(_stage_params(tmp_path, monkeypatch, {"model": "e2e", "formats": ["compressed-tensors", "gptq"]}))
+    model_dir = tmp_path / "artifacts/convert/model"
+    tags = footprint_tags(model_dir)
+    assert tags["format"] == "compressed-tensors" and tags["formats"] == "compressed-tensors,gptq"
+    assert 0 < float(tags["size_vs_fp16"]) < 1
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_experiment(experiment_id=mlflow.create_experiment("t", (tmp_path / "art").as_uri()))
+    with mlflow.start_run() as run:
+        formats = log_formats(model_dir, EVAL)
+    assert formats == ["compressed-tensors", "gptq"]
+    root = tmp_path / "art" / run.info.run_id / "artifacts"
+    assert (root / "formats/gptq/model.safetensors").is_file() and (root / "formats/manifest.json").is_file()
+    assert not (root / "formats/compressed-tensors").exists()  # the registered model itself is the pyfunc
+    for fmt in formats:
+        card = (root / f"model_card/{fmt}/README.md").read_text()
+        assert "| perplexity, lee | 33.0000 |" in card and "| full-precision perplexity, lee | 25.0000 |" in card
+        assert "| average zero-shot accuracy | 0.5000 |" in card and "not measured" not in card
+    assert "on the compressed-tensors export of the same integer weights" in (root / "model_card/gptq/README.md").read_text()
+    assert log_formats(tmp_path / "elsewhere", EVAL) == []  # not the convert stage's model: nothing to add

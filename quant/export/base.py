@@ -9,14 +9,19 @@ compressed-tensors keeps one compressor per format:
 - `write(model, tokenizer, scheme, out, dtype)` writes the checkpoint into an
   empty directory (`export` wraps it in `atomic_dir`, so a failure leaves nothing);
 - packed formats also `load_layer(tensors, name, linear)` -> `PackedLinear`, which
-  `quant.export.loader` uses to load the checkpoint back.
+  `quant.export.loader` uses to load the checkpoint back;
+- `load_snippets(path, scheme)` (optional) -> {runtime: code that loads the
+  checkpoint}: what the model card shows (`load_snippets` below; a format without
+  it gets none, a GGUF exporter returns its llama.cpp line here).
 
-`export` is the entry point: it validates (a model without quantized linears is
-refused), converts, writes atomically and measures the footprint on disk.
+`export` is the entry point: it validates (a model without quantized linears, a
+missing tokenizer, a non-empty target without `overwrite` are refused), converts,
+writes atomically and measures the footprint on disk, against the fp16 model too.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,11 +52,23 @@ class DiskFootprint:
     bytes: int  # every file of the directory
     quantized_bytes: int  # tensors of the quantized linears (codes, scales, zero points, indices)
     quantized_weights: int
-    bits_per_weight: float
+    bits_per_weight: float  # quantized linears: every stored bit of theirs per weight
+    weights_bytes: int = 0  # the *.safetensors files (the whole model, not tokenizer/config)
+    params: int = 0  # parameters of the unquantized model (tied tensors once)
+
+    @property
+    def fp16_bytes(self) -> int:
+        """The same model in fp16 / bf16: 2 bytes per parameter."""
+        return 2 * self.params
 
     def to_dict(self) -> dict[str, float]:
-        return {"size_bytes": self.bytes, "size_gb": self.bytes / BYTES_PER_GB,
-                "quantized_bytes": self.quantized_bytes, "bits_per_weight": self.bits_per_weight}
+        out = {"size_bytes": self.bytes, "size_gb": self.bytes / BYTES_PER_GB,
+               "quantized_bytes": self.quantized_bytes, "bits_per_weight": self.bits_per_weight,
+               "weights_bytes": self.weights_bytes}
+        if self.params:
+            out.update(fp16_bytes=self.fp16_bytes, size_vs_fp16=self.weights_bytes / self.fp16_bytes,
+                       bits_per_param=8 * self.weights_bytes / self.params)
+        return out
 
 
 def integer_state(ql) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -99,26 +116,77 @@ def check_int_weights(scheme: QuantScheme, fmt: str, bits: tuple[int, ...]) -> N
 
 
 def export(model: nn.Module, tokenizer, scheme: QuantScheme, fmt: str, out: str | Path,
-           dtype: torch.dtype = torch.float16, extra_files: dict[str, str] | None = None) -> DiskFootprint:
+           dtype: torch.dtype = torch.float16, extra_files: dict[str, str] | None = None,
+           overwrite: bool = False) -> DiskFootprint:
     """Write `model` (QuantLinear layers, half-converted) as `fmt` into `out`, atomically
-    (with `extra_files`, name -> text, written beside it inside the same atomic step)."""
+    (with `extra_files`, name -> text, written beside it inside the same atomic step).
+    A non-empty `out` is replaced only with `overwrite=True` (atomically: the old
+    directory stays whole until the new one is complete)."""
     layers = dict(quant_linears(model))
     if not layers:
         raise ConfigError("convert.model: the model has no quantized linear layers (not a quantized "
                           "model); convert the output of calibrate, block_ap or e2e")
     exp = exporter(fmt)
     exp.check(scheme, layers)
+    if tokenizer is None:
+        raise ConfigError(f"export to {fmt!r}: no tokenizer was given; a published checkpoint carries "
+                          "its tokenizer (load it with the model, e.g. quant.load_model)")
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ConfigError(f"export to {fmt!r}: {out} exists and is not an empty directory; choose an "
+                          "empty or new directory, or pass overwrite=True to replace it")
     with atomic_dir(out) as tmp:
         exp.write(model, tokenizer, scheme, tmp, dtype)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-    return disk_footprint(out, sorted(layers), {n: m.in_features * m.out_features for n, m in layers.items()})
+    if hasattr(exp, "disk_footprint"):  # formats that are not safetensors measure their own tensors
+        return exp.disk_footprint(out, layers, unquantized_params(model))
+    return disk_footprint(out, sorted(layers), {n: m.in_features * m.out_features for n, m in layers.items()},
+                          unquantized_params(model))
 
 
-def disk_footprint(path: str | Path, layers: list[str], weights: dict[str, int]) -> DiskFootprint:
-    """Bytes on disk, and the bytes of the quantized layers' tensors per weight (bias excluded)."""
+def edit_config(out: Path, change) -> None:
+    """Apply `change(dict)` to `out/config.json` in place (inside an export's temporary directory)."""
+    f = Path(out) / "config.json"
+    cfg = json.loads(f.read_text())
+    change(cfg)
+    f.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def load_snippets(fmt: str, path: str, scheme: QuantScheme) -> dict[str, str]:
+    """{runtime: code that loads a `fmt` checkpoint at `path`}; {} for a format that has none."""
+    snippets = getattr(exporter(fmt), "load_snippets", None)
+    return snippets(path, scheme) if snippets is not None else {}
+
+
+def unquantized_params(model: nn.Module) -> int:
+    """Parameters the model has in full precision: a quantized linear counts its weight matrix
+    (however it stores it now) and bias, every other tensor its elements; tied tensors once."""
+    from quant.modules.linear import QuantLinear
+    from quant.modules.packed import PackedLinear
+
+    seen: set[int] = set()
+    total = 0
+    for module in model.modules():
+        if isinstance(module, QuantLinear | PackedLinear):
+            total += module.in_features * module.out_features
+            if module.bias is not None:
+                total += module.bias.numel()
+            seen.update(id(t) for t in module.parameters())
+            continue
+        for t in module.parameters(recurse=False):
+            if id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel()
+    return total
+
+
+def disk_footprint(path: str | Path, layers: list[str], weights: dict[str, int], params: int = 0) -> DiskFootprint:
+    """Bytes on disk, and the bytes of the quantized layers' tensors per weight (bias excluded);
+    with `params` (the unquantized model's parameter count) also the size against fp16."""
     path = Path(path)
     total = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    weights_bytes = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     qbytes = 0
     prefixes = tuple(f"{n}." for n in layers)
     for f in sorted(path.glob("*.safetensors")):
@@ -131,7 +199,7 @@ def disk_footprint(path: str | Path, layers: list[str], weights: dict[str, int])
                         numel *= d
                     qbytes += numel * _DTYPE_BYTES[sl.get_dtype()]
     n = sum(weights.values())
-    return DiskFootprint(total, qbytes, n, 8 * qbytes / n if n else 16.0)
+    return DiskFootprint(total, qbytes, n, 8 * qbytes / n if n else 16.0, weights_bytes, params)
 
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,

@@ -8,7 +8,10 @@ into plain linears, `apply_quantization_config` attaches `weight_scale` /
 `pack_to_int32`), `save_pretrained` writes the tensors and `update_config` the
 `quantization_config`. Per quantized linear: `weight_packed` int32 [N, K*b/32],
 `weight_scale` [N, G] (half dtype), `weight_shape`, and for asymmetric schemes
-`weight_zero_point` int32 [N*b/32, G] (packed along the output dimension).
+`weight_zero_point` int32 [N*b/32, G] (packed along the output dimension). Any
+integer width of this project (2..8 bits) is written; lm_head too when the scheme
+quantizes it (then `tie_word_embeddings` is written false: the quantized head is no
+longer the embedding).
 
 Conventions: compressed-tensors codes are signed, [-2^(b-1), 2^(b-1)-1], and so are
 its zero points; this project's asymmetric codes are unsigned [0, 2^b-1]. Both are
@@ -17,10 +20,30 @@ dequantised weight from float32 (exact: |round-off| << 0.5 step); after compress
 every packed word is compared with this project's own packing of the codes, so a
 changed code is an error, not a silent difference.
 
+Why asymmetric checkpoints say `"dequantize": true`: transformers (5.23, with
+compressed-tensors 0.20) loads a compressed checkpoint by building the compressed
+module layout on the meta device (`apply_quantization_config`, then
+`ModelCompressor.compress_model`). `PackedQuantizationCompressor.compress` packs the
+zero point only for real tensors; its meta branch leaves `weight_zero_point` at the
+unpacked [N, G] int8 shape, while every asymmetric pack-quantized checkpoint
+(llm-compressor's, vLLM's expectation, this one) stores it packed [N*b/32, G] int32.
+The load stops on that size mismatch. Storing the zero point unpacked is no way out:
+vLLM's `CompressedTensorsWNA16` allocates the packed shape, and the lazy
+decompression would unpack the wrong words. transformers' other documented route,
+`CompressedTensorsConfig(dequantize=True)`, decompresses each module's tensors while
+loading (`CompressedTensorsDequantize`), never builds the compressed skeleton, and
+loads asymmetric checkpoints; `CompressedTensorsConfig.from_dict` reads the flag from
+config.json, so plain `from_pretrained(path)` takes that route. vLLM and
+compressed-tensors ignore the key. The dequantised weight is `(q - z) * s` computed
+in the scale dtype (fp16/bf16): one rounding per weight, not the fake-quant float32
+value bit for bit. Symmetric checkpoints keep the library's default (compressed
+modules, decompressed on the first forward), which is exact in float32.
+
 Refused (ConfigError naming the field): activation and KV-cache schemes (this
 project quantises them dynamically per token, keys before RoPE, which the format's
 `input_activations` / static `kv_cache_scheme` would mis-state), non-integer weight
-formats, bits outside 2..8, in_features not a multiple of 32.
+formats, in_features not a multiple of 32 (and, asymmetric, out_features: the zero
+points are packed along the outputs).
 """
 
 from __future__ import annotations
@@ -36,6 +59,7 @@ from quant.config.scheme import QuantScheme
 from quant.export.base import (
     NoOptions,
     check_int_weights,
+    edit_config,
     expect,
     integer_state,
     refuse_runtime_quant,
@@ -44,9 +68,11 @@ from quant.methods import register
 from quant.models.arch import get_module, set_module
 from quant.modules.packed import PackedLinear
 from quant.numerics import grid as P
-from quant.numerics.packing import WORD, pack, unpack
+from quant.numerics.packing import PACK_BITS, WORD, pack, unpack
 
-CT_BITS = (2, 3, 4, 8)
+CT_BITS = PACK_BITS  # compressed-tensors packs 1..8 bits; this project's integers are 2..8
+# what vLLM's CompressedTensorsWNA16 runs (WNA16_SUPPORTED_TYPES_MAP / WNA16_ZP_SUPPORTED_TYPES_MAP)
+VLLM_BITS, VLLM_ASYM_BITS = (4, 8), (4, 8)
 
 
 def quantization_config(scheme: QuantScheme, ignore: list[str]):
@@ -78,6 +104,11 @@ class CompressedTensorsExporter:
             if m.in_features % WORD:
                 raise ConfigError(f"layer {name} (in_features={m.in_features}) cannot be packed to "
                                   f"{self.name!r}: in_features must be a multiple of {WORD}")
+            if not scheme.weight.symmetric and m.out_features % WORD:
+                raise ConfigError(f"layer {name} (out_features={m.out_features}) cannot be packed to "
+                                  f"{self.name!r} with asymmetric weights: its zero points are packed "
+                                  f"along the outputs, so out_features must be a multiple of {WORD}; "
+                                  "use scheme.weight.symmetric: true")
 
     @torch.no_grad()
     def write(self, model: nn.Module, tokenizer, scheme: QuantScheme, out: Path, dtype: torch.dtype) -> None:
@@ -120,7 +151,35 @@ class CompressedTensorsExporter:
                 lin.bias.data = lin.bias.data.to(dtype)
         model.save_pretrained(out, safe_serialization=True)
         compressor.update_config(str(out))
+        edit_config(out, lambda cfg: self._loader_hints(cfg, scheme))
         tokenizer.save_pretrained(out)
+
+    @staticmethod
+    def _loader_hints(cfg: dict, scheme: QuantScheme) -> None:
+        if not scheme.weight.symmetric:  # transformers' meta-device path cannot load it (module docstring)
+            cfg["quantization_config"]["dequantize"] = True
+        if scheme.quantize_lm_head:
+            cfg["tie_word_embeddings"] = False
+
+    def load_snippets(self, path: str, scheme: QuantScheme) -> dict[str, str]:
+        """How each runtime loads this checkpoint (model card; `path` a directory or hub id)."""
+        w = scheme.weight
+        hf = (f"from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+              f"model = AutoModelForCausalLM.from_pretrained({path!r}, dtype=\"auto\")\n"
+              f"tokenizer = AutoTokenizer.from_pretrained({path!r})")
+        if not w.symmetric:
+            hf += ("\n# config.json says \"dequantize\": true: transformers dequantises the weights while "
+                   "loading\n# (its compressed path cannot load asymmetric pack-quantized checkpoints)")
+        bits = VLLM_BITS if w.symmetric else VLLM_ASYM_BITS
+        if w.bits in bits and not scheme.quantize_lm_head:
+            vllm = (f"from vllm import LLM\nllm = LLM({path!r})  # compressed-tensors W{w.bits}A16, "
+                    f"{'symmetric' if w.symmetric else 'asymmetric (zero points)'}")
+        else:
+            why = (f"int{w.bits} {'symmetric' if w.symmetric else 'asymmetric'}: vLLM's compressed-tensors "
+                   f"WNA16 scheme runs {list(bits)} bits" if w.bits not in bits else
+                   "a quantized lm_head: vLLM's compressed-tensors config quantizes linear layers only")
+            vllm = f"# not loadable by vLLM ({why})"
+        return {"transformers": hf, "vLLM": vllm}
 
     def layer_spec(self, qc: dict) -> tuple[int, int, bool]:
         (group,) = qc["config_groups"].values()

@@ -22,6 +22,21 @@ formats, bits other than 2/3/4/8, group sizes other than -1 or a power of two in
 16..1024 (the group sizes GPTQ kernels are built for), layers whose widths are not
 multiples of 32 (GPTQ packs 32 inputs into b words). The loader is this project's
 (`quant.export.loader`); GPTQModel itself is not a dependency.
+
+Consumers (docs/compatibility.md, generated from tests/test_consumers.py): GPTQModel
+7.7 reads `checkpoint_format: gptq_v2` and loads every width, symmetric or not, exactly
+(to fp16/bf16 rounding) with its `GPTQ_TORCH` backend in fp16/bf16; its `AUTO`
+backend in float32 on CPU picks `TorchFusedLinear` for 4 bits, whose CPU transform
+replaces the zero points by zeros (`transform_cpu`), so asymmetric 4-bit logits come
+out wrong without an error. No config field steers that choice (the kernel declares
+asymmetric support), so the model card's GPTQModel line names the backend and dtype.
+transformers loads the checkpoint through GPTQModel + optimum, except a quantized
+lm_head: that path converts the decoder blocks only, so lm_head stays a plain Linear
+initialised at random (a load report, no error). vLLM
+(`gptq_marlin.py`) runs symmetric 4/8-bit GPTQ with Marlin; anything else falls back
+to its `gptq` method, which reads `checkpoint_format` (v2 zero points) but takes fp16
+only and warns that its 4-bit kernel is buggy: for asymmetric 4-bit in vLLM prefer the
+compressed-tensors export.
 """
 
 from __future__ import annotations
@@ -37,6 +52,7 @@ from quant.config.scheme import QuantScheme
 from quant.export.base import (
     NoOptions,
     check_int_weights,
+    edit_config,
     expect,
     integer_state,
     refuse_runtime_quant,
@@ -48,6 +64,8 @@ from quant.numerics.packing import WORD, pack
 
 GPTQ_BITS = (2, 3, 4, 8)
 GPTQ_GROUPS = (-1, 16, 32, 64, 128, 256, 512, 1024)
+# vLLM gptq_marlin.py: GPTQMarlinConfig.TYPE_MAP holds (4, sym) and (8, sym) only; Marlin's group sizes
+VLLM_MARLIN = {"bits": (4, 8), "sym": True, "group_size": (-1, 32, 64, 128)}
 QUANTIZE_CONFIG = "quantize_config.json"
 
 
@@ -111,9 +129,37 @@ class GPTQExporter:
         tokenizer.save_pretrained(out)
         qc = self.quantization_config(scheme)
         (out / QUANTIZE_CONFIG).write_text(json.dumps(qc, indent=2))
-        cfg = json.loads((out / "config.json").read_text())
-        cfg["quantization_config"] = qc
-        (out / "config.json").write_text(json.dumps(cfg, indent=2))
+
+        def add_config(cfg: dict) -> None:
+            cfg["quantization_config"] = qc
+            if scheme.quantize_lm_head:  # the quantized head is no longer the embedding
+                cfg["tie_word_embeddings"] = False
+
+        edit_config(out, add_config)
+
+    def load_snippets(self, path: str, scheme: QuantScheme) -> dict[str, str]:
+        """How each runtime loads this checkpoint (model card; `path` a directory or hub id)."""
+        w = scheme.weight
+        gptqmodel = ("# pip install gptqmodel\nimport torch\nfrom gptqmodel import BACKEND, GPTQModel\n"
+                     f"model = GPTQModel.load({path!r}, backend=BACKEND.GPTQ_TORCH, dtype=torch.float16)")
+        if w.bits == 4 and not w.symmetric:
+            gptqmodel += ("\n# not BACKEND.AUTO with dtype=torch.float32 on CPU: it picks TorchFusedLinear, "
+                          "which drops\n# asymmetric zero points (GPTQModel 7.7) and returns wrong logits")
+        hf = ("# pip install gptqmodel optimum  (transformers loads GPTQ through them)\nimport torch\n"
+              "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+              f"model = AutoModelForCausalLM.from_pretrained({path!r}, dtype=torch.float16, device_map=\"auto\")\n"
+              f"tokenizer = AutoTokenizer.from_pretrained({path!r})")
+        if scheme.quantize_lm_head:  # optimum converts the decoder blocks only: lm_head.weight would be random
+            hf = ("# not loadable by transformers' GPTQ path: it leaves lm_head a plain Linear and initialises it "
+                  "at random\n# (lm_head.weight MISSING in its load report); use the GPTQModel line")
+        marlin = (w.bits in VLLM_MARLIN["bits"] and w.symmetric and w.group_size in VLLM_MARLIN["group_size"])
+        vllm = f"from vllm import LLM\nllm = LLM({path!r}, dtype=\"float16\")"
+        vllm += ("  # gptq_marlin" if marlin else
+                 "  # vLLM's `gptq` method (exllama kernel, gptq_v2 zero points); not Marlin, which needs "
+                 "symmetric 4/8 bits")
+        if not marlin and w.bits == 4:
+            vllm += "\n# vLLM warns its 4-bit gptq_gemm kernel is buggy: prefer the compressed-tensors export"
+        return {"transformers": hf, "vLLM": vllm, "GPTQModel": gptqmodel}
 
     def layer_spec(self, qc: dict) -> tuple[int, int, bool]:
         return int(qc["bits"]), int(qc["group_size"]), bool(qc.get("lm_head", False))

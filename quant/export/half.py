@@ -69,3 +69,15 @@ class HalfExporter:
 
     def write(self, model: nn.Module, tokenizer, scheme: QuantScheme, out: Path, dtype: torch.dtype) -> None:
         save_quantized(model, tokenizer, scheme, out, extra={"converted": {"dtype": str(dtype)[6:]}})
+
+    def load_snippets(self, path: str, scheme: QuantScheme) -> dict[str, str]:
+        """How runtimes load it (model card): transformers sees a plain half-precision model."""
+        return {
+            "transformers": ("from transformers import AutoModelForCausalLM\n"
+                             f"model = AutoModelForCausalLM.from_pretrained({path!r}, dtype=\"auto\")\n"
+                             "# the dequantised weights as a plain model: the fake-quant function, stored "
+                             "at 16 bits"),
+            "quant-pipeline": ("from quant import load_model\n"
+                               f"model, tokenizer = load_model({path!r})  # QuantLinear layers, exact codes"
+                               + ("; activation/KV quantizers" if scheme.activation or scheme.kv_cache else "")),
+        }

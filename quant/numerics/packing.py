@@ -3,10 +3,11 @@
 The layout is the dense little-endian bit stream that GPTQ (AutoGPTQ / GPTQModel) and
 compressed-tensors' `pack_to_int32` share: along the packed dimension, element i
 occupies bits [i*b, (i+1)*b) of the stream, word j holds stream bits [32j, 32j+32).
-For b in {2, 4, 8} no element straddles two words; for b = 3 every 32 elements fill
-exactly 3 words and elements 10 and 21 straddle a word boundary (GPTQ's 3-bit
-layout). The packed dimension must be a multiple of 32 (GPTQ's own requirement), so
-no padding is ever stored.
+Every 32 elements fill exactly b words. For b in {2, 4, 8} no element straddles two
+words; for b in {3, 5, 6, 7} some do (for b = 3, elements 10 and 21: GPTQ's 3-bit
+layout). GPTQ defines 2/3/4/8 bits, compressed-tensors 1..8 (this project's integer
+formats: 2..8). The packed dimension must be a multiple of 32 (GPTQ's own
+requirement), so no padding is ever stored.
 
 Codes are unsigned [0, 2^b - 1]; converting to a signed convention is the caller's
 business (compressed-tensors subtracts 2^(b-1)).
@@ -17,7 +18,7 @@ from __future__ import annotations
 import torch
 
 WORD = 32
-PACK_BITS = (2, 3, 4, 8)
+PACK_BITS = (2, 3, 4, 5, 6, 7, 8)
 
 
 def _bit_positions(bits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,8 +1,9 @@
 """E2E-QP and KD-QAT training speed on 1 vs 2 GPUs, Llama-2-7B-shaped (GPU; `--small`: CPU smoke run).
 
-Model: random-initialised Llama (hidden 4096, MLP 11008, 32 heads, vocab 32000,
-`--layers` decoder layers, default 32 = Llama-2-7B), bf16, every decoder linear a
-`QuantLinear` (min-max init, `quant.calibrate.rtn.quantize_linears`):
+Model: random-initialised `--shape` (default llama-2-7b: hidden 4096, MLP 11008, 32 heads,
+vocab 32000), `--layers` decoder layers (default: the shape's, 32), bf16, every decoder
+linear a `QuantLinear` (min-max init, `quant.calibrate.rtn.quantize_linears`); the method's
+registered setup (`quant.methods`, kind e2e) prepares the student and its objective:
 
 - E2E-QP (`quant.e2e.e2e_qp`): W2 g64 asymmetric, frozen on the integer grid, only the
   step sizes train (fp32), causal-LM loss. The student fits one GPU, so 2 GPUs run DDP.
@@ -23,16 +24,15 @@ Everything is measured in one run, and the 2-GPU / 1-GPU ratios are computed fro
 (tokens/s ratio: 2.0 would be perfect scaling; steps/s ratio: each 2-GPU step does twice
 the work).
 
-With `--layers L` < 32 (a model that fits where 32 layers do not), the result also
-states steps/s extrapolated to 32 layers as `L/32` of the measured rate: every per-step
+With `--layers L` fewer than the shape's N (a model that fits where N layers do not), the
+result also states steps/s extrapolated to N layers as `L/N` of the measured rate: every per-step
 cost is scaled with the layer count, including the embedding, lm_head and loss that do
-not grow with it, so the extrapolation is a lower bound on the 32-layer rate.
+not grow with it, so the extrapolation is a lower bound on the N-layer rate.
 
 Usage:
-  python benches/bench_e2e_scale.py --out docs/results/e2e_scale.json        # GPUs (2 for the ratios)
-  python benches/bench_e2e_scale.py --layers 16 --methods kd                   # fewer layers, extrapolated
-  python benches/bench_e2e_scale.py --small                                    # CPU smoke run (gloo, tiny shapes)
-Imports quant.*, tasks.launch, torch, transformers, accelerate.
+  python -m benches.speed.e2e_scale                           # GPUs (2 for the ratios)
+  python -m benches.speed.e2e_scale --layers 16 --methods kd  # fewer layers, extrapolated
+  python -m benches.speed.e2e_scale --small                   # CPU smoke run (gloo, tiny shapes)
 """
 
 from __future__ import annotations
@@ -50,14 +50,8 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from benches import common
 
-LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
-                 vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5)
-TINY = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=4,
-            vocab_size=512, max_position_embeddings=512, rms_norm_eps=1e-5)
-FULL_LAYERS = 32
 # (method, processes, strategy): DDP where the student fits one GPU, FSDP for KD
 PLAN = {"e2e-qp": ((1, "ddp"), (2, "ddp")), "kd": ((1, "ddp"), (2, "fsdp"))}
 SCHEMES = {"e2e-qp": "W2A16KV16", "kd": "W4A16KV16"}
@@ -67,31 +61,21 @@ SCHEMES = {"e2e-qp": "W2A16KV16", "kd": "W4A16KV16"}
 # One configuration (runs inside the processes accelerate's launcher starts)
 
 
-def build(method: str, layers: int, small: bool, group_size: int, device: torch.device):
+def build(args: argparse.Namespace, device: torch.device):
     """(student, objective) as the e2e stage would build them, on `device`."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
+    from quant import methods
     from quant.calibrate.rtn import quantize_linears
     from quant.config.scheme import QuantScheme
-    from quant.e2e.trainer import E2EContext, e2e_methods
+    from quant.e2e.trainer import E2EContext
 
-    cfg = LlamaConfig(**(TINY if small else LLAMA2_7B), num_hidden_layers=layers, bos_token_id=1, eos_token_id=2,
-                      pad_token_id=0, tie_word_embeddings=False)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    torch.manual_seed(0)
-    with device:  # initialise on the GPU: a 7B init on the host takes minutes
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    teacher = copy.deepcopy(model).eval() if method == "kd" else None
-    scheme = QuantScheme.from_name(SCHEMES[method], preset="efficientqat", group_size=group_size)
+    model = common.build_model(args.shape, layers=args.layers, dtype=dtype, device=device)
+    teacher = copy.deepcopy(model).eval() if args.method == "kd" else None  # the model before quantization
+    scheme = QuantScheme.from_name(SCHEMES[args.method], preset="efficientqat", group_size=args.group_size)
     quantize_linears(model, scheme)
-
-    class InMemoryTeacher(E2EContext):  # the teacher is the model before quantization, not a directory
-        def load_teacher(self, who: str):
-            return teacher
-
-    ctx = InMemoryTeacher(scheme, device, dtype, teacher_dir=Path("in-memory"), seed=0)
-    entry = e2e_methods().get(method)
-    return model, entry.fn(model, entry.options(), ctx)
+    ctx = E2EContext(scheme, device, dtype, seed=0, teacher=teacher)
+    m = methods.method(args.method, "e2e")
+    return model, m.fn(model, m.options(), ctx)
 
 
 def peak_gib(acc, device: torch.device) -> float:
@@ -104,14 +88,15 @@ def peak_gib(acc, device: torch.device) -> float:
 
 
 def worker(args: argparse.Namespace) -> None:
-    from quant.e2e.trainer import TrainConfig, Trainer, make_accelerator
+    from quant.e2e.distributed import make_accelerator
+    from quant.e2e.trainer import TrainConfig, Trainer
 
     acc = make_accelerator("cpu" if args.small else "cuda", args.strategy)
     device = acc.device
     result = {"method": args.method, "processes": acc.num_processes, "strategy": args.strategy,
               "distributed_type": str(acc.distributed_type.value), "layers": args.layers}
     try:
-        model, objective = build(args.method, args.layers, args.small, args.group_size, device)
+        model, objective = build(args, device)
         steps = args.warmup + args.steps
         cfg = TrainConfig(epochs=1, max_steps=steps, batch_size=args.batch, grad_accum=1, warmup_ratio=0.0,
                           max_grad_norm=1.0, grad_checkpointing=True, save_every=0, log_every=1)
@@ -122,8 +107,7 @@ def worker(args: argparse.Namespace) -> None:
 
         trainer = Trainer(model, objective, cfg, Path(args.work), accelerator=acc, seed=0, log_fn=log_fn)
         trainer.save = lambda: None  # speed only: no checkpoints
-        vocab = (TINY if args.small else LLAMA2_7B)["vocab_size"]
-        ids = torch.randint(3, vocab, (acc.num_processes * args.batch * steps, args.seq),
+        ids = torch.randint(3, model.config.vocab_size, (acc.num_processes * args.batch * steps, args.seq),
                             generator=torch.Generator().manual_seed(0))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -152,17 +136,17 @@ def launch(args: argparse.Namespace, method: str, processes: int, strategy: str,
     if args.small and strategy == "fsdp":  # FSDP shards over NCCL only (quant.e2e.distributed)
         strategy = "ddp"
     out = tmp / f"{method}-{processes}-{strategy}.json"
-    target = [str(Path(__file__).resolve()), "--worker", "--method", method, "--strategy", strategy,
+    target = ["-m", "benches.speed.e2e_scale", "--worker", "--method", method, "--strategy", strategy, "--shape", args.shape,
               "--layers", str(args.layers), "--seq", str(args.seq), "--batch", str(args.batch),
               "--steps", str(args.steps), "--warmup", str(args.warmup), "--group-size", str(args.group_size),
               "--work", str(tmp / f"work-{method}-{processes}"), "--out", str(out)]
     if args.small:
         target.append("--small")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(common.ROOT), os.environ.get("PYTHONPATH")]))}
     if args.small:
         env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     t0 = time.perf_counter()
-    proc = subprocess.run([*LAUNCHER, *launcher_args(processes, target)], cwd=ROOT, env=env, capture_output=True,
+    proc = subprocess.run([*LAUNCHER, *launcher_args(processes, target)], cwd=common.ROOT, env=env, capture_output=True,
                           text=True)
     ooms = sorted(tmp.glob(f"{out.name}.oom-*"))
     if ooms:
@@ -172,8 +156,9 @@ def launch(args: argparse.Namespace, method: str, processes: int, strategy: str,
                 "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
     result = json.loads(out.read_text())
     result["wall_s"] = round(time.perf_counter() - t0, 1)
-    if args.layers < FULL_LAYERS and "steps_per_s" in result:
-        result["steps_per_s_32_layers_lower_bound"] = result["steps_per_s"] * args.layers / FULL_LAYERS
+    full = common.model_config(args.shape).num_hidden_layers
+    if args.layers < full and "steps_per_s" in result:
+        result[f"steps_per_s_{full}_layers_lower_bound"] = result["steps_per_s"] * args.layers / full
     return result
 
 
@@ -192,24 +177,27 @@ def ratios(results: list[dict]) -> dict[str, dict[str, float | None]]:
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--small", action="store_true", help="tiny shapes on the CPU (gloo): a smoke run of this script")
+    ap.add_argument("--small", action="store_true", help="CPU smoke run: small shape on the CPU (gloo)")
+    ap.add_argument("--shape", default="llama-2-7b", choices=sorted(common.SHAPES))
     ap.add_argument("--methods", nargs="+", choices=sorted(PLAN), default=sorted(PLAN))
-    ap.add_argument("--layers", type=int, default=None, help=f"decoder layers (default {FULL_LAYERS}; 2 with --small)")
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: the shape's; 2 with --small)")
     ap.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 2048; 32 with --small)")
     ap.add_argument("--batch", type=int, default=1, help="sequences per process and step")
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default 10; 3 with --small)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     ap.add_argument("--group-size", type=int, default=None, help="weight group size (default 64; 32 with --small)")
-    ap.add_argument("--out", type=Path, help="also write the JSON here")
+    common.add_out_arg(ap, "speed-e2e_scale")
     # inside a launched process
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--method", help=argparse.SUPPRESS)
     ap.add_argument("--strategy", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    args.layers = args.layers or (2 if args.small else FULL_LAYERS)
+    args = ap.parse_args(argv)
+    if args.small:
+        args.shape = "small"
+    args.layers = args.layers or (2 if args.small else common.model_config(args.shape).num_hidden_layers)
     args.seq = args.seq or (32 if args.small else 2048)
     args.steps = args.steps or (3 if args.small else 10)
     args.group_size = args.group_size or (32 if args.small else 64)
@@ -218,9 +206,8 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
+    common.require_cuda("speed.e2e_scale", args.small)
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if not args.small and gpus < 1:
-        sys.exit("bench_e2e_scale needs CUDA GPUs (2 for the ratios), or --small for a CPU smoke run")
     results, skipped = [], []
     with tempfile.TemporaryDirectory(prefix="bench-e2e-scale-") as tmp:
         for method in args.methods:
@@ -231,19 +218,14 @@ def main() -> None:
                 results.append(launch(args, method, processes, strategy, Path(tmp)))
                 print(json.dumps(results[-1]), file=sys.stderr, flush=True)
     report = {
-        "device": "cpu (gloo, --small smoke run)" if args.small else torch.cuda.get_device_name(0),
-        "gpus_visible": gpus, "torch": torch.__version__,
-        "model": {**(TINY if args.small else LLAMA2_7B), "layers": args.layers, "seq": args.seq,
-                  "batch_per_process": args.batch, "group_size": args.group_size,
-                  "schemes": {m: SCHEMES[m] for m in args.methods}},
+        "gpus_visible": gpus, "small_runs_on": "cpu (gloo)" if args.small else None,
+        "model": {"shape": args.shape, "layers": args.layers, "seq": args.seq, "batch_per_process": args.batch,
+                  "group_size": args.group_size, "schemes": {m: SCHEMES[m] for m in args.methods}},
         "timed_steps": args.steps, "warmup_steps": args.warmup,
         "results": results, "ratios_2_over_1": ratios(results), "skipped": skipped,
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    print(json.dumps(report, indent=2))
+    common.say("wrote", common.write_result(args, report))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Decode speed of packed low-bit models against fp16 (GPU; tiny shapes run on CPU).
 
-A Llama-2-7B-shaped model (random init: speed does not depend on the values) decodes
+A `--shape` model (default llama-2-7b; random init: speed does not depend on the values) decodes
 `--steps` tokens at every batch size of `--batches`, once per variant:
 
 - `fp16`: the plain model;
@@ -25,26 +25,23 @@ allocation they add, plus everything else at 16 bits), and the bandwidth limit: 
 tokens/s a step would reach if it only streamed its weights and KV cache at
 `--peak-gbs` (H200: 4800 GB/s), with the measured fraction of it.
 
-GPU (the integrator's command, gemlite installed with `pip install --no-deps --target`):
-    PYTHONPATH=$PWD:/path/to/gemlite-target python benches/bench_decode.py --out bench_decode.json
-CPU smoke test at tiny size:
-    python benches/bench_decode.py --device cpu --dtype float32 --layers 2 --hidden 256 \
-        --intermediate 512 --heads 4 --vocab 512 --steps 4 --warmup 2 --out /tmp/b.json
+GPU (gemlite installed with `pip install --no-deps --target DIR`, DIR on PYTHONPATH):
+    python -m benches.speed.decode
+    python -m benches.speed.decode --shape qwen3-8b-like --variants fp16 w4g128-triton
+CPU smoke run at tiny size:
+    python -m benches.speed.decode --small
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import time
 import traceback
-from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 
-from quant.models.arch import get_module, iter_block_linears, set_module
+from benches import common
+from quant.models.arch import get_module, iter_block_linears, mapping_for, set_module
 from quant.modules.packed import PackedLinear
 from quant.synth.decode import KVDecoder
 
@@ -92,18 +89,6 @@ class WholeStepDecoder(KVDecoder):
             self._fn()
         self.position += 1
         self._warm = True
-
-
-def build_model(args, device: str, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate,
-                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                         num_key_value_heads=args.kv_heads or args.heads, vocab_size=args.vocab,
-                         max_position_embeddings=4096, tie_word_embeddings=False)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model.eval()
 
 
 def parse_variant(name: str) -> tuple[int, int, str] | None:
@@ -157,17 +142,11 @@ def time_decode(model, batch: int, args, device: str) -> dict:
         dec = WholeStepDecoder(model, batch, max_len, head, compile_step=args.compile)
     else:
         dec = KVDecoder(model, batch, max_len, head, graphs=True)
-    dec.inp.copy_(torch.randint(0, args.vocab, (batch,), device=device))
+    dec.inp.copy_(torch.randint(0, model.config.vocab_size, (batch,), device=device))
     with torch.no_grad():
         for _ in range(args.warmup):
             dec.step()
-        sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            dec.step()
-        sync()
-        seconds = time.perf_counter() - t0
+        seconds = common.seconds(lambda: [dec.step() for _ in range(args.steps)])
     kv_bytes_per_step = dec.cache_bytes() * (args.warmup + args.steps / 2) / max_len
     return {"tokens_per_s": batch * args.steps / seconds, "ms_per_step": 1e3 * seconds / args.steps,
             "kv_bytes_per_step": kv_bytes_per_step}
@@ -214,21 +193,16 @@ def _module_bytes(m) -> int:
 
 
 def _embed_bytes(model) -> int:
-    w = get_module(model, "model.embed_tokens").weight  # a step reads one row, not the table
+    w = get_module(model, mapping_for(model).embed_tokens).weight  # a step reads one row, not the table
     return w.numel() * w.element_size()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", required=True, help="raw JSON results")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
-    ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--hidden", type=int, default=4096)
-    ap.add_argument("--intermediate", type=int, default=11008)
-    ap.add_argument("--heads", type=int, default=32)
-    ap.add_argument("--kv-heads", type=int, default=0, help="0 = --heads (Llama-2-7B: no GQA)")
-    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--shape", default="llama-2-7b", choices=sorted(common.SHAPES))
+    ap.add_argument("--layers", type=int, default=None, help="fewer decoder layers than the shape has")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--steps", type=int, default=128)
     ap.add_argument("--warmup", type=int, default=8)
@@ -236,10 +210,17 @@ def main() -> None:
     ap.add_argument("--graph", choices=["whole", "segments"], default="whole")
     ap.add_argument("--compile", action="store_true", help="torch.compile max-autotune the step first")
     ap.add_argument("--peak-gbs", type=float, default=4800.0, help="HBM bandwidth (H200: 4800)")
-    args = ap.parse_args()
+    ap.add_argument("--small", action="store_true",
+                    help="CPU smoke run: small shape, float32, a few steps (GPU kernels are recorded as errors)")
+    common.add_out_arg(ap, "speed-decode")
+    args = ap.parse_args(argv)
+    if args.small:
+        args.device, args.dtype, args.shape, args.steps, args.warmup, args.batches = "cpu", "float32", "small", 4, 2, [1, 2]
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("benches.speed.decode needs a CUDA GPU for --device cuda; --small runs it on the CPU "
+                         "at tiny sizes (a smoke run, its numbers mean nothing)")
     dtype = getattr(torch, args.dtype)
-    torch.manual_seed(0)
-    model = build_model(args, args.device, dtype)
+    model = common.build_model(args.shape, layers=args.layers, dtype=dtype, device=args.device)
     results = {}
     for name in args.variants:
         results[name] = run_variant(model, name, args, args.device, dtype)
@@ -248,17 +229,14 @@ def main() -> None:
         for b, rb in r.get("batches", {}).items():
             if b in base:
                 rb["ratio_to_fp16"] = rb["tokens_per_s"] / base[b]["tokens_per_s"]
-    meta = {"args": vars(args), "torch": torch.__version__, "platform": platform.platform(),
-            "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
     try:
         import gemlite
 
-        meta["gemlite"] = getattr(gemlite, "__version__", "installed")
+        gemlite_version = getattr(gemlite, "__version__", "installed")
     except ImportError:
-        meta["gemlite"] = None
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-    print(f"wrote {args.out}")
+        gemlite_version = None
+    path = common.write_result(args, {"gemlite": gemlite_version, "results": results})
+    common.say("wrote", path)
 
 
 if __name__ == "__main__":

@@ -20,53 +20,34 @@ the same length in both.
   by the measured generation time.
 - a correctness check first: the decoder's logits vs the model's own forward.
 
-Usage:
-  python benches/bench_synth.py --model llama2-7b --seq-len 2048 --batch 48 --sequences 48   # GPU
-  python benches/bench_synth.py --model embedded --seq-len 128 --batch 24 --sequences 24     # CPU
-Imports only quant.*, torch and transformers.
+Usage (`--model`: a shape of benches.common.SHAPES, `embedded`, or a model directory):
+  python -m benches.speed.synth --model llama-2-7b --seq-len 2048 --batch 48 --sequences 48   # GPU
+  python -m benches.speed.synth --model embedded --seq-len 128 --batch 24 --sequences 24      # CPU
+  python -m benches.speed.synth --small                                                       # CPU smoke run
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from quant.synth.decode import KVDecoder  # noqa: E402
-from quant.synth.sampling import Item, SynthesisConfig, batches, generate  # noqa: E402
-
-LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                 num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5)
-SMALL = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
-             num_key_value_heads=16, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from benches import common
+from quant.synth.decode import KVDecoder
+from quant.synth.sampling import Item, SynthesisConfig, batches, generate
 
 
 def build_model(name: str, device: torch.device, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    """A random model of a shape of benches.common.SHAPES, the embedded SmolLM2, or a directory."""
+    if name in common.SHAPES:
+        return common.build_model(name, dtype=dtype, device=device)
+    from quant.load import load_model
 
-    if name in ("llama2-7b", "small"):
-        cfg = LlamaConfig(**(LLAMA2_7B if name == "llama2-7b" else SMALL), bos_token_id=1, eos_token_id=2,
-                          pad_token_id=0, tie_word_embeddings=False)
-        torch.manual_seed(0)
-        with device:  # initialise on the device: a 7B init on the host takes minutes
-            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-        return model.eval()
-    path = Path(name if name != "embedded" else "artifacts/prepare/model")
-    if not path.exists():
-        raise SystemExit(f"{path} not found: run `dvc repro prepare` first or pass a model directory")
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    model, _ = load_model("embedded:smollm2-135m" if name == "embedded" else name, dtype, "cpu")
+    return model.to(device).eval()
 
 
 def hbm_bandwidth(device: torch.device) -> float:
@@ -75,11 +56,11 @@ def hbm_bandwidth(device: torch.device) -> float:
     y = torch.empty_like(x)
     for _ in range(3):
         y.copy_(x)
-    sync(device)
+    common.sync()
     t, reps = time.perf_counter(), 20
     for _ in range(reps):
         y.copy_(x)
-    sync(device)
+    common.sync()
     bw = 2 * x.numel() * 4 * reps / (time.perf_counter() - t)
     del x, y
     torch.cuda.empty_cache()
@@ -115,7 +96,7 @@ def run_generator(model, items, seq_len, batch, device, graphs: bool = True) -> 
                           top_k=0)  # as the generate() baselines below
     warm = SynthesisConfig(shards=(0,), seq_len=16, on_eos="continue", cuda_graphs=graphs, top_k=0)
     generate(model, items[: min(batch, 4)], warm, 0)
-    sync(device)
+    common.sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t = time.perf_counter()
@@ -124,7 +105,7 @@ def run_generator(model, items, seq_len, batch, device, graphs: bool = True) -> 
         out = generate(model, chunk, cfg, 0)
         tokens += sum(len(g.ids) - 1 for g in out)
         seqs += [g.ids for g in out]
-    sync(device)
+    common.sync()
     seconds = time.perf_counter() - t
     res = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "cuda_graphs": graphs,
            "batch": batch, "seq_len": seq_len}
@@ -140,13 +121,13 @@ def run_reference(model, items, seq_len, seconds_each, device) -> dict:
     tokens, total = 0, 0.0
     for it in items:
         ids = torch.tensor([[it.start_id]], device=device)
-        sync(device)
+        common.sync()
         t = time.perf_counter()
         with torch.inference_mode():
             prefix = model.generate(ids, do_sample=False, max_length=it.prefix_len)
             out = model.generate(prefix, do_sample=True, max_length=seq_len, top_k=0, top_p=1.0,
                                  temperature=1.0, max_time=seconds_each)
-        sync(device)
+        common.sync()
         total += time.perf_counter() - t
         tokens += out.shape[1] - 1
     return {"tokens": tokens, "seconds": total, "tokens_per_s": tokens / total, "sequences": len(items)}
@@ -167,11 +148,11 @@ def reference_profile(model, seq_len: int, points: int, new: int, device) -> dic
         ids = torch.randint(3, model.config.vocab_size, (1, p0), device=device)
         times = []
         for n in (1, new):
-            sync(device)
+            common.sync()
             t = time.perf_counter()
             with torch.inference_mode():
                 model.generate(ids, do_sample=True, max_new_tokens=n, min_new_tokens=n, top_k=0, top_p=1.0)
-            sync(device)
+            common.sync()
             times.append(time.perf_counter() - t)
         per_token.append((times[1] - times[0]) / (new - 1))
     xs = [p + new / 2 for p in starts]
@@ -207,21 +188,21 @@ def profile_steps(model, batch: int, position: int, graphs: bool, device) -> str
     with torch.inference_mode():
         for _ in range(3):  # warm-up (and graph capture)
             dec.step()
-        sync(device)
+        common.sync()
         acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
         with torch.profiler.profile(activities=acts) as prof:
             t = time.perf_counter()
             for _ in range(8):
                 dec.step()
-            sync(device)
+            common.sync()
             ms = (time.perf_counter() - t) / 8 * 1e3
     table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=10)
     return f"{ms:.2f} ms/step (profiled, graphs={graphs}) at position {position}, batch {batch}\n{table}"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="embedded", help="llama2-7b | small | embedded | <model dir>")
+    ap.add_argument("--model", default="embedded", help=f"{' | '.join(common.SHAPES)} | embedded | <model dir>")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16")
     ap.add_argument("--seq-len", type=int, default=128)
@@ -231,18 +212,20 @@ def main() -> None:
     ap.add_argument("--ref-seconds", type=float, default=60.0, help="time limit per reference sequence")
     ap.add_argument("--ref-points", type=int, default=0,
                     help="also estimate a whole reference sequence from this many positions (0 = off)")
-    ap.add_argument("--json", default=None, help="write the results here too")
     ap.add_argument("--profile", type=int, default=None, help="GPU: profile decode steps at this position")
     ap.add_argument("--graphs", default="on", choices=["on", "off"], help="CUDA graphs for the main run")
     ap.add_argument("--compare-seq-len", type=int, default=0,
                     help="GPU: also time graphs on vs off at this length and compare their tokens")
-    args = ap.parse_args()
+    ap.add_argument("--small", action="store_true", help="CPU smoke run: tiny model, 2 short sequences")
+    common.add_out_arg(ap, "speed-synth")
+    args = ap.parse_args(argv)
+    if args.small:
+        args.model, args.device, args.seq_len, args.batch, args.sequences = "tiny", "cpu", 16, 2, 2
+        args.ref_sequences, args.ref_seconds = 1, 5.0
     device = torch.device(args.device)
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
              "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    res: dict = {"args": vars(args), "torch": torch.__version__,
-                 "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                 "threads": torch.get_num_threads()}
+    res: dict = {}
     if device.type == "cuda":
         res["hbm_bytes_per_s"] = hbm_bandwidth(device)
     t = time.perf_counter()
@@ -276,10 +259,8 @@ def main() -> None:
         need = decode_bytes(model, args.seq_len, sizes) / res["hbm_bytes_per_s"]
         res["roofline_seconds"] = need
         res["roofline_fraction"] = need / res["generator"]["seconds"]
-    if not args.json:
-        print(json.dumps(res, indent=2))
     g, r = res["generator"], res["reference"]
-    print(f"\n| {res['device_name']} | {args.model} | seq_len {args.seq_len} | batch {args.batch} | graphs {args.graphs} |")
+    print(f"\n| {common.device_name(device)} | {args.model} | seq_len {args.seq_len} | batch {args.batch} | graphs {args.graphs} |")
     print(f"| generator | {g['tokens_per_s']:.1f} tok/s ({g['tokens']} tokens, {g['seconds']:.1f} s) |")
     print(f"| reference | {r['tokens_per_s']:.2f} tok/s ({r['tokens']} tokens, {r['seconds']:.1f} s) |")
     print(f"| ratio | {res['ratio']:.1f}x |")
@@ -296,8 +277,7 @@ def main() -> None:
     if "roofline_fraction" in res:
         print(f"| roofline | {100 * res['roofline_fraction']:.1f}% of {res['hbm_bytes_per_s'] / 1e12:.2f} TB/s "
               f"({res['roofline_seconds']:.1f} s of bytes) |")
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2))
+    common.say("wrote", common.write_result(args, res))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,8 @@
 """A Llama-2-7B-shaped model through the pipeline's stages, one `python -m tasks.<stage>` each.
 
-Issue 15: wall time and peak GPU / host memory per stage for a random-initialised model
-with real shapes, saved locally with the embedded SmolLM2 tokenizer (vocabulary 49152
-instead of Llama-2's 32000; everything else is Llama-2-7B: hidden 4096, MLP 11008,
-32 heads, 32 layers). Random weights make the quality numbers meaningless (PPL is about
+Wall time and peak GPU / host memory per stage for a random-initialised model of
+`--shape` (default llama-2-7b: hidden 4096, MLP 11008, 32 heads, 32 layers), saved locally
+with the embedded SmolLM2 tokenizer (so its vocabulary, 49152 instead of Llama-2's 32000). Random weights make the quality numbers meaningless (PPL is about
 the vocabulary size); the point is what each stage costs at this size.
 
 The stages run exactly as `dvc repro` runs them (same command, same params.yaml
@@ -14,12 +13,14 @@ process's maximum resident set (os.wait4), its peak GPU memory what torch alloca
 (the `peak_gpu_gib` metric every stage logs, tasks/common.peak_memory).
 
 Stages: prepare -> calibrate -> block_ap (reduced sample count) -> e2e (a few hundred
-steps) -> evaluate (PPL only). Synthesis and merge are left out (block_ap and e2e train
-on calibration-text windows); `--stages` can add convert.
+steps) -> evaluate (PPL only), running `--recipe` (quant.recipe text, default
+rtn+block-ap+e2e-qp:W2g64; Block-AP with `--block-epochs` epochs, batch 2). Synthesis and
+merge are left out (block_ap and e2e train on calibration-text windows); `--stages` can add
+convert.
 
 Usage (GPU machine with this project installed):
-  python benches/scale_stages.py --work /tmp/scale7b --json docs/results/scale_stages.json
-  python benches/scale_stages.py --small --work /tmp/scale-small      # CPU smoke run, tiny shapes
+  python -m benches.scale.stages --work /tmp/scale7b
+  python -m benches.scale.stages --small --work /tmp/scale-small      # CPU smoke run, tiny shapes
 """
 
 from __future__ import annotations
@@ -36,51 +37,50 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-SHAPES = {  # hidden, MLP, heads, kv heads, layers
-    "7b": (4096, 11008, 32, 32, 32),
-    "13b": (5120, 13824, 40, 40, 40),
-    "small": (64, 128, 4, 4, 2),
-}
+from benches import common
+from quant.recipe import Recipe
+
 STAGES = ("prepare", "calibrate", "block_ap", "e2e", "evaluate")
 
 
 def build_model(out: Path, shape: str, layers: int | None, device: str) -> dict:
-    """Random-init Llama of `shape`, bf16 on GPU (fp32 on CPU), saved with the embedded tokenizer."""
+    """Random-init `shape`, bf16 on GPU (fp32 on CPU), saved with the embedded tokenizer."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from quant.models.hub import embedded_gguf_path
-
-    gguf = embedded_gguf_path("smollm2-135m")
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    hidden, mlp, heads, kv, n = SHAPES[shape]
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=mlp,
-                      num_attention_heads=heads, num_key_value_heads=kv, num_hidden_layers=layers or n,
-                      max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    tok = common.embedded_tokenizer()
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     t0 = time.time()
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg).to(dtype)
+    model = common.build_model(shape, layers=layers, vocab=len(tok), dtype=dtype, device=device,
+                               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     params = sum(p.numel() for p in model.parameters())
+    layers = model.config.num_hidden_layers
     del model
-    return {"params": params, "layers": cfg.num_hidden_layers, "dtype": str(dtype), "seconds": time.time() - t0}
+    return {"params": params, "layers": layers, "dtype": str(dtype), "seconds": time.time() - t0}
+
+
+def _set(params: dict, dotted: str, value) -> None:
+    *parents, last = dotted.split(".")
+    node = params
+    for p in parents:
+        node = node[p]
+    node[last] = value
 
 
 def stage_params(model_dir: Path, a: argparse.Namespace) -> dict:
-    """This repository's params.yaml with the model and the scale settings of this run."""
-    p = yaml.safe_load((ROOT / "params.yaml").read_text())
+    """This repository's params.yaml with the model, the recipe and the scale settings of this run."""
+    p = yaml.safe_load((common.ROOT / "params.yaml").read_text())
     p["model"]["name_or_path"] = str(model_dir)
     p["base"]["device"] = "auto"
-    p["scheme"]["weight"].update(format=f"int{a.bits}", group_size=a.group)
-    p["calibrate"].update(method=a.calibrate, samples=a.calib_samples, seq_len=a.calib_seq_len)
+    options = {"block-ap": {"epochs": a.block_epochs, "batch_size": 2}} | json.loads(a.options)
+    steps = a.recipe.partition(":")[0].split("+")
+    recipe = Recipe.parse(a.recipe, {k: v for k, v in options.items() if k in steps})
+    for key, value in recipe.params().items():
+        _set(p, key, value)
+    p["calibrate"].update(samples=a.calib_samples, seq_len=a.calib_seq_len)
     p["block_ap"]["data"].update(source="calib", train_samples=a.block_samples, val_samples=a.val_samples,
                                  seq_len=a.seq_len)
-    p["block_ap"]["options"].update(epochs=a.block_epochs, batch_size=2)
     # the calibration text holds ~290 windows of 2048 tokens: the steps come from epochs over them
     p["e2e"]["data"].update(source="calib", train_samples=a.block_samples, val_samples=a.val_samples,
                             seq_len=a.seq_len)
@@ -119,16 +119,15 @@ def run_stage(stage: str, work: Path, env: dict[str, str]) -> dict:
     return row
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", type=Path, required=True, help="work directory (model, artifacts, MLflow store)")
-    ap.add_argument("--shape", choices=sorted(SHAPES), default="7b")
+    ap.add_argument("--shape", choices=sorted(common.SHAPES), default="llama-2-7b")
     ap.add_argument("--layers", type=int, help="fewer decoder layers than the shape has (stated in the output)")
     ap.add_argument("--small", action="store_true", help="CPU smoke run: tiny shapes and sample counts")
     ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=[*STAGES, "convert"])
-    ap.add_argument("--bits", type=int, default=2)
-    ap.add_argument("--group", type=int, default=64)
-    ap.add_argument("--calibrate", default="rtn")
+    ap.add_argument("--recipe", default="rtn+block-ap+e2e-qp:W2g64", help="quant.recipe text")
+    ap.add_argument("--options", default="{}", help="JSON: method -> options")
     ap.add_argument("--calib-samples", type=int, default=128)
     ap.add_argument("--calib-seq-len", type=int, default=512)
     ap.add_argument("--seq-len", type=int, default=2048)
@@ -138,13 +137,11 @@ def main() -> None:
     ap.add_argument("--e2e-steps", type=int, default=300)
     ap.add_argument("--e2e-batch", type=int, default=1)
     ap.add_argument("--eval-windows", type=int, default=8)
-    ap.add_argument("--json", type=Path)
-    a = ap.parse_args()
+    common.add_out_arg(ap, "scale-stages")
+    a = ap.parse_args(argv)
     if a.small:
-        a.shape, a.seq_len, a.block_samples, a.val_samples = "small", 64, 8, 2
+        a.shape, a.seq_len, a.block_samples, a.val_samples = "tiny", 64, 8, 2
         a.e2e_steps, a.e2e_batch, a.eval_windows, a.calib_samples, a.calib_seq_len = 4, 2, 2, 4, 64
-    if a.bits not in range(2, 9):
-        ap.error(f"--bits={a.bits}: accepted 2..8")
     import torch
 
     device = "cuda" if torch.cuda.is_available() and not a.small else "cpu"
@@ -158,7 +155,7 @@ def main() -> None:
           f"built and saved in {built['seconds']:.0f} s", flush=True)
     (work / "params.yaml").write_text(yaml.safe_dump(stage_params(model_dir, a), sort_keys=False))
     (work / "mlflow").mkdir()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(common.ROOT), os.environ.get("PYTHONPATH")])),
            "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow' / 'mlflow.db'}", "PYTHONUNBUFFERED": "1"}
     rows = []
     order = [s for s in (*STAGES[:4], "convert", "evaluate") if s in a.stages]
@@ -175,14 +172,10 @@ def main() -> None:
     ppl = None
     if (work / "metrics" / "eval.json").exists():
         ppl = json.loads((work / "metrics" / "eval.json").read_text()).get("ppl")
-    out = {"shape": a.shape, "model": built, "device": device,
-           "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
-           "settings": {k: v for k, v in vars(a).items() if k not in ("work", "json")},
-           "stages": rows, "ppl": ppl, "total_seconds": round(sum(r["seconds"] for r in rows), 1)}
+    out = {"shape": a.shape, "model": built, "stage_device": device, "stages": rows, "ppl": ppl,
+           "total_seconds": round(sum(r["seconds"] for r in rows), 1)}
     print(json.dumps(out, indent=1, default=str))
-    if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(out, indent=1, default=str))
+    common.say("wrote", common.write_result(a, out))
     if any(r["exit"] != 0 for r in rows):
         sys.exit(1)
 

@@ -1,0 +1,1 @@
+"""Quality benches: perplexity, zero-shot accuracy and layer/block errors of quantized models."""
