@@ -21,7 +21,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run test lint clean servers-up servers-down servers-status shard-worker deploy flow-run promote lock sweep
+.PHONY: setup run test lint clean servers-up servers-down servers-status shard-worker deploy flow-run promote lock sweep recover
 
 setup: $(STAMP)
 
@@ -56,6 +56,11 @@ test: setup $(LLAMACPP_STAMP) lint
 clean:
 	rm -rf artifacts metrics/*.json mlflow/mlflow.db mlflow/mlartifacts
 
+# after a failed or killed run: restore missing DVC outputs from the cache, never deleting one
+# (docs/operations.md#dvc-remote-and-recovery; plain `dvc checkout` can delete a good output)
+recover: setup
+	$(PY) scripts/recover.py
+
 # --- Orchestration (issue 7): local servers on 127.0.0.1, state in .state/ -------------
 SERVERS := $(PY) scripts/servers.py
 SERVER_ENV = eval "$$($(SERVERS) env)"
@@ -73,8 +78,10 @@ servers-status:
 # one more process worker, on the shard pool (quant-shards): one synthesis shard at a time,
 # on GPUS (its CUDA_VISIBLE_DEVICES); one per GPU, e.g. `make shard-worker NAME=gpu1 GPUS=1`.
 # Used by `make flow-run SHARDS=quant-shard/shard`; `make servers-down` stops them too.
+shard-worker: export QUANT_ARG_NAME := $(value NAME)
+shard-worker: export QUANT_ARG_GPUS := $(value GPUS)
 shard-worker: setup
-	$(SERVERS) shard-worker $(if $(NAME),--name $(NAME)) $(if $(GPUS),--gpus $(GPUS))
+	$(SERVERS) shard-worker $${QUANT_ARG_NAME:+--name "$$QUANT_ARG_NAME"} $${QUANT_ARG_GPUS:+--gpus "$$QUANT_ARG_GPUS"}
 
 # register the deployment of prefect.yaml; it runs the flow in this checkout
 # (servers down: says to run `make servers-up`)
@@ -86,21 +93,34 @@ deploy: setup
 # restricts the run to those stages and what they depend on, SHARDS=quant-shard/shard runs
 # the synthesis shards as flow runs on the shard pool (`make shard-worker`). On failure:
 # the failing stage and its one-line error, exit 1.
+# S, T, SHARDS, GRID, VERSION, NAME and GPUS reach the commands as environment variables
+# (QUANT_ARG_*) holding their raw text ($(value ...): make does not expand them either), never
+# as recipe text: make pastes $(S) into the shell line, where a quote in a value ends the
+# quoting and the rest runs as shell code. "$$QUANT_ARG_S" is expanded by the shell, once.
+unexport S T SHARDS GRID VERSION NAME GPUS  # make would expand them to export them
+flow-run: export QUANT_ARG_S := $(value S)
+flow-run: export QUANT_ARG_T := $(value T)
+flow-run: export QUANT_ARG_SHARDS := $(value SHARDS)
 flow-run: setup
-	$(SERVER_ENV) && $(PY) -m flows.client run -S '$(S)' -T '$(T)' $(if $(SHARDS),--shards $(SHARDS))
+	$(SERVER_ENV) && $(PY) -m flows.client run -S "$$QUANT_ARG_S" -T "$$QUANT_ARG_T" \
+	  $${QUANT_ARG_SHARDS:+--shards "$$QUANT_ARG_SHARDS"}
 
 # the recipe sweep in-process (or `prefect deployment run 'quant-sweep/sweep'` after make deploy);
 # GRID=name picks one of params.yaml sweep.grids, S="key=value ..." is added to every recipe
+sweep: export QUANT_ARG_S := $(value S)
+sweep: export QUANT_ARG_GRID := $(value GRID)
 sweep: setup
-	$(PY) -m flows.sweep $(if $(GRID),--grid $(GRID)) $(foreach s,$(S),-S $(s))
+	args=(); read -ra words <<< "$$QUANT_ARG_S"; for s in "$${words[@]}"; do args+=(-S "$$s"); done; \
+	$(PY) -m flows.sweep $${QUANT_ARG_GRID:+--grid "$$QUANT_ARG_GRID"} "$${args[@]}"
 
 # alias `champion` on the last registered version if the gates in params.yaml pass
 # (exit 3 and the failed gates when they do not). Uses the servers of `make servers-up`
 # when they are up, else $$MLFLOW_TRACKING_URI or the repo's sqlite store that `make run`
 # writes to. VERSION=n picks another version.
+promote: export QUANT_ARG_VERSION := $(value VERSION)
 promote: setup
 	if $(SERVERS) status >/dev/null 2>&1; then $(SERVER_ENV); fi; \
-	$(PY) -m tasks.register promote $(if $(VERSION),--version $(VERSION))
+	$(PY) -m tasks.register promote $${QUANT_ARG_VERSION:+--version "$$QUANT_ARG_VERSION"}
 
 # the Docker dependency layer: exactly the tested environment
 lock: setup

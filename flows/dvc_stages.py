@@ -4,8 +4,10 @@ Nothing here knows about Prefect or MLflow, so the tests drive it directly.
 
 - `resolve_overrides` applies all params overrides at once, in memory, with DVC's own
   `-S` grammar (Hydra's, what `dvc exp run -S` uses): every key must already exist (a
-  typo is "unknown key"), the result must parse and pass the typed configs of the
-  sections touched. `scratch_checkout` writes the result into a copy of the checkout
+  typo is "unknown key"), the result must parse and the whole params.yaml, overridden or
+  not, must pass the one params check of every entry path (tasks.params_check), before
+  DVC sees it: DVC builds paths from params (a foreach item names its outputs) and may
+  delete what they point at before any stage runs. `scratch_checkout` writes the result into a copy of the checkout
   that shares the DVC cache; the user's params.yaml is never written.
 - `read_graph` asks DVC for the stage graph (the same index `dvc dag` prints), with
   `foreach`/`matrix` stages already expanded (`synthesize@0`, `synthesize@1`, ...).
@@ -108,8 +110,9 @@ def resolve_overrides(root: Path, overrides: list[str], check_types: bool = True
         new = _merged(path, original, items)
         texts[path] = _render(src, original_text, items, new)
         data[path] = new
-        if check_types and Path(path).name == PARAMS_FILE:
-            _check_types(new, {item.split("=", 1)[0].split(".", 1)[0] for item in items})
+    if check_types and (root / PARAMS_FILE).is_file():  # every section, overridden or not
+        params = data.get(PARAMS_FILE) or yaml.safe_load((root / PARAMS_FILE).read_text()) or {}
+        _check_types(params, "overrides" if PARAMS_FILE in data else PARAMS_FILE)
     return Overridden(list(overrides), texts, data)
 
 
@@ -161,8 +164,8 @@ def _render(src: Path, original_text: str, items: list[str], new: dict) -> str:
     return yaml.safe_dump(new, sort_keys=False, default_flow_style=None)
 
 
-def _check_types(params: dict, sections: set[str]) -> None:
-    """The typed configs of the touched sections accept the new values (ConfigError -> OverrideError)."""
+def _check_types(params: dict, what: str) -> None:
+    """Every section's typed config and the recipe accept the params (ConfigError -> OverrideError)."""
     from quant.config import ConfigError
     from tasks.common import load_params
     from tasks.params_check import check_params
@@ -172,9 +175,9 @@ def _check_types(params: dict, sections: set[str]) -> None:
         f.write_text(yaml.safe_dump(params, sort_keys=False))
         try:
             loaded = load_params(f, check_sections=False)  # keys were checked one by one above
-            check_params(loaded, sections)
+            check_params(loaded)
         except ConfigError as exc:
-            raise OverrideError(f"overrides rejected by the params checks: {exc}") from None
+            raise OverrideError(f"{what} rejected by the params checks: {exc}") from None
 
 
 def apply_overrides(root: Path, overrides: list[str]) -> list[str]:

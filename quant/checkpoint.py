@@ -45,6 +45,8 @@ from quant.numerics.formats import IntFormat, parse_format
 QPARAMS_FILE = "qparams.safetensors"
 FLOAT_WEIGHTS_FILE = "float_weights.safetensors"
 SCHEME_FILE = "quantization.json"
+# a model directory's tokenizer is one of these (fast tokenizers, sentencepiece, BPE, WordPiece)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
 
 
 def read_config(path: str | Path) -> dict:
@@ -61,19 +63,61 @@ def read_config(path: str | Path) -> dict:
     return config
 
 
+def read_quant_meta(path: str | Path) -> dict | None:
+    """quantization.json of a model directory (None when there is none): a UTF-8 JSON object
+    with a `scheme` mapping, else an InputError naming the file."""
+    f = Path(path) / SCHEME_FILE
+    if not f.is_file():
+        return None
+    try:
+        meta = json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{f} is not valid UTF-8 JSON ({exc}); re-run the stage that wrote it") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("scheme"), dict):
+        raise InputError(f"{f} must hold a JSON object with a 'scheme' mapping; re-run the stage that wrote it")
+    return meta
+
+
+def check_tokenizer_files(path: str | Path) -> None:
+    """The directory holds a tokenizer (one of TOKENIZER_FILES), else an InputError naming it."""
+    path = Path(path)
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise InputError(f"{path} holds no tokenizer (none of {list(TOKENIZER_FILES)}); re-run the stage "
+                         "that wrote it")
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer of a model directory; missing or unreadable files are an InputError naming
+    the directory, not transformers' advice to install a package."""
+    from transformers import AutoTokenizer
+
+    check_tokenizer_files(path)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError, KeyError, json.JSONDecodeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{path}: its tokenizer does not load ({reason}); re-run the stage that wrote it") from None
+
+
 def check_model_files(path: str | Path) -> None:
-    """Cheap integrity checks before loading: config.json and quantization.json parse, and
-    every safetensors file has a valid header that covers the whole file (truncation)."""
+    """Cheap integrity checks before loading: config.json and quantization.json parse, the
+    tokenizer files are there, a packed export still says so in config.json, a quantized
+    checkpoint has its qparams, and every safetensors file has a valid header that covers
+    the whole file (truncation)."""
     from safetensors import safe_open
 
     path = Path(path)
-    read_config(path)
-    scheme = path / SCHEME_FILE
-    if scheme.exists():
-        try:
-            json.loads(scheme.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InputError(f"{scheme} is not valid JSON ({exc}); re-run the stage that wrote it") from None
+    config = read_config(path)
+    meta = read_quant_meta(path)
+    if meta is not None and not config.get("quantization_config"):
+        if meta.get("format") not in (None, "half"):  # convert's label file of a packed export
+            raise InputError(f"{path / 'config.json'} has no quantization_config, but {path / SCHEME_FILE} says "
+                             f"this is a packed {meta['format']!r} export; its config.json was edited or "
+                             "replaced: re-run convert")
+        if meta["scheme"].get("weight") and meta.get("layers") and not (path / QPARAMS_FILE).is_file():
+            raise InputError(f"{path / QPARAMS_FILE} not found: {path / SCHEME_FILE} describes a quantized "
+                             "checkpoint, whose step sizes and integer weights live there; re-run the stage "
+                             "that wrote it")
     check_index(path)
     for f in sorted(path.glob("*.safetensors")):
         try:
@@ -81,6 +125,7 @@ def check_model_files(path: str | Path) -> None:
                 pass
         except Exception as exc:  # noqa: BLE001 - SafetensorError and I/O errors alike
             raise InputError(f"{f} is corrupt or truncated ({exc}); re-run the stage that wrote it") from None
+    check_tokenizer_files(path)
 
 
 def check_index(path: Path) -> None:
@@ -146,7 +191,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device:
     """(model, tokenizer) of a directory in this format, or of a plain transformers checkpoint
     (after `check_model_files`: a corrupt file is an `InputError` naming it). A packed export
     (`convert`) is refused here: `quant.load_model` loads every kind of directory."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     check_model_files(path)
     config = read_config(path)
@@ -160,10 +205,11 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device:
     prepare_model(model)  # per-expert linears in MoE blocks (quant.models.moe)
     model.to(device)
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if (Path(path) / SCHEME_FILE).exists():
+    tokenizer = load_tokenizer(path)
+    meta = read_quant_meta(path)
+    if meta is not None:
         _restore_quant_linears(model, Path(path))
-        install_rotations(model, json.loads((Path(path) / SCHEME_FILE).read_text()).get("rotations"))
+        install_rotations(model, meta.get("rotations"))
         scheme = read_scheme(path)
         if scheme.activation is not None or scheme.kv_cache is not None:
             apply_runtime_quantizers(model, scheme)  # activations / KV cache: not in the weights
@@ -297,8 +343,8 @@ def _restore_fp_layer(name: str, lin: nn.Linear, spec: WeightSpec, qparams: dict
 
 def read_steps(path: str | Path) -> list:
     """The recipe steps (params form) that produced the checkpoint, as its stages recorded them."""
-    f = Path(path) / SCHEME_FILE
-    return list(json.loads(f.read_text()).get("steps", [])) if f.exists() else []
+    meta = read_quant_meta(path)
+    return list(meta.get("steps", [])) if meta is not None else []
 
 
 def steps_record(prior: list, steps) -> dict:
@@ -309,25 +355,39 @@ def steps_record(prior: list, steps) -> dict:
 
 
 def read_scheme(path: str | Path) -> QuantScheme | None:
-    f = Path(path) / SCHEME_FILE
-    if not f.exists():
+    """The scheme of a quantized checkpoint (None for a plain one); an InputError naming
+    quantization.json when it is unreadable or its scheme is not one this version accepts."""
+    meta = read_quant_meta(path)
+    if meta is None:
         return None
-    return QuantScheme.from_dict(json.loads(f.read_text())["scheme"], "scheme")
+    try:
+        return QuantScheme.from_dict(meta["scheme"], "scheme")
+    except ConfigError as exc:
+        raise InputError(f"{Path(path) / SCHEME_FILE}: {exc}; re-run the stage that wrote it") from None
 
 
 def _restore_quant_linears(model: nn.Module, path: Path) -> None:
     """Rebuild QuantLinear modules from the saved integer weights, step sizes and zero
     points (exact, whatever dtype the dequantized checkpoint was stored in)."""
-    meta = json.loads((path / SCHEME_FILE).read_text())
-    scheme = QuantScheme.from_dict(meta["scheme"], "scheme")
+    meta = read_quant_meta(path)
+    scheme = read_scheme(path)
     if scheme.weight is None:  # W16: nothing to rebuild (activation/KV-only schemes)
         return
     qparams = load_file(str(path / QPARAMS_FILE))
     floats = load_file(str(path / FLOAT_WEIGHTS_FILE)) if (path / FLOAT_WEIGHTS_FILE).exists() else {}
+    try:
+        _restore_layers(model, meta, scheme, qparams, floats)
+    except KeyError as exc:
+        raise InputError(f"{path / QPARAMS_FILE} (or {FLOAT_WEIGHTS_FILE}) has no tensor {exc.args[0]!r}, which "
+                         f"{path / SCHEME_FILE} lists; the files are from different runs: re-run the stage "
+                         "that wrote them") from None
+
+
+def _restore_layers(model: nn.Module, meta: dict, scheme: QuantScheme, qparams: dict, floats: dict) -> None:
     frozen = set(meta.get("frozen", ()))
     g = scheme.weight.group_size
     layer_formats, act_formats = meta.get("layer_formats", {}), meta.get("act_formats", {})
-    for name in meta["layers"]:
+    for name in meta.get("layers", ()):
         lin = get_module(model, name)
         spec = scheme.weight
         if name in layer_formats:

@@ -52,10 +52,11 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temporaries(directory: str | Path, owner: str | None = None) -> list[Path]:
+def remove_stale_temporaries(directory: str | Path, owner: str | None = None, own: bool = False) -> list[Path]:
     """Delete the temporaries (`.<name>.tmp-<pid>-*`, `.<name>.old-<pid>`) in `directory`
-    whose writing process is gone; a temporary without a pid (older format) only if it is
-    `owner`'s own (inside the folder named `owner`, or a temporary of `owner` itself)."""
+    whose writing process is gone (with `own`, this process's too: it is about to exit); a
+    temporary without a pid (older format) only if it is `owner`'s own (inside the folder
+    named `owner`, or a temporary of `owner` itself)."""
     d = Path(directory)
     if not d.is_dir():
         return []
@@ -65,7 +66,9 @@ def remove_stale_temporaries(directory: str | Path, owner: str | None = None) ->
         if m is None:
             continue
         pid = m["pid"]
-        if pid is not None and (int(pid) == os.getpid() or _pid_alive(int(pid))):
+        if pid is not None and int(pid) == os.getpid() and own:
+            pass
+        elif pid is not None and (int(pid) == os.getpid() or _pid_alive(int(pid))):
             continue
         if pid is None and not (owner and (d.name == owner or m["name"] == owner)):
             continue

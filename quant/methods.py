@@ -75,6 +75,7 @@ class Method:
     # qparams, so a preset's `dynamic_minmax` is turned off for the model they produce)
     resolve: Callable[..., Any] | None = None
     summary: str = ""  # one line for listings and errors
+    data: bool = False  # calibrate: searches on calibration windows (the stage makes them only then)
 
     def parse_options(self, data: Any, where: str) -> Config:
         """The options object of this method from plain data (None = defaults)."""
@@ -94,7 +95,7 @@ STEP_KINDS: tuple[Kind, ...] = ("calibrate", "blockwise", "e2e")  # what a recip
 def register(name: str, *, kind: Kind, options: type[Config], role: str = "step",
              after: tuple[str, ...] = (), check: Callable[..., None] | None = None,
              check_inputs: Callable[..., None] | None = None, resolve: Callable[..., Any] | None = None,
-             summary: str = "") -> Callable[[Any], Any]:
+             summary: str = "", data: bool = False) -> Callable[[Any], Any]:
     """Decorator: register `fn` (a function, or an exporter class) as method `name`."""
     if kind not in KINDS:
         raise RuntimeError(f"method {name!r}: kind {kind!r} is not one of {KINDS}")
@@ -107,7 +108,7 @@ def register(name: str, *, kind: Kind, options: type[Config], role: str = "step"
             raise RuntimeError(f"{kind} method {name!r} registered twice")
         doc = (fn.__doc__ or "").strip().splitlines()
         _METHODS[kind, name] = Method(name, kind, options, fn, role, tuple(after),  # type: ignore[arg-type]
-                                      check, check_inputs, resolve, summary or (doc[0] if doc else ""))
+                                      check, check_inputs, resolve, summary or (doc[0] if doc else ""), data)
         return fn
 
     return deco

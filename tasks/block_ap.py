@@ -53,9 +53,15 @@ STATE_DIR = Path(".state") / "block_ap"
 class BlockAPStageConfig(Config):
     steps: tuple[Step, ...] = field(default_factory=lambda: (Step("block-ap"),))  # none or one
     data: DataConfig = field(default_factory=DataConfig)
+    # a block whose trained validation MSE exceeds this many times its incoming one fails the
+    # run (exit 2, nothing written); below it the better state is kept. null = off
+    max_val_mse_ratio: float | None = 2.0
 
     def __post_init__(self) -> None:
         check_steps("blockwise", self.steps, "steps")
+        if self.max_val_mse_ratio is not None and not self.max_val_mse_ratio > 1.0:
+            raise ConfigError(f"max_val_mse_ratio={self.max_val_mse_ratio} must be > 1 (2.0: a block's "
+                              "validation MSE may at most double) or null (off)")
 
 
 def _metrics(result, method: str, scheme: str, source: str, train_ids, val_ids) -> dict[str, Any]:
@@ -93,9 +99,7 @@ def run(params: Params) -> dict[str, Any]:
         raise ConfigError(f"{src} holds no {FLOAT_WEIGHTS_FILE} (the float weights block-wise training "
                           "reconstructs); re-run calibrate with this version")
     device, _ = setup_torch(params.base)
-    from transformers import AutoTokenizer
-
-    seqs, source = training_sequences(AutoTokenizer.from_pretrained(src), cfg.data, "block_ap")
+    seqs, source = training_sequences(src, cfg.data, "block_ap")
     train_ids, val_ids = split_samples(seqs, cfg.data.train_samples, cfg.data.val_samples,
                                        params.base.seed, "block_ap.data")
     model, tokenizer = load_quantized(src, torch.float32, "cpu")  # fp32 master weights on the host
@@ -112,7 +116,8 @@ def run(params: Params) -> dict[str, Any]:
         log_step(m, i)
 
     ctx = BlockwiseContext(torch.device(device), STATE_DIR, params.base.seed, fp, on_block,
-                           train_ids=train_ids, val_ids=val_ids, scheme=scheme)
+                           train_ids=train_ids, val_ids=val_ids, scheme=scheme,
+                           max_val_mse_ratio=cfg.max_val_mse_ratio)
     result = reconstruct(model, cfg.steps, ctx)
     save_quantized(model, tokenizer, scheme, out / "model", extra=steps_record(read_steps(src), cfg.steps))
     png = plot_block_losses(result.per_block, out / "block_loss.png", f"{method} {scheme.name}")

@@ -11,16 +11,18 @@ from typing import Any
 
 import torch
 
+from quant import methods
 from quant.calibrate import calibrate
 from quant.checkpoint import (
     check_scheme_fits,
     load_quantized,
+    read_config,
     save_quantized,
     source_dtype,
     steps_record,
 )
 from quant.config import Config, ConfigError
-from quant.data import sample_windows, tokenize_text
+from quant.data import check_windows, model_context, read_text, sample_windows, tokenize_text
 from quant.models.arch import quantizable_linears
 from quant.recipe import Step, check_steps
 from tasks.common import Params, log_artifact, main, setup_torch, stage_dir, write_json
@@ -42,8 +44,13 @@ class CalibrateConfig(Config):
 
 
 def calibration_ids(tokenizer, params: Params, samples: int, seq_len: int) -> torch.Tensor:
-    text = (stage_dir("prepare") / "data" / "calib.txt").read_text()
+    text = read_text(stage_dir("prepare") / "data" / "calib.txt")
     return sample_windows(tokenize_text(tokenizer, text), samples, seq_len, params.base.seed)
+
+
+def uses_data(steps) -> bool:
+    """Whether a calibrate step searches on calibration windows (RTN and QuaRot do not)."""
+    return any(methods.method(s.method, "calibrate").data for s in steps)
 
 
 def run(params: Params) -> dict[str, Any]:
@@ -54,9 +61,13 @@ def run(params: Params) -> dict[str, Any]:
     # takes its full-precision targets from them
     src = stage_dir("prepare") / "model"
     check_scheme_fits(src, params.scheme)  # config.json only: before the weights
+    data = uses_data(cfg.steps)
+    if data:  # the windows fit the model's context and the host's memory, before anything loads
+        check_windows(cfg.samples, cfg.seq_len, model_context(read_config(src)), "calibrate.samples",
+                      "calibrate.seq_len")
     model, tokenizer = load_quantized(src, source_dtype(src), device)
     quantizable_linears(model, params.scheme)  # validate group sizes before any work
-    calib = calibration_ids(tokenizer, params, cfg.samples, cfg.seq_len)
+    calib = calibration_ids(tokenizer, params, cfg.samples, cfg.seq_len) if data else None
     result = calibrate(model, params.scheme, cfg.steps, calib, params.base.seed)
     save_quantized(model, tokenizer, result.scheme, stage_dir("calibrate") / "model",
                    extra=steps_record([], cfg.steps), files=result.files)

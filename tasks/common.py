@@ -11,10 +11,24 @@ FAILED with the error text and re-raises; nothing is registered. A stage that
 fails before its run could open (params.yaml unreadable, bad `base`/`model`/`scheme`)
 still leaves a FAILED run with the message.
 
+Params: `main` checks the whole params.yaml (tasks.params_check.check_params, every
+section's typed config and the recipe) before the stage does anything, as the flow and
+the sweep do: a bad value anywhere fails the first stage that runs, not the one that
+reads it hours later.
+
 Process hygiene (`main`): SIGTERM/SIGINT end the stage through its normal error
 path (run FAILED, temporaries removed, exit 128+signal); the stage dies with its
 parent process (`dvc repro` killed by SIGTERM must not leave it writing on its own);
-temporaries that a killed run of the stage left behind are removed at start.
+temporaries that a killed run of the stage left behind are removed at start. Python runs
+a signal handler only between bytecodes, so a stage stuck in native code (a collective
+waiting for a dead peer, a long kernel) would ignore SIGTERM: a watchdog thread, woken by
+the signal itself (`signal.set_wakeup_fd`), ends such a process `SIGNAL_GRACE_SECONDS`
+later (its run FAILED, its own temporaries removed) with the same exit status.
+
+Errors: one `error: ...` line on stderr, on a line of its own (after a progress bar's
+carriage-return updates, a newline first: `print_error`). An output that cannot be
+written (a read-only directory, a full disk) or an MLflow store that cannot be used is
+such an error too, naming the path or store.
 
 Exit status: 2 for bad params or unusable inputs (never worth retrying), 1 for any
 other failure, 128+N for signal N.
@@ -22,6 +36,9 @@ other failure, 128+N for signal N.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import importlib
 import json
 import logging
 import os
@@ -37,7 +54,7 @@ from typing import Any, Literal
 
 import yaml
 
-from quant.config import Config, ConfigError, MissingDependencyError, flatten
+from quant.config import Config, ConfigError, InputError, MissingDependencyError, flatten
 from quant.config.scheme import QuantScheme
 from quant.io import atomic_file, remove_stale_temporaries, write_json_atomic  # noqa: F401 (atomic_file: stages use it from here)
 from tasks import tracking
@@ -171,12 +188,13 @@ def stage_dir(stage: str) -> Path:
     return ARTIFACTS / stage
 
 
-def clean_stale_temporaries(stage: str) -> list[Path]:
-    """Remove what killed runs left in the stage's output folders (dead writers only)."""
+def clean_stale_temporaries(stage: str, own: bool = False) -> list[Path]:
+    """Remove what killed runs left in the stage's output folders (dead writers only; with
+    `own`, this process's too: it is about to exit)."""
     dirs = [ARTIFACTS, stage_dir(stage), METRICS, METRICS / stage]
     if stage_dir(stage).is_dir():
         dirs += [d for d in stage_dir(stage).iterdir() if d.is_dir() and not d.name.startswith(".")]
-    removed = [p for d in dirs for p in remove_stale_temporaries(d, owner=stage)]
+    removed = [p for d in dirs for p in remove_stale_temporaries(d, owner=stage, own=own)]
     for p in removed:
         log.warning("removed %s, left by a killed run", p)
     return removed
@@ -201,7 +219,12 @@ def write_json(path: str | Path, data: Any) -> Path:
 
 
 def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text())
+    """A JSON file a stage reads (metrics, caches); an InputError naming it when it is not UTF-8
+    JSON."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path} is not valid UTF-8 JSON ({exc}); re-run the stage that wrote it") from None
 
 
 # ---------------------------------------------------------------------------
@@ -225,6 +248,50 @@ def log_metrics(mlflow: Any, metrics: dict[str, Any], step: int | None = None) -
 # Entry point
 
 
+class _LastChar:
+    """sys.stderr, remembering whether the last thing written ended a line (a progress bar's
+    `\r` updates do not): `print_error` then starts its line on a fresh one."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self.at_line_start = True
+
+    def write(self, text: str) -> int:
+        if text:
+            self.at_line_start = text.endswith("\n")
+        return self._stream.write(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def track_stderr() -> None:
+    """Route sys.stderr through `_LastChar` (idempotent; before logging and progress bars)."""
+    if not isinstance(sys.stderr, _LastChar):
+        sys.stderr = _LastChar(sys.stderr)
+
+
+def print_error(message: str, prefix: str = "error") -> None:
+    """The one `error: ...` line, on a line of its own."""
+    fresh = getattr(sys.stderr, "at_line_start", True)
+    sys.stderr.write(("" if fresh else "\n") + f"{prefix}: {message}\n")
+    sys.stderr.flush()
+
+
+# errno of an OSError that names a path the stage cannot use (permissions, read-only, full)
+PATH_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+
+
+def path_error(exc: OSError) -> str | None:
+    """One line for an OSError about a path the user must fix, or None for any other."""
+    if exc.errno not in PATH_ERRNOS or not exc.filename:
+        return None
+    what = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+            errno.EROFS: "read-only file system"}.get(exc.errno, "permission denied")
+    return (f"{exc.filename}: {what} ({exc.strerror}); the stage cannot write or read there: free space "
+            "or fix the permissions of that path and run it again")
+
+
 class StageInterrupted(BaseException):
     """SIGTERM/SIGINT: unwinds the stage like an error (run FAILED, temporaries removed)."""
 
@@ -237,6 +304,64 @@ def _on_signal(signum: int, frame: Any) -> None:
     for s in (signal.SIGTERM, signal.SIGINT):  # a second signal takes the default, immediate way
         signal.signal(s, signal.SIG_DFL)
     raise StageInterrupted(signum)
+
+
+def exit_now(code: int) -> None:
+    """Exit after a signal, once the stage has unwound (run FAILED, temporaries removed): flush
+    and leave without the interpreter's teardown, which can wait on a process group's or a
+    library's threads (reported: DDP processes on gloo alive 30 s after their error line)."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
+SIGNAL_GRACE_SECONDS = 5.0  # after SIGTERM/SIGINT, the time a stage has to unwind on its own
+_watched: dict[str, Any] = {}
+
+
+def handle_signals(stage: str) -> None:
+    """SIGTERM/SIGINT raise StageInterrupted in the main thread; a watchdog thread, woken by
+    the signal at the C level (`signal.set_wakeup_fd`), ends the process if the main thread
+    has not exited `SIGNAL_GRACE_SECONDS` later (stuck in native code). Main thread only."""
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, _on_signal)
+    if _watched.get("stage") is not None:
+        _watched["stage"] = stage
+        return
+    _watched["stage"] = stage
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+
+    def watch() -> None:
+        while True:
+            data = os.read(r, 64)
+            hits = [b for b in data if b in (signal.SIGTERM, signal.SIGINT)]
+            if hits:
+                break
+        time.sleep(SIGNAL_GRACE_SECONDS)
+        _hard_exit(hits[0])
+
+    threading.Thread(target=watch, name="signal-watchdog", daemon=True).start()
+
+
+def _hard_exit(signum: int) -> None:
+    """The main thread did not end within the grace period: mark the run FAILED, remove this
+    process's temporaries, exit 128+signum (at most a few seconds more, whatever hangs)."""
+    code = 128 + signum
+    threading.Timer(3.0, os._exit, (code,)).start()  # if the cleanup below hangs itself
+    stage = _watched.get("stage") or "stage"
+    name = signal.Signals(signum).name
+    msg = (f"{stage} stopped by {name}; it did not stop within {SIGNAL_GRACE_SECONDS:.0f} s (busy in "
+           "native code) and was ended; its MLflow run is marked FAILED")
+    try:
+        print_error(msg)
+        tracking.fail_current_run(f"stopped by {name} (ended after {SIGNAL_GRACE_SECONDS:.0f} s)")
+        clean_stale_temporaries(stage, own=True)
+    finally:
+        os._exit(code)
 
 
 def die_with_parent() -> str:
@@ -276,16 +401,24 @@ def peak_memory() -> dict[str, float]:
     return out
 
 
+def check_all_params(params: Params) -> None:
+    """tasks.params_check.check_params on the whole params.yaml. Imported by name: that module
+    imports every stage's config, and a stage's DVC deps are the code that can change its
+    output (tests/test_stage_deps.py), which other stages' validation cannot."""
+    importlib.import_module("tasks.params_check").check_params(params)
+
+
 def main(stage: str, run: Callable[[Params], dict[str, Any]], sections: tuple[str, ...] = ()) -> None:
-    """`python -m tasks.<stage>`: load params, run the stage inside its MLflow run."""
+    """`python -m tasks.<stage>`: load and check params, run the stage inside its MLflow run."""
+    track_stderr()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    for s in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(s, _on_signal)
+    handle_signals(stage)
     die_with_parent()
     try:
         clean_stale_temporaries(stage)
         try:
             params = load_params()
+            check_all_params(params)
             flat = params.flat(stage, *sections)
         except ConfigError as exc:
             tracking.failed_run(stage, exc)
@@ -297,8 +430,14 @@ def main(stage: str, run: Callable[[Params], dict[str, Any]], sections: tuple[st
             log_metrics(mlflow, metrics)
             mlflow.set_tag("status_detail", "ok")
     except (ConfigError, MissingDependencyError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(str(exc))
         sys.exit(2)
     except StageInterrupted as exc:
-        print(f"error: {stage} {exc}; its MLflow run is marked FAILED", file=sys.stderr)
-        sys.exit(128 + exc.signum)
+        print_error(f"{stage} {exc}; its MLflow run is marked FAILED")
+        exit_now(128 + exc.signum)
+    except OSError as exc:
+        msg = path_error(exc)
+        if msg is None:
+            raise
+        print_error(f"{stage}: {msg}")
+        sys.exit(2)

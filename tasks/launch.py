@@ -84,6 +84,7 @@ def relaunch(module: str, processes: int) -> NoReturn:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
+    common.track_stderr()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     common.die_with_parent()  # a killed `dvc repro` takes the launcher, which stops its processes
     argv = launcher_args(processes, ["-m", module])
@@ -94,7 +95,7 @@ def relaunch(module: str, processes: int) -> NoReturn:
     except ChildFailedError as exc:
         sys.exit(_exit_status(exc))
     except SignalException as exc:  # torchrun stopped the processes on SIGTERM / SIGINT
-        print(f"error: {module} stopped by {signal.Signals(exc.sigval).name}", file=sys.stderr)
+        common.print_error(f"{module} stopped by {signal.Signals(exc.sigval).name}")
         sys.exit(128 + int(exc.sigval))
     sys.exit(0)
 
@@ -102,17 +103,17 @@ def relaunch(module: str, processes: int) -> NoReturn:
 def worker_main(stage: str, run: Callable[[common.Params], Any]) -> None:
     """A process other than rank 0 of a launched stage: the same `run`, no MLflow run; bad
     params exit 2 and a signal 128+N, as `common.main` does on rank 0."""
+    common.track_stderr()
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s [rank {rank()}] %(name)s %(levelname)s %(message)s")
-    for s in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(s, common._on_signal)
+    common.handle_signals(stage)
     common.die_with_parent()
     try:
         run(common.load_params())
     except (ConfigError, MissingDependencyError) as exc:
-        print(f"error [rank {rank()}]: {exc}", file=sys.stderr)
+        common.print_error(str(exc), prefix=f"error [rank {rank()}]")
         sys.exit(2)
     except common.StageInterrupted as exc:
-        sys.exit(128 + exc.signum)
+        common.exit_now(128 + exc.signum)
 
 
 def stage_entry(stage: str, module: str, run: Callable[[common.Params], Any],

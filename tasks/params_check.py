@@ -1,5 +1,7 @@
-"""One check of a whole params.yaml, as every entry path runs it (the flow's override check,
-the sweep's grid check): each stage section's typed config and the recipe as a whole.
+"""One check of a whole params.yaml, as every entry path runs it (every stage before it starts,
+the flow's override check, the sweep's grid check): each stage section's typed config and the
+recipe as a whole. `python -m tasks.params_check` checks ./params.yaml (exit 2 and one `error:`
+line when it fails): run it before a hand-run `dvc repro` or `dvc exp run` of edited params.
 
 Kept apart from tasks/common.py on purpose: it imports every stage's config, and a stage's
 DVC deps are the code that can change its output (tests/test_stage_deps.py), which another
@@ -45,3 +47,17 @@ def check_params(params: Params, sections: set[str] | None = None) -> None:
     built = {name: params.section(name, section_config(name)) for name in sorted(names)}
     if recipe <= set(built):
         Recipe(params.scheme, built["calibrate"].steps, built["block_ap"].steps, built["e2e"].steps)
+
+
+if __name__ == "__main__":
+    import sys
+
+    from quant.config import ConfigError
+    from tasks.common import load_params
+
+    try:
+        check_params(load_params())
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    print("params.yaml: ok")

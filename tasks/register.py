@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from quant.config import Config, ConfigError, flatten
-from tasks.common import Params, load_params, main, stage_dir, write_json
+from tasks.common import Params, load_params, main, read_json, stage_dir, write_json
 from tasks.evaluate import EvaluateConfig
 
 EVAL_METRICS = Path("metrics/eval.json")
@@ -72,8 +72,15 @@ class RegisterConfig(Config):
     accuracy_metric: str = "acc_avg"  # quantized average accuracy in metrics/eval.json (if any)
     base_accuracy_metric: str = "base_acc_avg"  # full-precision average accuracy (if any)
     gates: Gates = field(default_factory=Gates)
+    # refuse to register (exit 2) a model whose PPL on any evaluation text exceeds this many times
+    # its baseline's (metrics/eval.json `baseline_ppl`, the model training started from): the
+    # training stages' own rule (e2e.train.max_val_ppl_ratio); null = off
+    max_baseline_ppl_ratio: float | None = 2.0
 
     def __post_init__(self) -> None:
+        if self.max_baseline_ppl_ratio is not None and not self.max_baseline_ppl_ratio > 1.0:
+            raise ConfigError(f"max_baseline_ppl_ratio={self.max_baseline_ppl_ratio} must be > 1 (2.0: at most "
+                              "double the baseline's perplexity) or null (off)")
         if not self.name or any(c in self.name for c in "/@:"):
             raise ConfigError(f"name={self.name!r} must be non-empty without '/', '@' or ':'")
         if not self.alias.isidentifier():
@@ -259,13 +266,38 @@ def check_finite(metrics: dict[str, Any], model_dir: Path) -> None:
                                       f"in {model_dir} diverged or is broken, it is not registered")
 
 
+def check_baseline(metrics: dict[str, Any], cfg: RegisterConfig) -> None:
+    """Refuse (ConfigError: exit 2) a model whose PPL on some text is more than
+    `max_baseline_ppl_ratio` times its baseline's: a training stage made it far worse."""
+    limit = cfg.max_baseline_ppl_ratio
+    base = metrics.get("baseline_ppl")
+    if limit is None:
+        return
+    if not isinstance(base, dict) or not base:
+        raise ConfigError(f"register: {EVAL_METRICS} has no baseline_ppl to judge the model against; re-run "
+                          "evaluate (it writes them) or set register.max_baseline_ppl_ratio: null")
+    worse = {t: metrics["ppl"][t] / b for t, b in base.items() if t in metrics.get("ppl", {}) and b > 0
+             and metrics["ppl"][t] / b > limit}
+    if worse:
+        t, r = max(worse.items(), key=lambda kv: kv[1])
+        raise ConfigError(f"register: the evaluated model's PPL on {t} is {metrics['ppl'][t]:.4g}, {r:.3g} times "
+                          f"its baseline's {base[t]:.4g} (more than register.max_baseline_ppl_ratio={limit}); a "
+                          "training stage made it far worse, it is not registered")
+
+
 def run(params: Params) -> dict[str, Any]:
     import mlflow
     import torch
     from mlflow.tracking import MlflowClient
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    from quant.checkpoint import QPARAMS_FILE, SCHEME_FILE, read_scheme
+    from quant.checkpoint import (
+        QPARAMS_FILE,
+        SCHEME_FILE,
+        check_model_files,
+        load_tokenizer,
+        read_scheme,
+    )
 
     cfg = params.section("register", RegisterConfig)
     source = params.section("evaluate", EvaluateConfig).model
@@ -274,8 +306,10 @@ def run(params: Params) -> dict[str, Any]:
         raise ConfigError(f"evaluate.model={source!r}: {model_dir} does not exist; run that stage first")
     if not EVAL_METRICS.is_file():
         raise ConfigError(f"{EVAL_METRICS} not found; run the evaluate stage first")
-    metrics = json.loads(EVAL_METRICS.read_text())
+    check_model_files(model_dir)  # a corrupt or inconsistent model directory: one line naming the file
+    metrics = read_json(EVAL_METRICS)
     check_finite(metrics, model_dir)  # whatever produced them: never register NaN/inf
+    check_baseline(metrics, cfg)  # nor a model training made far worse than where it started
     cand = candidate_from_metrics(metrics, cfg, eval_fingerprint(params))
     scheme = read_scheme(model_dir)
     run_ = mlflow.active_run()
@@ -293,7 +327,7 @@ def run(params: Params) -> dict[str, Any]:
         info = log_packed_model(model_dir, pip_requirements())
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer = load_tokenizer(model_dir)
         fold_saved_rotations(model, model_dir)  # QuaRot's online rotations, into the weights
         info = mlflow.transformers.log_model(
             transformers_model={"model": model, "tokenizer": tokenizer},

@@ -1,9 +1,17 @@
 """synthesize@k: shard k of the LLM-QAT data-free training text (quant.synth).
 
-`python -m tasks.synthesize <k>` (what `dvc repro synthesize@k` runs) generates
-the sequences of shard k: its start ids (round-robin over the selected
-vocabulary ids) x `synthesize.prefix_lengths`, each `synthesize.seq_len` tokens
-at most, in batches of `synthesize.batch_size`.
+`dvc repro synthesize@k` runs `python -m tasks.synthesize`, which generates the sequences
+of shard k: its start ids (round-robin over the selected vocabulary ids) x
+`synthesize.prefix_lengths`, each `synthesize.seq_len` tokens at most, in batches of
+`synthesize.batch_size`. By hand: `python -m tasks.synthesize <k>`.
+
+Which shard: the command line's argument, else the item of the DVC stage that runs it
+(`$DVC_STAGE`, `synthesize@<k>`, which DVC sets for every stage command). dvc.yaml puts no
+`${item}` into the command on purpose: an item is a params value, and a value such as
+`"1; touch /tmp/x #"` in `synthesize.shards` would run in the shell DVC starts. Read from
+the environment, the item never meets a shell; it must be a shard index of
+`synthesize.shards`, which must be the integers 0..N-1 (checked with every param before the
+stage starts, tasks.params_check).
 
 Reads artifacts/prepare/model. Writes artifacts/synthesize/shard-<k>/
 (sequences.jsonl + manifest.json, format in quant.synth.store) and
@@ -24,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -31,7 +40,7 @@ from typing import Any
 
 import torch
 
-from quant.checkpoint import load_quantized
+from quant.checkpoint import check_model_files, load_quantized, load_tokenizer
 from quant.config import ConfigError
 from quant.synth import sampling as synth
 from quant.synth.sampling import (
@@ -49,10 +58,20 @@ from tasks.common import ARTIFACTS, Params, main, setup_torch, stage_dir, write_
 log = logging.getLogger("quant")
 WORK = ARTIFACTS / ".work" / "synthesize"
 USAGE = "usage: python -m tasks.synthesize <shard index> (one of synthesize.shards)"
+DVC_STAGE_ENV = "DVC_STAGE"  # set by DVC for every stage command: `synthesize@<item>`
 
 
-def shard_from_argv(argv: list[str]) -> int:
-    if len(argv) != 1 or not argv[0].lstrip("-").isdigit():
+def shard_from_argv(argv: list[str], env: dict[str, str] | None = None) -> int:
+    """The shard to run: the one argument, else the item of `$DVC_STAGE` (see the module docstring)."""
+    env = os.environ if env is None else env
+    if not argv and env.get(DVC_STAGE_ENV):
+        stage = env[DVC_STAGE_ENV]
+        name, at, item = stage.rpartition(":")[2].rpartition("@")
+        if not at or name != "synthesize" or not (item.isascii() and item.isdigit()):
+            raise ConfigError(f"{DVC_STAGE_ENV}={stage[:80]!r}: the synthesize item {item[:40]!r} is not a shard "
+                              "index; synthesize.shards must list the integers 0..N-1")
+        return int(item)
+    if len(argv) != 1 or not (argv[0].isascii() and argv[0].isdigit()):
         raise ConfigError(f"{USAGE}; got arguments {argv}")
     return int(argv[0])
 
@@ -96,11 +115,12 @@ def run_shard(
 ) -> dict[str, Any]:
     """Generate (or finish) one shard; returns its metrics. Validates before generating."""
     import transformers
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     model_dir = Path(model_dir)
+    check_model_files(model_dir)  # config, tokenizer, weights' headers: one line naming a bad file
     model_config = AutoConfig.from_pretrained(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     check_model(cfg, model_config)
     vocab = min(model_config.vocab_size, len(tokenizer))
     start_ids = select_start_ids(cfg, vocab, tokenizer.all_special_ids)

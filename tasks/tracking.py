@@ -9,8 +9,12 @@
   On an exception (a signal included) it ends FAILED with the error text as tag
   `error` and as the run's description (`mlflow.note.content`); a stage that fails
   before it could open its run (bad params) still leaves such a run (`failed_run`).
-- Orphans: at the start of a stage, RUNNING runs of the same stage whose process
-  on this host is gone are ended FAILED with a note (`end_orphaned_runs`).
+- Orphans: at the start of any stage, RUNNING stage runs whose process on this host is
+  gone (killed with SIGKILL, which no process can answer) are ended FAILED with a note
+  (`end_orphaned_runs`).
+- A store that cannot be used (a full disk, a read-only or corrupt sqlite file, a server
+  that refuses) is an `InputError` naming the store and the reason, in one line
+  (`StoreError`), not the chain of SQLAlchemy tracebacks underneath.
 - `active_mlflow()` is the one "is a stage run active in this process?" check that
   helpers use to log optionally (the library never imports MLflow).
 """
@@ -26,6 +30,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from quant.config import InputError
 
 log = logging.getLogger("quant")
 
@@ -177,11 +183,13 @@ def process_alive(pid: int, start: str) -> bool:
     return not start or process_start(pid) in ("", start)  # a reused pid has another start time
 
 
-def end_orphaned_runs(client: Any, experiment_id: str, stage: str) -> list[str]:
-    """End RUNNING runs of `stage` whose process on this host is gone; returns their ids."""
+def end_orphaned_runs(client: Any, experiment_id: str, stage: str | None = None) -> list[str]:
+    """End RUNNING runs of `stage` (None: of every stage) whose process on this host is gone;
+    returns their ids."""
     host = socket.gethostname()
+    which = f"tags.stage = '{stage}'" if stage else "tags.stage != ''"
     runs = client.search_runs(
-        [experiment_id], filter_string=f"tags.stage = '{stage}' and attributes.status = 'RUNNING'",
+        [experiment_id], filter_string=f"{which} and attributes.status = 'RUNNING'",
         max_results=1000,
     )
     ended = []
@@ -191,7 +199,8 @@ def end_orphaned_runs(client: Any, experiment_id: str, stage: str) -> list[str]:
             continue  # another machine's run, or one from before pids were recorded
         if process_alive(int(tags["pid"]), tags.get("pid_start", "")):
             continue
-        note = f"process {tags['pid']} on {host} ended without closing this run (killed); marked FAILED at the next {stage} start"
+        note = (f"process {tags['pid']} on {host} ended without closing this run (killed); marked FAILED at "
+                f"the next {stage or 'stage'} start")
         client.set_tag(r.info.run_id, ERROR_TAG, note)
         client.set_tag(r.info.run_id, NOTE_TAG, note)
         client.set_terminated(r.info.run_id, "FAILED")
@@ -209,18 +218,69 @@ def error_text(exc: BaseException) -> str:
     return text if isinstance(exc, ValueError | RuntimeError) else f"{type(exc).__name__}: {text}"
 
 
+class StoreError(InputError):
+    """The MLflow store cannot be used; the message names it and says why (one line)."""
+
+
+def _is_store_error(exc: BaseException, mlflow_too: bool = True) -> bool:
+    """An exception of the tracking store's database (SQLAlchemy, sqlite, alembic) or, with
+    `mlflow_too` (the store's own calls: opening it, ending the run), of MLflow itself."""
+    packages = ("sqlalchemy", "sqlite3", "alembic", *(("mlflow",) if mlflow_too else ()))
+    seen: BaseException | None = exc
+    while seen is not None:
+        if type(seen).__module__.split(".")[0] in packages:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def store_error(exc: BaseException, uri: str | None = None) -> StoreError:
+    """A one-line StoreError for `exc`: the store, and the innermost reason (sqlite's own words,
+    e.g. "database or disk is full")."""
+    uri = uri or tracking_uri()
+    reasons: list[str] = []
+    seen: BaseException | None = exc
+    while seen is not None:
+        orig = getattr(seen, "orig", None)  # SQLAlchemy wraps the DB-API error
+        text = str(orig if orig is not None else seen).strip().splitlines()
+        if text:
+            reasons.append(text[0][:300])
+        seen = seen.__cause__ or seen.__context__
+    reason = reasons[-1] if reasons else type(exc).__name__
+    where = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else uri
+    return StoreError(f"the MLflow store {where} cannot be used: {reason}; free space or fix it (or point "
+                      "MLFLOW_TRACKING_URI at another store) and run the stage again")
+
+
+_current: dict[str, str] = {}  # the stage run of this process: uri, run_id (for fail_current_run)
+
+
+def fail_current_run(text: str) -> None:
+    """Mark this process's stage run FAILED from any thread (the signal watchdog); best effort."""
+    if not _current:
+        return
+    with contextlib.suppress(Exception):
+        from mlflow.tracking import MlflowClient
+
+        c = MlflowClient(_current["uri"])
+        c.set_tag(_current["run_id"], ERROR_TAG, text)
+        c.set_tag(_current["run_id"], NOTE_TAG, text)
+        c.set_terminated(_current["run_id"], "FAILED")
+
+
 def _mark_failed(mlflow: Any, exc: BaseException) -> None:
     text = error_text(exc)[:MAX_TAG_CHARS]
     with contextlib.suppress(Exception):  # never hide the stage's own error behind a tracking one
         mlflow.set_tags({ERROR_TAG: text, NOTE_TAG: text})
-    mlflow.end_run(status="FAILED")
+    with contextlib.suppress(Exception):  # a store that broke mid-run: the stage's error still reads
+        mlflow.end_run(status="FAILED")
 
 
 def _start(stage: str) -> Any:
     mlflow = fluent_mlflow()
     with contextlib.suppress(Exception):  # the sweep is housekeeping: never fail a stage on it
         exp = mlflow.get_experiment_by_name(experiment_name())
-        end_orphaned_runs(mlflow.MlflowClient(tracking_uri()), exp.experiment_id, stage)
+        end_orphaned_runs(mlflow.MlflowClient(tracking_uri()), exp.experiment_id)
     tags = {"stage": stage, **process_tags()}
     parent = os.environ.get(PARENT_RUN_ENV) or None
     if parent:
@@ -236,8 +296,14 @@ def stage_run(stage: str, params: dict[str, Any]) -> Iterator[Any]:
 
     On an exception (a signal included) the run ends FAILED with the error text, and the
     exception propagates."""
-    mlflow = _start(stage)
+    try:
+        mlflow = _start(stage)
+    except Exception as exc:
+        if not _is_store_error(exc):
+            raise
+        raise store_error(exc) from None
     run = mlflow.active_run()
+    _current.update(uri=tracking_uri(), run_id=run.info.run_id)
     try:
         items = params_items(params)
         for i in range(0, len(items), 100):
@@ -245,8 +311,17 @@ def stage_run(stage: str, params: dict[str, Any]) -> Iterator[Any]:
         yield mlflow
     except BaseException as exc:
         _mark_failed(mlflow, exc)
+        if isinstance(exc, Exception) and not isinstance(exc, InputError) and _is_store_error(exc, False):
+            raise store_error(exc) from None
         raise
-    mlflow.end_run(status="FINISHED")
+    try:
+        mlflow.end_run(status="FINISHED")
+    except Exception as exc:
+        if not _is_store_error(exc):
+            raise
+        raise store_error(exc) from None
+    finally:
+        _current.clear()
     log.info("mlflow run %s (%s) finished", run.info.run_id, stage)
 
 

@@ -29,10 +29,11 @@ def _ids(n: int, length: int = 32, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, 256, (n, length), generator=torch.Generator().manual_seed(seed))
 
 
-def _block_ap(model, tmp_path, train, val, **kw) -> BlockAP:
+def _block_ap(model, tmp_path, train, val, max_val_mse_ratio=2.0, **kw) -> BlockAP:
     entry = method("block-ap", "blockwise")
     options = entry.options.from_dict({**OPTIONS, **kw}, "block_ap.options")
-    ctx = BlockwiseContext(torch.device("cpu"), tmp_path / "work", seed=0, fingerprint="t")
+    ctx = BlockwiseContext(torch.device("cpu"), tmp_path / "work", seed=0, fingerprint="t",
+                           max_val_mse_ratio=max_val_mse_ratio)
     return BlockAP(model, train, val, options, ctx, SCHEME.weight.bits)
 
 
@@ -144,13 +145,31 @@ def test_bad_params_fail_before_training():
         BlockAPStageConfig.from_dict({"data": {"val_samples": -1}}, "block_ap")
 
 
+def test_absurd_lr_fails_the_run_before_the_block_is_written(tiny_llama, tmp_path):
+    """qparam_lr 1e6 makes block 0 far worse (every number finite): with the default
+    max_val_mse_ratio the run fails (TrainingDivergedError, a ConfigError: exit 2) naming
+    the block, the losses and the option, and writes nothing of that block. The old engine
+    kept the incoming block and finished as if it had trained."""
+    from quant.config import TrainingDivergedError
+
+    quantize_linears(tiny_llama, SCHEME)
+    train, val = split_samples(_ids(12), 8, 4, seed=0)
+    runner = _block_ap(tiny_llama, tmp_path, train, val, epochs=1, qparam_lr=1e6)
+    runner.capture()
+    with pytest.raises(TrainingDivergedError, match=r"block_ap\.steps\[0\]: block 0 got far worse in training: "
+                                                    r"validation MSE .* block_ap\.max_val_mse_ratio=2\.0"):
+        runner.train_block(0)
+    assert issubclass(TrainingDivergedError, ConfigError)
+    assert not (tmp_path / "work" / "block_000.safetensors").exists()
+
+
 def test_absurd_lr_keeps_the_better_initial_state_and_says_so(tiny_llama, tmp_path, caplog):
-    """qparam_lr 1e6 makes every block worse; the engine warns, keeps the block as it
-    came in (bit for bit) and reports `kept: init`."""
+    """With the far-worse check off, qparam_lr 1e6 makes every block worse; the engine warns,
+    keeps the block as it came in (bit for bit) and reports `kept: init`."""
     quantize_linears(tiny_llama, SCHEME)
     init = copy.deepcopy(tiny_llama.state_dict())
     train, val = split_samples(_ids(12), 8, 4, seed=0)
-    runner = _block_ap(tiny_llama, tmp_path, train, val, epochs=1, qparam_lr=1e6)
+    runner = _block_ap(tiny_llama, tmp_path, train, val, max_val_mse_ratio=None, epochs=1, qparam_lr=1e6)
     runner.capture()
     with caplog.at_level("WARNING", logger="quant.blockwise"):
         infos = [runner.train_block(i) for i in range(2)]

@@ -33,9 +33,12 @@ returns its per-block metrics. The engine does the rest:
   `compile` the block call is compiled once for all blocks.
 - Keep the better state: the validation loss of the block as it came in
   (`val_loss_init`) and as trained (`val_loss_trained`) are both measured; when
-  training made it worse the engine warns and keeps the incoming state
-  (`kept: init`), else `kept: trained`. Without validation samples the trained
-  state is kept.
+  training made it a little worse the engine warns and keeps the incoming state
+  (`kept: init`), else `kept: trained`. Far worse (more than
+  `ctx.max_val_mse_ratio` times the incoming MSE, 2 by default: the learning rate is
+  wrong, and a run that quietly hands on its input is no result) fails the run with
+  `TrainingDivergedError` before the block is written. Without validation samples the
+  trained state is kept.
 - Resume: after each block its state is written as safetensors plus a small
   `state.json` (fingerprint, blocks done, per-block metrics). A restarted run
   with the same fingerprint reloads the finished blocks, recomputes both chains
@@ -92,7 +95,7 @@ from quant.blockwise.passes import (
     mean_loss,
     same_structure,
 )
-from quant.config import Config, ConfigError
+from quant.config import Config, ConfigError, InputError, TrainingDivergedError
 from quant.config.scheme import QuantScheme
 from quant.models.arch import decoder_layers, mapping_for
 from quant.modules.linear import QuantLinear
@@ -102,8 +105,16 @@ log = logging.getLogger("quant.blockwise")
 STATE_FILE = "state.json"
 
 
-class BlockDivergedError(RuntimeError):
-    """Training of a block produced a non-finite loss; nothing of that block is written."""
+def unreadable(path: Path, reason: Any) -> InputError:
+    """The error for a file of the saved block-wise state that cannot be read back."""
+    text = str(reason).strip().splitlines()[0] if str(reason).strip() else type(reason).__name__
+    return InputError(f"{path}: the saved block-wise state cannot be read ({text}); delete {path.parent} to "
+                      "start the stage over")
+
+
+class BlockDivergedError(TrainingDivergedError):
+    """Training of a block produced a non-finite loss; nothing of that block is written.
+    A TrainingDivergedError (a ConfigError): one line and exit 2, like e2e's."""
 
 
 @dataclass(frozen=True)
@@ -135,6 +146,9 @@ class BlockwiseContext:
     val_ids: torch.Tensor | None = None  # [M, L] validation sequences (may be empty)
     scheme: QuantScheme | None = None  # the model's scheme (bit width for learning rates)
     where: str = "block_ap.steps[0]"  # the step's field, for errors
+    # a block whose trained validation MSE exceeds this many times its incoming MSE fails the
+    # run (TrainingDivergedError); up to it the better state is kept. None: off
+    max_val_mse_ratio: float | None = 2.0
 
     @property
     def bits(self) -> int:
@@ -197,11 +211,14 @@ class SubSteps:
         """(last saved step, tensors, info) or None."""
         if not self.path.exists():
             return None
-        with safe_open(str(self.path), "pt") as f:
-            meta = f.metadata() or {}
-        if meta.get("fingerprint") != self.fingerprint or meta.get("block") != str(self.block):
-            return None
-        return int(meta["step"]), load_file(str(self.path)), json.loads(meta["info"])
+        try:
+            with safe_open(str(self.path), "pt") as f:
+                meta = f.metadata() or {}
+            if meta.get("fingerprint") != self.fingerprint or meta.get("block") != str(self.block):
+                return None
+            return int(meta["step"]), load_file(str(self.path)), json.loads(meta["info"])
+        except Exception as exc:  # noqa: BLE001 - SafetensorError, bad metadata alike
+            raise unreadable(self.path, exc) from None
 
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -320,7 +337,14 @@ class BlockwiseEngine:
         f = self.ctx.work_dir / STATE_FILE
         if not f.exists():
             return None
-        state = json.loads(f.read_text())
+        try:
+            state = json.loads(f.read_text(encoding="utf-8"))
+            ok = isinstance(state, dict) and isinstance(state.get("done"), int) and 0 <= state["done"] <= len(
+                self.layers) and isinstance(state.get("per_block"), list)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise unreadable(f, exc) from None
+        if not ok:
+            raise unreadable(f, f"expected an object with done (0..{len(self.layers)}) and per_block")
         if state.get("fingerprint") != self.ctx.fingerprint:
             log.warning("block_ap: %s was written for other inputs or settings; starting over", f)
             return None
@@ -342,7 +366,10 @@ class BlockwiseEngine:
             return 0
         for i in range(state["done"]):
             self._advance_fp(i)  # the full-precision chain uses the weights from before training
-            self.layers[i].load_state_dict(load_file(str(self._block_file(i))))
+            try:
+                self.layers[i].load_state_dict(load_file(str(self._block_file(i))))
+            except Exception as exc:  # noqa: BLE001 - SafetensorError, missing file, other keys alike
+                raise unreadable(self._block_file(i), exc) from None
             self._load_workspace(i)
             self._advance_q()
         self.next_block = state["done"]
@@ -461,6 +488,12 @@ class BlockwiseEngine:
         """Keep the trained state unless it is worse on validation than the incoming one."""
         init, trained = info["val_loss_init"], self.val_loss()
         info["val_loss_trained"] = trained
+        limit = self.ctx.max_val_mse_ratio
+        if limit is not None and math.isfinite(init) and not trained <= limit * init:
+            raise TrainingDivergedError(
+                f"{self.ctx.where}: block {i} got far worse in training: validation MSE {init:.4g} -> "
+                f"{trained:.4g} (more than block_ap.max_val_mse_ratio={limit} times); nothing of this "
+                f"block was written (lower the learning rates of {self.ctx.where})")
         if math.isfinite(init) and math.isfinite(trained) and trained > init:
             log.warning("%s: block %d validation MSE got worse in training (%.4g -> %.4g); keeping "
                         "the initial state of this block (check the learning rates)",

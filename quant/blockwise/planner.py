@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from quant.config import ConfigError
+from quant.data import host_memory_room
 
 GIB = 2**30
 DISK_RESERVE = 1 * GIB
@@ -110,22 +111,6 @@ def host_reserve(host_total: int) -> int:
     return 2 * GIB + host_total // 20
 
 
-def _cgroup_room() -> int | None:
-    """Memory the cgroup still allows (v2, then v1), or None without a limit."""
-    for limit_f, usage_f in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                             ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                              "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
-        try:
-            limit = Path(limit_f).read_text().strip()
-            usage = int(Path(usage_f).read_text().strip())
-        except (OSError, ValueError):
-            continue
-        if limit == "max" or int(limit) >= 2**60:
-            return None
-        return max(int(limit) - usage, 0)
-    return None
-
-
 def _existing(path: Path) -> Path:
     while not path.exists() and path != path.parent:
         path = path.parent
@@ -142,10 +127,7 @@ def measure(device: torch.device, cache_dir: Path, names: tuple[str, ...] = ()) 
         gpu = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) \
             - torch.cuda.memory_allocated(device)
     vm = psutil.virtual_memory()
-    host = vm.available
-    room = _cgroup_room()
-    if room is not None:
-        host = min(host, room)
+    host = host_memory_room()
     disk = shutil.disk_usage(_existing(cache_dir)).free
     for n in names:
         f = cache_dir / f"{n}.bin"

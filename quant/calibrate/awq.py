@@ -532,7 +532,7 @@ def _check_saved(model: nn.Module, saved: AWQResults, path: str) -> None:
 
 
 @register("awq", kind="calibrate", options=AWQOptions, role="quantizer", check=check_scheme,
-          check_inputs=check_inputs, resolve=static_qparams)
+          check_inputs=check_inputs, resolve=static_qparams, data=True)
 @torch.no_grad()
 def awq(model: nn.Module, options: AWQOptions, ctx: CalibrationContext) -> dict:
     """AWQ scale + clip search, then QuantLinears with the searched qparams (in place).

@@ -375,7 +375,7 @@ def _calibrate_experts(block: nn.Module, mapping, cache: ActivationCache, kwargs
 
 
 @register("fp-search", kind="calibrate", options=FPSearchOptions, role="quantizer", after=("quarot",),
-          check=check_scheme, check_inputs=check_inputs)
+          check=check_scheme, check_inputs=check_inputs, data=True)
 @torch.no_grad()
 def fp_search(model: nn.Module, options: FPSearchOptions, ctx: CalibrationContext) -> dict[str, float]:
     """LLM-FP4 search of FP formats and exponent biases per layer (weights and activations).

@@ -469,7 +469,7 @@ def apply_results(model: nn.Module, spec: WeightSpec, saved: GPTQResults, names:
 
 @register("gptq", kind="calibrate", options=GPTQOptions, role="quantizer", after=("quarot",),
           check=check_scheme, check_inputs=check_inputs,
-          resolve=static_qparams)
+          resolve=static_qparams, data=True)
 @torch.no_grad()
 def gptq(model: nn.Module, options: GPTQOptions, ctx: CalibrationContext) -> dict:
     """GPTQ on the weights, block by block with calibration data (in place).

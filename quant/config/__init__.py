@@ -6,6 +6,14 @@ scheme lives in `quant.config.scheme` and the method registries in
 formats of `quant.numerics`, which themselves are `Config`s).
 """
 
-from quant.config.base import Config, ConfigError, InputError, MissingDependencyError, flatten
+from quant.config.base import (
+    ALLOW_NONFINITE,
+    Config,
+    ConfigError,
+    InputError,
+    MissingDependencyError,
+    TrainingDivergedError,
+    flatten,
+)
 
-__all__ = ["Config", "ConfigError", "InputError", "MissingDependencyError", "flatten"]
+__all__ = ["ALLOW_NONFINITE", "Config", "ConfigError", "InputError", "MissingDependencyError", "TrainingDivergedError", "flatten"]

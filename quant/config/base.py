@@ -7,11 +7,17 @@ message names the full dotted field path, e.g. `scheme.weight.group_size`.
 
 A field typed with a class that has a `parse` classmethod (a number format,
 `quant.numerics.formats`) also accepts that class's short string form.
+
+A float must be finite (YAML's `.nan`, `.inf` are refused, naming the field): no knob of
+this project means anything at NaN or infinity, and a non-finite learning rate, weight
+decay or clipping norm trains a model into garbage without any error. A field that does
+accept them says so with `field(metadata={ALLOW_NONFINITE: True})`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -28,6 +34,15 @@ class InputError(ConfigError):
     line: re-running the same command cannot heal it."""
 
 
+class TrainingDivergedError(ConfigError):
+    """Training made the model far worse (a non-finite loss, or a validation loss that ended
+    far above where it started). A ConfigError because runs are deterministic: the same
+    params diverge the same way, so it is reported in one line (exit 2) and never retried."""
+
+
+ALLOW_NONFINITE = "allow_nonfinite"  # dataclasses.field metadata: this float may be nan/inf
+
+
 class MissingDependencyError(RuntimeError):
     """An optional package is not installed; the message gives the install command."""
 
@@ -36,8 +51,9 @@ def _qualify(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 
 
-def _coerce(value: Any, tp: Any, path: str) -> Any:
-    """Convert a plain (YAML) value into the annotated type `tp`, naming `path` on error."""
+def _coerce(value: Any, tp: Any, path: str, nonfinite: bool = False) -> Any:
+    """Convert a plain (YAML) value into the annotated type `tp`, naming `path` on error.
+    `nonfinite`: a float may be nan/inf (refused otherwise)."""
     origin = get_origin(tp)
     if tp is Any:
         return value
@@ -50,7 +66,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _coerce(value, arg, path)
+                return _coerce(value, arg, path, nonfinite)
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError("; ".join(errors))
@@ -63,7 +79,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{path} must be a list, got {value!r}")
         (item_tp, *_) = get_args(tp) or (Any,)
-        items = [_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
+        items = [_coerce(v, item_tp, f"{path}[{i}]", nonfinite) for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if origin is dict:
         if not isinstance(value, dict):
@@ -86,6 +102,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{path} must be a number, got {value!r}")
+        if not nonfinite and not math.isfinite(value):
+            raise ConfigError(f"{path}={value} is not accepted; use a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -112,7 +130,8 @@ class Config:
                 f"unknown key(s) {[_qualify(path, k) for k in unknown]}; "
                 f"accepted keys under {path or cls.__name__}: {sorted(fields)}"
             )
-        kwargs = {k: _coerce(v, hints[k], _qualify(path, k)) for k, v in data.items()}
+        kwargs = {k: _coerce(v, hints[k], _qualify(path, k), fields[k].metadata.get(ALLOW_NONFINITE, False))
+                  for k, v in data.items()}
         try:
             return cls(**kwargs)
         except ConfigError as exc:

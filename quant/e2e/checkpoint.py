@@ -13,6 +13,10 @@
 The main process creates the directory under a temporary name, every process writes its
 part, and the main process renames it once all have (a barrier in between), so a killed
 run leaves either a complete step or none. All processes call `save_step` and `load_step`.
+
+A saved step that cannot be read back (edited, truncated, another version's) is an
+`InputError` naming the file and saying to delete the directory to start over: resuming
+from it would be wrong, and silently starting over would hide what happened.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from quant.config import InputError
 from quant.e2e import distributed as D
 from quant.io import atomic_dir
 
@@ -62,13 +67,38 @@ def _save_rng(directory: Path, rank: int) -> None:
     (directory / f"rng-{rank}.json").write_text(json.dumps(random.getstate()))
 
 
+def unreadable(path: Path, reason: Any) -> InputError:
+    """The error for a saved step (or a file of it) that cannot be read back."""
+    text = str(reason).strip().splitlines()[0] if str(reason).strip() else type(reason).__name__
+    work = next((p.parent for p in (path, path.parent) if p.name.startswith("step-")), path.parent)
+    return InputError(f"{path}: the saved e2e step cannot be read ({text}); delete {work} to start "
+                      "the e2e stage over")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise unreadable(path, exc) from None
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - SafetensorError, a missing file, I/O errors alike
+        raise unreadable(path, exc) from None
+
+
 def _load_rng(directory: Path, rank: int) -> None:
-    tensors = load_file(str(directory / f"rng-{rank}.safetensors"))
-    torch.set_rng_state(tensors["torch"])
-    if "cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["cuda"])
-    v, internal, gauss = json.loads((directory / f"rng-{rank}.json").read_text())
-    random.setstate((v, tuple(internal), gauss))
+    tensors = _load_tensors(directory / f"rng-{rank}.safetensors")
+    try:
+        torch.set_rng_state(tensors["torch"])
+        if "cuda" in tensors and torch.cuda.is_available():
+            torch.cuda.set_rng_state(tensors["cuda"])
+        v, internal, gauss = _read_json(directory / f"rng-{rank}.json")
+        random.setstate((v, tuple(internal), gauss))
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise unreadable(directory / f"rng-{rank}.json", exc) from None
 
 
 def save_step(target: Path, acc: Any, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -98,7 +128,11 @@ def save_step(target: Path, acc: Any, model: nn.Module, optimizer: torch.optim.O
 
 
 def read_meta(ckpt: Path) -> dict[str, Any]:
-    return json.loads((ckpt / TRAINER_FILE).read_text())
+    """trainer.json of a saved step: an object with the step, fingerprint and scheduler."""
+    meta = _read_json(ckpt / TRAINER_FILE)
+    if not isinstance(meta, dict) or not {"step", "fingerprint", "scheduler", "history"} <= set(meta):
+        raise unreadable(ckpt / TRAINER_FILE, "expected an object with step, fingerprint, scheduler, history")
+    return meta
 
 
 def load_step(ckpt: Path, acc: Any, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -113,13 +147,16 @@ def load_step(ckpt: Path, acc: Any, model: nn.Module, optimizer: torch.optim.Opt
         D.load_shards(tensors, str(ckpt / SHARDS_DIR))
         D.load_sharded_state(model, optimizer, tensors, meta["optimizer"]["param_groups"])
     else:
-        params = load_file(str(ckpt / "trainable.safetensors"))
+        params = _load_tensors(ckpt / "trainable.safetensors")
         if set(params) != set(trainable):
-            raise RuntimeError(f"checkpoint {ckpt} holds other trainable parameters than this model")
-        with torch.no_grad():
-            for n, p in trainable.items():
-                p.copy_(params[n])
-        sd = _optimizer_from_files(load_file(str(ckpt / "optimizer.safetensors")), meta["optimizer"])
-        optimizer.load_state_dict(sd)
+            raise unreadable(ckpt / "trainable.safetensors", "it holds other trainable parameters than this model")
+        try:
+            with torch.no_grad():
+                for n, p in trainable.items():
+                    p.copy_(params[n])
+            sd = _optimizer_from_files(_load_tensors(ckpt / "optimizer.safetensors"), meta["optimizer"])
+            optimizer.load_state_dict(sd)
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise unreadable(ckpt / "optimizer.safetensors", exc) from None
     _load_rng(ckpt, acc.process_index)
     return meta

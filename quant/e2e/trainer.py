@@ -23,6 +23,16 @@ non-finite trainable parameter before any save, stops training with
 `NonFiniteLossError` naming the stage, the step and the loss, before anything is
 written.
 
+The result is judged too, not only its finiteness: a learning rate of 1e6 trains every
+number finite and the model into garbage (validation perplexity 33 -> 4e7). After the
+last step, `exp(val loss after - val loss before)` must stay <= `max_val_ppl_ratio`
+(2.0: for the causal-LM loss, the validation perplexity at most doubled; for KD's loss
+the same bound on its exponential); else `TrainingDivergedError` (exit 2, the stage
+writes nothing). Why a ratio of 2 and not "any increase": a short run at a sane rate
+can end a little above where it started on a few validation rows, and that model is
+still usable; a doubled perplexity never is. Without validation rows the first and
+the last logged training losses are compared.
+
 The loss hook
 -------------
 A method registers in `quant.methods` (kind `e2e`) with an options dataclass and a setup
@@ -79,7 +89,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from quant.config import Config, ConfigError
+from quant.config import Config, ConfigError, TrainingDivergedError
 from quant.config.scheme import QuantScheme
 from quant.e2e import checkpoint as ckpt
 from quant.e2e import distributed as D
@@ -148,6 +158,9 @@ class TrainConfig(Config):
     grad_checkpointing: bool = True
     save_every: int = 50  # optimizer steps between checkpoints (0 = only at the end)
     log_every: int = 10
+    # the run fails (nothing written) when exp(val loss after - before) exceeds this: the
+    # validation perplexity more than doubled; null = off (see the module docstring)
+    max_val_ppl_ratio: float | None = 2.0
 
     def __post_init__(self) -> None:
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
@@ -163,6 +176,9 @@ class TrainConfig(Config):
             raise ConfigError(f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
             raise ConfigError(f"adam_betas={list(self.adam_betas)} must be two numbers in [0, 1)")
+        if self.max_val_ppl_ratio is not None and not self.max_val_ppl_ratio > 1.0:
+            raise ConfigError(f"max_val_ppl_ratio={self.max_val_ppl_ratio} must be > 1 (2.0: the validation "
+                              "perplexity may at most double) or null (off)")
         if self.weight_decay < 0 or self.max_grad_norm < 0 or self.save_every < 0:
             raise ConfigError(
                 f"weight_decay={self.weight_decay}, max_grad_norm={self.max_grad_norm} and "
@@ -170,7 +186,7 @@ class TrainConfig(Config):
             )
 
 
-class NonFiniteLossError(ConfigError):
+class NonFiniteLossError(TrainingDivergedError):
     """Training diverged (a non-finite loss, gradient norm or parameter).
 
     A ConfigError because it follows from the inputs and settings (the run is
@@ -344,7 +360,15 @@ class Trainer:
 
     def _latest_name(self) -> str | None:
         f = self.work_dir / LATEST
-        return f.read_text().strip() if f.exists() else None
+        if not f.exists():
+            return None
+        try:
+            name = f.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ckpt.unreadable(f, exc) from None
+        if not name.startswith("step-") or not (self.work_dir / name).is_dir():
+            raise ckpt.unreadable(f, f"it names {name[:40]!r}, not a saved step directory of {self.work_dir}")
+        return name
 
     def _torch_optimizer(self) -> torch.optim.Optimizer:
         return self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
@@ -402,7 +426,10 @@ class Trainer:
             log.warning("ignoring checkpoint %s: it was made for other inputs or settings", path)
             return
         meta = ckpt.load_step(path, self.acc, self.model, self._torch_optimizer(), self.trainable, self.sharded)
-        self.scheduler.load_state_dict(meta["scheduler"])
+        try:
+            self.scheduler.load_state_dict(meta["scheduler"])
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ckpt.unreadable(path / ckpt.TRAINER_FILE, exc) from None
         self.step = self.resumed_from = meta["step"]
         self.history = meta["history"]
         self.phase = "resumed"
@@ -501,8 +528,26 @@ class Trainer:
                         self._check_finite(*self._window_mean(window, self.step % cfg.log_every))
                     self.save()
         val_after = self.evaluate(val) if val is not None else None
+        self._judge(val_before, val_after)
         self.phase = "finished"
         return TrainResult(self.step, self.resumed_from, last_loss, val_before, val_after, self.history)
+
+    def _judge(self, val_before: float | None, val_after: float | None) -> None:
+        """Refuse a result far worse than the start (see the module docstring)."""
+        limit = self.cfg.max_val_ppl_ratio
+        what = "validation loss"
+        before, after = val_before, val_after
+        if before is None:  # no validation rows: the first and last logged training losses
+            losses = [h["loss"] for h in self.history if "loss" in h]
+            before, after, what = (losses[0], losses[-1], "training loss") if losses else (None, None, what)
+        if limit is None or before is None or after is None:
+            return
+        if not math.isfinite(after) or after - before > math.log(limit):
+            ratio = math.exp(min(after - before, 700.0)) if math.isfinite(after) else float("inf")
+            raise TrainingDivergedError(
+                f"{self.stage}: training made the model far worse: {what} {before:.4f} -> {after:.4f} "
+                f"(perplexity x{ratio:.3g} > {self.stage}.train.max_val_ppl_ratio={limit}); nothing was "
+                f"written over the previous output (lower the learning rate of {self.stage}.steps[0])")
 
     def _window_mean(self, window: torch.Tensor, n: int) -> list[float]:
         """[mean loss, mean grad norm] over the last `n` steps and over all processes: every

@@ -27,7 +27,9 @@ starts over: resuming would mix two different runs.
 
 One writer per shard: `ShardWriter` holds an exclusive lock (`<work dir>.lock`) from
 opening to publishing; a second process on the same shard fails at once
-(`InputError`) instead of interleaving duplicated records into it.
+(`InputError`) instead of interleaving duplicated records into it. Publishing removes the
+lock file (unlinked while still held, then released): a finished shard leaves nothing
+behind in the work area; a killed one leaves its lock file, which the next writer reuses.
 """
 
 from __future__ import annotations
@@ -171,9 +173,12 @@ class ShardWriter:
             self.close()
             raise
 
-    def close(self) -> None:
-        """Release the shard's lock (also done by `publish`; the OS does it if the process dies)."""
+    def close(self, remove_lock: bool = False) -> None:
+        """Release the shard's lock (also done by `publish`; the OS does it if the process dies);
+        with `remove_lock`, delete its file first, while it is still held."""
         if self._lock.is_locked:
+            if remove_lock:
+                Path(self._lock.lock_file).unlink(missing_ok=True)
             self._lock.release(force=True)
 
     def _open(self) -> int:
@@ -213,5 +218,5 @@ class ShardWriter:
         write_json_atomic(self.dir / MANIFEST, {"complete": True, "run": self.run, **_normal(summary),
                                                 "records_sha256": checksum})
         out = replace_dir(self.dir, out_dir)
-        self.close()
+        self.close(remove_lock=True)
         return out
