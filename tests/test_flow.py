@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows import dvc_stages
+from flows import dvc_stages, scratch
 from flows.dvc_stages import OverrideError, StageFailed, StageGraph
 
 
@@ -200,15 +200,15 @@ def test_scratch_checkout_reuses_the_cache_and_leaves_the_checkout_alone(toy, tm
     before = (toy / "params.yaml").read_bytes()
     resolved = dvc_stages.resolve_overrides(toy, ["nested.lr=0.5", "shards=[0,1,2]"])
     assert (toy / "params.yaml").read_bytes() == before
-    scratch = dvc_stages.scratch_checkout(toy, tmp_path / "scratch", resolved)
-    assert yaml.safe_load((scratch / "params.yaml").read_text()) == {"shards": [0, 1, 2], "nested": {"lr": 0.5}}
-    assert [s for s in dvc_stages.read_graph(scratch).order if s.startswith("shard@")] == [
+    work = scratch.scratch_checkout(toy, tmp_path / "scratch", resolved)
+    assert yaml.safe_load((work / "params.yaml").read_text()) == {"shards": [0, 1, 2], "nested": {"lr": 0.5}}
+    assert [s for s in dvc_stages.read_graph(work).order if s.startswith("shard@")] == [
         "shard@0", "shard@1", "shard@2"]
     # prep is unaffected by the overrides: checked out of the shared cache, not rerun
-    assert not dvc_stages.repro("prep", scratch, env, tmp_path / "s.log").ran
-    assert dvc_stages.repro("shard@2", scratch, env, tmp_path / "s.log").ran
-    assert not (toy / "shard-2.txt").exists() and (scratch / "shard-2.txt").read_text() == "2"
-    kept = dvc_stages.keep_results(scratch, tmp_path / "kept")
+    assert not dvc_stages.repro("prep", work, env, tmp_path / "s.log").ran
+    assert dvc_stages.repro("shard@2", work, env, tmp_path / "s.log").ran
+    assert not (toy / "shard-2.txt").exists() and (work / "shard-2.txt").read_text() == "2"
+    kept = scratch.keep_results(work, tmp_path / "kept")
     assert {p.name for p in kept} == {"params.yaml", "dvc.lock"}
     assert "shard@2" in (tmp_path / "kept" / "dvc.lock").read_text()
     assert (toy / "params.yaml").read_bytes() == before and "shard@2" not in (toy / "dvc.lock").read_text()
@@ -290,7 +290,7 @@ def test_client_prints_the_failing_stage_and_a_refused_promotion(capsys):
 def test_shard_refuses_a_checkout_it_does_not_share_and_bad_names(toy, tmp_path, monkeypatch):
     """A shard worker that does not see the pipeline's checkout (no shared filesystem) fails
     saying so, before running anything; so do a non-foreach stage and a malformed deployment."""
-    from flows.pipeline import _check_shard_deployment
+    from flows.pool import check_shard_deployment as _check_shard_deployment
     from flows.shard import ShardCheckoutError, _check_checkout, run_shard
     from flows.tracking import file_md5
 
