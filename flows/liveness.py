@@ -76,10 +76,10 @@ def read_lease(flow_run_id: str, directory: Path | None = None) -> LeaseRecord |
 class Lease:
     """The lease of one flow run, kept fresh by a daemon thread while the run's code runs."""
 
-    def __init__(self, flow_run_id: str, directory: Path | None = None, interval: float = LEASE_SECONDS,
+    def __init__(self, flow_run_id: str, directory: Path | None = None, interval: float | None = None,
                  clock: Callable[[], float] = time.time):
         self.path = (directory or lease_dir()) / f"{flow_run_id}.json"
-        self.flow_run_id, self.interval, self.clock = flow_run_id, interval, clock
+        self.flow_run_id, self.interval, self.clock = flow_run_id, interval or LEASE_SECONDS, clock
         self.pid = os.getpid()
         self.pid_start, self.host = process_start(self.pid), socket.gethostname()
         self.max_gap, self.last = 0.0, None

@@ -56,8 +56,13 @@ def check_runs(client, directory: Path | None = None, root: Path | None = None, 
     )
     from prefect.client.schemas.objects import StateType
 
-    running = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-        state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING]))), limit=500)
+    flt = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING])))
+    running: list = []
+    while True:  # the API serves at most 200 at a time
+        page = client.read_flow_runs(flow_run_filter=flt, offset=len(running), limit=200)
+        running += page
+        if len(page) < 200:
+            break
     out = []
     for run in running:
         verdict = judge(read_lease(str(run.id), directory), now, host)
