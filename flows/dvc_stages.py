@@ -4,16 +4,20 @@ Nothing here knows about Prefect or MLflow, so the tests drive it directly.
 
 - `resolve_overrides` applies all params overrides at once, in memory, with DVC's own
   `-S` grammar (Hydra's, what `dvc exp run -S` uses): every key must already exist (a
-  typo is "unknown key"), the result must parse and pass the typed configs of the
-  sections touched. `scratch_checkout` writes the result into a copy of the checkout
-  that shares the DVC cache; the user's params.yaml is never written.
+  typo is "unknown key"; list items are keys too: `block_ap.steps.0.block-ap.epochs`),
+  the result must parse, and the whole effective params must pass the one params check
+  (`tasks.params_check.check_params`: every section, method options, the recipe).
+  flows/scratch.py writes the result into a scratch checkout; the user's params.yaml is
+  never written.
 - `read_graph` asks DVC for the stage graph (the same index `dvc dag` prints), with
   `foreach`/`matrix` stages already expanded (`synthesize@0`, `synthesize@1`, ...).
 - `waves` orders it: one stage at a time in dependency order, except that the ready
   items of one `foreach` stage form a single wave and run concurrently.
-- `repro` runs `dvc repro --single-item <stage>` and tells "ran" from "up to date"; its
-  output goes to the stage's log file as it comes, progress bars to a callback, and a
-  failure carries the one line that says what went wrong.
+- `repro` runs `dvc repro --single-item <stage>` and tells "ran" from "restored" (DVC's
+  run cache) from "up to date"; its output goes straight to the stage's log file (so the
+  stage and DVC's commit outlive whoever watches them), lines and progress bars are read
+  back from it as they come, and a failure carries the one line that says what went wrong.
+- `metrics` / `report_files` read what the stages left, for all stages or only a run's own.
 """
 
 from __future__ import annotations

@@ -14,37 +14,44 @@ overrides are applied (a `foreach` over `synthesize.shards` grows with that para
 so a stage added to dvc.yaml runs without touching this file.
 
 MLflow: the flow opens one parent run (flattened params.yaml, overrides, git commit,
-dvc.lock hash, all DVC metrics, the metrics files, tables, plots and every stage's
-log) and hands its id to the stage processes ($QUANT_PARENT_RUN_ID), which nest their
-own runs under it. After the stages, the registered model is put up for promotion
-(`python -m tasks.register promote`): the gates in params.yaml decide.
+dvc.lock hash, the metrics of this run's own stages, their files, tables, plots and every
+stage's log) and hands its id to the stage processes ($QUANT_PARENT_RUN_ID), which nest
+their own runs under it. After the stages, the registered model is put up for promotion
+(`python -m tasks.register promote`): the gates in params.yaml decide. A run reports only
+the stages of its plan (run, restored from the run cache, or up to date for its params):
+other stages' metrics files in the checkout belong to other params.
 
 Params overrides (`overrides=["scheme.weight.format=int3"]`) never touch the user's
-params.yaml: they are checked all together first (known keys, the typed configs; a bad
-one fails the run before any stage, naming it), then the run happens in a scratch copy of
-the checkout (flows/dvc_stages.scratch_checkout) that shares the DVC cache, so stages the
-overrides do not affect are checked out, not rerun. Like `dvc exp run --temp -S`, but
-stage by stage under Prefect. The overrides are recorded on the MLflow parent run (param
-and tag `overrides`) and on the flow run (artifact `quant-overrides`); the run's
-params.yaml, dvc.lock and metrics stay in .state/flow-runs/<flow run id>/ (the outputs
-are in the DVC cache: copy those two files into a checkout and `dvc checkout`).
-A run without overrides runs in the checkout itself, as `dvc repro` would.
+workspace: the whole effective params are checked first (known keys, every section's typed
+config, method options, the recipe; a bad value fails the run before any stage, naming
+it), then the run happens in a scratch checkout (flows/scratch.py: a git clone of the
+checkout plus its local edits) that shares the DVC cache, so stages the overrides do not
+affect are checked out, not rerun, and is saved as a DVC experiment of the checkout
+(`dvc exp show` lists it, `dvc exp apply flow-<run name>` brings it into the workspace).
+Like `dvc exp run --temp -S`, but stage by stage under Prefect. The overrides are recorded
+on the MLflow parent run (param and tag `overrides`, tag `dvc_experiment`) and on the flow
+run (artifact `quant-overrides`); the run's params.yaml, dvc.lock and metrics also stay in
+.state/flow-runs/<flow run id>/. A run without overrides runs in the checkout itself, as
+`dvc repro` would.
 
 Several machines: with `shard_deployment="quant-shard/shard"` the items of a `foreach`
 stage are not run in this process but submitted as flow runs of that deployment
-(flows/shard.py, prefect.yaml `shard`) on its work pool (`quant-shards`): each worker of
-the pool with a free slot takes one (one worker per GPU, `make shard-worker GPUS=k`, each
-`--limit 1`), on this machine or another that sees this checkout at the same path. This
-flow waits for them; a shard run that Crashed (its worker killed: the zombie automation
-below) or Failed is submitted again (`retries`), so a live worker picks it up.
+(flows/shard.py, prefect.yaml `shard`; flows/pool.py) on its work pool (`quant-shards`):
+each worker of the pool with a free slot takes one (one worker per GPU,
+`make shard-worker GPUS=k`, each `--limit 1`), on this machine or another that sees this
+checkout at the same path. This flow waits for them; a shard run that Crashed (its worker
+killed) or Failed is submitted again (`retries`), so a live worker picks it up.
 
 Failures: the flow fails with `stage 'x' failed: <its one-line error>` (what
-`make flow-run` prints), and that text is the parent run's `error` tag. Crashes (the
-worker or the flow process killed): the zombie-flow automation that scripts/servers.py
-installs marks the flow run Crashed once its heartbeats stop, and `reap_crashed` (run at
-the start of every flow run and by `python -m flows.client reap`) marks the MLflow runs
-it left RUNNING as FAILED; the `on_crashed` hook does the same when the process lives
-long enough to run it.
+`make flow-run` prints), and that text is the parent run's `error` tag. Crashes: every
+flow run keeps a lease naming its process (flows/liveness.py, written from a thread of its
+own); the crash watcher (flows/watch.py, started by `make servers-up`) sets a run Crashed
+once that process is gone, never because it is slow, and marks its MLflow runs FAILED;
+`reap_crashed` (run at the start of every flow run) does the same for any it missed, and
+leaves alone the runs of a process that still runs. A stage's output goes to its log file,
+not through a pipe, so a finished stage reaches dvc.lock and the run cache even when this
+process dies; and a dead worker's broken pipe does not end this process
+(`liveness.guard_streams`).
 
 No math here. Run it through the deployment (prefect.yaml, `make deploy` then
 `make flow-run`) or directly: `python -m flows.pipeline -S scheme.weight.format=int3`.
