@@ -26,6 +26,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import json
+import logging
 import os
 import socket
 import stat
@@ -41,6 +42,7 @@ LEASE_SECONDS = 10.0  # how often the flow process touches its lease
 BASE_WINDOW = 300.0  # a lease on another host older than this (at least) means a dead process
 LATE_FACTOR = 4.0  # ... or older than this many times the worst gap the lease has seen
 LEASE_DIR_ENV = "QUANT_LEASE_DIR"
+log = logging.getLogger("quant.liveness")
 
 
 def lease_dir() -> Path:
@@ -87,14 +89,20 @@ class Lease:
         self._thread = threading.Thread(target=self._loop, name=f"lease-{flow_run_id[:8]}", daemon=True)
 
     def __enter__(self) -> Lease:
-        self.touch()
+        try:
+            self.touch()
+        except OSError as exc:  # no lease: the watcher leaves the run alone (it cannot judge it)
+            log.warning("no lease for flow run %s (%s): crash detection cannot see it", self.flow_run_id, exc)
+            return self
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
-        self.touch(ended=True)
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        with contextlib.suppress(OSError):
+            self.touch(ended=True)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
