@@ -346,6 +346,23 @@ def repro(stage: str, root: Path, env: dict[str, str], log: Path, force: bool = 
 
 # a tqdm bar: "desc:  42%|####      | 21/50 [00:10<00:14,  2.0it/s]"
 PROGRESS = re.compile(r"(\d+)%\|[^|]*\|\s*(\d+)/(\d+)")
+# a long stage's own count in a log line: "block-ap: block 12/30 val mse ..." (also a plain line)
+COUNTER = re.compile(r"\b(block|step|epoch|shard|record|sequence|window|task)s? (\d+)/(\d+)\b")
+
+
+def progress_of(line: str) -> tuple[int, int, str] | None:
+    """(done, total, what) of a tqdm bar or a counting log line; None for any other line.
+    `what`: `block 4/10 [00:10<00:14]` for a bar, `block 12/30` for a count."""
+    m = PROGRESS.search(line)
+    if m is not None:
+        desc = line[: m.start()].strip().rstrip(":").strip()
+        eta = line[m.end():].strip()
+        eta = eta.split(",", 1)[0].rstrip("]") + "]" if eta.startswith("[") else ""
+        return int(m.group(2)), int(m.group(3)), " ".join(p for p in (desc, f"{m.group(2)}/{m.group(3)}", eta) if p)
+    m = COUNTER.search(line)
+    if m is not None and 0 < int(m.group(2)) <= int(m.group(3)):
+        return int(m.group(2)), int(m.group(3)), m.group(0)
+    return None
 PROGRESS_EVERY = 5.0  # seconds between progress callbacks
 FOLLOW_SECONDS = 0.25  # how often the log file is read while the stage runs
 
@@ -399,18 +416,20 @@ class _Follower:
             self._line(line + "\n")
 
     def _line(self, line: str) -> None:
-        m = PROGRESS.search(line)
-        if m is None:
+        bar = PROGRESS.search(line) is not None
+        if not bar:  # a plain line (a counting one too: it is also progress)
             self.lines.append(line)
             self._call(self.echo, line.rstrip())
+        counted = progress_of(line)
+        if counted is None:
             return
-        done, total = int(m.group(2)), int(m.group(3))
+        done, total, _ = counted
         pct = 100.0 * done / total if total else 0.0
         now = time.time()
         if self.progress and (now - self.last_call >= PROGRESS_EVERY or done == total):
             self.last_call = now
             self._call(self.progress, pct, line.strip())
-        elif self.progress is None and self.echo and (pct - self.last_echo >= 10 or done == total):
+        elif bar and self.progress is None and self.echo and (pct - self.last_echo >= 10 or done == total):
             self.last_echo = pct  # nobody takes the bars: every 10% as a line
             self._call(self.echo, line.rstrip())
 

@@ -19,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -89,16 +90,26 @@ def same_store(a: str, b: str) -> bool:
 
 
 class StageProgress:
-    """A stage's progress bars: one Prefect progress artifact per stage, and a log line
-    every 10% (`stage block_ap: 40% block 4/10 [00:10<00:14]`)."""
+    """A stage's progress (tqdm bars, counting lines such as `block 12/30`): one Prefect
+    progress artifact per stage, and a log line per 10% of each bar that lasts
+    (`stage block_ap: 40% block 12/30`); bars that come and go within PROGRESS_EVERY
+    (loading weights) only reach the artifact."""
 
-    def __init__(self, stage: str, logger):
-        self.stage, self.logger, self.id, self.logged = stage, logger, None, -10.0
+    def __init__(self, stage: str, logger, clock=time.time):
+        self.stage, self.logger, self.clock, self.id = stage, logger, clock, None
+        self.bars: dict[str, tuple[float, float]] = {}  # which bar -> (first seen, last percent logged)
 
     def __call__(self, percent: float, line: str) -> None:
-        what = describe_bar(line)
-        if percent - self.logged >= 10 or percent >= 100:
-            self.logged = percent
+        counted = dvc_stages.progress_of(line)
+        what = counted[2] if counted else line.strip()
+        key = dvc_stages.PROGRESS.sub("", line).split("[")[0].strip() if counted else what
+        if counted and dvc_stages.PROGRESS.search(line) is None:
+            key = what.split(" ")[0]  # a counting line: `block`
+        now = self.clock()
+        first, logged = self.bars.setdefault(key, (now, 0.0))
+        lasted = now - first >= dvc_stages.PROGRESS_EVERY or logged > 0
+        if percent > 0 and lasted and (percent - logged >= 10 or (percent >= 100 > logged)):
+            self.bars[key] = (first, percent)
             self.logger.info("stage %s: %.0f%% %s", self.stage, percent, what)
         try:
             if self.id is None:
@@ -108,17 +119,6 @@ class StageProgress:
                 update_progress_artifact(self.id, percent, description=f"{self.stage}: {what}"[:500])
         except Exception as exc:  # progress reporting never fails a stage
             self.logger.debug("progress artifact: %s", exc)
-
-
-def describe_bar(line: str) -> str:
-    """`block:  40%|####  | 4/10 [00:10<00:14,  2.0s/it]` -> `block 4/10 [00:10<00:14]`."""
-    m = dvc_stages.PROGRESS.search(line)
-    if m is None:
-        return line.strip()
-    desc = line[: m.start()].strip().rstrip(":").strip()
-    eta = line[m.end():].strip()
-    eta = eta.split(",", 1)[0].rstrip("]") + "]" if eta.startswith("[") else ""
-    return " ".join(p for p in (desc, f"{m.group(2)}/{m.group(3)}", eta) if p)
 
 
 def artifact_key(stage: str) -> str:

@@ -484,3 +484,26 @@ def test_the_override_check_covers_every_section_and_list_items(tmp_path):
         dvc_stages.resolve_overrides(tmp_path, ["block_ap.steps=[{block-ap: {epochz: 1}}]"])
     with pytest.raises(OverrideError, match=r"unknown key 'block_ap\.steps\.1\.block-ap\.epochs'.*known: \[0\]"):
         dvc_stages.resolve_overrides(tmp_path, ["block_ap.steps.1.block-ap.epochs=2"])
+
+
+def test_stage_progress_lines_follow_long_bars_and_counts_not_instant_ones(monkeypatch):
+    """What `make flow-run` shows of a stage's progress: a line per 10% of a bar or count
+    that lasts (block-wise training's `block 12/30`, synthesis' decode steps), once each;
+    a bar that comes and goes at once (loading weights) only updates the artifact."""
+    from flows import stages
+
+    lines, now = [], [0.0]
+    logger = type("L", (), {"info": lambda self, *a: lines.append(a[0] % a[1:]), "debug": lambda self, *a: None})()
+    progress = stages.StageProgress("block_ap", logger, clock=lambda: now[0])
+    progress.id = "artifact"  # no Prefect API here
+    monkeypatch.setattr(stages, "update_progress_artifact", lambda *a, **k: None)
+    progress(0.0, "Loading weights:   0%|          | 0/272 [00:00<?, ?it/s]")
+    progress(100.0, "Loading weights: 100%|##########| 272/272 [00:00<00:00, 15302.34it/s]")
+    for i in range(1, 31):
+        now[0] += 4
+        progress(100 * i / 30, f"2026-12-05 10:00:53,550 quant.blockwise INFO block-ap: block {i}/30 val mse 0.04")
+    progress(100.0, "2026-12-05 10:03:19,800 quant.blockwise INFO block-ap: block 30/30 val mse 0.04")
+    assert lines == [f"stage block_ap: {p}% block {p * 30 // 100}/30" for p in range(10, 101, 10)]
+    assert dvc_stages.progress_of("e2e:  40%|####      | 4/10 [00:10<00:14,  2.0s/it]") == (
+        4, 10, "e2e 4/10 [00:10<00:14]")
+    assert dvc_stages.progress_of("kept block 31/30") is None and dvc_stages.progress_of("no count") is None
