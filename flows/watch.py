@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --interval {args.interval} must be > 0", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a request per pass: the log is for decisions
     watch(args.interval, args.status, args.once)
     return 0
 

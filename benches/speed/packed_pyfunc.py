@@ -9,6 +9,9 @@ load `models:/quant-pipeline@champion`: `mlflow.pyfunc.load_model`, then `predic
   (`QUANT_PACKED_DEQUANTIZE=per-forward`; how the pyfunc ran before it dequantized once);
 - `once`: each weight dequantized once at load (the default).
 
+Each variant loads in a fresh interpreter (a consumer's cold start: imports, the model
+built from its config, the packed layers read, the weights dequantized).
+
 The checkpoint is `--checkpoint` (a packed export), or built first: the embedded
 SmolLM2-135M, RTN W4g64, compressed-tensors (about a minute on 2 cores). Reported per
 variant: seconds to load, seconds and tokens/s to generate, the continuation (the
@@ -48,24 +51,40 @@ def log_model(checkpoint: Path, store: Path) -> str:
 
     from tasks.packed_model import log_packed_model
 
-    mlflow.set_tracking_uri(f"sqlite:///{store / 'mlflow.db'}")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store / 'mlflow.db'}"  # the measuring processes' too
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     mlflow.set_experiment("packed-pyfunc")
     with mlflow.start_run():
         return log_packed_model(checkpoint, pip_requirements=[]).model_uri
 
 
 def measure(model_uri: str, variant: str, tokens: int) -> dict:
+    """One variant in a fresh interpreter (spawned), so that its load is a cold start."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        return pool.apply(_measure, (model_uri, variant, tokens, os.environ.get("MLFLOW_TRACKING_URI")))
+
+
+def _measure(model_uri: str, variant: str, tokens: int, tracking_uri: str | None) -> dict:
+    t0 = time.perf_counter()
     import mlflow
 
     from tasks.packed_model import DEQUANTIZE_ENV
 
     os.environ[DEQUANTIZE_ENV] = variant
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    imports_s = time.perf_counter() - t0
     load_s, model = common.timed(lambda: mlflow.pyfunc.load_model(model_uri))
     gen_s, out = common.timed(lambda: model.predict([PROMPT], params={"max_new_tokens": tokens}))
     tok = model.unwrap_python_model().tokenizer
     n = len(tok(out[0], add_special_tokens=False)["input_ids"])
-    common.say(f"{variant}: load {load_s:.1f}s, {n} tokens in {gen_s:.1f}s ({n / gen_s:.2f} tokens/s): {out[0]!r}")
-    return {"variant": variant, "load_seconds": round(load_s, 2), "generate_seconds": round(gen_s, 2),
+    common.say(f"{variant}: imports {imports_s:.1f}s, load {load_s:.1f}s, {n} tokens in {gen_s:.1f}s "
+               f"({n / gen_s:.2f} tokens/s): {out[0]!r}")
+    return {"variant": variant, "imports_seconds": round(imports_s, 2), "load_seconds": round(load_s, 2),
+            "generate_seconds": round(gen_s, 2),
             "new_tokens": n, "tokens_per_second": round(n / gen_s, 3), "text": out[0]}
 
 
