@@ -80,9 +80,10 @@ PROGRESS_LINE = re.compile(r"^(stage \S+: |stages: |overrides |promotion: |DVC e
 
 
 def follow(client, flow_run_id, timeout: float, poll: float = 2.0, clock=time.time, sleep=time.sleep,
-           out=sys.stdout):
-    """Print the run's state changes and progress lines until it ends; returns its final
-    state, or None after `timeout` seconds."""
+           out=None):
+    """Print the run's state changes and progress lines (to `out`, default stdout) until it
+    ends; returns its final state, or None after `timeout` seconds."""
+    out = out or sys.stdout
     last, seen, since, t0 = None, set(), None, clock()
     while True:
         state = client.read_flow_run(flow_run_id).state
