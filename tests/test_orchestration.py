@@ -652,9 +652,13 @@ def test_killed_worker_run_becomes_crashed_mlflow_failed_and_a_rerun_starts_at_o
                                             f"tags.`prefect.flow_run_id` = '{fr.id}'")
         assert "crash watcher" in state.message and "is gone" in state.message
         assert crashed_after < 120, "the crash watcher checks every 15 s"
-        assert reaper.reap_crashed(tmp_path) == []  # the watcher already failed the MLflow runs
-        (parent,) = [mlflow_client.get_run(p.info.run_id) for p in parents]
+        (parent,) = parents
+        deadline = time.time() + 60  # the watcher fails the MLflow runs right after it set Crashed
+        while (parent := mlflow_client.get_run(parent.info.run_id)).info.status == "RUNNING":
+            assert time.time() < deadline, "the crash watcher did not fail the MLflow runs"
+            time.sleep(1)
         assert parent.info.status == "FAILED" and "is gone" in parent.data.tags["error"]
+        assert reaper.reap_crashed(tmp_path) == []  # nothing left for the next run to clean up
 
         # a new worker; the next run starts at once (the crash freed the concurrency slot)
         up = subprocess.run([PY, str(ROOT / "scripts" / "servers.py"), "up"], env=servers.env,
