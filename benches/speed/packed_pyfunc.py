@@ -53,7 +53,8 @@ def log_model(checkpoint: Path, store: Path) -> str:
 
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store / 'mlflow.db'}"  # the measuring processes' too
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
-    mlflow.set_experiment("packed-pyfunc")
+    # artifacts beside the store, in the temporary directory (the default is ./mlruns)
+    mlflow.set_experiment(experiment_id=mlflow.create_experiment("packed-pyfunc", (store / "artifacts").as_uri()))
     with mlflow.start_run():
         return log_packed_model(checkpoint, pip_requirements=[]).model_uri
 
