@@ -33,8 +33,12 @@ $(STAMP): pyproject.toml
 	$(PY) -c "import torch, transformers, mlflow, prefect, dvc, quant" 
 	touch $(STAMP)
 
-# the whole DVC pipeline on the embedded default, then the results table
+# the whole DVC pipeline on the embedded default, then the results table. MLflow: the servers
+# of `make servers-up` when they are up (the registry the flows and `make promote` use), else
+# the repo's sqlite store; metrics/register.json names the store its version is in.
 run: setup
+	if $(SERVERS) status >/dev/null 2>&1; then $(SERVER_ENV); fi; \
+	echo "MLflow tracking and registry: $${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow/mlflow.db}"; \
 	dvc repro
 	@echo; cat artifacts/evaluate/results.md
 
@@ -61,9 +65,14 @@ clean:
 recover: setup
 	$(PY) scripts/recover.py
 
-# --- Orchestration (issue 7): local servers on 127.0.0.1, state in .state/ -------------
+# --- Orchestration: local servers on 127.0.0.1, state in .state/ --------------------------
 SERVERS := $(PY) scripts/servers.py
 SERVER_ENV = eval "$$($(SERVERS) env)"
+# GNU make itself exits 2 whenever a recipe fails, whatever the command's own code was (make
+# has no way to pass it on). So the command's code is the last line make prints
+# (`exit 3: refused by a gate`), and scripts that branch on it run the command itself
+# (`.venv/bin/python -m tasks.register promote`, `-m flows.client run`), which exits with it.
+EXIT_CODE = { rc=$$?; echo "exit $$rc: $$(case $$rc in 1) echo failed;; 2) echo bad params, input or no such version;; 3) echo refused by a gate;; *) echo stopped;; esac)" >&2; exit $$rc; }
 
 # Prefect server + process worker + MLflow server (idempotent; waits until healthy)
 servers-up: setup
@@ -103,7 +112,7 @@ flow-run: export QUANT_ARG_T := $(value T)
 flow-run: export QUANT_ARG_SHARDS := $(value SHARDS)
 flow-run: setup
 	$(SERVER_ENV) && $(PY) -m flows.client run -S "$$QUANT_ARG_S" -T "$$QUANT_ARG_T" \
-	  $${QUANT_ARG_SHARDS:+--shards "$$QUANT_ARG_SHARDS"}
+	  $${QUANT_ARG_SHARDS:+--shards "$$QUANT_ARG_SHARDS"} || $(EXIT_CODE)
 
 # the recipe sweep in-process (or `prefect deployment run 'quant-sweep/sweep'` after make deploy);
 # GRID=name picks one of params.yaml sweep.grids, S="key=value ..." is added to every recipe
@@ -113,14 +122,14 @@ sweep: setup
 	args=(); read -ra words <<< "$$QUANT_ARG_S"; for s in "$${words[@]}"; do args+=(-S "$$s"); done; \
 	$(PY) -m flows.sweep $${QUANT_ARG_GRID:+--grid "$$QUANT_ARG_GRID"} "$${args[@]}"
 
-# alias `champion` on the last registered version if the gates in params.yaml pass
-# (exit 3 and the failed gates when they do not). Uses the servers of `make servers-up`
-# when they are up, else $$MLFLOW_TRACKING_URI or the repo's sqlite store that `make run`
-# writes to. VERSION=n picks another version.
+# alias `champion` on the last registered version if the gates in params.yaml pass. Acts on
+# the servers of `make servers-up` when they are up, else $$MLFLOW_TRACKING_URI or the repo's
+# sqlite store, and says which; the version of metrics/register.json is refused when it was
+# registered in another store. VERSION=n picks another version (of that store).
 promote: export QUANT_ARG_VERSION := $(value VERSION)
 promote: setup
 	if $(SERVERS) status >/dev/null 2>&1; then $(SERVER_ENV); fi; \
-	$(PY) -m tasks.register promote $${QUANT_ARG_VERSION:+--version "$$QUANT_ARG_VERSION"}
+	$(PY) -m tasks.register promote $${QUANT_ARG_VERSION:+--version "$$QUANT_ARG_VERSION"} || $(EXIT_CODE)
 
 # the Docker dependency layer: exactly the tested environment
 lock: setup

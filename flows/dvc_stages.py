@@ -4,22 +4,26 @@ Nothing here knows about Prefect or MLflow, so the tests drive it directly.
 
 - `resolve_overrides` applies all params overrides at once, in memory, with DVC's own
   `-S` grammar (Hydra's, what `dvc exp run -S` uses): every key must already exist (a
-  typo is "unknown key"), the result must parse and the whole params.yaml, overridden or
-  not, must pass the one params check of every entry path (tasks.params_check), before
-  DVC sees it: DVC builds paths from params (a foreach item names its outputs) and may
-  delete what they point at before any stage runs. `scratch_checkout` writes the result into a copy of the checkout
-  that shares the DVC cache; the user's params.yaml is never written.
+  typo is "unknown key"; list items are keys too: `block_ap.steps.0.block-ap.epochs`),
+  the result must parse, and the whole effective params must pass the one params check
+  (`tasks.params_check.check_params`: every section, method options, the recipe).
+  DVC builds paths from params (a foreach item names its outputs) and may delete what they
+  point at before any stage runs. flows/scratch.py writes the result into a scratch checkout; the user's params.yaml is
+  never written.
 - `read_graph` asks DVC for the stage graph (the same index `dvc dag` prints), with
   `foreach`/`matrix` stages already expanded (`synthesize@0`, `synthesize@1`, ...).
 - `waves` orders it: one stage at a time in dependency order, except that the ready
   items of one `foreach` stage form a single wave and run concurrently.
-- `repro` runs `dvc repro --single-item <stage>` and tells "ran" from "up to date"; its
-  output goes to the stage's log file as it comes, progress bars to a callback, and a
-  failure carries the one line that says what went wrong.
+- `repro` runs `dvc repro --single-item <stage>` and tells "ran" from "restored" (DVC's
+  run cache) from "up to date"; its output goes straight to the stage's log file (so the
+  stage and DVC's commit outlive whoever watches them), lines and progress bars are read
+  back from it as they come, and a failure carries the one line that says what went wrong.
+- `metrics` / `report_files` read what the stages left, for all stages or only a run's own.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -110,9 +114,12 @@ def resolve_overrides(root: Path, overrides: list[str], check_types: bool = True
         new = _merged(path, original, items)
         texts[path] = _render(src, original_text, items, new)
         data[path] = new
-    if check_types and (root / PARAMS_FILE).is_file():  # every section, overridden or not
-        params = data.get(PARAMS_FILE) or yaml.safe_load((root / PARAMS_FILE).read_text()) or {}
-        _check_types(params, "overrides" if PARAMS_FILE in data else PARAMS_FILE)
+    if check_types:  # the whole effective params, overridden or not: a bad value anywhere fails now
+        params = data.get(PARAMS_FILE)
+        if params is None and (root / PARAMS_FILE).is_file():
+            params = yaml.safe_load((root / PARAMS_FILE).read_text()) or {}
+        if params is not None:
+            check_effective(params, bool(overrides))
     return Overridden(list(overrides), texts, data)
 
 
@@ -121,9 +128,12 @@ def _check_key(path: str, params: dict, item: str) -> None:
     node: Any = params
     parts = key.split(".")
     for depth, part in enumerate(parts):
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]  # a list item (`block_ap.steps.0.block-ap.epochs`), as Hydra reads it
+            continue
         if not isinstance(node, dict) or part not in node:
             where = ".".join(parts[:depth]) or path
-            known = sorted(node) if isinstance(node, dict) else []
+            known = sorted(node) if isinstance(node, dict) else list(range(len(node))) if isinstance(node, list) else []
             raise OverrideError(f"override {item!r}: unknown key {key!r} ({path} has no {part!r} under "
                                 f"{where}; known: {known})")
         node = node[part]
@@ -164,8 +174,17 @@ def _render(src: Path, original_text: str, items: list[str], new: dict) -> str:
     return yaml.safe_dump(new, sort_keys=False, default_flow_style=None)
 
 
-def _check_types(params: dict, what: str) -> None:
-    """Every section's typed config and the recipe accept the params (ConfigError -> OverrideError)."""
+def check_effective(params: dict, overridden: bool = True) -> None:
+    """Every params section of this project that `params` holds passes its typed config,
+    method options included (`tasks.params_check.check_params`, the one check the stages
+    and the sweep run), and the recipe is checked whole. Not only the sections the
+    overrides touch: a bad value left in params.yaml must fail the run before any stage,
+    not after the stages before it ran. ConfigError -> OverrideError. Files without any of
+    this project's sections (other DVC projects driven by the flow) are not checked."""
+    from tasks.params_check import SECTION_CONFIGS
+
+    if not isinstance(params, dict) or not set(params) & {*SECTION_CONFIGS, "scheme"}:
+        return
     from quant.config import ConfigError
     from tasks.common import load_params
     from tasks.params_check import check_params
@@ -175,9 +194,10 @@ def _check_types(params: dict, what: str) -> None:
         f.write_text(yaml.safe_dump(params, sort_keys=False))
         try:
             loaded = load_params(f, check_sections=False)  # keys were checked one by one above
-            check_params(loaded)
+            check_params(loaded, set(params))
         except ConfigError as exc:
-            raise OverrideError(f"{what} rejected by the params checks: {exc}") from None
+            what = "overrides rejected by the params checks" if overridden else f"{PARAMS_FILE} rejected"
+            raise OverrideError(f"{what}: {exc}") from None
 
 
 def apply_overrides(root: Path, overrides: list[str]) -> list[str]:
@@ -187,84 +207,6 @@ def apply_overrides(root: Path, overrides: list[str]) -> list[str]:
     for path, text in resolved.texts.items():
         (root / path).write_text(text)
     return resolved.overrides
-
-
-# ---------------------------------------------------------------------------
-# Scratch checkout
-
-
-SCRATCH_SKIP = {".git", ".venv", ".state", "artifacts", "mlflow/mlflow.db", "mlflow/mlartifacts",
-                ".dvc/cache", ".dvc/tmp", ".dvc/config.local", "__pycache__"}
-
-
-def scratch_checkout(root: Path, dest: Path, resolved: Overridden) -> Path:
-    """A copy of the checkout at `dest` that a flow run with overrides runs in.
-
-    The files git sees (tracked and untracked-not-ignored, as they are in the workspace:
-    local edits included) are copied; the DVC cache is the checkout's own (shared, so
-    stages whose deps and params did not change are checked out from it, not rerun, and
-    what the run produces is cached for later runs and `dvc exp`/`dvc checkout`); the
-    overridden params files are written last. DVC runs there without git (no_scm)."""
-    from dvc.repo import Repo
-
-    dest.mkdir(parents=True)
-    for rel in _checkout_files(root):
-        target = dest / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(root / rel, target)
-    with Repo(str(root)) as repo:
-        cache_dir = repo.cache.local_cache_dir
-        uncached = [Path(o.fs_path).relative_to(root) for s in repo.index.stages for o in s.outs
-                    if not o.use_cache]
-    for rel in uncached:  # metrics, tables, plots: DVC has no cached copy of them
-        if (root / rel).is_file() and not (dest / rel).exists():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(root / rel, dest / rel)
-    (dest / ".dvc").mkdir(exist_ok=True)
-    (dest / ".dvc" / "config.local").write_text(
-        f"[core]\n    no_scm = true\n[cache]\n    dir = {cache_dir}\n    type = reflink,hardlink,copy\n")
-    for path, text in resolved.texts.items():
-        (dest / path).write_text(text)
-    # the outputs of dvc.lock as it stands, linked from the shared cache (missing ones are
-    # simply produced by the run)
-    subprocess.run([sys.executable, "-m", "dvc", "checkout", "--quiet"], cwd=dest, capture_output=True,
-                   env=stage_env(dict(os.environ)))
-    return dest
-
-
-def _checkout_files(root: Path) -> list[str]:
-    try:
-        out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=root, check=True,
-                             capture_output=True, text=True).stdout
-        files = [f for f in out.split("\0") if f]
-    except (OSError, subprocess.CalledProcessError):  # not a git checkout: everything but state
-        files = [str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()]
-    return [f for f in files if (root / f).is_file() and not _skipped(f)]
-
-
-def _skipped(rel: str) -> bool:
-    parts = Path(rel).parts
-    return any("/".join(parts[:i]) in SCRATCH_SKIP for i in range(1, len(parts) + 1)) or "__pycache__" in parts
-
-
-def keep_results(scratch: Path, dest: Path) -> list[Path]:
-    """Copy what a scratch run decided (params files, dvc.lock, metrics, uncached outputs)
-    to `dest`, so the run can be brought into a workspace later (`dvc checkout` after
-    copying params.yaml and dvc.lock): the outputs themselves are in the shared cache."""
-    from dvc.repo import Repo
-
-    keep = [scratch / PARAMS_FILE, scratch / "dvc.lock"]
-    with Repo(str(scratch)) as repo:
-        # uncached outputs, and the metrics files (small; cached by DVC)
-        keep += [Path(o.fs_path) for s in repo.index.stages for o in s.outs if not o.use_cache or o.metric]
-    out = []
-    for f in keep:
-        if f.is_file():
-            target = dest / f.relative_to(scratch)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(f, target)
-            out.append(target)
-    return out
 
 
 # ---------------------------------------------------------------------------
@@ -363,20 +305,29 @@ def gpu_slots(env: dict[str, str] | None = None) -> list[str]:
 # One stage
 
 
+RAN, RESTORED, UP_TO_DATE = "ran", "restored", "up to date"
+RUN_CACHE_HIT = "is cached - skipping run"  # DVC: "Stage 'x' is cached - skipping run, checking out outputs"
+
+
 @dataclass(frozen=True)
 class ReproResult:
     stage: str
-    ran: bool  # False: DVC found it up to date
+    outcome: str  # RAN | RESTORED (from DVC's run cache) | UP_TO_DATE (nothing to do)
     seconds: float
     log: Path
+
+    @property
+    def ran(self) -> bool:
+        return self.outcome == RAN
 
 
 def repro(stage: str, root: Path, env: dict[str, str], log: Path, force: bool = False,
           echo: Callable[[str], None] | None = None,
           progress: Callable[[float, str], None] | None = None) -> ReproResult:
     """`dvc repro --single-item <stage>` in `root`; output to `log` as it comes (and to
-    `echo`, line by line; progress-bar updates go to `progress(percent, line)` instead,
-    and to `echo` only every 10%)."""
+    `echo`, line by line; progress-bar updates go to `progress(percent, line)` instead).
+    The outcome tells a stage that ran from one restored from DVC's run cache (its deps
+    and params ran before: outputs checked out) and one that was up to date."""
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage] + (["--force"] if force else [])
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -389,45 +340,106 @@ def repro(stage: str, root: Path, env: dict[str, str], log: Path, force: bool = 
         tail = "\n".join(text.splitlines()[-25:])
         config_error = re.search(rf"exited with {CONFIG_ERROR_EXIT}\b", text) is not None
         raise StageFailed(stage, rc, tail, config_error)
-    ran = f"Running stage '{stage}'" in text
-    return ReproResult(stage, ran, round(time.time() - t0, 2), log)
+    outcome = (RAN if f"Running stage '{stage}'" in text else RESTORED if RUN_CACHE_HIT in text
+               else UP_TO_DATE)
+    return ReproResult(stage, outcome, round(time.time() - t0, 2), log)
 
 
 # a tqdm bar: "desc:  42%|####      | 21/50 [00:10<00:14,  2.0it/s]"
 PROGRESS = re.compile(r"(\d+)%\|[^|]*\|\s*(\d+)/(\d+)")
+# a long stage's own count in a log line: "block-ap: block 12/30 val mse ..." (also a plain line)
+COUNTER = re.compile(r"\b(block|step|epoch|shard|record|sequence|window|task)s? (\d+)/(\d+)\b")
+
+
+def progress_of(line: str) -> tuple[int, int, str] | None:
+    """(done, total, what) of a tqdm bar or a counting log line; None for any other line.
+    `what`: `block 4/10 [00:10<00:14]` for a bar, `block 12/30` for a count."""
+    m = PROGRESS.search(line)
+    if m is not None:
+        desc = line[: m.start()].strip().rstrip(":").strip()
+        eta = line[m.end():].strip()
+        eta = eta.split(",", 1)[0].rstrip("]") + "]" if eta.startswith("[") else ""
+        return int(m.group(2)), int(m.group(3)), " ".join(p for p in (desc, f"{m.group(2)}/{m.group(3)}", eta) if p)
+    m = COUNTER.search(line)
+    if m is not None and 0 < int(m.group(2)) <= int(m.group(3)):
+        return int(m.group(2)), int(m.group(3)), m.group(0)
+    return None
 PROGRESS_EVERY = 5.0  # seconds between progress callbacks
+FOLLOW_SECONDS = 0.25  # how often the log file is read while the stage runs
 
 
 def _run(cmd: list[str], root: Path, env: dict[str, str], log: Path, echo: Callable[[str], None] | None,
          progress: Callable[[float, str], None] | None = None) -> tuple[int, str]:
-    """Run `cmd`, writing its output to `log` line by line as it comes (text mode splits
-    tqdm's carriage-return updates into lines too)."""
-    lines = []
-    last_echo, last_call = -10, 0.0
-    with open(log, "a", buffering=1) as f:
+    """Run `cmd` with its output going straight into `log`, and follow that file.
+
+    Why not a pipe to this process: DVC writes dvc.lock and the run cache only after the
+    stage's command ends, and a stage prints to the end. Through a pipe, a watcher that
+    dies (the flow process, after its worker was killed) takes the stage with it at its
+    next line (EPIPE), so a finished stage never reaches dvc.lock. Written to a file, the
+    stage and DVC finish and commit whatever happens to the process that started them.
+    Lines go to `echo` and tqdm updates (carriage returns) to `progress` as they come; a
+    failing callback is logged away, never a reason to leave the stage unwatched."""
+    with open(log, "a") as f:
         f.write(f"$ {' '.join(cmd[1:])}\n")
-        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, bufsize=1)
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            f.write(line)
-            m = PROGRESS.search(line)
-            if m is None:
-                lines.append(line)
-                if echo:
-                    echo(line.rstrip())
-                continue
-            done, total = int(m.group(2)), int(m.group(3))
-            pct = 100.0 * done / total if total else 0.0
-            now = time.time()
-            if progress and (now - last_call >= PROGRESS_EVERY or done == total):
-                last_call = now
-                progress(pct, line.strip())
-            if echo and (pct - last_echo >= 10 or done == total):
-                last_echo = pct
-                echo(line.rstrip())
-        rc = proc.wait()
-    return rc, "".join(lines)
+    follower = _Follower(log, log.stat().st_size, echo, progress)
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+    while proc.poll() is None:
+        follower.read()
+        time.sleep(FOLLOW_SECONDS)
+    follower.read(final=True)
+    return proc.returncode, "".join(follower.lines)
+
+
+class _Follower:
+    """Reads what a stage appended to its log since `offset`: whole lines to `lines` and
+    `echo`, tqdm bars to `progress` (every PROGRESS_EVERY s and at 100%; without a
+    `progress`, to `echo` every 10%)."""
+
+    def __init__(self, log: Path, offset: int, echo, progress):
+        self.log, self.offset, self.echo, self.progress = log, offset, echo, progress
+        self.partial, self.lines = "", []
+        self.last_echo, self.last_call = -10.0, 0.0
+
+    def read(self, final: bool = False) -> None:
+        with open(self.log, "rb") as f:
+            f.seek(self.offset)
+            data = f.read()
+        self.offset += len(data)
+        text = self.partial + data.decode("utf-8", errors="replace")
+        parts = re.split(r"\r\n|\r|\n", text)
+        tail = parts.pop()  # after the last line break: a line still being written
+        if final and tail:
+            parts.append(tail)
+        self.partial = "" if final else tail
+        for line in parts:
+            self._line(line + "\n")
+
+    def _line(self, line: str) -> None:
+        bar = PROGRESS.search(line) is not None
+        if not bar:  # a plain line (a counting one too: it is also progress)
+            self.lines.append(line)
+            self._call(self.echo, line.rstrip())
+        counted = progress_of(line)
+        if counted is None:
+            return
+        done, total, _ = counted
+        pct = 100.0 * done / total if total else 0.0
+        now = time.time()
+        if self.progress and (now - self.last_call >= PROGRESS_EVERY or done == total):
+            self.last_call = now
+            self._call(self.progress, pct, line.strip())
+        elif bar and self.progress is None and self.echo and (pct - self.last_echo >= 10 or done == total):
+            self.last_echo = pct  # nobody takes the bars: every 10% as a line
+            self._call(self.echo, line.rstrip())
+
+    @staticmethod
+    def _call(fn, *args) -> None:
+        if fn is None:
+            return
+        with contextlib.suppress(Exception):  # reporting never stops the following of a stage
+            fn(*args)
 
 
 def stage_env(base: dict[str, str], **extra: str) -> dict[str, str]:
@@ -443,29 +455,42 @@ def stage_env(base: dict[str, str], **extra: str) -> dict[str, str]:
 # What the stages left behind
 
 
-def metrics(root: Path) -> dict[str, Any]:
-    """`dvc metrics show` as {metrics file: data}, workspace only."""
+def metrics(root: Path, stages: set[str] | None = None) -> dict[str, Any]:
+    """`dvc metrics show` as {metrics file: data}, workspace only; with `stages`, only the
+    metrics files of those stages (a run reports what its own stages produced or restored,
+    not what other stages left in the checkout under other params)."""
     from dvc.repo import Repo
 
     with Repo(str(root)) as repo:
-        shown = repo.metrics.show()
+        if stages is None:
+            shown = repo.metrics.show()
+        else:
+            targets = [os.path.relpath(o.fs_path, root) for o in stage_outs(repo, stages) if o.metric]
+            if not targets:
+                return {}
+            shown = repo.metrics.show(targets=targets)
     files = shown.get("", {}).get("data", {})
     return {path: entry["data"] for path, entry in files.items() if "data" in entry}
 
 
-def report_files(root: Path, max_bytes: int = 5 << 20) -> list[Path]:
+def report_files(root: Path, max_bytes: int = 5 << 20, stages: set[str] | None = None) -> list[Path]:
     """Small outputs that people read: metrics, plots and uncached outputs (tables such as
-    artifacts/evaluate/results.md, plot directories); files or directories of <= max_bytes."""
+    artifacts/evaluate/results.md, plot directories); files or directories of <= max_bytes;
+    with `stages`, only those stages' outputs."""
     from dvc.repo import Repo
 
     out = []
     with Repo(str(root)) as repo:
-        for stage in repo.index.stages:
-            for o in stage.outs:
-                path = Path(o.fs_path)
-                if (o.metric or o.plot or not o.use_cache) and path.exists() and _size(path) <= max_bytes:
-                    out.append(path)
+        for o in stage_outs(repo, stages):
+            path = Path(o.fs_path)
+            if (o.metric or o.plot or not o.use_cache) and path.exists() and _size(path) <= max_bytes:
+                out.append(path)
     return sorted(set(out))
+
+
+def stage_outs(repo, stages: set[str] | None) -> list:
+    """The outputs of `stages` (addresses as `read_graph` gives them), or of every stage."""
+    return [o for s in repo.index.stages if stages is None or _address(s) in stages for o in s.outs]
 
 
 def _size(path: Path) -> int:

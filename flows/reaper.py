@@ -1,15 +1,17 @@
 """MLflow runs of crashed flow runs: find them and mark them FAILED.
 
 A flow run whose process is killed (the worker SIGKILLed, the machine gone) cannot close
-its MLflow runs: the parent run and the stage run in progress stay RUNNING. Prefect learns
-of the crash through its own mechanism (flow-run heartbeats stop; the zombie automation
-that scripts/servers.py installs sets the flow run Crashed); this module brings MLflow in
-line with Prefect: every MLflow parent run still RUNNING whose flow run Prefect holds in a
-final state, and the stage runs nested under it, become FAILED with an `error` tag.
+its MLflow runs: the parent run and the stage run in progress stay RUNNING. The crash
+watcher (flows/watch.py) sets such a flow run Crashed once its process is gone, and fails
+its MLflow runs; this module brings MLflow in line with Prefect: every MLflow parent run
+still RUNNING whose flow run Prefect holds in a final state, and the stage runs nested under
+it, become FAILED with an `error` tag, unless the flow run's lease (flows/liveness.py)
+shows its process still running: a false alarm never fails a live run's MLflow runs.
 
-It runs at the start of every flow run (so a re-run cleans up first), from the flow's
-`on_crashed` hook (when the process lives long enough to run it), and by hand:
-`python -m flows.reaper` (what the `make flow-run` client runs when it sees a crash).
+It runs from the crash watcher, at the start of every flow run (so a re-run cleans up
+first), from the flow's `on_crashed` hook (when the process lives long enough to run it),
+and by hand: `python -m flows.reaper` (what the `make flow-run` client runs when it sees
+a crash).
 """
 
 from __future__ import annotations
@@ -67,8 +69,12 @@ def fail_runs_of(root: Path, flow_run_id: str, message: str) -> list[str]:
 
 def reap_crashed(root: Path, exclude: set[str] = frozenset()) -> list[str]:
     """The runs of every flow run that Prefect holds in a final state while MLflow still
-    says RUNNING (flow runs unknown to this Prefect server are left alone)."""
+    says RUNNING, unless the flow run's lease shows its process still running (a run set
+    Crashed by mistake keeps its MLflow runs; it closes them itself). Flow runs unknown
+    to this Prefect server are left alone."""
     from prefect.client.orchestration import get_client
+
+    from flows.liveness import judge, read_lease
 
     changed: list[str] = []
     open_runs = open_parent_runs(root)
@@ -82,8 +88,12 @@ def reap_crashed(root: Path, exclude: set[str] = frozenset()) -> list[str]:
                 state = client.read_flow_run(fr_id).state
             except Exception:  # not a flow run of this Prefect server
                 continue
-            if state is not None and state.is_final():
-                changed += fail_runs_of(root, fr_id, f"flow run ended {state.name}: {state.message or ''}".strip())
+            if state is None or not state.is_final():
+                continue
+            alive = judge(read_lease(fr_id))
+            if alive.alive:  # Prefect says it ended, its process says otherwise: a false alarm
+                continue
+            changed += fail_runs_of(root, fr_id, f"flow run ended {state.name}: {state.message or ''}".strip())
     return changed
 
 

@@ -12,14 +12,14 @@ What runs here is what the pipeline would run itself: the same `run_stage` task,
 deployment's working directory, the checkout `prefect deploy` ran in: `.`, or the run's
 scratch checkout under `.state/scratch/`), with the pipeline's environment (MLflow parent run
 id, experiment and tracking URI, QUANT_CACHE_DIR), on the GPUs the worker was given. The
-stage's row (ran / up to date, seconds, GPU, host and pid) or its failure (exit code, last
+stage's row (ran / restored / up to date, seconds, GPU, host and pid) or its failure (exit code, last
 lines, bad params or not) goes to the run's `quant-shard` table artifact, which the
 pipeline reads back through the Prefect API.
 
-Crashes: shard runs send heartbeats (prefect.yaml); a worker killed with its runs stops
-them, the zombie automation (flows/automations/crash-zombie-runs.json) sets the run
-Crashed, and the pipeline submits the item again (its `retries`): a worker with a free
-slot takes it. The killed stage's MLflow run is marked FAILED when the stage starts again
+Crashes: a shard run keeps a lease naming its process (flows/liveness.py); once that
+process is gone (its worker killed with it), the crash watcher (flows/watch.py) sets the
+run Crashed, and the pipeline submits the item again (its `retries`): a worker with a free
+slot takes it. A slow shard on a loaded machine is never taken for a dead one. The killed stage's MLflow run is marked FAILED when the stage starts again
 (tasks/common), and DVC drops the dead process's entry from its lock file.
 
 What several machines need, and what is not handled: every worker must see the pipeline's
@@ -41,9 +41,11 @@ from typing import Any
 
 from prefect import flow
 from prefect.artifacts import create_table_artifact
+from prefect.runtime import flow_run
 
-from flows import dvc_stages
-from flows.pipeline import SHARD_ARTIFACT, SHARD_FLOW, run_stage
+from flows import dvc_stages, liveness
+from flows.pool import SHARD_ARTIFACT, SHARD_FLOW
+from flows.stages import run_stage
 from flows.tracking import file_md5
 
 
@@ -64,8 +66,10 @@ def run_shard(stage: str, workdir: str = ".", env: dict[str, str] | None = None,
     work = (root / workdir).resolve()
     _check_checkout(root, work, workdir, params_md5)
     where = {"gpu": os.environ.get("CUDA_VISIBLE_DEVICES", ""), "host": socket.gethostname(), "pid": os.getpid()}
+    liveness.guard_streams()
     try:
-        row = run_stage(stage, str(work), dict(env or {}), str(root / log_dir), force)
+        with liveness.Lease(str(flow_run.get_id() or "local")):
+            row = run_stage(stage, str(work), dict(env or {}), str(root / log_dir), force)
     except dvc_stages.StageFailed as exc:
         _leave_row({"stage": stage, "status": "failed", "returncode": exc.returncode,
                     "config_error": exc.config_error, "tail": exc.tail, **where})
@@ -89,6 +93,6 @@ def _check_checkout(root: Path, work: Path, workdir: str, params_md5: str | None
 
 
 def _leave_row(row: dict[str, Any]) -> None:
-    """The pipeline reads this back (flows.pipeline.run_stage_on_pool)."""
+    """The pipeline reads this back (flows.pool.run_stage_on_pool)."""
     create_table_artifact(table=[row], key=SHARD_ARTIFACT,
                           description=f"shard {row['stage']}: {row['status']} on {row['host']} (pid {row['pid']})")

@@ -1,4 +1,5 @@
-"""Start, stop and inspect the local servers: Prefect server, Prefect process worker, MLflow server.
+"""Start, stop and inspect the local servers: Prefect server, MLflow server, the crash watcher,
+Prefect process worker.
 
     python scripts/servers.py up       # start what is not running, wait until healthy
     python scripts/servers.py down     # stop them and the shard workers (SIGTERM to each one's process group, then SIGKILL)
@@ -12,7 +13,12 @@ one flow run at a time (`--limit 1`) with CUDA_VISIBLE_DEVICES=--gpus, so one wo
 takes one synthesis shard each. On another machine (same checkout path on a shared
 filesystem, the servers reached through an SSH tunnel to 127.0.0.1) it is the same command.
 
-Why a script and not `prefect server start -b` + `mlflow server &`: the three must
+The crash watcher (flows/watch.py) sets a Running flow run Crashed once its process is gone
+(a lease names it, flows/liveness.py): a slow run on a loaded machine is never taken for a
+dead one, as a heartbeat timeout would. `up` deletes the heartbeat automation that did that
+on servers that still have it.
+
+Why a script and not `prefect server start -b` + `mlflow server &`: the services must
 share one state directory, one set of telemetry switches and one notion of "is it up"
 (an HTTP health check, not a sleep), and stopping must end exactly the processes this
 script started. Each service runs in its own session, its pid is kept in
@@ -104,12 +110,17 @@ class Settings:
         return f"http://{HOST}:{self.mlflow_port}"
 
     def client_env(self) -> dict[str, str]:
-        """What a client (CLI, worker, flow, stage process) needs to reach these servers."""
+        """What a client (CLI, worker, flow, stage process) needs to reach these servers.
+        Every flow run started with it, by a worker or in-process, keeps its lease where
+        the crash watcher reads it, and sends Prefect heartbeats (shown in the UI; no
+        decision rests on them)."""
         return {
             **TELEMETRY_OFF,
             "PREFECT_API_URL": self.prefect_api_url,
             "PREFECT_HOME": str(self.state / "prefect"),
             "MLFLOW_TRACKING_URI": self.mlflow_uri,
+            "QUANT_LEASE_DIR": str(self.state / "leases"),
+            "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",
         }
 
 
@@ -152,6 +163,15 @@ def _worker_online(s: Settings, since: float, pool: str, name: str) -> bool:
     )
 
 
+def _watch_passed(s: Settings, since: float) -> bool:
+    """The crash watcher finished a pass against the server after `since`."""
+    try:
+        st = json.loads((s.state / "crash-watch.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return st.get("checked", 0) >= since and not st.get("error")
+
+
 def services(s: Settings) -> list[Service]:
     state = str(s.state)
     m = s.mlflow
@@ -172,6 +192,13 @@ def services(s: Settings) -> list[Service]:
             s.mlflow_port,
             lambda since: _http_ok(f"{s.mlflow_uri}/health") is not None,
             {k: str(v) for k, v in m.get("env", {}).items()},
+        ),
+        Service(
+            "crash-watch",
+            [sys.executable, "-m", "flows.watch", "--interval", str(WATCH_INTERVAL),
+             "--status", str(s.state / "crash-watch.json")],
+            None,
+            lambda since: _watch_passed(s, since),
         ),
         Service(
             "prefect-worker",
@@ -221,31 +248,31 @@ def ensure_pool(s: Settings, pool: str) -> None:
 
 
 # ---------------------------------------------------------------------------
-# Automations: Prefect's zombie detection (a flow run without heartbeats becomes Crashed)
+# Automations
 
-AUTOMATIONS = [ROOT / "flows" / "automations" / "crash-zombie-runs.json"]
+# Crash detection is the crash watcher's (flows/watch.py: the process's liveness). The
+# heartbeat automation that came before it set live runs Crashed on a loaded machine, and
+# a Crashed run loses its concurrency lease and terminates itself: a server that still has
+# it gets it deleted.
+RETIRED_AUTOMATIONS = ["quant-pipeline: crash zombie flow runs"]
+WATCH_INTERVAL = 15
 
 
-def install_automations(s: Settings) -> None:
-    """Create the automations of AUTOMATIONS that the server does not have yet (by name)."""
-    for f in AUTOMATIONS:
-        spec = json.loads(f.read_text())
-        body = json.dumps({"automations": {"name": {"any_": [spec["name"]]}}}).encode()
+def retire_automations(s: Settings) -> None:
+    """Delete the automations of RETIRED_AUTOMATIONS that the server has (by name)."""
+    for name in RETIRED_AUTOMATIONS:
+        body = json.dumps({"automations": {"name": {"any_": [name]}}}).encode()
         found = _http_ok(f"{s.prefect_api_url}/automations/filter", "POST", body)
         if found is None:
             raise ServerError(f"could not list automations at {s.prefect_api_url}")
-        if json.loads(found):
-            print(f"automation {spec['name']!r}: present")
-            continue
-        req = urllib.request.Request(f"{s.prefect_api_url}/automations/", data=json.dumps(spec).encode(),
-                                     method="POST", headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=10):
-                pass
-        except (urllib.error.URLError, OSError) as exc:
-            detail = exc.read().decode() if isinstance(exc, urllib.error.HTTPError) else str(exc)
-            raise ServerError(f"could not create automation {spec['name']!r} from {f}: {detail}") from None
-        print(f"automation {spec['name']!r}: created")
+        for auto in json.loads(found):
+            req = urllib.request.Request(f"{s.prefect_api_url}/automations/{auto['id']}", method="DELETE")
+            try:
+                with urllib.request.urlopen(req, timeout=10):
+                    pass
+            except (urllib.error.URLError, OSError) as exc:
+                raise ServerError(f"could not delete the retired automation {name!r}: {exc}") from None
+            print(f"automation {name!r}: deleted (the crash watcher decides crashes now)")
 
 
 # ---------------------------------------------------------------------------
@@ -393,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.action == "up":
             for svc in svcs:
                 start(s, svc, args.timeout)
-            install_automations(s)
+            retire_automations(s)
             ensure_pool(s, s.shard_pool)
             print(f"Prefect API {s.prefect_api_url} (UI http://{HOST}:{s.prefect_port}), "
                   f"MLflow {s.mlflow_uri}, work pools {s.pool!r} and {s.shard_pool!r} (shards), state {s.state}")

@@ -8,6 +8,13 @@ model as a pyfunc: the checkpoint directory is the model's artifact, `quant/` an
 from the packed weights, `QUANT_PACKED_BACKEND=gemlite|torch-int4` picks a GPU kernel).
 `predict` takes prompts (a list of strings or a one-column DataFrame) and returns the
 greedy continuations, like the transformers flavour's text-generation pipeline.
+
+On the `torch` backend (the CPU) every forward of a packed layer would unpack and
+dequantize its weight again: 12 tokens took minutes. The model is used for inference
+only, so `load_context` dequantizes each packed weight once
+(`quant.modules.runtime.dequantize_once`, bit for bit what the forward computes), at the
+cost of a float copy of the weights in memory (what the full-precision model takes);
+`QUANT_PACKED_DEQUANTIZE=per-forward` keeps memory at the packed size instead.
 """
 
 from __future__ import annotations
@@ -23,6 +30,9 @@ ROOT = Path(__file__).resolve().parent.parent
 MAX_NEW_TOKENS = 32
 
 
+DEQUANTIZE_ENV = "QUANT_PACKED_DEQUANTIZE"  # once (default) | per-forward, for the `torch` backend
+
+
 class PackedCausalLM(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         import torch
@@ -30,9 +40,15 @@ class PackedCausalLM(mlflow.pyfunc.PythonModel):
         from quant.export.loader import load_packed
 
         cuda = torch.cuda.is_available()
+        backend = os.environ.get("QUANT_PACKED_BACKEND", "torch")
         self.model, self.tokenizer = load_packed(
             context.artifacts["model"], torch.float16 if cuda else torch.float32, "cuda" if cuda else "cpu",
-            os.environ.get("QUANT_PACKED_BACKEND", "torch"))
+            backend)
+        mode = os.environ.get(DEQUANTIZE_ENV, "once")
+        if mode not in ("once", "per-forward"):
+            raise ValueError(f"${DEQUANTIZE_ENV}={mode!r}; accepted: once, per-forward")
+        if backend == "torch" and mode == "once":
+            _dequantize_for_good(self.model)
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[str]:
         import torch
@@ -47,6 +63,20 @@ class PackedCausalLM(mlflow.pyfunc.PythonModel):
                 gen = self.model.generate(**ids, max_new_tokens=max_new, do_sample=False)
             out.append(self.tokenizer.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
         return out
+
+
+def _dequantize_for_good(model) -> int:
+    """Enter `dequantize_once` for the model's lifetime; the cached weights are dropped when
+    the model is collected, or at interpreter exit before module teardown."""
+    import contextlib
+    import weakref
+
+    from quant.modules.runtime import dequantize_once
+
+    stack = contextlib.ExitStack()
+    n = stack.enter_context(dequantize_once(model))
+    weakref.finalize(model, stack.close)
+    return n
 
 
 def log_packed_model(model_dir: Path, pip_requirements: list[str]):

@@ -354,7 +354,8 @@ def run(params: Params) -> dict[str, Any]:
     mlflow.set_tags({"registered_model": cfg.name, "registered_version": mv.version})
 
     decision = preview(client, cfg, Candidate.from_tags(mv.version, tags))
-    out = {"name": cfg.name, "version": int(mv.version), "run_id": run_.info.run_id, "model_uri": info.model_uri,
+    out = {"name": cfg.name, "version": int(mv.version), "store": mlflow.get_tracking_uri(),  # where v lives
+           "run_id": run_.info.run_id, "model_uri": info.model_uri,
            "scheme": tags["scheme"], "methods": tags["methods"], cfg.primary_metric: cand.primary_value,
            "ppl_ratio": cand.ppl_ratio, "gates_pass": decision["pass"], "gates": decision["gates"]}
     write_json(REGISTER_METRICS, out)
@@ -434,24 +435,52 @@ def promote_cli(argv: list[str]) -> int:
 
     from tasks.common import tracking_uri
 
+    store = tracking_uri()  # as the stages: $MLFLOW_TRACKING_URI or the repo's sqlite store
+    print(f"registry: {store}", file=sys.stderr if args.json else sys.stdout, flush=True)
     try:
         cfg = load_params().section("register", RegisterConfig)
         version = args.version
         if version is None:
-            if not REGISTER_METRICS.is_file():
-                raise ConfigError(f"{REGISTER_METRICS} not found: run the register stage or pass --version")
-            version = str(json.loads(REGISTER_METRICS.read_text())["version"])
+            version = _recorded_version(store)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    mlflow.set_tracking_uri(tracking_uri())  # as the stages: $MLFLOW_TRACKING_URI or the repo's sqlite store
+    mlflow.set_tracking_uri(store)
     missing = _missing_version(cfg, version)
     if missing:
         print(f"error: {missing}", file=sys.stderr)
         return 2
-    decision = promote(cfg, version)
+    decision = {**promote(cfg, version), "store": store}
     print(json.dumps(decision) if args.json else decision["message"])
     return PROMOTION_REFUSED if decision["failed_gates"] else 0
+
+
+def _recorded_version(store: str) -> str:
+    """The version metrics/register.json holds, if it was registered in `store`: a version
+    number means nothing in another registry (v1 of the local sqlite store is not v1 of the
+    server), so promoting it there would promote another model."""
+    if not REGISTER_METRICS.is_file():
+        raise ConfigError(f"{REGISTER_METRICS} not found: run the register stage or pass --version")
+    recorded = json.loads(REGISTER_METRICS.read_text())
+    version, where = str(recorded["version"]), recorded.get("store")
+    if where is None:
+        raise ConfigError(f"{REGISTER_METRICS} (v{version}) does not say which registry it was registered in "
+                          f"(written before stores were recorded): run the register stage again, or pass "
+                          f"--version N to promote a version of {store}")
+    if where.rstrip("/") != store.rstrip("/"):
+        raise ConfigError(f"{REGISTER_METRICS} holds v{version} of the registry at {where}, but this promotion "
+                          f"acts on {store}: {_store_hint(where, store)}")
+    return version
+
+
+def _store_hint(where: str, store: str) -> str:
+    if where.startswith("http") and not store.startswith("http"):
+        return (f"start the servers (`make servers-up`) to promote it there, or pass --version N to promote "
+                f"a version of {store}")
+    if store.startswith("http"):
+        return (f"register this model on the server first (`make flow-run` registers it again when its "
+                f"version lives elsewhere), or pass --version N to promote a version of {store}")
+    return f"point MLFLOW_TRACKING_URI at {where}, or pass --version N to promote a version of {store}"
 
 
 def _missing_version(cfg: RegisterConfig, version: str) -> str | None:

@@ -9,9 +9,10 @@
   On an exception (a signal included) it ends FAILED with the error text as tag
   `error` and as the run's description (`mlflow.note.content`); a stage that fails
   before it could open its run (bad params) still leaves such a run (`failed_run`).
-- Orphans: at the start of any stage, RUNNING stage runs whose process on this host is
-  gone (killed with SIGKILL, which no process can answer) are ended FAILED with a note
-  (`end_orphaned_runs`).
+  A stage that finishes after its run was marked FAILED from outside (its flow process
+  died; the stage ran on under DVC) ends FINISHED without that `error` tag.
+- Orphans: at the start of a stage, RUNNING runs of the same stage whose process
+  on this host is gone are ended FAILED with a note (`end_orphaned_runs`).
 - A store that cannot be used (a full disk, a read-only or corrupt sqlite file, a server
   that refuses) is an `InputError` naming the store and the reason, in one line
   (`StoreError`), not the chain of SQLAlchemy tracebacks underneath.
@@ -314,6 +315,7 @@ def stage_run(stage: str, params: dict[str, Any]) -> Iterator[Any]:
         if isinstance(exc, Exception) and not isinstance(exc, InputError) and _is_store_error(exc, False):
             raise store_error(exc) from None
         raise
+    _clear_outside_failure(mlflow, run.info.run_id)
     try:
         mlflow.end_run(status="FINISHED")
     except Exception as exc:
@@ -323,6 +325,18 @@ def stage_run(stage: str, params: dict[str, Any]) -> Iterator[Any]:
     finally:
         _current.clear()
     log.info("mlflow run %s (%s) finished", run.info.run_id, stage)
+
+
+def _clear_outside_failure(mlflow: Any, run_id: str) -> None:
+    """A stage that finishes after its run was marked FAILED from outside (its flow process
+    died and the reaper closed the runs it left; the stage, DVC's child, ran on) drops the
+    `error` tag that no longer holds, and says so in the description."""
+    with contextlib.suppress(Exception):  # housekeeping: never fail a finished stage on it
+        tags = mlflow.get_run(run_id).data.tags
+        if ERROR_TAG in tags:
+            mlflow.delete_tag(ERROR_TAG)
+            mlflow.set_tags({NOTE_TAG: f"finished after being marked failed from outside ({tags[ERROR_TAG]})"[
+                :MAX_TAG_CHARS], "status_detail": "ok"})
 
 
 def failed_run(stage: str, exc: BaseException) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows import dvc_stages
+from flows import dvc_stages, scratch
 from flows.dvc_stages import OverrideError, StageFailed, StageGraph
 
 
@@ -200,15 +200,15 @@ def test_scratch_checkout_reuses_the_cache_and_leaves_the_checkout_alone(toy, tm
     before = (toy / "params.yaml").read_bytes()
     resolved = dvc_stages.resolve_overrides(toy, ["nested.lr=0.5", "shards=[0,1,2]"])
     assert (toy / "params.yaml").read_bytes() == before
-    scratch = dvc_stages.scratch_checkout(toy, tmp_path / "scratch", resolved)
-    assert yaml.safe_load((scratch / "params.yaml").read_text()) == {"shards": [0, 1, 2], "nested": {"lr": 0.5}}
-    assert [s for s in dvc_stages.read_graph(scratch).order if s.startswith("shard@")] == [
+    work = scratch.scratch_checkout(toy, tmp_path / "scratch", resolved)
+    assert yaml.safe_load((work / "params.yaml").read_text()) == {"shards": [0, 1, 2], "nested": {"lr": 0.5}}
+    assert [s for s in dvc_stages.read_graph(work).order if s.startswith("shard@")] == [
         "shard@0", "shard@1", "shard@2"]
     # prep is unaffected by the overrides: checked out of the shared cache, not rerun
-    assert not dvc_stages.repro("prep", scratch, env, tmp_path / "s.log").ran
-    assert dvc_stages.repro("shard@2", scratch, env, tmp_path / "s.log").ran
-    assert not (toy / "shard-2.txt").exists() and (scratch / "shard-2.txt").read_text() == "2"
-    kept = dvc_stages.keep_results(scratch, tmp_path / "kept")
+    assert not dvc_stages.repro("prep", work, env, tmp_path / "s.log").ran
+    assert dvc_stages.repro("shard@2", work, env, tmp_path / "s.log").ran
+    assert not (toy / "shard-2.txt").exists() and (work / "shard-2.txt").read_text() == "2"
+    kept = scratch.keep_results(work, tmp_path / "kept")
     assert {p.name for p in kept} == {"params.yaml", "dvc.lock"}
     assert "shard@2" in (tmp_path / "kept" / "dvc.lock").read_text()
     assert (toy / "params.yaml").read_bytes() == before and "shard@2" not in (toy / "dvc.lock").read_text()
@@ -290,7 +290,7 @@ def test_client_prints_the_failing_stage_and_a_refused_promotion(capsys):
 def test_shard_refuses_a_checkout_it_does_not_share_and_bad_names(toy, tmp_path, monkeypatch):
     """A shard worker that does not see the pipeline's checkout (no shared filesystem) fails
     saying so, before running anything; so do a non-foreach stage and a malformed deployment."""
-    from flows.pipeline import _check_shard_deployment
+    from flows.pool import check_shard_deployment as _check_shard_deployment
     from flows.shard import ShardCheckoutError, _check_checkout, run_shard
     from flows.tracking import file_md5
 
@@ -307,3 +307,203 @@ def test_shard_refuses_a_checkout_it_does_not_share_and_bad_names(toy, tmp_path,
     for bad in ("shard", "quant-shard/", "a/b/c"):
         with pytest.raises(ValueError, match=rf"shard_deployment='{bad}' must be '<flow>/<deployment>'"):
             _check_shard_deployment(bad, None)
+
+
+# ---------------------------------------------------------------------------
+# A stage's result outlives the process watching it; a broken log pipe ends nothing
+
+SLOW_DVC = """\
+    stages:
+      slow:
+        cmd: python slow.py
+        deps: [slow.py]
+        outs: [slow.txt]
+"""
+SLOW_PY = """\
+    import time
+    open("started", "w").close()
+    print("started", flush=True)
+    time.sleep(2)
+    for i in range(200):  # a stage prints to the end (its MLflow run, its summary)
+        print(f"line {i}", flush=True)
+    open("slow.txt", "w").write("done")
+    """
+DRIVER = """\
+import os, sys
+from pathlib import Path
+from flows import dvc_stages
+root = Path(sys.argv[1])
+dvc_stages.repro("slow", root, dvc_stages.stage_env(dict(os.environ)), root / "slow.log", echo=print)
+"""
+
+
+def test_a_finished_stage_reaches_dvc_lock_and_the_run_cache_after_its_watcher_died(tmp_path):
+    """The flow process running `dvc repro` is killed while the stage runs (what a killed
+    worker does to it, a minute later, at its next log line): the stage still finishes,
+    and DVC records it in dvc.lock and its run cache, so no rerun recomputes it."""
+    import os
+    import signal
+    import time
+
+    proj = make_project(tmp_path / "p", SLOW_DVC, "a: 1\n", {"slow.py": SLOW_PY})
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(proj)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    deadline = time.time() + 120
+    while not (proj / "started").exists():
+        assert time.time() < deadline and driver.poll() is None, "the stage never started"
+        time.sleep(0.1)
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()
+    driver.stdout.close()  # nobody reads what the driver's children write to it any more
+    while "slow" not in ((proj / "dvc.lock").read_text() if (proj / "dvc.lock").exists() else ""):
+        assert time.time() < deadline, "the finished stage never reached dvc.lock:\n" + (
+            (proj / "slow.log").read_text() if (proj / "slow.log").exists() else "")
+        time.sleep(0.2)
+    assert (proj / "slow.txt").read_text() == "done"
+    assert any((proj / ".dvc" / "cache" / "runs").rglob("*")), "no run-cache entry"
+    assert "line 199" in (proj / "slow.log").read_text()
+    env = dvc_stages.stage_env(dict(os.environ))
+    assert dvc_stages.repro("slow", proj, env, tmp_path / "again.log").outcome == dvc_stages.UP_TO_DATE
+
+
+GUARDED = """\
+import logging, os, sys, time
+if sys.argv[1] == "guard":
+    from flows.liveness import guard_streams
+    assert guard_streams()
+from prefect.logging.handlers import PrefectConsoleHandler
+log = logging.getLogger("broken-pipe-test")
+log.addHandler(PrefectConsoleHandler())
+log.setLevel(logging.INFO)
+print("ready", flush=True)
+while not os.path.exists(sys.argv[2]):
+    time.sleep(0.05)
+for i in range(200):
+    log.warning("line %d of a flow run whose worker is gone", i)
+    print("print", i)
+open(sys.argv[3], "w").write("done")
+"""
+
+
+@pytest.mark.parametrize("mode", ["unguarded", "guard"])
+def test_a_flow_process_outlives_the_pipe_of_its_dead_worker(tmp_path, mode):
+    """The worker holds the read end of the flow process's stdout/stderr. Once it is gone,
+    Prefect's console log handler (rich) turns the next line's EPIPE into SystemExit(1);
+    behind `guard_streams` the process logs on and finishes."""
+    import os
+
+    go, done = tmp_path / "go", tmp_path / "done"
+    p = subprocess.Popen([sys.executable, "-c", GUARDED, mode, str(go), str(done)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert p.stdout.readline().strip() == b"ready"
+    p.stdout.close()
+    p.stderr.close()
+    go.touch()
+    rc = p.wait(timeout=120)
+    if mode == "guard":
+        assert rc == 0 and done.read_text() == "done"
+    else:  # what happened to flow runs whose worker was killed
+        assert rc == 1 and not done.exists()
+
+
+# ---------------------------------------------------------------------------
+# Ran, restored from the run cache, or up to date
+
+
+def test_repro_tells_a_run_cache_restore_from_a_run_and_from_up_to_date(tmp_path):
+    import os
+
+    proj = make_project(tmp_path / "rc", """\
+        stages:
+          s:
+            cmd: python -c "import yaml; open('o.txt', 'w').write(str(yaml.safe_load(open('params.yaml'))['p']))"
+            params: [p]
+            outs: [o.txt]
+        """, "p: 1\n")
+    env = dvc_stages.stage_env(dict(os.environ))
+    outcomes = []
+    for p in (1, 2, 1, 1):
+        (proj / "params.yaml").write_text(f"p: {p}\n")
+        outcomes.append(dvc_stages.repro("s", proj, env, tmp_path / "s.log").outcome)
+    assert outcomes == ["ran", "ran", "restored", "up to date"]
+    assert (proj / "o.txt").read_text() == "1"
+
+
+def test_make_flow_run_prints_stage_progress_not_every_line(capsys):
+    """`make flow-run` follows the run's stage-level log lines and state changes."""
+    from datetime import UTC, datetime, timedelta
+    from types import SimpleNamespace
+
+    from prefect.states import Completed, Running
+
+    from flows import client
+
+    t0 = datetime(2025, 1, 1, tzinfo=UTC)
+    lines = ["stages: prepare -> calibrate -> block_ap", "stage prepare: started",
+             "stage prepare: restored from the run cache in 3.1s", "stage calibrate: started",
+             "Running stage 'calibrate':", "> python -m tasks.calibrate", "rtn: 30 linears quantized",
+             "stage calibrate: ran in 40.2s", "stage block_ap: started", "stage block_ap: 40% block 12/30 [01:10<01:45]",
+             "stage block_ap: ran in 300.0s"]
+    logs = [SimpleNamespace(id=i, timestamp=t0 + timedelta(seconds=i), message=m) for i, m in enumerate(lines)]
+    polls = iter([(Running(), 4), (Running(), 9), (Completed(), 11)])
+    shown = {"n": 0}
+
+    class Fake:
+        def read_flow_run(self, _id):
+            state, shown["n"] = next(polls)
+            return SimpleNamespace(state=state)
+
+        def read_logs(self, log_filter, sort, offset, limit):
+            return logs[: shown["n"]][offset: offset + limit]
+
+    state = client.follow(Fake(), "00000000-0000-0000-0000-000000000001", timeout=60, sleep=lambda s: None)
+    assert state.is_completed()
+    out = capsys.readouterr().out
+    for line in lines:
+        assert (line in out) == line.startswith(("stage", "stages")), line
+    assert out.count("stage prepare: started") == 1 and "Completed" in out
+
+
+# ---------------------------------------------------------------------------
+# The override check reads the whole effective params
+
+
+def test_the_override_check_covers_every_section_and_list_items(tmp_path):
+    """A bad method option anywhere in the effective params fails before any stage, not
+    only in the sections the overrides touch; list items are keys too."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["block_ap"]["steps"] = [{"block-ap": {"epochs": 0}}]  # left in the file, not overridden
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    with pytest.raises(OverrideError, match=r"block_ap\.steps\[0\]\.block-ap\.epochs=0 must be >= 1"):
+        dvc_stages.resolve_overrides(tmp_path, ["evaluate.max_windows=2"])
+    with pytest.raises(OverrideError, match=r"params\.yaml rejected: block_ap\.steps\[0\]\.block-ap\.epochs=0"):
+        dvc_stages.resolve_overrides(tmp_path, [])
+    r = dvc_stages.resolve_overrides(tmp_path, ["block_ap.steps.0.block-ap.epochs=2"])
+    assert yaml.safe_load(r.texts["params.yaml"])["block_ap"]["steps"][0]["block-ap"]["epochs"] == 2
+    with pytest.raises(OverrideError, match=r"epochz"):
+        dvc_stages.resolve_overrides(tmp_path, ["block_ap.steps=[{block-ap: {epochz: 1}}]"])
+    with pytest.raises(OverrideError, match=r"unknown key 'block_ap\.steps\.1\.block-ap\.epochs'.*known: \[0\]"):
+        dvc_stages.resolve_overrides(tmp_path, ["block_ap.steps.1.block-ap.epochs=2"])
+
+
+def test_stage_progress_lines_follow_long_bars_and_counts_not_instant_ones(monkeypatch):
+    """What `make flow-run` shows of a stage's progress: a line per 10% of a bar or count
+    that lasts (block-wise training's `block 12/30`, synthesis' decode steps), once each;
+    a bar that comes and goes at once (loading weights) only updates the artifact."""
+    from flows import stages
+
+    lines, now = [], [0.0]
+    logger = type("L", (), {"info": lambda self, *a: lines.append(a[0] % a[1:]), "debug": lambda self, *a: None})()
+    progress = stages.StageProgress("block_ap", logger, clock=lambda: now[0])
+    progress.id = "artifact"  # no Prefect API here
+    monkeypatch.setattr(stages, "update_progress_artifact", lambda *a, **k: None)
+    progress(0.0, "Loading weights:   0%|          | 0/272 [00:00<?, ?it/s]")
+    progress(100.0, "Loading weights: 100%|##########| 272/272 [00:00<00:00, 15302.34it/s]")
+    for i in range(1, 31):
+        now[0] += 4
+        progress(100 * i / 30, f"2026-12-05 10:00:53,550 quant.blockwise INFO block-ap: block {i}/30 val mse 0.04")
+    progress(100.0, "2026-12-05 10:03:19,800 quant.blockwise INFO block-ap: block 30/30 val mse 0.04")
+    assert lines == [f"stage block_ap: {p}% block {p * 30 // 100}/30" for p in range(10, 101, 10)]
+    assert dvc_stages.progress_of("e2e:  40%|####      | 4/10 [00:10<00:14,  2.0s/it]") == (
+        4, 10, "e2e 4/10 [00:10<00:14]")
+    assert dvc_stages.progress_of("kept block 31/30") is None and dvc_stages.progress_of("no count") is None

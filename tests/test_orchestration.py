@@ -17,7 +17,7 @@ script `make servers-up` runs) on free ports with their state in a temporary dir
   each) take one shard each of one pipeline run with `shard_deployment` (the repository's
   `shard` deployment, on a toy project), with the pipeline's environment; a shard that
   rejects its params fails the run and is not resubmitted. (slow, opt-in) The worker
-  holding a shard is SIGKILLed: the zombie automation crashes its run, the pipeline
+  holding a shard is SIGKILLed: the crash watcher finds its process gone and crashes its run, the pipeline
   resubmits it, the other worker runs it, the pipeline completes.
 - (slow, opt-in) The same deployment over the whole graph with params.yaml's own
   `evaluate.model` (synthesis shards, merge, block_ap, e2e, evaluate, register): completes,
@@ -165,7 +165,8 @@ def test_servers_bind_loopback_only_and_run_without_telemetry(servers):
         assert env["PREFECT_HOME"].startswith(str(servers.state)), pidfile.name
     status = subprocess.run([PY, str(ROOT / "scripts" / "servers.py"), "status"], env=servers.env,
                             capture_output=True, text=True)
-    assert status.returncode == 0 and status.stdout.count(": up") == 3, status.stdout
+    assert status.returncode == 0 and status.stdout.count(": up") == 4, status.stdout
+    assert "crash-watch: up" in status.stdout
 
 
 # ---------------------------------------------------------------------------
@@ -287,7 +288,7 @@ def test_flow_maps_shards_concurrently_pins_gpus_and_retries(servers, mlflow_cli
 
 
 def test_crashed_flow_run_mlflow_runs_are_failed(servers, mlflow_client, tmp_path, monkeypatch):
-    """What the zombie automation + reaper do after a worker kill, driven directly: a flow
+    """What the reaper does after a worker kill, driven directly: a flow
     run Prefect holds Crashed while its MLflow parent and stage runs still say RUNNING."""
     from prefect.client.orchestration import get_client
     from prefect.states import Crashed, Running
@@ -314,14 +315,16 @@ def test_crashed_flow_run_mlflow_runs_are_failed(servers, mlflow_client, tmp_pat
         assert run.info.status == "FAILED" and "Crashed: no heartbeat for 90 s" in run.data.tags["error"]
 
 
-def test_zombie_automation_is_installed(servers):
-    """`servers.py up` installed the heartbeat automation that crashes silent flow runs."""
+def test_the_crash_watcher_runs_instead_of_a_heartbeat_automation(servers):
+    """`servers.py up` started the crash watcher (it completed a pass against the server) and
+    left no automation that would crash a flow run for late heartbeats."""
     from prefect.client.orchestration import get_client
 
-    spec = json.loads((ROOT / "flows" / "automations" / "crash-zombie-runs.json").read_text())
+    st = json.loads((servers.state / "crash-watch.json").read_text())
+    assert st["error"] is None and st["checked"] > 0
     with prefect_api(servers), get_client(sync_client=True) as client:
-        (auto,) = client.read_automations_by_name(spec["name"])
-    assert auto.enabled and auto.trigger.posture == "Proactive" and auto.actions[0].type == "change-flow-run-state"
+        autos = client.read_automations()
+    assert not [a.name for a in autos if any(getattr(x, "type", "") == "change-flow-run-state" for x in a.actions)]
 
 
 # ---------------------------------------------------------------------------
@@ -449,9 +452,11 @@ def test_stricter_gate_reruns_only_register_and_is_refused(second_run, mlflow_cl
     assert second_run.state.is_completed()
     status = {r["stage"]: r["status"] for r in table(second_run.artifacts["quant-stages"])}
     assert status.pop("register") == "ran", status
-    # the scratch checkout got prepare and calibrate from the shared DVC cache; evaluate,
-    # if DVC reran it, reused both models' scores from the first run
-    assert status.pop("prepare") == status.pop("calibrate") == "up to date", status
+    # the scratch checkout starts from the workspace's dvc.lock, which the first run (an
+    # override run too) left alone: prepare and calibrate came from DVC's run cache, and
+    # say so; evaluate (an uncached output: no run cache), if DVC reran it, reused both
+    # models' scores from the first run
+    assert status.pop("prepare") == status.pop("calibrate") == "restored", status
     if status.pop("evaluate") != "up to date":
         kept_eval = json.loads((deployed.repo / ".state" / "flow-runs" / second_run.id / "metrics" / "eval.json")
                                .read_text())
@@ -647,10 +652,15 @@ def test_killed_worker_run_becomes_crashed_mlflow_failed_and_a_rerun_starts_at_o
         assert state.is_crashed(), (state.name, state.message)
         parents = mlflow_client.search_runs([mlflow_client.get_experiment_by_name("crash-test").experiment_id],
                                             f"tags.`prefect.flow_run_id` = '{fr.id}'")
-        assert [p.info.status for p in parents] == ["RUNNING"]  # what the kill left behind
-        assert reaper.reap_crashed(tmp_path)  # what the next run / make flow-run does first
-        parent = mlflow_client.get_run(parents[0].info.run_id)
-        assert parent.info.status == "FAILED" and "Crashed" in parent.data.tags["error"]
+        assert "crash watcher" in state.message and "is gone" in state.message
+        assert crashed_after < 120, "the crash watcher checks every 15 s"
+        (parent,) = parents
+        deadline = time.time() + 60  # the watcher fails the MLflow runs right after it set Crashed
+        while (parent := mlflow_client.get_run(parent.info.run_id)).info.status == "RUNNING":
+            assert time.time() < deadline, "the crash watcher did not fail the MLflow runs"
+            time.sleep(1)
+        assert parent.info.status == "FAILED" and "is gone" in parent.data.tags["error"]
+        assert reaper.reap_crashed(tmp_path) == []  # nothing left for the next run to clean up
 
         # a new worker; the next run starts at once (the crash freed the concurrency slot)
         up = subprocess.run([PY, str(ROOT / "scripts" / "servers.py"), "up"], env=servers.env,
@@ -828,11 +838,11 @@ def test_two_workers_of_the_pool_take_the_shards_of_one_pipeline_run(servers, sh
 @pytest.mark.slow
 def test_a_killed_shard_worker_s_shard_is_retried_on_the_other(servers, shard_workers, tmp_path, request):
     """The pipeline deployment (on the main worker) hands its two shards to the pool; the
-    worker holding shard@0 is SIGKILLed with its processes; the zombie automation sets that
-    shard run Crashed (no heartbeat for 90 s), the pipeline submits it again and the other
+    worker holding shard@0 is SIGKILLed with its processes; the crash watcher sets that
+    shard run Crashed (its process is gone), the pipeline submits it again and the other
     worker runs it; the run completes. About 3 minutes, so only when asked for (-m slow)."""
     if "slow" not in (request.config.getoption("markexpr") or "").replace("not slow", ""):
-        pytest.skip("killed shard worker (waits for the 90 s zombie detection): select it with -m slow")
+        pytest.skip("killed shard worker (waits for the crash watcher): select it with -m slow")
     import signal
     import time
 
@@ -872,7 +882,7 @@ def test_a_killed_shard_worker_s_shard_is_retried_on_the_other(servers, shard_wo
     for r in runs:
         states.setdefault(r.name.rsplit("/", 1)[1], []).append(r.state)
     assert [s.name for s in states["shard@0"]] == ["Crashed", "Completed"], states
-    assert "no heartbeat" in states["shard@0"][0].message
+    assert "is gone" in states["shard@0"][0].message
     assert [s.name for s in states["shard@1"]] == ["Completed"]
     stages = table(flow_artifacts(servers, str(fr.id))["artifacts"]["quant-stages"])
     assert [(r["stage"], r["status"]) for r in stages] == [

@@ -42,11 +42,50 @@ def test_prefect_yaml_deployments_match_the_flows():
     servers = (ROOT / "scripts" / "servers.py").read_text()
     assert 'DEFAULT_SHARD_POOL = "quant-shards"' in servers
     assert "concurrency_limit" not in deps["shard"]  # the workers' slots decide
-    # heartbeats for the zombie automation (flows/automations/crash-zombie-runs.json);
-    # the optional schedule is off
+    # heartbeats show in the UI (crashes are the crash watcher's); the optional schedule is off
     for d in spec["deployments"]:
         assert d["work_pool"]["job_variables"]["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30", d["name"]
     assert [s["active"] for s in deps["embedded-default"].get("schedules", [])] == [False]
+
+
+def test_crashes_are_decided_by_the_watcher_not_by_a_heartbeat_timeout(tmp_path, monkeypatch):
+    """`servers.py up` starts the crash watcher and installs no automation that sets a run
+    Crashed when heartbeats are late (it deletes the one that did); every flow run started
+    with the servers' environment, in-process or by a worker, keeps its lease where the
+    watcher reads it."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("servers", ROOT / "scripts" / "servers.py")
+    servers = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "servers", servers)  # dataclasses look their module up
+    spec.loader.exec_module(servers)
+    monkeypatch.setenv("QUANT_STATE_DIR", str(tmp_path))
+    s = servers.Settings.from_env()
+    watch = {svc.name: svc for svc in servers.services(s)}["crash-watch"]
+    assert watch.argv[1:3] == ["-m", "flows.watch"] and str(tmp_path / "crash-watch.json") in watch.argv
+    assert not watch.healthy(0.0)  # no pass yet
+    (tmp_path / "crash-watch.json").write_text(json.dumps({"checked": 100.0, "error": None}))
+    assert watch.healthy(50.0) and not watch.healthy(150.0)
+    env = s.client_env()
+    assert env["QUANT_LEASE_DIR"] == str(tmp_path / "leases") and env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30"
+    assert "quant-pipeline: crash zombie flow runs" in servers.RETIRED_AUTOMATIONS
+    assert not hasattr(servers, "AUTOMATIONS") and not list((ROOT / "flows" / "automations").glob("*.json"))
+
+
+def test_make_prints_the_command_s_exit_code_and_its_meaning(tmp_path):
+    """GNU make exits 2 for any failed recipe; the Makefile's targets print the command's own
+    code (a gate refusal: 3) so that it can still be told apart."""
+    text = (ROOT / "Makefile").read_text()
+    exit_code = re.search(r"^EXIT_CODE = (.*)$", text, re.M).group(1)
+    for target in ("promote", "flow-run"):
+        recipe = re.search(rf"^{target}:.*\n((?:\t.*\n)+)", text, re.M).group(1)
+        assert recipe.rstrip().endswith("|| $(EXIT_CODE)"), target
+    (tmp_path / "Makefile").write_text(f"SHELL := /bin/bash\nEXIT_CODE = {exit_code}\n"
+                                       "t:\n\t@bash -c 'exit $(RC)' || $(EXIT_CODE)\n")
+    for rc, meaning in ((3, "exit 3: refused by a gate"), (2, "exit 2: bad params"), (1, "exit 1: failed")):
+        r = subprocess.run(["make", "-s", "t", f"RC={rc}"], cwd=tmp_path, capture_output=True, text=True)
+        assert r.returncode == 2 and meaning in r.stderr, r.stderr
 
 
 def _lock() -> dict[str, Version]:

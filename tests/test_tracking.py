@@ -78,3 +78,16 @@ def test_parallel_stage_processes_share_a_fresh_store(tmp_path):
     client = mlflow.MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("race").experiment_id])
     assert sorted(r.info.status for r in runs) == ["FINISHED"] * 3
+
+
+def test_a_stage_that_outlives_its_flow_ends_finished_without_the_stale_error(tracking):
+    """The flow process died while the stage ran (DVC's child, it runs on and commits); the
+    reaper marked its run FAILED meanwhile. When the stage finishes, its run says so."""
+    with common.stage_run("calibrate", {}) as ml:
+        run_id = ml.active_run().info.run_id
+        tracking.set_tag(run_id, "error", "flow run crashed: process 1 is gone")
+        tracking.set_tag(run_id, "status_detail", "failed")
+    run = tracking.get_run(run_id)
+    assert run.info.status == "FINISHED" and "error" not in run.data.tags
+    assert run.data.tags["status_detail"] == "ok"
+    assert "finished after being marked failed from outside" in run.data.tags["mlflow.note.content"]

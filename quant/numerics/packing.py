@@ -31,14 +31,19 @@ def pack(codes: torch.Tensor, bits: int, dim: int = 0) -> torch.Tensor:
     """Unsigned codes (any integer dtype) -> int32 words, packed along `dim` (2-D input)."""
     if bits not in PACK_BITS:
         raise ValueError(f"bits={bits} cannot be packed; accepted: {PACK_BITS}")
-    x = codes.to(torch.int64)
-    if dim == 0:
-        x = x.t()
+    x = (codes.t() if dim == 0 else codes).contiguous()  # transposed while narrow
     rows, n = x.shape  # pack along the last dim: [rows, n]
     if n % WORD:
         raise ValueError(f"the packed dimension ({n}) must be a multiple of {WORD}")
     if x.numel() and (int(x.min()) < 0 or int(x.max()) >= 1 << bits):
         raise ValueError(f"codes out of the unsigned {bits}-bit range [0, {(1 << bits) - 1}]")
+    if WORD % bits == 0:  # 2/4/8 bits: whole codes per word, shifts instead of a scatter (~10x faster)
+        per = WORD // bits
+        shifts = torch.arange(0, WORD, bits, device=x.device, dtype=torch.int32)
+        # disjoint bit fields: their int32 sum is their bitwise or (the top field sets the sign bit)
+        words = (x.to(torch.int32).reshape(rows, n // per, per) << shifts).sum(-1, dtype=torch.int32)
+        return words.t().contiguous() if dim == 0 else words.contiguous()
+    x = x.to(torch.int64)
     blocks = x.reshape(rows, n // WORD, WORD)  # [rows, blocks, 32]
     word, offset = _bit_positions(bits, x.device)
     out = torch.zeros(rows, n // WORD, bits + 1, dtype=torch.int64, device=x.device)
@@ -60,6 +65,10 @@ def unpack(words: torch.Tensor, bits: int, dim: int = 0) -> torch.Tensor:
     rows, m = w.shape
     if m % bits:
         raise ValueError(f"{m} packed words are not a whole number of {bits}-word blocks")
+    if WORD % bits == 0:  # 2/4/8 bits: whole codes per word, shifts instead of a gather (~10x faster)
+        shifts = torch.arange(0, WORD, bits, device=w.device, dtype=torch.int32)
+        codes = ((w.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).to(torch.uint8).reshape(rows, m * WORD // bits)
+        return codes.t().contiguous() if dim == 0 else codes.contiguous()
     w = (w.to(torch.int64) & 0xFFFFFFFF).reshape(rows, m // bits, bits)
     w = torch.cat([w, torch.zeros_like(w[..., :1])], dim=-1)  # a zero word past the end
     word, offset = _bit_positions(bits, w.device)
