@@ -99,10 +99,10 @@ def test_planner_prefers_gpu_then_host_then_disk():
 def test_explicit_location_without_room_is_a_clear_error():
     reqs = _paper_requests()
     cap = planner.Capacity(100 * GIB, 120 * GIB, 128 * GIB, 60 * GIB)
-    with pytest.raises(ConfigError, match=r"block_ap\.options\.cache='gpu': the 4 activation caches need "
+    with pytest.raises(ConfigError, match=r"block_ap\.steps\[0\]\.block-ap\.cache='gpu': the 4 activation caches need "
                                           r"130\.00 GiB \(139586437120 bytes\) but GPU memory has 91\.00 GiB"):
         planner.plan_caches(reqs, "gpu", cap, 9 * GIB)
-    with pytest.raises(ConfigError, match=r"block_ap\.options\.cache='disk'.*disk has 59\.00 GiB"):
+    with pytest.raises(ConfigError, match=r"block_ap\.steps\[0\]\.block-ap\.cache='disk'.*disk has 59\.00 GiB"):
         planner.plan_caches(reqs, "disk", cap, 9 * GIB)
     plan = planner.plan_caches(_paper_requests(256), "disk", cap, 9 * GIB)  # 8 GiB a cache: fits
     assert _where(plan) == dict.fromkeys(("fp_train", "q_train", "fp_val", "q_val"), "disk")
@@ -301,7 +301,7 @@ def test_engine_checks_the_room_before_any_work(tmp_path):
     def tiny_disk(device, cache_dir, names=()):
         return planner.Capacity(None, 0, 64 * GIB, GIB + 1000)  # 1000 bytes of room on disk
 
-    with pytest.raises(ConfigError, match=r"block_ap\.options\.cache='disk': the 4 activation caches need "
+    with pytest.raises(ConfigError, match=r"block_ap\.steps\[0\]\.block-ap\.cache='disk': the 4 activation caches need "
                                           r".*\(229376 bytes\).*\(1000 bytes\) of room"):
         _engine(tmp_path, "disk", tiny_disk)
     with pytest.raises(ConfigError, match=r"block_ap\.data\.train_samples=10: .*at most 0 training samples"):

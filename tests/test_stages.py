@@ -111,7 +111,8 @@ def test_unknown_model_id_fails_clearly_and_writes_nothing(tmp_path):
 def test_missing_asset_package_gives_install_command(tmp_path, monkeypatch):
     import importlib.util
 
-    from quant.config import MissingDependencyError, resolve_model
+    from quant.config import MissingDependencyError
+    from quant.models.hub import resolve_model
 
     real = importlib.util.find_spec
     monkeypatch.setattr(

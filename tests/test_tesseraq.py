@@ -214,7 +214,7 @@ def test_bad_inputs_fail_before_any_block_is_touched(tmp_path):
                                                             "dynamic_minmax": True}}))
     with pytest.raises(ConfigError, match=r"dynamic_minmax"):
         _runner(dyn, tmp_path / "a", _ids(8), _ids(2))
-    with pytest.raises(ConfigError, match=r"block_ap\.options\.batch_size=4 is larger than the 2"):
+    with pytest.raises(ConfigError, match=r"block_ap\.steps\[0\]\.tesseraq\.batch_size=4 is larger than the 2"):
         _runner(_model(), tmp_path / "b", _ids(2), _ids(2), batch_size=4)
     bad = _model()
     with torch.no_grad():

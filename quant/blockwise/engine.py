@@ -293,7 +293,7 @@ class BlockwiseEngine:
         mlp = getattr(cfg, "intermediate_size", None) or 4 * cfg.hidden_size
         reserve = planner.step_reserve(params, self.opt.batch_size, seq, cfg.hidden_size, mlp)
         cap = self.ctx.measure(self.ctx.device, self._cache_dir(), tuple(r.name for r in reqs))
-        plan = planner.plan_caches(reqs, self.opt.cache, cap, reserve)
+        plan = planner.plan_caches(reqs, self.opt.cache, cap, reserve, f"{self.ctx.where}.{self.method.name}.cache")
         for p in plan:
             log.info("%s: cache %s -> %s: %s", self.method.name, p.name, p.where, p.reason)
         return plan

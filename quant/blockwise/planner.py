@@ -171,7 +171,7 @@ def _first_fit(requests: list[CacheRequest], tiers: list[str],
 
 
 def plan_caches(requests: list[CacheRequest], option: str, cap: Capacity, gpu_reserve: int,
-                option_field: str = "block_ap.steps[0].cache",
+                option_field: str = "block_ap.steps[0].block-ap.cache",
                 train_field: str = "block_ap.data.train_samples") -> list[Placement]:
     """Where each request goes under `option` (auto | gpu | cpu | disk); see the module notes."""
     budgets = _budgets(cap, gpu_reserve)
