@@ -119,7 +119,7 @@ def test_lazy_batches_match_the_explicit_obs_update():
     h = _hessian(x)
     ref = _reference_obs(w, h, spec)
     for bs in (1, 7, 128):
-        codes = gptq_quantize(w, h, spec, GPTQOptions(block_size=bs)).codes
+        codes = gptq_quantize(w, h, spec, GPTQOptions(block_size=bs, act_order=False)).codes
         # float32 Cholesky vs float64 explicit inverse: a code may flip where w sits on a
         # rounding boundary; more than that would be a wrong update
         assert (codes != ref).float().mean() < 0.01, bs
@@ -134,9 +134,9 @@ def test_group_qparams_come_from_the_current_columns_whatever_the_batch_size():
     spec = WeightSpec(IntFormat(3), 16)
     w, x = _correlated(rows=32, cols=64, tokens=256)
     h = _hessian(x)
-    ref = gptq_quantize(w, h, spec, GPTQOptions(block_size=1))
+    ref = gptq_quantize(w, h, spec, GPTQOptions(block_size=1, act_order=False))
     for bs in (7, 20, 128):
-        lay = gptq_quantize(w, h, spec, GPTQOptions(block_size=bs))
+        lay = gptq_quantize(w, h, spec, GPTQOptions(block_size=bs, act_order=False))
         torch.testing.assert_close(lay.scale, ref.scale, rtol=1e-5, atol=0)
         assert torch.equal(lay.zero_point, ref.zero_point)
         assert (lay.codes != ref.codes).float().mean() < 0.01, bs
@@ -146,7 +146,8 @@ def test_group_qparams_come_from_the_current_columns_whatever_the_batch_size():
 
 
 @pytest.mark.parametrize("spec", SPECS)
-@pytest.mark.parametrize("opts", [{}, {"act_order": True}, {"static_groups": True}, {"block_size": 16}])
+@pytest.mark.parametrize("opts", [{}, {"act_order": False}, {"act_order": False, "static_groups": True},
+                                  {"block_size": 16}])
 def test_gptq_output_error_below_rtn(spec, opts):
     """On the calibration inputs, GPTQ's layer output error is below RTN's."""
     w, x = _correlated()
@@ -162,6 +163,24 @@ def test_gptq_output_error_below_rtn(spec, opts):
     assert lay.loss > 0
 
 
+def test_defaults_are_the_winning_column_order():
+    """The defaults take the columns loudest first (act_order, as GPTQModel and llm-compressor
+    ship): on inputs whose loud channels come last in the natural order, the default layer
+    error is well below the natural order's at W3 per channel and g32 (measured on the embedded
+    model too: W3 g64 PPL ratio 2.5-2.9x -> 1.8-2.0x, docs/methods/gptq.md)."""
+    w, x = _correlated(cols=128, tokens=512, seed=3)
+    x = x.flip(1)  # the loud channels last
+    assert GPTQOptions().act_order
+    for spec in (WeightSpec(IntFormat(3), -1), WeightSpec(IntFormat(3), 32)):
+        h = _hessian(x)
+
+        def err(opts):
+            wq = gptq_quantize(w, h, spec, opts).weight(spec)
+            return (x @ wq.T - x @ w.T).pow(2).sum().item()
+
+        assert err(GPTQOptions()) < 0.9 * err(GPTQOptions(act_order=False)), spec
+
+
 def test_act_order_with_groups_keeps_contiguous_groups():
     """act_order quantises the loudest columns first, but every group's qparams are those of
     its contiguous columns of the original weight, and every column uses its own group."""
@@ -173,7 +192,7 @@ def test_act_order_with_groups_keeps_contiguous_groups():
     scale, zp = P.choose_qparams(w, spec.format, 32, False)  # contiguous groups, before updates
     assert lay.scale.shape == (48, 4)
     assert torch.equal(lay.scale, scale) and torch.equal(lay.zero_point, zp)
-    plain = gptq_quantize(w, h, spec, GPTQOptions(static_groups=True))
+    plain = gptq_quantize(w, h, spec, GPTQOptions(act_order=False, static_groups=True))
     assert not torch.equal(lay.codes, plain.codes)  # the order did change what was rounded
     # the QuantLinear's fake-quant weight is codes * steps of the contiguous groups
     ql = G.to_quant_linear(nn.Linear(128, 48, bias=False), spec, "lin", lay)
@@ -276,6 +295,7 @@ def test_model_on_grid_saves_loads_and_reuses_bit_for_bit(tmp_path):
         assert torch.equal(ql.dequantized_weight(), ql.weight)
     out = tmp_path / "model"
     save_quantized(model, mock.Mock(), W3G32, out, extra={"method": "gptq"}, files=metrics["files"])
+    (out / "tokenizer.json").write_text("{}")  # loading requires a tokenizer file (mocked below)
     with mock.patch("transformers.AutoTokenizer.from_pretrained", return_value=None):
         loaded, _ = load_model(out)
     a, b = model.state_dict(), loaded.state_dict()
@@ -355,10 +375,14 @@ def test_quarot_gptq_beats_quarot_rtn():
     ref, rtn = copy.deepcopy(model), copy.deepcopy(model)
     w3 = QuantScheme.from_name("W3A16KV16", preset="efficientqat", group_size=32)
     _quarot(rtn, w3, None)
-    _quarot(model, w3, _ids(8, 32, vocab=128), "gptq")
     ids = _ids(4, 32, seed=9, vocab=128)
     want = _logits(ref, ids)
-    assert (_logits(model, ids) - want).pow(2).mean() < 0.85 * (_logits(rtn, ids) - want).pow(2).mean()
+    rtn_err = (_logits(rtn, ids) - want).pow(2).mean()
+    # the rotation flattens diag(H), so the column order matters less: both orders must win
+    for opts, bound in (({}, 0.95), ({"act_order": False}, 0.85)):
+        q = copy.deepcopy(ref)
+        _quarot(q, w3, _ids(8, 32, vocab=128), "gptq", **opts)
+        assert (_logits(q, ids) - want).pow(2).mean() < bound * rtn_err, opts
 
 
 TEXT = " ".join(f"sentence {i % 37} tells of rivers hills and the towns between them" for i in range(600))
@@ -397,16 +421,16 @@ def test_quarot_gptq_through_calibrate_and_block_ap_stages(tmp_path, monkeypatch
             "block_ap": {"data": {"source": "calib", "train_samples": 4, "val_samples": 2, "seq_len": 32},
                          "steps": [{"block-ap": {"epochs": 1, "batch_size": 2}}]}})
 
-    metrics = calibrate.run(params(act_order=True))
+    metrics = calibrate.run(params(act_order=False))
     out = tmp_path / "artifacts" / "calibrate" / "model"
     assert metrics["gptq_reused"] == 0.0 and (out / RESULTS_FILE).is_file()
     meta = json.loads((out / "quantization.json").read_text())
     assert meta["rotations"]["linears"] and meta["method"] == "quarot+gptq"
-    assert meta["steps"][1]["gptq"]["act_order"] is True
+    assert meta["steps"][1]["gptq"]["act_order"] is False  # a non-default option is recorded
     first = load_file(str(out / "qparams.safetensors"))
     saved = tmp_path / "saved_results.safetensors"
     saved.write_bytes((out / RESULTS_FILE).read_bytes())
-    again = calibrate.run(params(act_order=True, results=str(saved)))
+    again = calibrate.run(params(act_order=False, results=str(saved)))
     assert again["gptq_reused"] == 1.0
     second = load_file(str(out / "qparams.safetensors"))
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)

@@ -25,9 +25,9 @@ def test_text_round_trip(text):
 
 def test_options_round_trip_and_params_form():
     r = Recipe.parse("quarot+gptq+tesseraq+e2e-qp:W4g64",
-                     options={"gptq": {"act_order": True}, "tesseraq": {"iterations": 50}})
-    assert r.options() == {"gptq": {"act_order": True}, "tesseraq": {"iterations": 50}}
-    assert r.params()["calibrate.steps"] == ["quarot", {"gptq": {"act_order": True}}]
+                     options={"gptq": {"act_order": False}, "tesseraq": {"iterations": 50}})
+    assert r.options() == {"gptq": {"act_order": False}, "tesseraq": {"iterations": 50}}
+    assert r.params()["calibrate.steps"] == ["quarot", {"gptq": {"act_order": False}}]
     assert r.params()["block_ap.steps"] == [{"tesseraq": {"iterations": 50}}]
     assert Recipe.parse(r.text, r.options()) == r
     assert Recipe.from_params(_as_params(r.params())) == r
@@ -35,10 +35,10 @@ def test_options_round_trip_and_params_form():
 
 
 def test_an_options_object_selects_its_method():
-    step = Step.parse(GPTQOptions(act_order=True))
-    assert step == Step("gptq", {"act_order": True})
-    r = Recipe(QuantScheme.parse("W4g64"), calibrate=[GPTQOptions(act_order=True)])
-    assert r.text == "gptq:W4g64" and r.options() == {"gptq": {"act_order": True}}
+    step = Step.parse(GPTQOptions(act_order=False))
+    assert step == Step("gptq", {"act_order": False})
+    r = Recipe(QuantScheme.parse("W4g64"), calibrate=[GPTQOptions(act_order=False)])
+    assert r.text == "gptq:W4g64" and r.options() == {"gptq": {"act_order": False}}
 
 
 @pytest.mark.parametrize("text,options,error", [
@@ -52,7 +52,7 @@ def test_an_options_object_selects_its_method():
     ("rtn+block-ap+tesseraq:W4g64", None, r"block_ap\.steps: \['block-ap', 'tesseraq'\]: the blockwise "
                                           r"stage runs at most one step"),
     ("quarot:W4A8KV4", None, r"'quarot' is a transform and the last step"),
-    ("rtn:W4g64", {"gptq": {"act_order": True}}, r"options given for \['gptq'\], which is not a step"),
+    ("rtn:W4g64", {"gptq": {"act_order": False}}, r"options given for \['gptq'\], which is not a step"),
     ("rtn:W4x", None, r"'W4x' is not a scheme text; accepted: W<w>\[g<group>\]"),
     ("rtn+block-ap", None, r"has no scheme"),
     ("rtn:W4g64", {"rtn": {"clip": 0.9}}, r"recipe 'rtn:W4g64': unknown key\(s\) \['options\.rtn\.clip'\]; accepted keys under options\.rtn"),

@@ -75,13 +75,13 @@ def test_method_options_are_checked_by_the_method(params):
 
 def test_a_recipe_text_sets_the_scheme_and_every_stage(params):
     grid = {"axes": {"recipe": ["awq:W4g64", "awq+tesseraq+e2e-qp:W3g64",
-                                {"text": "gptq:W4g64", "options": {"gptq": {"act_order": True}}}]}}
+                                {"text": "gptq:W4g64", "options": {"gptq": {"act_order": False}}}]}}
     rs = _expand(grid, params)
     assert [r.name for r in rs][:2] == ["recipe=awq:W4g64", "recipe=awq+tesseraq+e2e-qp:W3g64"]
     awq, tq, gptq = (r.effective for r in rs)
     assert (awq["calibrate"]["steps"], awq["block_ap"]["steps"], awq["e2e"]["steps"]) == (["awq"], [], [])
     assert tq["block_ap"]["steps"] == ["tesseraq"] and tq["scheme"]["weight"]["format"] == "int3"
-    assert gptq["calibrate"]["steps"] == [{"gptq": {"act_order": True}}]
+    assert gptq["calibrate"]["steps"] == [{"gptq": {"act_order": False}}]
     assert "calibrate.steps=[awq]" in rs[0].overrides and not any(o.startswith("recipe=") for o in rs[0].overrides)
     assert R.weight_bits(tq) == 3
 

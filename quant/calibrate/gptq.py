@@ -112,7 +112,7 @@ RESULTS_VERSION = "1"
 class GPTQOptions(Config):
     block_size: int = 128  # columns per lazy batch update (published: 128)
     percdamp: float = 0.01  # dampening, as a fraction of mean(diag(H))
-    act_order: bool = False  # columns by decreasing diag(H) (desc_act); implies static groups
+    act_order: bool = True  # columns by decreasing diag(H) (desc_act); implies static groups
     static_groups: bool = False  # group qparams from the weight before any update
     true_sequential: bool = True  # per block, H of each input group after the linears before it
     batch_size: int = 16  # calibration sequences per forward pass
