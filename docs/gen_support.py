@@ -1,9 +1,9 @@
 """The support table of docs/support.md (families x methods x export formats), from test results.
 
-    .venv/bin/python docs/gen_support.py          # run tests/test_families.py, rewrite the table
+    .venv/bin/python docs/gen_support.py          # run tests/quant/models/test_families.py, rewrite the table
     .venv/bin/python docs/gen_support.py --check  # only compare docs/support.md with the last results
 
-tests/test_families.py runs every method and export format on a tiny model of every family
+tests/quant/models/test_families.py runs every method and export format on a tiny model of every family
 and records each cell's outcome (ran and passed its checks, or refused with a ConfigError the
 test expects); its last test renders the table with `render` and fails when docs/support.md
 holds another one. With UPDATE_SUPPORT_TABLE=1 (what this script sets) it writes the outcomes
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
               "docs/support.md differs from docs/results/support.json: run docs/gen_support.py")
         return 0 if ok else 1
     env = {**os.environ, "UPDATE_SUPPORT_TABLE": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "tests/test_families.py"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "tests/quant/models/test_families.py"]
     return subprocess.run(cmd, cwd=ROOT, env=env).returncode
 
 

@@ -12,7 +12,7 @@ It runs the same code as the stages (`tasks/`): `quant.calibrate.calibrate`,
 `quant.blockwise.engine.reconstruct` and `quant.e2e.trainer.train`, which the stages call
 between reading their inputs and writing their outputs. The stages save and reload the
 model between steps; here it stays in memory (on CPU the result is the same, bit for
-bit: tests/test_api.py).
+bit: tests/quant/test_api.py).
 
 Data: calibration steps take `calib_ids` [samples, seq_len] (or `calib_text`, cut into
 seeded random windows as the calibrate stage does); block-wise and end-to-end steps

@@ -1,4 +1,4 @@
-"""One process of tests/test_e2e_launch.py's multi-process trainer runs (started through
+"""One process of tests/tasks/test_e2e_launch.py's multi-process trainer runs (started through
 accelerate's launcher; not a test module itself).
 
     python -m tests.dist_worker TEACHER_DIR WORK_DIR OUT_JSON STRATEGY DEVICE
@@ -27,7 +27,7 @@ from quant.e2e import distributed as D
 from quant.e2e.distributed import make_accelerator
 from quant.e2e.kd import KDOptions, setup
 from quant.e2e.trainer import E2EContext, TrainConfig, Trainer
-from tests.test_kd import _peaky_tiny_llama, llm_qat_scheme
+from tests.quant.e2e.test_kd import _peaky_tiny_llama, llm_qat_scheme
 
 GLOBAL_BATCH = 4
 

@@ -30,7 +30,7 @@ from quant.methods import method
 from quant.models.arch import decoder_layers
 from quant.synth.decode import KVDecoder
 from tests.conftest import make_tiny_llama
-from tests.test_train import _norm_objective
+from tests.quant.e2e.test_train import _norm_objective
 
 pytestmark = pytest.mark.gpu
 

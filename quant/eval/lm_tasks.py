@@ -11,7 +11,7 @@ Two sources of the same eight tasks, chosen by params, never by code:
   that the built-in task would build. The generated YAML only points lm-eval
   at those fields, so the prompt logic lives here, in Python a reader can test,
   rather than in Jinja strings or `!function` files next to a temporary YAML.
-  tests/test_eval_prompts.py checks the requests against the installed
+  tests/quant/eval/test_eval_prompts.py checks the requests against the installed
   lm-eval's own task configs document by document.
 - `lm-eval`: the built-in task names (needs the Hugging Face hub; real scale).
 

@@ -23,7 +23,7 @@ formats, bits other than 2/3/4/8, group sizes other than -1 or a power of two in
 multiples of 32 (GPTQ packs 32 inputs into b words). The loader is this project's
 (`quant.export.loader`); GPTQModel itself is not a dependency.
 
-Consumers (docs/compatibility.md, generated from tests/test_consumers.py): GPTQModel
+Consumers (docs/compatibility.md, generated from tests/quant/export/test_consumers.py): GPTQModel
 7.7 reads `checkpoint_format: gptq_v2` and loads every width, symmetric or not, exactly
 (to fp16/bf16 rounding) with its `GPTQ_TORCH` backend in fp16/bf16; its `AUTO`
 backend in float32 on CPU picks `TorchFusedLinear` for 4 bits, whose CPU transform

@@ -8,7 +8,7 @@ range taken from the token itself at every call. Because it acts on the
 projection output, the same quantized tensors flow into training, perplexity
 evaluation and `generate`: the attention computes `past_key_values.update(k, v)`
 from them, so every entry a generation-time KV cache holds is a quantized one
-(tests/test_kv_quant.py checks the cache contents token by token).
+(tests/quant/modules/test_kv_quant.py checks the cache contents token by token).
 
 Keys are quantized BEFORE RoPE, as the LLM-QAT reference does (it quantizes
 `k_proj`'s output, then rotates). Consequences:
