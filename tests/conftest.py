@@ -81,3 +81,13 @@ def calibrate_step(model, scheme, name: str, calib=None, options=None, where: st
     if m.check_inputs is not None:
         m.check_inputs(model, opts, ctx)
     return m.fn(model, opts, ctx)
+
+
+class StubTokenizer:
+    """A tokenizer stand-in for save/load tests that mock AutoTokenizer: it writes the
+    tokenizer.json that loading requires (quant.checkpoint.check_tokenizer_files)."""
+
+    def save_pretrained(self, path) -> None:
+        from pathlib import Path
+
+        (Path(path) / "tokenizer.json").write_text("{}")

@@ -4,12 +4,12 @@ result is exactly its integer representation, and bad params fail before any tra
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
 from torch.nn import functional as F
 
+from conftest import StubTokenizer
 from quant.blockwise.block_ap import BlockAP
 from quant.blockwise.engine import BlockwiseContext
 from quant.calibrate.rtn import quantize_linears
@@ -116,9 +116,7 @@ def test_frozen_result_equals_its_integer_representation(tiny_llama, tmp_path):
                 assert torch.equal(loaded(input_ids=ids).logits, logits_fake)
 
 
-class _Tok:
-    def save_pretrained(self, path):
-        (Path(path) / "tokenizer.json").write_text("{}")  # a tokenizer file is required on load
+_Tok = StubTokenizer
 
 
 def _load(path, dtype):

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import calibrate_step, make_tiny_llama
+from conftest import StubTokenizer, calibrate_step, make_tiny_llama
 from quant.calibrate import calibrate
 from quant.calibrate import gptq as G
 from quant.calibrate.gptq import RESULTS_FILE, GPTQOptions, Hessian, gptq_quantize
@@ -294,8 +294,7 @@ def test_model_on_grid_saves_loads_and_reuses_bit_for_bit(tmp_path):
         assert torch.equal(ql.weight, P.dequantize(q, scale, zp, ql.spec.format, ql.spec.group_size))
         assert torch.equal(ql.dequantized_weight(), ql.weight)
     out = tmp_path / "model"
-    save_quantized(model, mock.Mock(), W3G32, out, extra={"method": "gptq"}, files=metrics["files"])
-    (out / "tokenizer.json").write_text("{}")  # loading requires a tokenizer file (mocked below)
+    save_quantized(model, StubTokenizer(), W3G32, out, extra={"method": "gptq"}, files=metrics["files"])
     with mock.patch("transformers.AutoTokenizer.from_pretrained", return_value=None):
         loaded, _ = load_model(out)
     a, b = model.state_dict(), loaded.state_dict()

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import calibrate_step, make_tiny_llama
+from conftest import StubTokenizer, calibrate_step, make_tiny_llama
 from quant.calibrate.quarot import QuaRotOptions, rotate
 from quant.checkpoint import save_quantized
 from quant.config import ConfigError
@@ -205,9 +205,7 @@ def test_w4a4kv4_error_much_lower_with_quarot():
 # -- save / load ------------------------------------------------------------
 
 
-class _Tok:
-    def save_pretrained(self, path):
-        pass
+_Tok = StubTokenizer
 
 
 def test_rotations_survive_save_load(tmp_path, monkeypatch):
