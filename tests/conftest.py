@@ -91,3 +91,13 @@ class StubTokenizer:
         from pathlib import Path
 
         (Path(path) / "tokenizer.json").write_text("{}")
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: small models run several times faster on a shared,
+    busy CPU. Modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -8,16 +8,7 @@ import pytest
 from quant.blockwise.engine import BlockDivergedError
 from tests.quant.e2e.test_e2e import _params, stage_dir  # noqa: F401  (fixture)
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: small models slow down badly on a shared, busy CPU otherwise."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread
 
 
 def test_diverging_stage_writes_nothing(stage_dir):  # noqa: F811

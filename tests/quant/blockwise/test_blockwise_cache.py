@@ -44,12 +44,7 @@ CPU = torch.device("cpu")
 SCHEME = QuantScheme.from_name("W3A16KV16", preset="efficientqat", group_size=32)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread
 
 
 def _ids(n: int, length: int = 32, seed: int = 0) -> torch.Tensor:

@@ -29,13 +29,7 @@ SCHEME = QuantScheme.from_name("W2A16KV16", preset="efficientqat", group_size=32
 OPTIONS = {"thresholds": [0.6, 0.3, 0.1], "iterations": 12, "lr": 1e-2, "scale_lr": 1e-2}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: these small models slow down badly on a shared, busy CPU otherwise."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread
 
 
 def _ids(n: int, length: int = 32, seed: int = 0) -> torch.Tensor:

@@ -35,13 +35,7 @@ SPECS = [WeightSpec(IntFormat(3), 32), WeightSpec(IntFormat(4), -1, symmetric=Tr
          WeightSpec(IntFormat(2), 16), WeightSpec(IntFormat(8), 32, symmetric=True)]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: small models run several times faster on a shared, busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread
 
 
 def _ids(n: int = 4, length: int = 16, seed: int = 0, vocab: int = 256) -> torch.Tensor:

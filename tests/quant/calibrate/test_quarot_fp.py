@@ -36,12 +36,7 @@ CALIB = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0
 EVAL = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(9))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread
 
 
 def _run(model, steps, calib=CALIB, scheme=W4A4):

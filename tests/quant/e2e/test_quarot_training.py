@@ -21,12 +21,7 @@ SCHEME = QuantScheme.from_name("W4A8KV4", preset="efficientqat", group_size=32)
 TEXT = " ".join(f"Sentence {i} tells of rivers, hills and the towns between them." for i in range(400))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread
 
 
 @pytest.fixture
