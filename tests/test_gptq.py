@@ -174,7 +174,7 @@ def test_defaults_are_the_winning_column_order():
     for spec in (WeightSpec(IntFormat(3), -1), WeightSpec(IntFormat(3), 32)):
         h = _hessian(x)
 
-        def err(opts):
+        def err(opts, h=h, spec=spec):
             wq = gptq_quantize(w, h, spec, opts).weight(spec)
             return (x @ wq.T - x @ w.T).pow(2).sum().item()
 
