@@ -66,6 +66,8 @@ def quantize(model: nn.Module, recipe: Recipe | str, *, tokenizer=None,
 
     Returns (the quantized model, a Report). The model is changed in place; the returned
     one is the same module (an end-to-end step under FSDP would return a gathered copy).
+    It keeps no reference weights (GPTQ's full-precision weights, the targets of a
+    block-wise step): they are dropped once no block-wise step is left.
     `train` is a `quant.e2e.trainer.TrainConfig` (defaults: one epoch). `teacher` is the
     full-precision model for knowledge distillation (`kd`); by default a copy of `model`
     taken before any step. `work_dir` keeps resumable state (default: a temporary dir)."""
@@ -77,6 +79,7 @@ def quantize(model: nn.Module, recipe: Recipe | str, *, tokenizer=None,
     from quant.e2e.trainer import E2EContext, TrainConfig
     from quant.e2e.trainer import train as train_steps
     from quant.io import fingerprint
+    from quant.modules.linear import drop_reference_weights
 
     if isinstance(recipe, str):
         recipe = Recipe.parse(recipe)
@@ -110,6 +113,8 @@ def quantize(model: nn.Module, recipe: Recipe | str, *, tokenizer=None,
     _seed(seed)  # each phase starts from the seed, as each stage process does
     cal = calibrate(model, recipe.scheme, recipe.calibrate, calib_ids, seed)
     report.calibrate, report.files = cal.metrics, cal.files
+    if not recipe.blockwise:  # GPTQ's reference weights are the targets of block-wise steps only
+        drop_reference_weights(model)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(work_dir) if work_dir is not None else Path(tmp)
         if recipe.blockwise:

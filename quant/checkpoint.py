@@ -5,9 +5,16 @@
   (any tool can load it and gets the fake-quant function), plus
   `qparams.safetensors` (step sizes and zero points) and `quantization.json`
   (the scheme), from which the exact QuantLinear modules are rebuilt.
-  A trainable QuantLinear's float weight (what Block-AP starts from and what
-  its full-precision targets use) is kept in `float_weights.safetensors`; a
-  frozen one (`QuantLinear.freeze()`) is restored frozen, bit for bit.
+  A trainable QuantLinear's float weight (what Block-AP starts from and, unless
+  the layer keeps a reference weight, what its full-precision targets use) is kept
+  in `float_weights.safetensors`; a frozen one (`QuantLinear.freeze()`) is
+  restored frozen, bit for bit.
+- Reference weights (`QuantLinear.reference_weight`: the full-precision weight of a
+  layer whose float weight a quantizer moved onto the grid, GPTQ's) are kept in
+  `reference_weights.safetensors`, a file of their own because only block-wise
+  training reads them: `load_quantized(..., reference_weights=True)` (the block_ap
+  stage) restores them bit for bit; every other reader (evaluate, e2e, convert,
+  synthesize, `quant.load_model`) leaves them on disk and pays no memory for them.
 - Floating-point layers (no integer codes) keep their float weight and, for
   FP formats, `<layer>.exp_bias`; a layer whose format differs from the scheme's
   (the `fp-search` format search) is listed in `quantization.json` under
@@ -44,6 +51,7 @@ from quant.numerics.formats import IntFormat, parse_format
 
 QPARAMS_FILE = "qparams.safetensors"
 FLOAT_WEIGHTS_FILE = "float_weights.safetensors"
+REFERENCE_WEIGHTS_FILE = "reference_weights.safetensors"
 SCHEME_FILE = "quantization.json"
 # a model directory's tokenizer is one of these (fast tokenizers, sentencepiece, BPE, WordPiece)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
@@ -187,10 +195,13 @@ def _moe_width(config: dict) -> tuple[str, int] | None:
     return None
 
 
-def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                   reference_weights: bool = False):
     """(model, tokenizer) of a directory in this format, or of a plain transformers checkpoint
     (after `check_model_files`: a corrupt file is an `InputError` naming it). A packed export
-    (`convert`) is refused here: `quant.load_model` loads every kind of directory."""
+    (`convert`) is refused here: `quant.load_model` loads every kind of directory.
+    `reference_weights`: also restore the QuantLinears' reference weights (block-wise
+    training's targets; module docstring)."""
     from transformers import AutoModelForCausalLM
 
     check_model_files(path)
@@ -208,7 +219,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device:
     tokenizer = load_tokenizer(path)
     meta = read_quant_meta(path)
     if meta is not None:
-        _restore_quant_linears(model, Path(path))
+        _restore_quant_linears(model, Path(path), reference_weights)
         install_rotations(model, meta.get("rotations"))
         scheme = read_scheme(path)
         if scheme.activation is not None or scheme.kv_cache is not None:
@@ -235,7 +246,7 @@ def check_shapes(path: str | Path) -> None:
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     for f in sorted(Path(path).glob("*.safetensors")):
-        if f.name in (QPARAMS_FILE, FLOAT_WEIGHTS_FILE):
+        if f.name in (QPARAMS_FILE, FLOAT_WEIGHTS_FILE, REFERENCE_WEIGHTS_FILE):
             continue
         with safe_open(str(f), "pt") as st:
             for k in st.keys():  # noqa: SIM118 (safe_open is not a dict)
@@ -270,6 +281,8 @@ def save_quantized(model: nn.Module, tokenizer, scheme: QuantScheme, out: str | 
     qparams: dict[str, torch.Tensor] = {}
     float_weights: dict[str, torch.Tensor] = {}
     layers = dict(quant_linears(model))
+    references = {f"{name}.reference_weight": ql.reference_weight.detach().contiguous().cpu()
+                  for name, ql in layers.items() if ql.reference_weight is not None}
     fp_meta: dict[str, dict[str, str]] = {"layer_formats": {}, "act_formats": {}}
     rotations = rotation_config(model)
     for name, ql in layers.items():
@@ -294,6 +307,8 @@ def save_quantized(model: nn.Module, tokenizer, scheme: QuantScheme, out: str | 
             save_file(qparams, str(tmp / QPARAMS_FILE))
             if float_weights:
                 save_file(float_weights, str(tmp / FLOAT_WEIGHTS_FILE))
+            if references:
+                save_file(references, str(tmp / REFERENCE_WEIGHTS_FILE))
             frozen = sorted(n for n, ql in layers.items() if ql.frozen)
             meta = {"scheme": scheme.to_dict(), "layers": sorted(layers), "frozen": frozen,
                     **{k: v for k, v in fp_meta.items() if v}, **(extra or {})}
@@ -366,9 +381,10 @@ def read_scheme(path: str | Path) -> QuantScheme | None:
         raise InputError(f"{Path(path) / SCHEME_FILE}: {exc}; re-run the stage that wrote it") from None
 
 
-def _restore_quant_linears(model: nn.Module, path: Path) -> None:
+def _restore_quant_linears(model: nn.Module, path: Path, reference_weights: bool = False) -> None:
     """Rebuild QuantLinear modules from the saved integer weights, step sizes and zero
-    points (exact, whatever dtype the dequantized checkpoint was stored in)."""
+    points (exact, whatever dtype the dequantized checkpoint was stored in); with
+    `reference_weights`, their reference weights too."""
     meta = read_quant_meta(path)
     scheme = read_scheme(path)
     if scheme.weight is None:  # W16: nothing to rebuild (activation/KV-only schemes)
@@ -381,6 +397,22 @@ def _restore_quant_linears(model: nn.Module, path: Path) -> None:
         raise InputError(f"{path / QPARAMS_FILE} (or {FLOAT_WEIGHTS_FILE}) has no tensor {exc.args[0]!r}, which "
                          f"{path / SCHEME_FILE} lists; the files are from different runs: re-run the stage "
                          "that wrote them") from None
+    if reference_weights and (path / REFERENCE_WEIGHTS_FILE).exists():
+        _restore_references(model, path / REFERENCE_WEIGHTS_FILE)
+
+
+def _restore_references(model: nn.Module, f: Path) -> None:
+    """Every tensor of `f` back into its trainable QuantLinear's reference weight, in the
+    layer's dtype; a tensor no such layer of that shape takes is an InputError naming it."""
+    layers = dict(quant_linears(model))
+    for key, value in load_file(str(f)).items():
+        ql = layers.get(key.removesuffix(".reference_weight"))
+        if (not key.endswith(".reference_weight") or ql is None or ql.frozen
+                or tuple(value.shape) != tuple(ql.weight.shape)):
+            raise InputError(f"{f}: tensor {key!r} is no reference weight of a trainable quantized linear "
+                             "of this model (of its shape); the files are from different runs: re-run the "
+                             "stage that wrote them")
+        ql.reference_weight = value.to(ql.weight.device, ql.weight.dtype)
 
 
 def _restore_layers(model: nn.Module, meta: dict, scheme: QuantScheme, qparams: dict, floats: dict) -> None:

@@ -2,8 +2,10 @@
 `block-ap` or `tesseraq`; with `steps: []` the calibrated model passes through unchanged).
 
 Reads artifacts/calibrate/model (QuantLinears with float weights and initial
-qparams) and the training data (tasks.training_data: merged synthetic
-sequences when present, else windows of the calibration text). Writes
+qparams; after GPTQ, whose float weights lie on the grid, also the reference
+weights the full-precision targets come from) and the training data
+(tasks.training_data: merged synthetic sequences when present, else windows of
+the calibration text). Writes
 artifacts/block_ap/model (frozen on the integer grid),
 artifacts/block_ap/block_loss.png and metrics/block_ap.json; per-block
 validation MSE goes to MLflow as step metrics. A killed run resumes at the next
@@ -102,7 +104,8 @@ def run(params: Params) -> dict[str, Any]:
     seqs, source = training_sequences(src, cfg.data, "block_ap")
     train_ids, val_ids = split_samples(seqs, cfg.data.train_samples, cfg.data.val_samples,
                                        params.base.seed, "block_ap.data")
-    model, tokenizer = load_quantized(src, torch.float32, "cpu")  # fp32 master weights on the host
+    # fp32 master weights on the host, with the reference weights the targets come from
+    model, tokenizer = load_quantized(src, torch.float32, "cpu", reference_weights=True)
     fp = fingerprint(cfg.to_dict(), scheme.to_dict(), params.base.seed,
                      files=(src / "quantization.json", src / "qparams.safetensors"),
                      tensors=(train_ids, val_ids))

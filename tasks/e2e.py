@@ -2,7 +2,9 @@
 with `steps: []` the input model passes through unchanged).
 
 Reads artifacts/<e2e.model>/model (default: block_ap, frozen on the integer
-grid) and the training data (see tasks.training_data.training_sequences); writes
+grid; never the reference weights GPTQ keeps for block-wise training: e2e losses take
+their targets from labels or the teacher, so the output carries none) and the
+training data (see tasks.training_data.training_sequences); writes
 artifacts/e2e/model and metrics/e2e.json; the training loss, learning rate and
 gradient norm go to MLflow as step metrics. Saved steps live in .state/e2e; a
 killed run continues from the last one (with the same processes and strategy).

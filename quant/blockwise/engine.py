@@ -15,8 +15,8 @@ returns its per-block metrics. The engine does the rest:
   weights, bf16 autocast on GPU) and hands them back. Reusing one module object
   lets `torch.compile` compile a method's step once for all blocks. The
   full-precision block (QuantLinears replaced by plain linears holding the
-  float weights) is a second device-resident workspace, built once and loaded
-  with each block's float weights, its linear weights cast to bf16 once when
+  full-precision weights) is a second device-resident workspace, built once and loaded
+  with each block's full-precision weights, its linear weights cast to bf16 once when
   amp is on: autocast would cast them for every batch, to the same values (a
   round to nearest), so the targets are the same numbers, made faster; the
   norms stay fp32 as under autocast.
@@ -26,6 +26,15 @@ returns its per-block metrics. The engine does the rest:
   on disk (quant.blockwise.cache), each where `cache` and the cache planner put
   it (quant.blockwise.planner: `auto` measures the free GPU memory, host memory
   and disk and says in the log where each cache went and why).
+- The full-precision function is each QuantLinear's `full_precision_weight()`: its
+  float weight, or the reference weight kept by a quantizer that moved the float
+  weight onto the grid (GPTQ; quant.modules.linear), so training after GPTQ starts
+  at GPTQ's solution and aims at the original model. A dense block's workspace
+  drops the reference weights (its targets come from the full-precision workspace;
+  a copy in the trained one would be a third copy on the device); an MoE block's
+  workspace keeps them (it computes its own targets, below). A model whose every
+  trainable linear of block 0 lies on its grid with no reference weight is refused
+  before any work: its targets would be its own quantized outputs (a zero loss).
 - Forward-only passes (targets, next inputs, validation losses) are pipelined
   like training steps: the next batch is fetched on a side stream (read ahead
   on a thread from disk), results go back to pinned memory without waiting
@@ -93,12 +102,14 @@ from quant.blockwise.passes import (
     make_forward_fn,
     make_loss_fn,
     mean_loss,
+    on_grid_without_reference,
+    reference_keys,
     same_structure,
 )
 from quant.config import Config, ConfigError, InputError, TrainingDivergedError
 from quant.config.scheme import QuantScheme
 from quant.models.arch import decoder_layers, mapping_for
-from quant.modules.linear import QuantLinear
+from quant.modules.linear import QuantLinear, drop_reference_weights
 
 log = logging.getLogger("quant.blockwise")
 
@@ -268,7 +279,20 @@ class BlockwiseEngine:
         self._q_fn: Callable | None = None
         self._fp_fn: Callable | None = None
         self.prefetch = Prefetcher(dev)
+        self._check_targets()
         self.placements = self._plan()  # before any heavy work: a cache that cannot fit fails here
+
+    def _check_targets(self) -> None:
+        """Refuse a model whose full-precision targets would be its quantized outputs (module
+        docstring); block 0 stands for the model (one quantizer made every block)."""
+        block = self.layers[0]
+        linears = [n for n, m in block.named_modules() if isinstance(m, QuantLinear) and not m.frozen]
+        if linears and len(on_grid_without_reference(block)) == len(linears):
+            raise ConfigError(
+                f"{self.ctx.where}: every quantized linear of block 0 has its float weight on its grid "
+                "and no reference weight, so the full-precision targets would be the quantized model's "
+                "own outputs and training would learn nothing; re-run calibrate with this version (GPTQ "
+                "keeps the full-precision weights in reference_weights.safetensors)")
 
     def state(self) -> dict[str, Any]:
         return {"phase": self.phase, "blocks": len(self.layers), "done": self.next_block,
@@ -414,19 +438,31 @@ class BlockwiseEngine:
         if len(self.val_ids):
             forward_pass(self._q_fn, self.q_val, self.q_val, self.opt.batch_size, self.prefetch)
 
+    def _shared_state(self, block: nn.Module) -> dict[str, torch.Tensor]:
+        """The tensors of `block` the workspace holds: all, less a dense block's reference
+        weights (module docstring)."""
+        state = block.state_dict()
+        if not self.moe:
+            for key in reference_keys(block):
+                del state[key]
+        return state
+
     def _load_workspace(self, i: int) -> None:
         block = self.layers[i]
         self._use_kwargs(i)
-        if self.workspace is not None and not same_structure(self.workspace, block):
+        state = self._shared_state(block)
+        if self.workspace is not None and not same_structure(self.workspace, state):
             self.workspace = None  # a block of another structure: a workspace of its own
         if self.workspace is None:
-            self.workspace = copy.deepcopy(block).to(self.ctx.device, torch.float32)
+            ws = copy.deepcopy(block)
+            if not self.moe:
+                drop_reference_weights(ws)
+            self.workspace = ws.to(self.ctx.device, torch.float32)
             self._eval_fn = make_loss_fn(self.workspace, self.kwargs, self.ctx.device, self.amp, False)
             self._q_fn = make_forward_fn(self.workspace, self.kwargs, self.ctx.device, self.amp, self.compile)
         with torch.no_grad():
-            for (n, w), (_, b) in zip(self.workspace.state_dict().items(), block.state_dict().items(),
-                                      strict=True):
-                assert w.shape == b.shape, n
+            for (n, w), (m, b) in zip(self.workspace.state_dict().items(), state.items(), strict=True):
+                assert n == m and w.shape == b.shape, (n, m)
                 w.copy_(b)
 
     def val_loss(self) -> float:
@@ -455,7 +491,7 @@ class BlockwiseEngine:
         self._keep_better(i, info)
         with torch.no_grad():  # hand the kept weights back to the host model
             for (_, w), (_, b) in zip(self.workspace.state_dict().items(),
-                                      self.layers[i].state_dict().items(), strict=True):
+                                      self._shared_state(self.layers[i]).items(), strict=True):
                 b.copy_(w)
         self._advance_q()
         info["seconds"] = round(time.time() - t0, 3)
@@ -517,7 +553,8 @@ class BlockwiseEngine:
         return BlockwiseResult(len(self.layers), start, self.per_block, self.cache_placements())
 
     def finish(self) -> None:
-        """Freeze every QuantLinear on its integer grid; release the device."""
+        """Freeze every QuantLinear on its integer grid (which drops the reference weights:
+        nothing trains against them any more); release the device."""
         if self.next_block != len(self.layers):
             raise RuntimeError(f"finish() with blocks {self.next_block}..{len(self.layers) - 1} untrained")
         for m in self.model.modules():

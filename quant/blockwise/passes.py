@@ -124,7 +124,8 @@ def layer_kwargs(model: nn.Module, ids: torch.Tensor, device: torch.device,
 
 def float_block(block: nn.Module) -> nn.Module:
     """A copy of `block` in full precision: every QuantLinear becomes a plain linear holding
-    its float weight (the function block-wise training reconstructs)."""
+    its full-precision weight (`QuantLinear.full_precision_weight`: the reference weight
+    where one is kept, else the float weight), the function block-wise training reconstructs."""
     fp = copy.deepcopy(block)
     for name, m in list(fp.named_modules()):
         if isinstance(m, QuantLinear):
@@ -133,7 +134,8 @@ def float_block(block: nn.Module) -> nn.Module:
                                    "needs the calibrated (trainable) model")
             lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None,
                             device=m.weight.device, dtype=m.weight.dtype)
-            lin.weight = m.weight
+            w = m.full_precision_weight()
+            lin.weight = w if isinstance(w, nn.Parameter) else nn.Parameter(w, requires_grad=False)
             if m.bias is not None:
                 lin.bias = m.bias
             move_input_rotation(m, lin)  # QuaRot's online rotation is part of the fp function
@@ -145,7 +147,8 @@ def float_block(block: nn.Module) -> nn.Module:
 @contextmanager
 def full_precision(block: nn.Module):
     """Inside: `block` computes what `float_block(block)` computes, in place: every QuantLinear
-    multiplies by its float weight with no input quantizer, and no key / value quantizer
+    multiplies by its full-precision weight (the reference weight where it keeps one) with no
+    input quantizer, and no key / value quantizer
     runs (online rotations stay: they are part of the full-precision function). The
     block-wise engine computes MoE blocks' targets this way instead of keeping a second,
     full-precision copy of every expert on the device."""
@@ -171,10 +174,29 @@ def full_precision(block: nn.Module):
             m.key_quantizer = q
 
 
-def same_structure(a: nn.Module, b: nn.Module) -> bool:
-    """Whether two blocks hold the same tensors (names and shapes): one workspace serves both."""
-    sa, sb = a.state_dict(), b.state_dict()
+def same_structure(a: nn.Module | dict[str, torch.Tensor], b: nn.Module | dict[str, torch.Tensor]) -> bool:
+    """Whether two blocks (or state dicts) hold the same tensors (names and shapes): one
+    workspace serves both."""
+    sa = a.state_dict() if isinstance(a, nn.Module) else a
+    sb = b.state_dict() if isinstance(b, nn.Module) else b
     return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape for k in sa)
+
+
+def reference_keys(block: nn.Module) -> set[str]:
+    """The state_dict keys of the reference weights `block`'s QuantLinears keep."""
+    return {f"{name}.reference_weight" for name, m in block.named_modules()
+            if isinstance(m, QuantLinear) and m.reference_weight is not None}
+
+
+def on_grid_without_reference(block: nn.Module) -> list[str]:
+    """`block`'s trainable QuantLinears whose full-precision function is their own quantized
+    one: no reference weight, and a float weight its fake-quant leaves unchanged (a model
+    whose quantizer put the weights on the grid and kept no reference: block-wise targets
+    from it would be the quantized outputs themselves, a zero loss)."""
+    with torch.no_grad():
+        return [name for name, m in block.named_modules()
+                if isinstance(m, QuantLinear) and not m.frozen and m.reference_weight is None
+                and torch.equal(m.dequantized_weight(), m.weight)]
 
 
 def cast_linears(block: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -191,12 +213,14 @@ def cast_linears(block: nn.Module, dtype: torch.dtype) -> nn.Module:
 @torch.no_grad()
 def load_float_weights(fp: nn.Module, block: nn.Module) -> None:
     """Load `block`'s full-precision function into `fp`, a float_block of a block of the same
-    architecture (float weights into the plain linears, every other state as it is)."""
-    for name, m in block.named_modules():
-        if isinstance(m, QuantLinear) and m.frozen:
-            raise RuntimeError(f"{name} is frozen: its float weight is gone; block-wise training "
-                               "needs the calibrated (trainable) model")
+    architecture (full-precision weights into the plain linears, every other state as it is)."""
     src = block.state_dict()
+    for name, m in block.named_modules():
+        if isinstance(m, QuantLinear):
+            if m.frozen:
+                raise RuntimeError(f"{name} is frozen: its float weight is gone; block-wise training "
+                                   "needs the calibrated (trainable) model")
+            src[f"{name}.weight"] = m.full_precision_weight()
     for key, value in fp.state_dict().items():
         value.copy_(src[key])
 

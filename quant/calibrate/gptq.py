@@ -59,6 +59,12 @@ Output: every linear becomes a trainable `QuantLinear` whose float weight is the
 dequantised GPTQ weight (integer codes * step sizes, on the grid), so its
 fake-quant forward, `integer_weight()` and `freeze()` reproduce the GPTQ codes
 exactly and Block-AP / E2E / convert / evaluate take it as they take RTN's.
+Unlike RTN's or AWQ's, that float weight is no longer the full-precision function, so
+the layer also keeps the weight GPTQ started from (after QuaRot: the rotated one) as
+its reference weight (`QuantLinear.keep_reference`): a block-wise step after GPTQ
+starts from GPTQ's solution and trains against the original full-precision block,
+not against GPTQ's own output (which gave a zero loss and no training). The reused
+path (`options.results`) keeps it the same way.
 
 Results (codes, step sizes, zero points per linear) are returned as
 `gptq_results.safetensors` with the model fingerprint and weight scheme;
@@ -247,9 +253,11 @@ def gptq_quantize(weight: torch.Tensor, h: torch.Tensor, spec: WeightSpec, optio
 
 @torch.no_grad()
 def to_quant_linear(lin: nn.Linear, spec: WeightSpec, name: str, layer: QuantizedLayer) -> QuantLinear:
-    """A trainable QuantLinear holding GPTQ's weight and qparams (online rotation carried over)."""
+    """A trainable QuantLinear holding GPTQ's weight and qparams (online rotation carried over),
+    and `lin`'s float weight as its reference weight (the full-precision function)."""
     ql = QuantLinear.from_linear(lin, spec, name)
     dev = ql.weight.device
+    ql.keep_reference()  # lin's weight (QuaRot's rotated one after quarot), before it goes on the grid
     ql.weight.copy_(layer.weight(spec).to(dev, ql.weight.dtype))
     ql.scale.copy_(layer.scale)
     if ql.zero_point is not None:

@@ -23,6 +23,18 @@ FP layers have no integer codes, so `freeze()` / `integer_weight()` refuse them.
 
 An optional `input_quantizer` (a module applied to the input, e.g. per-token
 dynamic activation quantization) is kept separate from the weight math.
+
+Reference weight: the float weight of a trainable layer is normally also the
+full-precision weight the layer approximates (RTN and AWQ keep the float, scaled
+weight), and the block-wise engine takes its targets from it. A method that moves the
+float weight itself away from that function (GPTQ puts it on the grid, codes * steps,
+so that training starts at GPTQ's solution) first keeps the full-precision weight in
+the buffer `reference_weight` (`keep_reference()`); `full_precision_weight()` is
+the one place that chooses. The buffer is None otherwise, so other methods pay no
+memory for it. It is a target, never trained, and only block-wise training reads it:
+`freeze()` drops it (a frozen layer is past block-wise training; the exporters freeze
+first), and `drop_reference_weights` drops it from a model that no block-wise step
+follows (`quant.quantize`; end-to-end losses take their targets from labels or a teacher).
 """
 
 from __future__ import annotations
@@ -76,6 +88,7 @@ class QuantLinear(nn.Module):
             if isinstance(spec.format, FPFormat) else None
         )
         self.register_buffer("qweight", None)
+        self.register_buffer("reference_weight", None)  # see the module docstring
         self.input_quantizer: nn.Module | None = None
 
     # -- construction ------------------------------------------------------
@@ -118,6 +131,22 @@ class QuantLinear(nn.Module):
         if self.zero_point is not None:
             self.zero_point.copy_(zp)
 
+    @torch.no_grad()
+    def keep_reference(self) -> None:
+        """Keep the current float weight as the reference weight, before a method moves
+        `weight` away from the full-precision function (a second call keeps the first)."""
+        if self.frozen:
+            raise RuntimeError("keep_reference() on a frozen QuantLinear: its float weight is gone")
+        if self.reference_weight is None:
+            self.reference_weight = self.weight.detach().clone()
+
+    def full_precision_weight(self) -> torch.Tensor:
+        """The full-precision weight this layer approximates: the reference weight where one is
+        kept, else the float weight (the function block-wise training reconstructs)."""
+        if self.frozen:
+            raise RuntimeError("a frozen QuantLinear has no full-precision weight: its float weight is gone")
+        return self.weight if self.reference_weight is None else self.reference_weight
+
     # -- state -------------------------------------------------------------
 
     @property
@@ -156,6 +185,7 @@ class QuantLinear(nn.Module):
         self.qweight = q.to(qdtype)
         dtype, device = self.weight.dtype, self.weight.device
         del self.weight
+        self.reference_weight = None  # a frozen layer is past block-wise training
         self.register_buffer("weight_dtype_probe", torch.empty(0, dtype=dtype, device=device))
         if zp is not None:
             del self.zero_point
@@ -185,7 +215,8 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fp_bypass:  # the full-precision function (quant.blockwise.passes.full_precision)
-            return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+            w = self.full_precision_weight()
+            return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
         w = self.cached_weight
@@ -211,6 +242,7 @@ class QuantLinear(nn.Module):
             f"in={self.in_features}, out={self.out_features}, {self.spec.format.spec()}, "
             f"group={self.spec.group_size}, {'sym' if self.spec.symmetric else 'asym'}, "
             f"{'frozen' if self.frozen else 'trainable'}"
+            f"{', with reference weight' if self.reference_weight is not None else ''}"
         )
 
 
@@ -219,3 +251,13 @@ def quant_linears(model: nn.Module) -> Iterator[tuple[str, QuantLinear]]:
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear):
             yield name, module
+
+
+def drop_reference_weights(model: nn.Module) -> int:
+    """Drop every QuantLinear's reference weight (once nothing will train against it); returns
+    how many layers had one."""
+    n = 0
+    for _, m in quant_linears(model):
+        n += m.reference_weight is not None
+        m.reference_weight = None
+    return n

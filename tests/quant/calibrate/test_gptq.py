@@ -2,29 +2,38 @@
 math (diagonal Hessian = RTN; lazy batches = one column at a time = the explicit OBS update),
 lower output error than RTN, contiguous groups under act_order, the sequential Hessians,
 integer-grid QuantLinears that save / load / reuse bit for bit, the calibrate and block_ap
-stages, and bad input refused before any change."""
+stages, block-wise training after GPTQ against the original full-precision model (the
+reference weights GPTQ keeps: kept through files and reuse, dropped by freezing and
+export), and bad input refused before any change."""
 
 from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 from unittest import mock
 
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from conftest import StubTokenizer, calibrate_step, make_tiny_llama
+from quant.blockwise.block_ap import BlockAP, BlockAPOptions
+from quant.blockwise.engine import BlockwiseContext
+from quant.blockwise.passes import call_block, float_block, full_precision, load_float_weights
 from quant.calibrate import calibrate
 from quant.calibrate import gptq as G
 from quant.calibrate.gptq import RESULTS_FILE, GPTQOptions, Hessian, gptq_quantize
 from quant.calibrate.rtn import quantize_linears
-from quant.checkpoint import save_quantized
+from quant.checkpoint import REFERENCE_WEIGHTS_FILE, load_quantized, save_quantized
 from quant.config import ConfigError
 from quant.config.scheme import QuantScheme, WeightSpec
+from quant.data import split_samples
 from quant.load import load_model
-from quant.models.arch import get_module
-from quant.modules.linear import QuantLinear
+from quant.methods import method
+from quant.models.arch import decoder_layers, get_module
+from quant.modules.linear import QuantLinear, drop_reference_weights, quant_linears
 from quant.numerics import grid as P
 from quant.numerics import hadamard as had
 from quant.numerics.formats import IntFormat
@@ -276,6 +285,9 @@ def test_hessians_come_from_the_quantised_model(true_sequential, monkeypatch):
 
 
 def test_model_on_grid_saves_loads_and_reuses_bit_for_bit(tmp_path):
+    """The trainable state, reference weights included, survives save -> load (with
+    reference_weights=True; a plain load leaves them on disk) and the reuse of saved results;
+    freezing drops the reference weights."""
     model = make_tiny_llama(layers=2)
     fresh = copy.deepcopy(model)
     metrics = _gptq(model, act_order=True)
@@ -289,16 +301,24 @@ def test_model_on_grid_saves_loads_and_reuses_bit_for_bit(tmp_path):
         assert torch.equal(ql.dequantized_weight(), ql.weight)
     out = tmp_path / "model"
     save_quantized(model, StubTokenizer(), W3G32, out, extra={"method": "gptq"}, files=metrics["files"])
+    assert (out / REFERENCE_WEIGHTS_FILE).is_file()
     with mock.patch("transformers.AutoTokenizer.from_pretrained", return_value=None):
-        loaded, _ = load_model(out)
+        loaded, _ = load_quantized(out, reference_weights=True)
+        plain, _ = load_model(out)
     a, b = model.state_dict(), loaded.state_dict()
+    refs = {k for k in a if k.endswith(".reference_weight")}
+    assert len(refs) == 14
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    p = plain.state_dict()  # the other readers: the same model, no second float copy
+    assert p.keys() == a.keys() - refs and all(torch.equal(a[k], p[k]) for k in p)
     again = _gptq(fresh, results=str(out))  # a directory holding the file; no calibration data
     assert again["gptq_reused"] == 1.0
     c = fresh.state_dict()
-    assert all(torch.equal(a[k], c[k]) for k in a)
+    assert c.keys() == a.keys() and all(torch.equal(a[k], c[k]) for k in a)
     for ql in layers:
         ql.freeze()
+        assert ql.reference_weight is None
+    assert not any(k.endswith(".reference_weight") for k in model.state_dict())
     assert torch.equal(_logits(model, ids), before)  # frozen integer state = fake-quant state
 
 
@@ -417,6 +437,8 @@ def test_quarot_gptq_through_calibrate_and_block_ap_stages(tmp_path, monkeypatch
     metrics = calibrate.run(params(act_order=False))
     out = tmp_path / "artifacts" / "calibrate" / "model"
     assert metrics["gptq_reused"] == 0.0 and (out / RESULTS_FILE).is_file()
+    references = load_file(str(out / REFERENCE_WEIGHTS_FILE))  # the rotated float weights
+    assert len(references) == 14
     meta = json.loads((out / "quantization.json").read_text())
     assert meta["rotations"]["linears"] and meta["method"] == "quarot+gptq"
     assert meta["steps"][1]["gptq"]["act_order"] is False  # a non-default option is recorded
@@ -427,8 +449,157 @@ def test_quarot_gptq_through_calibrate_and_block_ap_stages(tmp_path, monkeypatch
     assert again["gptq_reused"] == 1.0
     second = load_file(str(out / "qparams.safetensors"))
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    again_refs = load_file(str(out / REFERENCE_WEIGHTS_FILE))  # the reused path keeps them too
+    assert again_refs.keys() == references.keys()
+    assert all(torch.equal(references[k], again_refs[k]) for k in references)
     trained = block_ap.run(params())
-    assert trained["blocks"] == 2
+    # the targets are the full-precision model read back from the files, not GPTQ's outputs
+    assert trained["blocks"] == 2 and trained["val_mse_init_mean"] > 0
+    assert not (tmp_path / "artifacts" / "block_ap" / "model" / REFERENCE_WEIGHTS_FILE).exists()
+
+
+# ---------------------------------------------------------------------------
+# GPTQ then block-wise training: the targets are the original full-precision model
+
+W2G32 = QuantScheme.from_name("W2A16KV16", preset="efficientqat", group_size=32)
+
+
+@torch.no_grad()
+def _block_errors(model, fp, ids) -> list[float]:
+    """Per decoder block: MSE of `model`'s block against the original float block, both fed the
+    float model's block inputs for `ids`."""
+    seen = []
+    hooks = [layer.register_forward_pre_hook(
+        lambda _m, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"], kwargs)),
+        with_kwargs=True) for layer in decoder_layers(fp)]
+    fp(input_ids=ids, use_cache=False)
+    for h in hooks:
+        h.remove()
+    return [F.mse_loss(call_block(q, x, kw), call_block(f, x, kw)).item()
+            for (x, kw), f, q in zip(seen, decoder_layers(fp), decoder_layers(model), strict=True)]
+
+
+def _ctx(work, scheme=W2G32) -> BlockwiseContext:
+    return BlockwiseContext(torch.device("cpu"), work, seed=0, fingerprint="t", scheme=scheme)
+
+
+def test_gptq_keeps_the_weight_it_started_from_as_the_full_precision_function():
+    """The float weight goes on the grid (training starts at GPTQ's solution); the weight GPTQ
+    started from stays as the reference weight, and the engine's full-precision block
+    (float_block, load_float_weights, full_precision) computes the original block exactly."""
+    fp = make_tiny_llama(layers=2)
+    model = copy.deepcopy(fp)
+    _gptq(model)
+    for name, ql in quant_linears(model):
+        assert torch.equal(ql.reference_weight, get_module(fp, name).weight), name
+        assert torch.equal(ql.dequantized_weight(), ql.weight) and not torch.equal(ql.weight, ql.reference_weight)
+    x = torch.randn(2, 16, 64)
+    kw = {"position_embeddings": model.model.rotary_emb(x, torch.arange(16)[None]), "attention_mask": None}
+    block = model.model.layers[1]
+    with torch.no_grad():
+        want = call_block(fp.model.layers[1], x, kw)
+        assert not torch.equal(call_block(block, x, kw), want)  # the quantized block
+        assert torch.equal(call_block(float_block(block), x, kw), want)
+        workspace = float_block(model.model.layers[0])  # the engine reuses one, loaded per block
+        load_float_weights(workspace, block)
+        assert torch.equal(call_block(workspace, x, kw), want)
+        with full_precision(block):  # how MoE blocks compute their targets
+            assert torch.equal(call_block(block, x, kw), want)
+
+
+def test_after_quarot_the_reference_is_the_rotated_float_weight():
+    """quarot+gptq: the full-precision function is the rotated model's, the float weights RTN
+    would keep after the same rotation."""
+    model = make_tiny_llama(**TINY)
+    rtn = copy.deepcopy(model)
+    _quarot(model, W4A4, _ids(4, 16, vocab=128), "gptq", batch_size=2)
+    _quarot(rtn, W4A4, None)
+    rotated = dict(quant_linears(rtn))
+    for name, ql in quant_linears(model):
+        assert torch.equal(ql.reference_weight, rotated[name].weight), name
+
+
+def test_block_ap_after_gptq_trains_towards_the_original_model(tmp_path):
+    """gptq+block-ap: the loss starts above 0 (it was exactly 0 when the targets were GPTQ's own
+    outputs) and training lowers every block's held-out error against the original float
+    model below GPTQ's. The dense workspace holds no reference weights (its targets come
+    from the full-precision workspace); freezing drops them from the model."""
+    fp = make_tiny_llama()
+    model = copy.deepcopy(fp)
+    _gptq(model, W2G32, calib=_ids(8, 32, seed=5), batch_size=8)
+    gptq_only = copy.deepcopy(model)
+    train, val = split_samples(_ids(36, 32), 32, 4, seed=0)
+    options = BlockAPOptions(epochs=3, batch_size=4, weight_lr=1e-3, qparam_lr=1e-3)
+    engine = BlockAP(model, train, val, options, _ctx(tmp_path / "work"), 2)
+    engine.capture()
+    info = [engine.train_block(0)]
+    assert all(m.reference_weight is None for _, m in quant_linears(engine.workspace))
+    info.append(engine.train_block(1))
+    engine.finish()
+    assert all(b["train_loss"][0] > 0 and b["val_loss_init"] > 0 and b["kept"] == "trained" for b in info)
+    assert not any(m.reference_weight is not None for _, m in quant_linears(model))
+    held_out = _ids(8, 32, seed=123)
+    for i, (g, b) in enumerate(zip(_block_errors(gptq_only, fp, held_out), _block_errors(model, fp, held_out),
+                                   strict=True)):
+        assert b < 0.95 * g, f"block {i}: GPTQ + Block-AP {b:.3g} vs GPTQ {g:.3g}"
+
+
+def test_tesseraq_after_gptq_trains_against_the_original_model(tmp_path):
+    """gptq+tesseraq: a loss above 0 and a changed model (its scales train; the rounding starts
+    at GPTQ's codes, docs/methods/tesseraq.md)."""
+    from quant.blockwise.tesseraq import TesseraQ
+
+    fp = make_tiny_llama()
+    model = copy.deepcopy(fp)
+    _gptq(model, W2G32, calib=_ids(8, 32, seed=5), batch_size=8)
+    gptq_only = copy.deepcopy(model)
+    options = method("tesseraq", "blockwise").options.from_dict(
+        {"thresholds": [0.6, 0.3, 0.1], "iterations": 12, "lr": 1e-2, "scale_lr": 1e-2}, "tesseraq")
+    result = TesseraQ(model, _ids(32, 32), _ids(8, 32, seed=1), options, _ctx(tmp_path / "work")).run()
+    assert all(b["train_loss"][0] > 0 for b in result.per_block)
+    held_out = _ids(8, 32, seed=123)
+    errors, before = _block_errors(model, fp, held_out), _block_errors(gptq_only, fp, held_out)
+    assert sum(errors) < sum(before), (errors, before)
+
+
+def test_a_model_on_its_grid_without_reference_weights_is_refused(tmp_path):
+    """Targets taken from weights already on the grid would be the quantized outputs (loss 0):
+    the engine refuses before any work and says what to do."""
+    model = make_tiny_llama(layers=1)
+    _gptq(model)
+    assert drop_reference_weights(model) == 7
+    train, val = split_samples(_ids(8, 32), 4, 4, seed=0)
+    with pytest.raises(ConfigError, match=r"block_ap.steps\[0\]: every quantized linear of block 0 has its "
+                                          r"float weight on its grid and no reference weight.*re-run calibrate"):
+        BlockAP(model, train, val, BlockAPOptions(epochs=1), _ctx(tmp_path / "work", W3G32), 3)
+
+
+def test_reference_weights_stay_out_of_frozen_exported_and_api_models(tmp_path):
+    """Where nothing trains against them any more they are gone: packed exports (which freeze)
+    and the model quant.quantize returns without a block-wise step."""
+    from safetensors import safe_open
+
+    import quant
+
+    class Tok:
+        def save_pretrained(self, path):
+            (Path(path) / "tokenizer.json").write_text("{}")
+
+    model, report = quant.quantize(make_tiny_llama(layers=1), "gptq:W4g32", calib_ids=_ids(), device="cpu")
+    assert report.calibrate["quantized_linears"] == 7
+    assert not any(m.reference_weight is not None for _, m in quant_linears(model))
+    scheme = QuantScheme.parse("W4g32")
+    for fmt in ("compressed-tensors", "half"):
+        model = make_tiny_llama(layers=1)
+        _gptq(model, scheme)
+        quant.export_model(model, Tok(), scheme, fmt, tmp_path / fmt)
+        assert all(m.frozen and m.reference_weight is None for _, m in quant_linears(model))
+        keys = []
+        for f in (tmp_path / fmt).glob("*.safetensors"):
+            with safe_open(str(f), "pt") as st:
+                keys += list(st.keys())  # noqa: SIM118 (safe_open is not a dict)
+        assert keys and not any("reference" in k for k in keys), fmt
+        assert not (tmp_path / fmt / REFERENCE_WEIGHTS_FILE).exists()
 
 
 # ---------------------------------------------------------------------------

@@ -204,6 +204,48 @@ def test_the_engine_keeps_one_copy_of_the_experts_and_its_targets_are_the_float_
     assert engine.moe and engine.fp_workspace is None
 
 
+def test_after_gptq_the_moe_workspace_targets_are_the_original_blocks(tmp_path):
+    """GPTQ puts every expert linear on its grid and keeps the weight it started from as its
+    reference weight (saved and loaded back by the experts' names); the MoE workspace, which
+    computes its own targets with the quantizers bypassed, computes the original float block
+    from them, and training starts at a loss above 0 (with GPTQ's own outputs as targets it
+    was exactly 0)."""
+    from quant.blockwise.block_ap import BlockAP, BlockAPOptions
+    from quant.blockwise.engine import BlockwiseContext
+    from quant.blockwise.passes import full_precision
+    from quant.calibrate import calibrate
+    from quant.modules.linear import quant_linears
+    from quant.recipe import Step
+
+    fp = tiny()
+    model = copy.deepcopy(fp)
+    scheme = QuantScheme.parse("W4g32")
+    calibrate(model, scheme, [Step("gptq", {"batch_size": 4})], CALIB)
+    experts = [m for n, m in quant_linears(model) if ".experts." in n]
+    assert experts and all(m.reference_weight is not None for m in experts)
+    block = decoder_layers(model)[0]
+    x = torch.randn(2, 24, 64)
+    kw = {"position_embeddings": model.model.rotary_emb(x, torch.arange(24)[None]), "attention_mask": None}
+    with torch.no_grad():
+        want = decoder_layers(fp)[0](x, **kw)
+        assert not torch.equal(block(x, **kw), want)
+        with full_precision(block):
+            assert torch.equal(block(x, **kw), want)
+    saved = {n: m.reference_weight for n, m in quant_linears(model)}
+    save_quantized(model, _tokenizer(), scheme, tmp_path / "q")
+    model, _ = load_quantized(tmp_path / "q", reference_weights=True)
+    loaded = {n: m.reference_weight for n, m in quant_linears(model)}
+    assert loaded.keys() == saved.keys() and all(torch.equal(loaded[n], saved[n]) for n in saved)
+    ctx = BlockwiseContext(torch.device("cpu"), tmp_path / "bw", 0, "fp", train_ids=TRAIN, val_ids=VAL,
+                           scheme=scheme)
+    engine = BlockAP(model, TRAIN, VAL, BlockAPOptions(epochs=1), ctx, 4)
+    engine.capture()
+    info = engine.train_block(0)
+    assert engine.moe and engine.fp_workspace is None
+    assert all(m.reference_weight is not None for _, m in quant_linears(engine.workspace))
+    assert info["train_loss"][0] > 0 and info["val_loss_init"] > 0
+
+
 def test_dense_and_moe_blocks_in_one_model():
     """Qwen3-MoE's mlp_only_layers: block 1 has a dense MLP; each block gets its own linears
     and the engine a workspace of each structure."""
