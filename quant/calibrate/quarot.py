@@ -52,6 +52,32 @@ residual add (`output_norms`, Gemma 2/3): their elementwise scale does not commu
 Q and no linear follows them to absorb it, so rotating the residual would need an online
 hidden-size rotation after each of them that no export format can hold.
 
+Norm scales (`norms`). `fuse` is steps 1-3 as published. `online` keeps every RMSNorm
+scale in its norm and does not rotate the residual stream; instead each quantized linear
+that reads a norm's output (q/k/v, gate/up, every expert's gate/up; lm_head when the
+scheme quantizes it) gets an online Hadamard of its input fused into its weight (W <- W H,
+x <- x H, as for down_proj), so the activation quantizer and the weight see the rotated,
+*scaled* norm output. Why keep the scales: fusing them is exact in full precision but
+moves them out of the path of the weight's rounding error. A reader's output error is
+then x_n E^T with x_n = h / rms(h), instead of (x_n * g) E^T. Where a residual channel is
+massive and the norm all but switches it off, that matters: SmolLM2-135M's residual
+channels 17, 247 and 507 hold ~50% of every normalised token's energy (near-constant,
+e.g. x_n[507] = 12.5 +- 2.3) while the post-attention norms scale 507 by |g| < 1e-3 in
+most layers and the input norms by 0.07-0.27, and ~49% of the fused-and-rotated readers'
+rounding error reaches their outputs through those three of 576 directions
+(benches/quality/quarot_weight_error.py, docs/results/quarot_weight_error_cpu.json).
+Measured there, per-channel W4 RTN (llm-qat), PPL on held-out calibration windows: 46.6
+for RTN, 131.6 for RTN of the norm-fused (unrotated) weights, 117.1 for QuaRot + RTN,
+36.8 for QuaRot + RTN with the error along those three directions removed (fp 17.6).
+GPTQ sees the massive channels through its Hessian and loses far less to the fusion.
+The cost of `online`: one size-hidden Hadamard per quantized reader at run time (q, k, v,
+gate, up: five per layer, on the same two inputs; a forward pre-hook each), and a
+checkpoint that the packed formats cannot hold (online rotations, as with quantized
+activations); with `fuse` the residual rotation is free. `online` never reads or writes
+a norm, so it needs no RMSNorm probe and works where `fuse` is refused: the output norms
+of Gemma 2/3 sit on an unrotated residual. An MoE router reads the MLP norm's output
+unrotated (it is not quantized).
+
 Not implemented from the paper: the fused low-bit kernels (here everything is
 fake-quant).
 """
@@ -75,6 +101,7 @@ from quant.models.arch import (
     mapping_for,
     norm_scale,
     set_norm_scale,
+    target_linears,
 )
 from quant.modules.rotation import HadamardRotation, install_qk_rotation, set_input_rotation
 from quant.numerics import hadamard as had
@@ -84,10 +111,22 @@ DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 @dataclass(frozen=True)
 class QuaRotOptions(Config):
-    seed: int = 0  # random signs of the residual rotation Q
+    seed: int = 0  # random signs of the residual rotation Q (norms: fuse)
+    # RMSNorm scales: fused into the readers + residual rotated, or kept + norm outputs rotated online
+    norms: Literal["fuse", "online"] = "fuse"
     online: Literal["auto", "on", "off"] = "auto"  # online rotations (see module docstring)
     fuse_dtype: Literal["float64", "float32"] = "float64"  # arithmetic of the weight fusion
     online_fp32: bool = True  # online Hadamards in float32 whatever the activation dtype
+
+    def __post_init__(self) -> None:
+        if self.norms == "online" and self.seed != 0:
+            raise ConfigError(f"quarot: seed={self.seed} sets the signs of the residual rotation, which "
+                              "norms: online does not make (its online Hadamards are fixed); remove seed "
+                              "or set norms: fuse")
+        if self.norms == "online" and self.online == "off":
+            raise ConfigError("quarot: norms: online rotates every norm reader's input online, which "
+                              "online: off rules out; for a model without online rotations (one that "
+                              "convert can pack) set norms: fuse")
 
 
 @dataclass(frozen=True)
@@ -103,8 +142,9 @@ class Plan:
     qk: bool  # online q / k after RoPE
 
 
-def make_plan(model: nn.Module, scheme: QuantScheme, online: str) -> Plan:
+def make_plan(model: nn.Module, scheme: QuantScheme, options: QuaRotOptions) -> Plan:
     """Decide the rotations and check every size has a Hadamard construction (before any work)."""
+    online = options.online
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     act, kv = scheme.activation is not None, scheme.kv_cache is not None
@@ -115,7 +155,8 @@ def make_plan(model: nn.Module, scheme: QuantScheme, online: str) -> Plan:
                 linears=on or (online == "auto" and act),
                 vo=on or (online == "auto" and (act or kv)),
                 qk=on or (online == "auto" and kv))
-    had.check_size(plan.hidden, "quarot residual rotation (hidden_size)")
+    what = "residual rotation" if options.norms == "fuse" else "online rotation of the norm outputs"
+    had.check_size(plan.hidden, f"quarot {what} (hidden_size)")
     if plan.linears:
         for width in sorted(widths):
             had.check_size(width, "quarot online rotation of down_proj (intermediate_size)")
@@ -140,8 +181,8 @@ def check_family(model: nn.Module, m: ArchMapping) -> None:
             f"quarot cannot rotate model_type={model.config.model_type!r}: its norms "
             f"{list(m.output_norms)} scale the attention / MLP outputs elementwise just before the "
             "residual add; no linear follows them to absorb the residual rotation, so it would need "
-            "an online hidden-size rotation after each, which no export format holds. Use awq or "
-            "gptq without quarot for this family")
+            "an online hidden-size rotation after each, which no export format holds. Set quarot "
+            "norms: online (no residual rotation) or use awq or gptq without quarot for this family")
 
 
 @torch.no_grad()
@@ -255,6 +296,33 @@ def fuse_online_inputs(model: nn.Module, m: ArchMapping, dtype: torch.dtype) -> 
             _fuse(lin, lambda w, n=lin.in_features: had.hadamard_transform(w, n), dtype)
 
 
+def norm_output_readers(model: nn.Module, m: ArchMapping, scheme: QuantScheme) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every quantized linear that reads a norm's output: q/k/v (a fused
+    qkv_proj once), gate/up (gate_up_proj; every expert's), and lm_head when the scheme
+    quantizes it. An MoE router reads the MLP norm too but is not quantized: it keeps its
+    input as it is (nothing to gain, and one Hadamard less per layer)."""
+    targets = dict(target_linears(model, scheme.quantize_lm_head))
+    out = []
+    for i, block in enumerate(decoder_layers(model, m)):
+        for readers in m.norm_readers(block, model.config).values():
+            names = (f"{m.layers}.{i}.{p}" for p in readers)
+            out += [(n, targets[n]) for n in names if n in targets]
+    if m.lm_head in targets:
+        out.append((m.lm_head, targets[m.lm_head]))
+    return out
+
+
+@torch.no_grad()
+def rotate_norm_outputs(model: nn.Module, m: ArchMapping, scheme: QuantScheme, dtype: torch.dtype,
+                        fp32: bool) -> int:
+    """`norms: online`: x <- x H online at every quantized norm reader's input, W <- W H fused."""
+    readers = norm_output_readers(model, m, scheme)
+    for _, lin in readers:
+        _fuse(lin, lambda w, n=lin.in_features: had.hadamard_transform(w, n), dtype)
+        set_input_rotation(lin, HadamardRotation(lin.in_features, fp32).to(lin.weight.device))
+    return len(readers)
+
+
 def install_online(model: nn.Module, m: ArchMapping, plan: Plan, fp32: bool) -> int:
     n = 0
     if plan.linears:
@@ -273,26 +341,48 @@ def install_online(model: nn.Module, m: ArchMapping, plan: Plan, fp32: bool) -> 
 def rotate(model: nn.Module, scheme: QuantScheme, options: QuaRotOptions) -> dict[str, float]:
     """Steps 1-4 (no quantization): the model computes the same function afterwards."""
     m = mapping_for(model)
-    plan = make_plan(model, scheme, options.online)
-    check_rms_norms(model, m)
+    plan = make_plan(model, scheme, options)
+    check_norms(model, m, scheme, options)
     dtype = DTYPES[options.fuse_dtype]
-    tied = untie_embeddings(model, m)  # first: fusing the final norm into a tied lm_head
-    fuse_norms(model, m, dtype)        # would scale the embeddings too
-    q = had.random_hadamard(plan.hidden, options.seed, dtype)
-    rotate_residual(model, m, q, dtype)
+    if options.norms == "fuse":
+        tied = untie_embeddings(model, m)  # first: fusing the final norm into a tied lm_head
+        fuse_norms(model, m, dtype)        # would scale the embeddings too
+        q = had.random_hadamard(plan.hidden, options.seed, dtype)
+        rotate_residual(model, m, q, dtype)
+        n_norm = 0
+    else:  # a quantized lm_head gets W H: a tied one would rotate the embeddings with it
+        tied = untie_embeddings(model, m) if scheme.quantize_lm_head else False
+        n_norm = rotate_norm_outputs(model, m, scheme, dtype, options.online_fp32)
     if plan.vo:
         rotate_vo(model, m, plan.head_dim, dtype)
     if plan.linears:
         fuse_online_inputs(model, m, dtype)
-    n_online = install_online(model, m, plan, options.online_fp32)
-    return {"residual_rotation": float(plan.hidden), "untied_embeddings": float(tied),
-            "online_rotations": float(n_online), "vo_rotated": float(plan.vo)}
+    n_online = n_norm + install_online(model, m, plan, options.online_fp32)
+    return {"residual_rotation": float(plan.hidden) if options.norms == "fuse" else 0.0,
+            "untied_embeddings": float(tied), "online_rotations": float(n_online),
+            "norm_output_rotations": float(n_norm), "vo_rotated": float(plan.vo)}
+
+
+def check_norms(model: nn.Module, m: ArchMapping, scheme: QuantScheme, options: QuaRotOptions) -> None:
+    """`fuse`: the family's residual can be rotated and every norm is a plain RMSNorm.
+    `online`: every quantized reader of a norm reads hidden_size features (no change)."""
+    if options.norms == "fuse":
+        check_rms_norms(model, m)
+        return
+    hidden = model.config.hidden_size
+    for name, lin in norm_output_readers(model, m, scheme):
+        width = getattr(getattr(lin, "weight", None), "shape", (0, 0))[-1]
+        if width != hidden:
+            raise ConfigError(
+                f"quarot norms: online cannot rotate the input of {name} (model_type="
+                f"{model.config.model_type!r}): it reads a norm's output but its weight has {width} "
+                f"input columns, not hidden_size={hidden}; set quarot norms: fuse")
 
 
 def check_inputs(model: nn.Module, options: QuaRotOptions, ctx: CalibrationContext) -> None:
-    """Every size has a Hadamard construction and every norm is a plain RMSNorm (no change)."""
-    make_plan(model, ctx.scheme, options.online)
-    check_rms_norms(model, mapping_for(model))
+    """Every size has a Hadamard construction and the norms allow `options.norms` (no change)."""
+    make_plan(model, ctx.scheme, options)
+    check_norms(model, mapping_for(model), ctx.scheme, options)
 
 
 @register("quarot", kind="calibrate", options=QuaRotOptions, role="transform", check_inputs=check_inputs)
