@@ -18,7 +18,7 @@ from quant.modules.rotation import move_input_rotation
 
 @dataclass(frozen=True)
 class RTNOptions(Config):
-    clip_ratio: float = 1.0  # shrink the min-max range (1.0 = plain min-max)
+    clip_ratio: float = 1.0  # shrink the min-max range (1.0 = plain min-max; not with dynamic_minmax)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.clip_ratio <= 1.0:
