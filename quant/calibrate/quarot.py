@@ -71,9 +71,9 @@ windows): RTN 46.6, `fuse` 117.1, `fuse` without that error 36.8. GPTQ sees the 
 channels through its Hessian: quarot{fuse}+gptq was not hurt there (wiki PPL 24.3 vs
 GPTQ's 36.0 at W4 in the quarot-fix branch's run, docs/results/quarot_cpu_fixed.json);
 `online` + GPTQ is not measured on the embedded model (on the tests' tiny model with a
-massive channel it is the best of the four, 0.055 against 0.064 for `fuse`). The cost of `online`: one
-size-hidden Hadamard per quantized reader at run time (q, k, v, gate, up: five per
-layer, on two distinct inputs; a forward pre-hook each) where `fuse`'s residual
+massive channel it is the best of the four, 0.048 against 0.069 for `fuse`). The cost of
+`online`: one size-hidden Hadamard per quantized reader at run time (q, k, v, gate, up:
+five per layer, on two distinct inputs; a forward pre-hook each) where `fuse`'s residual
 rotation is free, and a checkpoint with online rotations at every scheme, which the
 packed formats cannot hold yet (`fuse` with `online: off` converts).
 

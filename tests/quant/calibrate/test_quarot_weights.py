@@ -149,7 +149,7 @@ def test_rotated_rtn_loses_to_rtn_only_with_a_massive_channel():
                       LLMQAT_W4)
         if build is _tiny:
             assert err["quarot"] < 1.1 * err["rtn"], err
-        else:  # measured: rtn 0.082, quarot 0.21, quarot-gptq 0.064
+        else:  # measured: rtn 0.082, quarot 0.21, quarot-gptq 0.069
             assert err["quarot"] > 1.8 * err["rtn"], err
         assert err["quarot-gptq"] < err["rtn"], err
 
@@ -243,7 +243,7 @@ def test_gptq_of_a_rotated_lm_head_uses_its_rotated_inputs():
     x = torch.cat(xs).reshape(-1, 96)
     want = x @ fp.lm_head.weight.t()
     err = {k: ((h(x) - want).norm() / want.norm()).item() for k, h in heads.items()}
-    assert err["gptq"] < 0.9 * err["rtn"], err  # measured: 0.080 vs 0.096 (unrotated H: 0.132)
+    assert err["gptq"] < 0.9 * err["rtn"], err  # measured: 0.078 vs 0.096 (unrotated H: 0.144)
 
 
 def test_online_norms_quantized_model_saves_and_loads(tmp_path, monkeypatch):
@@ -268,7 +268,7 @@ def test_online_norms_remove_most_of_the_fused_loss():
     GPTQ still runs on top of the online rotations)."""
     err = _errors(_massive(seed=1), {"rtn": ["rtn"], "fuse": [FUSE, "rtn"], "online": [ONLINE, "rtn"],
                                       "online-gptq": [ONLINE, GPTQ]}, LLMQAT_W4)
-    # measured: rtn 0.082, fuse 0.211, online 0.081, online-gptq 0.055
+    # measured: rtn 0.082, fuse 0.211, online 0.081, online-gptq 0.048
     assert err["online-gptq"] < err["online"], err
     assert err["online"] < 0.6 * err["fuse"] and err["online"] < 1.1 * err["rtn"], err
 

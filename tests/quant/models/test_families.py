@@ -166,7 +166,7 @@ def run_quarot(family, tok):
 
     for norms in ("online", "fuse"):
         model = fp_model(family)
-        if norms == "fuse" and mapping_for(model).output_norms:  # refused (tests/test_quarot.py)
+        if norms == "fuse" and mapping_for(model).output_norms:  # refused (tests/quant/calibrate/test_quarot.py)
             continue
         ref = logits(model)
         calibrate_step(model, quant.QuantScheme.parse(W4), "quarot", options={"online": "on", "norms": norms})
