@@ -273,6 +273,18 @@ def test_online_norms_remove_most_of_the_fused_loss():
     assert err["online"] < 0.6 * err["fuse"] and err["online"] < 1.1 * err["rtn"], err
 
 
+def test_online_norms_refuse_a_reader_they_cannot_rotate_before_any_change():
+    """A norm reader whose input is not hidden_size wide (a mapping that does not fit the model)
+    is refused naming the option, the module and the family, before anything rotates."""
+    model = _tiny()
+    model.model.layers[0].mlp.gate_proj = nn.Linear(48, 192, bias=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match=r"quarot.norms=online cannot rotate the input of "
+                                          r"model.layers.0.mlp.gate_proj \(model_type='llama'\)"):
+        _run(model, [ONLINE, "rtn"], LLMQAT_W4)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 @pytest.mark.parametrize("options, match", [
     ({"norms": "online", "seed": 3}, r"seed=3 sets the signs of the residual rotation, which norms: online"),
     ({"norms": "online", "online": "off"}, r"norms: online rotates every norm reader's input online, which "
