@@ -33,7 +33,11 @@ MEANINGS: dict[tuple[str, str], str] = {
                               "logits computed once before training",
     ("KDOptions", "trainable"): "all: every float parameter trains (the reference); linears: only "
                                 "the quantized linears",
-    ("QuaRotOptions", "seed"): "seed of the random signs of the residual rotation Q",
+    ("QuaRotOptions", "seed"): "seed of the random signs of the residual rotation Q (norms: fuse; "
+                               "norms: online refuses a seed other than 0)",
+    ("QuaRotOptions", "norms"): "RMSNorm scales. online: kept in the norms, each quantized reader's "
+                                "input rotated online (W <- W H); fuse: fused into the readers and "
+                                "the residual stream rotated (as published)",
     ("BlockAPOptions", "epochs"): "passes over the training samples, per block",
     ("BlockAPOptions", "batch_size"): "samples per training step",
     ("BlockAPOptions", "qparam_lr"): "learning rate of the step sizes and zero points",

@@ -105,7 +105,7 @@ def run(params: Params) -> dict[str, Any]:
     if json.loads((src / SCHEME_FILE).read_text()).get("rotations"):
         raise ConfigError(f"convert.model={cfg.model!r}: {src} carries QuaRot online rotations, "
                           "which the packed formats cannot hold yet; convert a model calibrated "
-                          "with quarot's option online: off, or without quarot")
+                          "with quarot's options norms: fuse and online: off, or without quarot")
     setup_torch(params.base)
     dtype = getattr(torch, cfg.dtype)
     model, tokenizer = load_quantized(src, torch.float32, "cpu")

@@ -7,8 +7,9 @@ Rows, for every scheme of --schemes (W4A4, W4A8, W8A8; weights per output channe
                   bias, dynamic); 4 bits = E2M1, 8 bits = E4M3
   search          the fp-search step without pre-shift (static per-tensor act bias)
   search-preshift fp-search with the pre-shifted per-channel activation bias
-with --rotate, the quarot step (residual + online Hadamard rotations, seed 0, online: auto)
-followed by
+with --rotate, the quarot step (residual + online Hadamard rotations, seed 0, online: auto;
+`norms: fuse`, the treatment the committed rows were measured with, unless --quarot-norms
+online) followed by
   quarot-minmax-fp         rtn: min-max FP weights + dynamic per-tensor FP activations
   quarot+search            fp-search without pre-shift (the search sees the rotated inputs of
                            o_proj / down_proj)
@@ -45,8 +46,9 @@ def _act(fmt: str, granularity: str = "per_tensor") -> dict:
     return {"format": fmt, "granularity": granularity}
 
 
-def rows(schemes: list[str], block: bool, rotate: bool, search: dict[str, Any]) -> dict[str, Recipe]:
-    """Row key -> the recipe of that row; `search` holds the fp-search options of every row."""
+def rows(schemes: list[str], block: bool, rotate: str | None, search: dict[str, Any]) -> dict[str, Recipe]:
+    """Row key -> the recipe of that row; `search` holds the fp-search options of every row,
+    `rotate` QuaRot's norms option in the QuaRot rows (None: no QuaRot rows)."""
     out: dict[str, Recipe] = {}
 
     def add(key: str, scheme: dict, *steps: Step) -> None:
@@ -64,9 +66,10 @@ def rows(schemes: list[str], block: bool, rotate: bool, search: dict[str, Any]) 
         add(f"{name}/search", fp, fp_search(False))
         add(f"{name}/search-preshift", fp, fp_search(True))
         if rotate:
-            add(f"{name}/quarot-minmax-fp", fp, Step("quarot"), Step("rtn"))
-            add(f"{name}/quarot+search", fp, Step("quarot"), fp_search(False))
-            add(f"{name}/quarot+search-preshift", fp, Step("quarot"), fp_search(True))
+            quarot = Step("quarot", {"norms": rotate})
+            add(f"{name}/quarot-minmax-fp", fp, quarot, Step("rtn"))
+            add(f"{name}/quarot+search", fp, quarot, fp_search(False))
+            add(f"{name}/quarot+search-preshift", fp, quarot, fp_search(True))
     if block:
         weights = {"mxfp4": {"format": "mxfp4", "group_size": 32},
                    "nvfp4": {"format": "nvfp4", "group_size": 16},
@@ -87,6 +90,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--block", action="store_true", help="add the MXFP4/NVFP4 vs INT4 rows")
     ap.add_argument("--rotate", action="store_true",
                     help="add the QuaRot rows (quarot-minmax-fp, quarot+search, quarot+search-preshift)")
+    ap.add_argument("--quarot-norms", default="fuse", choices=["fuse", "online"],
+                    help="QuaRot's norms option in the --rotate rows (fuse: as the committed rows)")
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--calib-len", type=int, default=1024)
     ap.add_argument("--rounds", type=int, default=3)
@@ -106,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     common.set_threads(args.threads)
     search = {"rounds": args.rounds, "candidates": args.candidates, "search_tokens": args.search_tokens,
               "search_format": not args.no_format_search, "fold": args.fold}
-    table_rows = rows(args.schemes.split(","), args.block, args.rotate, search)
+    table_rows = rows(args.schemes.split(","), args.block, args.quarot_norms if args.rotate else None, search)
     wanted = set(filter(None, args.only.split(",")))
     run(args, {k: r for k, r in table_rows.items() if not wanted or k in wanted})
 

@@ -25,6 +25,8 @@ training); `--tasks` adds the zero-shot tasks as the evaluate stage runs them.
 
     python -m benches.quality.recipes --recipes rtn:W4g64,awq:W4g64,awq+block-ap+e2e-qp:W4g64
     python -m benches.quality.recipes --recipes rtn:W4A8KV4,quarot+rtn:W4A8KV4 --preset efficientqat
+    python -m benches.quality.recipes --recipes quarot+rtn:W4A8KV4,quarot+rtn:W4A8KV4@fuse \
+        --options '{"@fuse": {"quarot": {"norms": "fuse"}}}'    # QuaRot's two norm treatments
     python -m benches.quality.recipes --recipes rtn:W4g64,gptq:W4g64,gptq:W4g64@act \\
         --options '{"@act": {"gptq": {"act_order": true}}}' --tasks all
     python -m benches.quality.recipes --small          # CPU smoke run

@@ -429,8 +429,10 @@ def _quantize_lm_head(model: nn.Module, mapping: ArchMapping, x: ActivationCache
     home = head.weight.device
     norm.to(device), head.to(device)
     hess = Hessian(head.in_features, device)
+    rotation = getattr(head, "input_rotation", None)  # QuaRot norms: online rotates lm_head's input
     for i in range(0, len(x), options.batch_size):
-        hess.add(norm(x.get(i, i + options.batch_size)))
+        h = norm(x.get(i, i + options.batch_size))
+        hess.add(h if rotation is None else rotation(h))
     layer = gptq_quantize(head.weight, hess.value(), spec, options, mapping.lm_head)
     set_module(model, mapping.lm_head, to_quant_linear(head, spec, mapping.lm_head, layer))
     norm.to(home), get_module(model, mapping.lm_head).to(home)

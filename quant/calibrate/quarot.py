@@ -1,18 +1,28 @@
-"""QuaRot (Ashkboos et al., 2024): rotate with Hadamard matrices, then round to nearest.
+"""QuaRot (Ashkboos et al., 2024): rotate with Hadamard matrices, then quantize.
 
-Steps, each leaving the full-precision function unchanged:
+Every step leaves the full-precision function unchanged. The RMSNorm scales are treated
+one of two ways (`norms`):
 
-1. Untie the input embedding and lm_head (SmolLM2 ties them) so each can be
-   changed on its own side (before step 2, which scales lm_head).
-2. Fuse every RMSNorm's scale into the linears it feeds (input norm -> q/k/v,
-   post-attention norm -> gate/up, final norm -> lm_head); the norms' weights
-   become 1. A norm that is not a plain RMSNorm (mean subtraction, a `1 + w`
-   scale, ...) is rejected: a probe compares it with x / rms(x) * w first.
-3. Rotate the residual stream by Q = H diag(s) / sqrt(d), a random orthogonal
-   Hadamard matrix (seeded): embeddings E <- E Q; linears that read the
-   residual (q, k, v, gate, up, lm_head) W <- W Q; linears that write it (o,
-   down) W <- Q^T W (and their bias b <- b Q). A scale-free RMSNorm commutes
-   with Q: rms(h Q) = rms(h).
+- `online` (the default): every norm keeps its scale and the residual stream is not
+  rotated. Each quantized linear that reads a norm's output (q/k/v, gate/up, every
+  expert's gate/up; lm_head when the scheme quantizes it, untied first) gets an online
+  Hadamard of its input fused into its weight (W <- W H, x <- x H, as for down_proj in
+  step 4), so its weight and activation quantizers see the rotated, *scaled* norm output.
+  An MoE router reads the norm's output unrotated (it is not quantized).
+- `fuse` (QuaRot as published), steps 1-3:
+  1. Untie the input embedding and lm_head (SmolLM2 ties them) so each can be changed on
+     its own side (before step 2, which scales lm_head).
+  2. Fuse every RMSNorm's scale into the linears it feeds (input norm -> q/k/v,
+     post-attention norm -> gate/up, final norm -> lm_head); the norms' scales become 1.
+     A norm that is not a plain RMSNorm (mean subtraction, a bias, ...) is rejected: a
+     probe compares it with x / rms(x) * scale first.
+  3. Rotate the residual stream by Q = H diag(s) / sqrt(d), a random orthogonal Hadamard
+     matrix (`seed`): embeddings E <- E Q; linears that read the residual (q, k, v, gate,
+     up, lm_head) W <- W Q; linears that write it (o, down) W <- Q^T W (and their bias
+     b <- b Q). A scale-free RMSNorm commutes with Q: rms(h Q) = rms(h).
+
+Then, with either:
+
 4. Online rotations, for quantized activations / KV cache (`online`):
    - down_proj input: x <- x H_i (i = intermediate size), H_i fused into W_down;
    - V / O: a per-head Hadamard H_d fused into v_proj's rows and o_proj's
@@ -28,29 +38,59 @@ Steps, each leaving the full-precision function unchanged:
      (q H_d)(k H_d)^T = q k^T), with the key quantizer after it.
    `auto`: down/o when activations are quantized, V/O when activations or the
    KV cache are, q/k when the KV cache is. Online rotations are deterministic
-   (H / sqrt(n)); only Q is random, as in QuaRot.
+   (H / sqrt(n)); only Q is random, as in QuaRot. `norms: online` is itself an
+   online rotation, so it refuses `online: off`.
 5. The weights are quantized by the calibrate step that follows QuaRot in the recipe
    (`quarot+rtn`, `quarot+gptq`: QuaRot's strongest published variant, `quarot+fp-search`:
    the LLM-FP4 search on the rotated model). It runs after the online rotations are
-   installed, so GPTQ's Hessians and fp-search's captured inputs of o_proj / down_proj
-   are of their rotated inputs (the inputs their fused weights multiply), and every
-   quantizer keeps a linear's online rotation on the QuantLinear that replaces it. The
-   activation / KV quantizers are attached later by the stage, so GPTQ's H is of
-   unquantised activations, as in QuaRot's GPTQ. What the quantizer refuses (no data, a
-   non-integer grid, ...) is refused before the rotation starts (the calibrate runner
-   checks every step first).
+   installed, so GPTQ's Hessians and fp-search's captured inputs are of the rotated
+   inputs (the inputs the fused weights multiply), and every quantizer keeps a linear's
+   online rotation on the QuantLinear that replaces it. The activation / KV quantizers
+   are attached later by the stage, so GPTQ's H is of unquantised activations, as in
+   QuaRot's GPTQ. What the quantizer refuses (no data, a non-integer grid, ...) is
+   refused before the rotation starts (the calibrate runner checks every step first).
 
-Families (data in the architecture mapping, quant.models.arch): the norms' scales are
-read and reset through their kind (Gemma's 1 + w); the readers of the residual are
-every module behind the input and MLP norms (a fused qkv_proj / gate_up_proj, an MoE's
-router and every expert's gate/up), its writers o_proj and every down projection (each
-expert's, with its own online rotation of the expert's width); the V/O rotation takes
-the v rows of a fused qkv_proj; q/k norms (Qwen3) sit before RoPE and are untouched
-(the residual rotation does not reach q_proj's output, the online q/k rotation comes
-after RoPE). Refused, naming model_type: norms on a sub-block's output before the
-residual add (`output_norms`, Gemma 2/3): their elementwise scale does not commute with
-Q and no linear follows them to absorb it, so rotating the residual would need an online
-hidden-size rotation after each of them that no export format can hold.
+Why `online` is the default. Fusing the norm scales is exact in full precision but moves
+them out of the path of the weights' rounding error: a reader's output error becomes
+x_n E^T with x_n = h / rms(h), instead of (x_n * g) E^T. Where a residual channel is
+massive and its norm all but switches it off, that matters. SmolLM2-135M's residual
+channels 17, 247 and 507 hold 49% of every normalised token's energy (507: mean 10.3,
+std 3.4), while the post-attention norms scale 507 by |g| < 1e-3 in 17 of 30 layers and
+the input norms by 0.15 (median); after fusion and rotation 48-49% of the gate/up
+readers' rounding error reaches their outputs through those three of 576 directions,
+against 19% with `online` (benches/quality/quarot_weight_error.py). Measured with that
+bench on the embedded model, llm-qat W4A8KV4 (per-channel W4 by min-max, per-token A8,
+KV4), PPL on 2 held-out calibration windows of 2048 tokens, CPU
+(docs/results/quarot_norms_cpu.json): fp 15.88, RTN 53.78, quarot+rtn with `fuse`
+121.37, with `online` 45.00; the diagnostics RTN of the norm-fused (unrotated) weights
+196.57 and `fuse` with the readers' error along the three directions removed 35.48.
+At W4A4KV4 (docs/results/quarot_norms_cpu_w4a4kv4.json): RTN 8677, `fuse` 427.0,
+`online` 86.86, `fuse` without that error 80.27.
+Weight-only W4 on the same model (docs/results/quarot_weight_error_cpu.json, 512-token
+windows): RTN 46.6, `fuse` 117.1, `fuse` without that error 36.8. GPTQ sees the massive
+channels through its Hessian: quarot{fuse}+gptq was not hurt there (wiki PPL 24.3 vs
+GPTQ's 36.0 at W4 in the quarot-fix branch's run, docs/results/quarot_cpu_fixed.json);
+`online` + GPTQ is not measured on the embedded model (on the tests' tiny model with a
+massive channel it is the best of the four, 0.048 against 0.069 for `fuse`). The cost of
+`online`: one size-hidden Hadamard per quantized reader at run time (q, k, v, gate, up:
+five per layer, on two distinct inputs; a forward pre-hook each) where `fuse`'s residual
+rotation is free, and a checkpoint with online rotations at every scheme, which the
+packed formats cannot hold yet (`fuse` with `online: off` converts).
+
+Families (data in the architecture mapping, quant.models.arch). `online` never reads or
+writes a norm and leaves the residual stream alone, so it runs on every mapped family:
+the readers are the quantized modules behind the input and MLP norms (a fused qkv_proj /
+gate_up_proj once, every expert's gate/up), Gemma's `1 + w` norms and its norms on the
+sub-block outputs (`output_norms`, Gemma 2/3) stay as they are. `fuse` reads and resets
+the norms' scales through their kind (Gemma's 1 + w); the readers of the residual are
+every module behind the input and MLP norms (an MoE's router included), its writers
+o_proj and every down projection (each expert's, with its own online rotation of the
+expert's width). `fuse` refuses, naming model_type, the output norms of Gemma 2/3: their
+elementwise scale does not commute with Q and no linear follows them to absorb it, so
+rotating the residual would need an online hidden-size rotation after each of them. With
+either, the V/O rotation takes the v rows of a fused qkv_proj, and q/k norms (Qwen3,
+Gemma 3) sit before RoPE and are untouched (nothing rotates q_proj's output; the online
+q/k rotation comes after RoPE).
 
 Not implemented from the paper: the fused low-bit kernels (here everything is
 fake-quant).
@@ -75,6 +115,7 @@ from quant.models.arch import (
     mapping_for,
     norm_scale,
     set_norm_scale,
+    target_linears,
 )
 from quant.modules.rotation import HadamardRotation, install_qk_rotation, set_input_rotation
 from quant.numerics import hadamard as had
@@ -84,10 +125,22 @@ DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 @dataclass(frozen=True)
 class QuaRotOptions(Config):
-    seed: int = 0  # random signs of the residual rotation Q
+    seed: int = 0  # random signs of the residual rotation Q (norms: fuse)
+    # RMSNorm scales: fused into the readers + residual rotated, or kept + norm outputs rotated online
+    norms: Literal["fuse", "online"] = "online"
     online: Literal["auto", "on", "off"] = "auto"  # online rotations (see module docstring)
     fuse_dtype: Literal["float64", "float32"] = "float64"  # arithmetic of the weight fusion
     online_fp32: bool = True  # online Hadamards in float32 whatever the activation dtype
+
+    def __post_init__(self) -> None:
+        if self.norms == "online" and self.seed != 0:
+            raise ConfigError(f"quarot: seed={self.seed} sets the signs of the residual rotation, which "
+                              "norms: online does not make (its online Hadamards are fixed); remove seed "
+                              "or set norms: fuse")
+        if self.norms == "online" and self.online == "off":
+            raise ConfigError("quarot: norms: online rotates every norm reader's input online, which "
+                              "online: off rules out; for a model without online rotations (one that "
+                              "convert can pack) set norms: fuse")
 
 
 @dataclass(frozen=True)
@@ -103,8 +156,9 @@ class Plan:
     qk: bool  # online q / k after RoPE
 
 
-def make_plan(model: nn.Module, scheme: QuantScheme, online: str) -> Plan:
+def make_plan(model: nn.Module, scheme: QuantScheme, options: QuaRotOptions) -> Plan:
     """Decide the rotations and check every size has a Hadamard construction (before any work)."""
+    online = options.online
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     act, kv = scheme.activation is not None, scheme.kv_cache is not None
@@ -115,7 +169,8 @@ def make_plan(model: nn.Module, scheme: QuantScheme, online: str) -> Plan:
                 linears=on or (online == "auto" and act),
                 vo=on or (online == "auto" and (act or kv)),
                 qk=on or (online == "auto" and kv))
-    had.check_size(plan.hidden, "quarot residual rotation (hidden_size)")
+    what = "residual rotation" if options.norms == "fuse" else "online rotation of the norm outputs"
+    had.check_size(plan.hidden, f"quarot {what} (hidden_size)")
     if plan.linears:
         for width in sorted(widths):
             had.check_size(width, "quarot online rotation of down_proj (intermediate_size)")
@@ -134,14 +189,15 @@ def _norms(model: nn.Module, m: ArchMapping) -> list[tuple[str, nn.Module]]:
 
 
 def check_family(model: nn.Module, m: ArchMapping) -> None:
-    """Refuse the families whose residual stream cannot be rotated offline (module docstring)."""
+    """`norms: fuse`: refuse the families whose residual stream cannot be rotated offline
+    (module docstring)."""
     if m.output_norms:
         raise ConfigError(
-            f"quarot cannot rotate model_type={model.config.model_type!r}: its norms "
+            f"quarot.norms=fuse cannot rotate model_type={model.config.model_type!r}: its norms "
             f"{list(m.output_norms)} scale the attention / MLP outputs elementwise just before the "
             "residual add; no linear follows them to absorb the residual rotation, so it would need "
-            "an online hidden-size rotation after each, which no export format holds. Use awq or "
-            "gptq without quarot for this family")
+            "an online hidden-size rotation after each, which no export format holds. Use quarot's "
+            "default norms: online (no residual rotation), or awq or gptq without quarot")
 
 
 @torch.no_grad()
@@ -255,6 +311,33 @@ def fuse_online_inputs(model: nn.Module, m: ArchMapping, dtype: torch.dtype) -> 
             _fuse(lin, lambda w, n=lin.in_features: had.hadamard_transform(w, n), dtype)
 
 
+def norm_output_readers(model: nn.Module, m: ArchMapping, scheme: QuantScheme) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every quantized linear that reads a norm's output: q/k/v (a fused
+    qkv_proj once), gate/up (gate_up_proj; every expert's), and lm_head when the scheme
+    quantizes it. An MoE router reads the MLP norm too but is not quantized: it keeps its
+    input as it is (nothing to gain, and one Hadamard less per layer)."""
+    targets = dict(target_linears(model, scheme.quantize_lm_head))
+    out = []
+    for i, block in enumerate(decoder_layers(model, m)):
+        for readers in m.norm_readers(block, model.config).values():
+            names = (f"{m.layers}.{i}.{p}" for p in readers)
+            out += [(n, targets[n]) for n in names if n in targets]
+    if m.lm_head in targets:
+        out.append((m.lm_head, targets[m.lm_head]))
+    return out
+
+
+@torch.no_grad()
+def rotate_norm_outputs(model: nn.Module, m: ArchMapping, scheme: QuantScheme, dtype: torch.dtype,
+                        fp32: bool) -> int:
+    """`norms: online`: x <- x H online at every quantized norm reader's input, W <- W H fused."""
+    readers = norm_output_readers(model, m, scheme)
+    for _, lin in readers:
+        _fuse(lin, lambda w, n=lin.in_features: had.hadamard_transform(w, n), dtype)
+        set_input_rotation(lin, HadamardRotation(lin.in_features, fp32).to(lin.weight.device))
+    return len(readers)
+
+
 def install_online(model: nn.Module, m: ArchMapping, plan: Plan, fp32: bool) -> int:
     n = 0
     if plan.linears:
@@ -273,30 +356,52 @@ def install_online(model: nn.Module, m: ArchMapping, plan: Plan, fp32: bool) -> 
 def rotate(model: nn.Module, scheme: QuantScheme, options: QuaRotOptions) -> dict[str, float]:
     """Steps 1-4 (no quantization): the model computes the same function afterwards."""
     m = mapping_for(model)
-    plan = make_plan(model, scheme, options.online)
-    check_rms_norms(model, m)
+    plan = make_plan(model, scheme, options)
+    check_norms(model, m, scheme, options)
     dtype = DTYPES[options.fuse_dtype]
-    tied = untie_embeddings(model, m)  # first: fusing the final norm into a tied lm_head
-    fuse_norms(model, m, dtype)        # would scale the embeddings too
-    q = had.random_hadamard(plan.hidden, options.seed, dtype)
-    rotate_residual(model, m, q, dtype)
+    if options.norms == "fuse":
+        tied = untie_embeddings(model, m)  # first: fusing the final norm into a tied lm_head
+        fuse_norms(model, m, dtype)        # would scale the embeddings too
+        q = had.random_hadamard(plan.hidden, options.seed, dtype)
+        rotate_residual(model, m, q, dtype)
+        n_norm = 0
+    else:  # a quantized lm_head gets W H: a tied one would rotate the embeddings with it
+        tied = untie_embeddings(model, m) if scheme.quantize_lm_head else False
+        n_norm = rotate_norm_outputs(model, m, scheme, dtype, options.online_fp32)
     if plan.vo:
         rotate_vo(model, m, plan.head_dim, dtype)
     if plan.linears:
         fuse_online_inputs(model, m, dtype)
-    n_online = install_online(model, m, plan, options.online_fp32)
-    return {"residual_rotation": float(plan.hidden), "untied_embeddings": float(tied),
-            "online_rotations": float(n_online), "vo_rotated": float(plan.vo)}
+    n_online = n_norm + install_online(model, m, plan, options.online_fp32)
+    return {"residual_rotation": float(plan.hidden) if options.norms == "fuse" else 0.0,
+            "untied_embeddings": float(tied), "online_rotations": float(n_online),
+            "norm_output_rotations": float(n_norm), "vo_rotated": float(plan.vo)}
+
+
+def check_norms(model: nn.Module, m: ArchMapping, scheme: QuantScheme, options: QuaRotOptions) -> None:
+    """`fuse`: the family's residual can be rotated and every norm is a plain RMSNorm.
+    `online`: every quantized reader of a norm reads hidden_size features (no change)."""
+    if options.norms == "fuse":
+        check_rms_norms(model, m)
+        return
+    hidden = model.config.hidden_size
+    for name, lin in norm_output_readers(model, m, scheme):
+        width = getattr(getattr(lin, "weight", None), "shape", (0, 0))[-1]
+        if width != hidden:
+            raise ConfigError(
+                f"quarot.norms=online cannot rotate the input of {name} (model_type="
+                f"{model.config.model_type!r}): it reads a norm's output but its weight has {width} "
+                f"input columns, not hidden_size={hidden}; set quarot norms: fuse")
 
 
 def check_inputs(model: nn.Module, options: QuaRotOptions, ctx: CalibrationContext) -> None:
-    """Every size has a Hadamard construction and every norm is a plain RMSNorm (no change)."""
-    make_plan(model, ctx.scheme, options.online)
-    check_rms_norms(model, mapping_for(model))
+    """Every size has a Hadamard construction and the norms allow `options.norms` (no change)."""
+    make_plan(model, ctx.scheme, options)
+    check_norms(model, mapping_for(model), ctx.scheme, options)
 
 
 @register("quarot", kind="calibrate", options=QuaRotOptions, role="transform", check_inputs=check_inputs)
 @torch.no_grad()
 def quarot(model: nn.Module, options: QuaRotOptions, ctx: CalibrationContext) -> dict:
-    """Hadamard rotations of the residual stream (and online ones), function-preserving."""
+    """Hadamard rotations of the norm outputs or the residual stream (and online ones), function-preserving."""
     return rotate(model, ctx.scheme, options)

@@ -73,6 +73,19 @@ def test_block_mse_smoke_run(tmp_path, one_thread):
     assert all(len(v) == 2 and all(x > 0 for x in v) for v in mse.values())
 
 
+def test_quarot_weight_error_smoke_run(tmp_path, one_thread):
+    from benches.quality import quarot_weight_error
+
+    out = tmp_path / "quarot_weight_error.json"
+    quarot_weight_error.main(["--small", "--scheme", "W4A8KV4", "--ablation", "--out", str(out)])
+    data = _result(out)
+    assert set(data["ppl_heldout_calib"]) == {"fp", "rtn", "quarot_rtn_fuse", "quarot_rtn_online",
+                                              "rtn_of_fused_weights", "quarot_rtn_fuse_massive_error_removed"}
+    q = data["mean_by_kind"]["q_proj"]
+    assert set(q) == {"original", "fused", "quarot_fuse", "quarot_online"}
+    assert all(0 < v["rel_out_err"] < 1 and 0 <= v["share_through_massive"] <= 1 for v in q.values())
+
+
 def test_quarot_timing_smoke_run(tmp_path, one_thread):
     from benches.speed import quarot
 

@@ -44,8 +44,8 @@ def _run(model, steps, calib=CALIB, scheme=W4A4):
     return calibrate(model, scheme, parse_steps(steps, "calibrate.steps"), calib).metrics
 
 
-def _quarot_fp(model, seed=0, **search):
-    return _run(model, [{"quarot": {"seed": seed}}, {"fp-search": {**FAST, **search}}])
+def _quarot_fp(model, norms="online", **search):
+    return _run(model, [{"quarot": {"norms": norms}}, {"fp-search": {**FAST, **search}}])
 
 
 def test_search_scores_the_rotated_inputs(monkeypatch):
@@ -63,7 +63,7 @@ def test_search_scores_the_rotated_inputs(monkeypatch):
 
     monkeypatch.setattr(fps, "LayerSearch", Recording)
     metrics = _quarot_fp(model)
-    assert metrics["online_rotations"] == 4 and metrics["searched_blocks"] == 2
+    assert metrics["online_rotations"] == 14 and metrics["searched_blocks"] == 2  # down, o; q, k, v, gate, up
     w, x = seen[6]  # block 0: q k v o gate up down
     mlp = rotated.model.layers[0].mlp
     out = {}
@@ -142,9 +142,10 @@ def test_w4a4_fp_error_lower_than_quarot_minmax_and_search_alone():
     fp = _outlier_model()
     ref = logits(fp, EVAL)
     err = {}
-    for key, steps in [("minmax", ["rtn"]), ("quarot-minmax", ["quarot", "rtn"]),
+    fuse = {"quarot": {"norms": "fuse"}}  # the outliers sit in the norm scales (see test_quarot)
+    for key, steps in [("minmax", ["rtn"]), ("quarot-minmax", [fuse, "rtn"]),
                        ("search", [{"fp-search": FAST}]),
-                       ("quarot+search", ["quarot", {"fp-search": FAST}])]:
+                       ("quarot+search", [fuse, {"fp-search": FAST}])]:
         model = copy.deepcopy(fp)
         _run(model, steps)
         err[key] = _rel_err(logits(model, EVAL), ref)
@@ -177,7 +178,7 @@ def test_cache_is_keyed_by_the_rotation(tmp_path):
     again = _quarot_fp(b := copy.deepcopy(fp), **cache)
     assert first["searched_blocks"] == 2 and again["cached_blocks"] == 2
     assert torch.equal(logits(a, EVAL), logits(b, EVAL))
-    other = _quarot_fp(copy.deepcopy(fp), seed=1, **cache)
+    other = _quarot_fp(copy.deepcopy(fp), norms="fuse", **cache)
     assert other["searched_blocks"] == 2  # another rotation: not the cached biases
     plain = _run(copy.deepcopy(fp), [{"fp-search": {**FAST, **cache}}])
     assert plain["searched_blocks"] == 2
@@ -197,7 +198,7 @@ def test_through_the_calibrate_stage(tmp_path, monkeypatch):
     params = Params(BaseParams(device="cpu"), ModelParams(), W4A4, {
         "calibrate": {"steps": ["quarot", {"fp-search": FAST}], "samples": 4, "seq_len": 32}})
     metrics = calibrate.run(params)
-    assert metrics["searched_blocks"] == 2 and metrics["online_rotations"] == 4
+    assert metrics["searched_blocks"] == 2 and metrics["online_rotations"] == 14  # down, o; q, k, v, gate, up
     out = tmp_path / "artifacts" / "calibrate" / "model"
     meta = json.loads((out / "quantization.json").read_text())
     assert meta["rotations"]["linears"] and meta["method"] == "quarot+fp-search"
