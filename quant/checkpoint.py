@@ -111,11 +111,12 @@ def check_model_files(path: str | Path) -> None:
     """Cheap integrity checks before loading: config.json and quantization.json parse, the
     tokenizer files are there, a packed export still says so in config.json, a quantized
     checkpoint has its qparams, and every safetensors file has a valid header that covers
-    the whole file (truncation)."""
+    the whole file (truncation). An unsupported family is the first thing said."""
     from safetensors import safe_open
 
     path = Path(path)
     config = read_config(path)
+    check_family(path)
     meta = read_quant_meta(path)
     if meta is not None and not config.get("quantization_config"):
         if meta.get("format") not in (None, "half"):  # convert's label file of a packed export

@@ -208,12 +208,16 @@ def _champion_gate(cand: Candidate, champ: Candidate | None, cfg: RegisterConfig
 
 
 def methods(params: Params, source_stage: str) -> str:
-    """`calibrate=rtn,block_ap=tesseraq,...`: the `method` of every params section up to the
-    stage whose model is registered (params.yaml lists sections in pipeline order)."""
+    """`calibrate=awq,block_ap=tesseraq,e2e=e2e-qp`: the steps of every stage section up to
+    the stage whose model is registered (params.yaml lists sections in pipeline order; a
+    stage of several steps joins them with `+`, as a recipe does)."""
     out = []
     for name, section in params.sections.items():
-        if isinstance(section, dict) and "method" in section:
-            out.append(f"{name}={section['method']}")
+        steps = section.get("steps") if isinstance(section, dict) else None
+        if isinstance(steps, list):
+            names = [s if isinstance(s, str) else next(iter(s)) for s in steps if s]
+            if names:
+                out.append(f"{name}={'+'.join(names)}")
         if name == source_stage:
             break
     return ",".join(out)

@@ -175,3 +175,18 @@ def test_register_logs_every_converted_format_with_its_model_card(tmp_path, monk
         assert "| average zero-shot accuracy | 0.5000 |" in card and "not measured" not in card
     assert "on the compressed-tensors export of the same integer weights" in (root / "model_card/gptq/README.md").read_text()
     assert log_formats(tmp_path / "elsewhere", EVAL) == []  # not the convert stage's model: nothing to add
+
+
+def test_methods_tag_names_each_stage_s_steps_up_to_the_registered_stage():
+    """The version's `methods` tag comes from the stages' `steps` (it was empty once the
+    sections had no `method` key)."""
+    from tasks.common import BaseParams, ModelParams, Params
+    from tasks.register import methods
+
+    params = Params(BaseParams(), ModelParams(), None, {
+        "prepare": {}, "calibrate": {"steps": ["quarot", {"gptq": {"act_order": False}}]},
+        "block_ap": {"steps": [{"tesseraq": {"iterations": 50}}]}, "e2e": {"steps": []},
+        "convert": {"formats": ["compressed-tensors"]}})
+    assert methods(params, "block_ap") == "calibrate=quarot+gptq,block_ap=tesseraq"
+    assert methods(params, "convert") == "calibrate=quarot+gptq,block_ap=tesseraq"
+    assert methods(params, "calibrate") == "calibrate=quarot+gptq"

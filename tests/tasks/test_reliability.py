@@ -457,8 +457,7 @@ def test_the_flow_checks_params_yaml_even_without_overrides(tmp_path):
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["synthesize"]["shards"] = [0, "0/../../../mlflow"]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    with pytest.raises(dvc_stages.OverrideError, match=r"^params\.yaml rejected by the params checks: "
-                                                       r"synthesize\.shards"):
+    with pytest.raises(dvc_stages.OverrideError, match=r"^params\.yaml rejected: synthesize\.shards"):
         dvc_stages.resolve_overrides(tmp_path, [])
     with pytest.raises(dvc_stages.OverrideError, match=r"^overrides rejected by the params checks: e2e\.train"):
         dvc_stages.resolve_overrides(tmp_path, ["synthesize.shards=[0,1]", "e2e.train.max_grad_norm=.inf"])

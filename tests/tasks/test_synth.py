@@ -282,7 +282,8 @@ def test_resume_after_sigkill_equals_uninterrupted(model_dir, tmp_path):
     params = {"shards": [0], "num_start_ids": 4, "seq_len": 48, "batch_size": 2, "on_eos": "stop"}
     cfg = SynthesisConfig.from_dict(params, "synthesize")
     killed = tmp_path / "killed"
-    code = (
+    code = (  # the thread count is part of the shard's run record: the same as this process's
+        f"import torch; torch.set_num_threads({torch.get_num_threads()})\n"
         "from quant.synth.sampling import SynthesisConfig\n"
         "from tasks.synthesize import run_shard\n"
         f"cfg = SynthesisConfig.from_dict({params!r}, 'synthesize')\n"
