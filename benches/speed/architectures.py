@@ -40,10 +40,14 @@ def run_block(shape: str, method: str, args: argparse.Namespace, dev: torch.devi
     """One block of `shape` through the engine with `method`; seconds, peak memory, extrapolation."""
     import quant
     from quant.blockwise.engine import BlockwiseContext, reconstruct
+    from quant.modules.linear import QuantLinear
 
     model = common.build_model(shape, layers=1, vocab=256, max_position_embeddings=max(args.seq, 64))
     recipe = quant.Recipe.parse(f"rtn+{method}:W2g64", options={method: options(method, args)})
     model, _ = quant.quantize(model, "rtn:W2g64", device="cpu")  # on the host, as the stage loads it
+    # the block's quantized weights, counted before training freezes them into integer buffers
+    weights = sum(m.in_features * m.out_features for m in model.model.layers[0].modules()
+                  if isinstance(m, QuantLinear))
     gen = torch.Generator().manual_seed(0)
     train = torch.randint(3, 256, (args.samples, args.seq), generator=gen)
     val = torch.randint(3, 256, (2, args.seq), generator=gen)
@@ -60,7 +64,7 @@ def run_block(shape: str, method: str, args: argparse.Namespace, dev: torch.devi
     out = {"seconds": seconds, "engine_seconds": info["seconds"], "peak_gib": peak / 2**30,
            "units": units, "seconds_per_unit": info["seconds"] / units,
            "paper_scale_seconds": info["seconds"] / units * PAPER[method],
-           "params": sum(p.numel() for p in model.model.layers[0].parameters())}
+           "linear_weights": weights}
     if "experts_without_tokens" in info:
         out["experts_without_tokens"] = info["experts_without_tokens"]
     return out
@@ -96,6 +100,7 @@ def main(argv: list[str] | None = None) -> None:
             common.say(f"{shape} {method}: {r['engine_seconds']:.1f} s/block, peak {r['peak_gib']:.2f} GiB, "
                        f"{r['paper_scale_seconds'] / 60:.1f} min/block at the published settings")
             common.free_memory()
+            common.write_result(args, {"device": common.device_name(dev), "blocks": out})  # a cut run keeps its blocks
     common.say("wrote", common.write_result(args, {"device": common.device_name(dev), "blocks": out}))
 
 

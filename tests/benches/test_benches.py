@@ -107,3 +107,5 @@ def test_architectures_smoke_run(tmp_path, one_thread):
         assert set(methods) == {"block-ap", "tesseraq"}
         assert all(r["engine_seconds"] > 0 and r["paper_scale_seconds"] > 0 for r in methods.values())
     assert "experts_without_tokens" in blocks["qwen3-moe-small"]["block-ap"]
+    # q 128x128, k/v 128x64, o 128x128, gate/up 128x256, down 256x128: the block's quantized weights
+    assert blocks["qwen3-small"]["block-ap"]["linear_weights"] == 147456
