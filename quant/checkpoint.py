@@ -210,7 +210,6 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device:
     if config.get("quantization_config"):
         raise ConfigError(f"{path} is a packed export (config.json has a quantization_config); "
                           "load it with quant.load_model")
-    check_family(path)  # an unsupported family fails here, before any weight is read
     check_shapes(path)
     model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
     check_loading_info(path, info)

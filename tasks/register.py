@@ -210,7 +210,10 @@ def _champion_gate(cand: Candidate, champ: Candidate | None, cfg: RegisterConfig
 def methods(params: Params, source_stage: str) -> str:
     """`calibrate=awq,block_ap=tesseraq,e2e=e2e-qp`: the steps of every stage section up to
     the stage whose model is registered (params.yaml lists sections in pipeline order; a
-    stage of several steps joins them with `+`, as a recipe does)."""
+    stage of several steps joins them with `+`, as a recipe does). Read from the params as
+    written (a name or a one-key mapping per step; the stages already checked them), not
+    through quant.recipe, whose method discovery would make every method module a dep of
+    this stage."""
     out = []
     for name, section in params.sections.items():
         steps = section.get("steps") if isinstance(section, dict) else None

@@ -155,23 +155,19 @@ def full_precision(block: nn.Module):
     qls = [m for m in block.modules() if isinstance(m, QuantLinear)]
     if any(m.frozen for m in qls):
         raise RuntimeError("full_precision() on a frozen QuantLinear: its float weight is gone")
-    outputs = [(m, m.output_quantizer) for m in block.modules() if getattr(m, "output_quantizer", None)]
-    keys = [(m, m.key_quantizer) for m in block.modules() if isinstance(m, QKRotation) and m.key_quantizer]
+    # (module, attribute, value while bypassed, value to restore)
+    swaps = [(m, "fp_bypass", True, False) for m in qls]
+    swaps += [(m, "output_quantizer", None, m.output_quantizer) for m in block.modules()
+              if getattr(m, "output_quantizer", None)]
+    swaps += [(m, "key_quantizer", None, m.key_quantizer) for m in block.modules()
+              if isinstance(m, QKRotation) and m.key_quantizer]
     try:
-        for m in qls:
-            m.fp_bypass = True
-        for m, _ in outputs:
-            m.output_quantizer = None
-        for m, _ in keys:
-            m.key_quantizer = None
+        for m, attr, bypassed, _ in swaps:
+            setattr(m, attr, bypassed)
         yield block
     finally:
-        for m in qls:
-            m.fp_bypass = False
-        for m, q in outputs:
-            m.output_quantizer = q
-        for m, q in keys:
-            m.key_quantizer = q
+        for m, attr, _, restored in swaps:
+            setattr(m, attr, restored)
 
 
 def same_structure(a: nn.Module | dict[str, torch.Tensor], b: nn.Module | dict[str, torch.Tensor]) -> bool:
