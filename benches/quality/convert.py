@@ -5,8 +5,8 @@ SmolLM2-135M (the embedded default, or `--model`), the `rtn` step at W4 g64 asym
 (`rtn:W4g64`), frozen and converted to fp16 (quant.export.half); then each format is
 written (quant.export.base.export) and loaded back:
 `compressed-tensors` through this project's loader and through compressed-tensors' own
-`ModelCompressor.decompress_model` (transformers 5.23 cannot load the asymmetric
-checkpoint, see docs/issues/issue-14.md), `gptq` through this project's loader, `half`
+`ModelCompressor.decompress_model` (which consumers load which export:
+docs/compatibility.md), `gptq` through this project's loader, `half`
 through `load_model`. PPL on the first `--windows` windows of the held-out Wikipedia
 text, computed in float32 on every model.
 

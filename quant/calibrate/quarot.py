@@ -69,10 +69,10 @@ At W4A4KV4 (docs/results/quarot_norms_cpu_w4a4kv4.json): RTN 8677, `fuse` 427.0,
 Weight-only W4 on the same model (docs/results/quarot_weight_error_cpu.json, 512-token
 windows): RTN 46.6, `fuse` 117.1, `fuse` without that error 36.8. GPTQ sees the massive
 channels through its Hessian: quarot{fuse}+gptq was not hurt there (wiki PPL 24.3 vs
-GPTQ's 36.0 at W4 in the quarot-fix branch's run, docs/results/quarot_cpu_fixed.json);
-`online` + GPTQ is not measured on the embedded model (on the tests' tiny model with a
-massive channel it is the best of the four, 0.048 against 0.069 for `fuse`). The cost of
-`online`: one size-hidden Hadamard per quantized reader at run time (q, k, v, gate, up:
+GPTQ's 36.0 at W4 in an earlier run, docs/results/quarot_cpu_fixed.json). `online` +
+GPTQ on the evaluation texts (docs/results/quarot_recipes_cpu.json, _w4a4kv4.json):
+1.34 / 1.39 x fp at W4A8KV4 and 2.24 / 2.29 x at W4A4KV4 (RTN 3.36 / 4.26 and
+716 / 507). The cost of `online`: one size-hidden Hadamard per quantized reader at run time (q, k, v, gate, up:
 five per layer, on two distinct inputs; a forward pre-hook each) where `fuse`'s residual
 rotation is free, and a checkpoint with online rotations at every scheme, which the
 packed formats cannot hold yet (`fuse` with `online: off` converts).
